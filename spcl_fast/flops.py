@@ -1,0 +1,34 @@
+"""One FLOP formula per op, shared by the custom ops' FlopCounterMode registrations, the
+benchmarks and the training reports.
+
+Convention: a multiply-add counts as 2 FLOPs (what hardware peaks are quoted in). Vision papers'
+"GFLOPs" are multiply-accumulates: ``macs = flops / 2``. Counts are algorithmic (the work the maths
+needs), never the padding an implementation happens to compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+ATTENTION_BWD_FACTOR = 2.5  # backward: 5 matmuls (S, dV, dP, dQ, dK) vs the forward's 2
+
+
+def linear_flops(rows: int, in_features: int, out_features: int) -> int:
+    """Forward FLOPs of ``rows`` tokens through a Linear layer (bias adds ignored)."""
+    return 2 * rows * in_features * out_features
+
+
+def attention_flops(seqlens: Sequence[int], num_heads: int, head_dim: int) -> int:
+    """Forward FLOPs of non-causal attention inside segments of the given lengths:
+    ``4 * sum(L^2) * H * Dh`` (``Q K^T`` and ``P V``)."""
+    return 4 * sum(int(n) * int(n) for n in seqlens) * num_heads * head_dim
+
+
+def attention_bwd_flops(seqlens: Sequence[int], num_heads: int, head_dim: int) -> int:
+    """Backward FLOPs of :func:`attention_flops` (2.5x the forward)."""
+    return int(ATTENTION_BWD_FACTOR * attention_flops(seqlens, num_heads, head_dim))
+
+
+def info_nce_flops(num_queries: int, num_keys: int, dim: int) -> int:
+    """Forward FLOPs of the similarity logits of an InfoNCE loss (one ``M x d @ d x M`` matmul)."""
+    return 2 * num_queries * num_keys * dim

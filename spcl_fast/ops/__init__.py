@@ -1,0 +1,6 @@
+"""Public ops: validated, documented, differentiable, dispatching to Triton or PyTorch."""
+
+from .info_nce import info_nce
+from .partition_attention import partition_attention
+
+__all__ = ["info_nce", "partition_attention"]

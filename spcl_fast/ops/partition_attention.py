@@ -1,0 +1,229 @@
+"""``partition_attention``: varlen attention inside segments, with an optional fused gather.
+
+Layers (as in flash-attention): the Triton launchers in ``spcl_fast.kernels.partition_attention``
+and the PyTorch fallback in ``spcl_fast.reference`` share one signature; two ``torch.library``
+custom ops (forward, backward) dispatch between them, so ``torch.compile`` traces the op as one
+node and ``FlopCounterMode`` counts it with the formula of ``spcl_fast.flops``; the autograd
+formula is registered on the forward op; :func:`partition_attention` validates and documents.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from .. import flops
+from .._impl import resolve_impl
+from ..reference.partition_attention import (
+    partition_attention_torch_bwd,
+    partition_attention_torch_fwd,
+)
+from ._checks import (
+    FLOAT_DTYPES,
+    check_values,
+    require,
+    require_dtype,
+    require_same_device,
+)
+
+OP = "partition_attention"
+
+
+def _launchers(impl: str):
+    if impl == "triton":
+        from ..kernels.partition_attention import (
+            partition_attention_bwd,
+            partition_attention_fwd,
+        )
+
+        return partition_attention_fwd, partition_attention_bwd
+    return partition_attention_torch_fwd, partition_attention_torch_bwd
+
+
+@torch.library.custom_op("spcl_fast::partition_attention_fwd", mutates_args=())
+def _fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    token_index: torch.Tensor | None,
+    max_seqlen: int,
+    softmax_scale: float,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    fwd, _ = _launchers(impl)
+    return fwd(q, k, v, cu_seqlens, max_seqlen, token_index, softmax_scale)
+
+
+@_fwd.register_fake
+def _fwd_fake(q, k, v, cu_seqlens, token_index, max_seqlen, softmax_scale, impl):
+    total = q.shape[0] if token_index is None else token_index.shape[0]
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], total), dtype=lse_dtype)
+
+
+@torch.library.custom_op("spcl_fast::partition_attention_bwd", mutates_args=())
+def _bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    token_index: torch.Tensor | None,
+    max_seqlen: int,
+    softmax_scale: float,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, bwd = _launchers(impl)
+    return bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, token_index, softmax_scale)
+
+
+@_bwd.register_fake
+def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens, token_index, max_seqlen, softmax_scale, impl):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, token_index, max_seqlen, softmax_scale, impl = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, token_index)
+    ctx.max_seqlen, ctx.softmax_scale, ctx.impl = max_seqlen, softmax_scale, impl
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens, token_index = ctx.saved_tensors
+    dq, dk, dv = _bwd(
+        dout.contiguous(), q, k, v, out, lse, cu_seqlens, token_index,
+        ctx.max_seqlen, ctx.softmax_scale, ctx.impl,
+    )
+    return dq, dk, dv, None, None, None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _segment_lengths(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> list[int]:
+    """Segment lengths for FLOP counting (reads device memory: counting is a measurement)."""
+    if cu_seqlens.device.type == "meta" or isinstance(cu_seqlens, torch._subclasses.FakeTensor):
+        # No values under tracing: bound by every row attending to max_seqlen keys.
+        return [max_seqlen] * (total // max(max_seqlen, 1))
+    return (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+
+
+@register_flop_formula(torch.ops.spcl_fast.partition_attention_fwd, get_raw=True)
+def _fwd_flops(q, k, v, cu_seqlens, token_index, max_seqlen, *args, out_val=None, **kwargs):
+    total = q.shape[0] if token_index is None else token_index.shape[0]
+    lengths = _segment_lengths(cu_seqlens, total, max_seqlen)
+    return flops.attention_flops(lengths, q.shape[1], q.shape[2])
+
+
+@register_flop_formula(torch.ops.spcl_fast.partition_attention_bwd, get_raw=True)
+def _bwd_flops(dout, q, k, v, out, lse, cu_seqlens, token_index, max_seqlen, *args, out_val=None, **kwargs):
+    lengths = _segment_lengths(cu_seqlens, lse.shape[1], max_seqlen)
+    return flops.attention_bwd_flops(lengths, q.shape[1], q.shape[2])
+
+
+def _validate(q, k, v, cu_seqlens, max_seqlen, token_index, impl) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{OP}: {name} must be a (rows, heads, head_dim) tensor, got "
+                             f"{getattr(t, 'shape', type(t))}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{OP}: {name} must have unit stride on head_dim, got strides "
+                             f"{t.stride()} (call .contiguous() or slice a packed qkv tensor)")
+    require(q.shape == k.shape == v.shape, OP,
+            f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}")
+    allowed = FLOAT_DTYPES if impl == "triton" else FLOAT_DTYPES + (torch.float64,)
+    require_dtype(q, "q", OP, allowed)
+    require(q.dtype == k.dtype == v.dtype, OP,
+            f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{OP}: cu_seqlens must be a 1-D tensor of num_segments + 1 >= 2 offsets")
+    require_dtype(cu_seqlens, "cu_seqlens", OP, (torch.int32,))
+    require(isinstance(max_seqlen, int) and max_seqlen >= 0, OP,
+            f"max_seqlen must be a non-negative host int, got {max_seqlen!r}")
+    tensors = {"q": q, "k": k, "v": v, "cu_seqlens": cu_seqlens}
+    if token_index is not None:
+        require(isinstance(token_index, torch.Tensor) and token_index.dim() == 1, OP,
+                "token_index must be a 1-D tensor of row indices")
+        require_dtype(token_index, "token_index", OP, (torch.int64,))
+        tensors["token_index"] = token_index
+    require_same_device(OP, **tensors)
+    if not check_values(q):
+        return
+    rows = q.shape[0]
+    total = rows if token_index is None else token_index.numel()
+    cu = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    require(cu[0] == 0, OP, f"cu_seqlens must start at 0, got {cu[0]}")
+    require(min(lengths) >= 0, OP, "cu_seqlens must be non-decreasing")
+    require(cu[-1] == total, OP,
+            f"cu_seqlens[-1] = {cu[-1]} must equal the number of "
+            f"{'token_index entries' if token_index is not None else 'rows of q'} ({total})")
+    require(max(lengths) <= max_seqlen, OP,
+            f"max_seqlen = {max_seqlen} is smaller than the longest segment ({max(lengths)})")
+    if token_index is not None and total > 0:
+        lo, hi = int(token_index.min()), int(token_index.max())
+        require(lo >= 0 and hi < rows, OP,
+                f"token_index values must lie in [0, {rows}), got min {lo}, max {hi}")
+        require(token_index.unique().numel() == total, OP,
+                "token_index must not repeat a row (each row belongs to at most one segment)")
+
+
+def partition_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    token_index: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Non-causal softmax attention inside each segment, with the token gather fused in.
+
+    Segment ``s`` is rows ``cu_seqlens[s]:cu_seqlens[s+1]`` of the packed token order, exactly
+    as in ``flash_attn_varlen_func``; a token attends to every token of its own segment and no
+    other.
+
+    Args:
+        q, k, v: ``(R, H, Dh)`` float16, bfloat16 or float32 (float64 with ``impl="torch"``);
+            any strides with unit stride on ``Dh`` (the three views of one ``(R, 3, H, Dh)``
+            qkv tensor are fine).
+        cu_seqlens: ``(S + 1,)`` int32 on q's device: segment offsets into the packed order,
+            starting at 0, non-decreasing, ending at the number of packed rows. Empty segments
+            and segments of one token are allowed.
+        max_seqlen: longest segment as a host int (no device sync inside the op).
+        token_index: ``None`` for the packed layout (``R`` packed rows). Otherwise ``(T,)``
+            int64: packed row ``t`` is row ``token_index[t]`` of ``q/k/v`` (the in-place layout
+            of a ``(B*N)``-row tensor; rows are gathered inside the kernel and outputs written
+            back to them; rows in no segment get zeros). Rows must not repeat.
+        softmax_scale: scale of ``q k^T`` before the softmax; default ``Dh ** -0.5``.
+        impl: ``"auto"`` (Triton on CUDA, PyTorch otherwise; env ``SPCL_FAST_IMPL`` overrides),
+            ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``(R, H, Dh)`` in q's dtype. Differentiable in q, k and v.
+
+    Example::
+
+        >>> from spcl_fast import partition_attention, sample_partitions
+        >>> B, N, H, Dh = 2, 16, 4, 32
+        >>> plan = sample_partitions(B, N, generator=torch.Generator().manual_seed(0))
+        >>> qkv = torch.randn(B * N, 3, H, Dh, requires_grad=True)
+        >>> q, k, v = qkv.unbind(1)
+        >>> out = partition_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen,
+        ...                           token_index=plan.token_index)
+        >>> out.shape
+        torch.Size([32, 4, 32])
+        >>> out.sum().backward()
+    """
+    impl = resolve_impl(impl, q, OP)
+    _validate(q, k, v, cu_seqlens, max_seqlen, token_index, impl)
+    scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
+    require(scale > 0, OP, f"softmax_scale must be positive, got {scale}")
+    out, _ = _fwd(q, k, v, cu_seqlens, token_index, max_seqlen, scale, impl)
+    return out

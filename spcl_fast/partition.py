@@ -1,0 +1,167 @@
+"""Random partitions of each image's patch tokens into two disjoint subsets (S-PCL's two views).
+
+A :class:`PartitionPlan` is all the attention kernels and pooling need: which rows of the
+flattened ``(B*N)`` token tensor belong to which segment, in segment order. Segment ``2b`` is
+subset A of image ``b`` and segment ``2b+1`` its subset B.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PartitionPlan:
+    """Varlen description of the subsets of a batch.
+
+    Attributes:
+        token_index: ``(T,)`` int64, rows of the flattened ``(B*N, ...)`` token tensor, grouped by
+            segment (segment ``s`` is ``token_index[cu_seqlens[s]:cu_seqlens[s+1]]``) and sorted
+            within a segment.
+        cu_seqlens: ``(2B+1,)`` int32 cumulative segment lengths, ``cu_seqlens[0] == 0``.
+        max_seqlen: longest segment, as a host int (kernels size their grids with it).
+        num_images: ``B``.
+        num_tokens: ``N``, tokens per image.
+    """
+
+    token_index: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    num_images: int
+    num_tokens: int
+
+    @property
+    def num_segments(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def total_tokens(self) -> int:
+        """``T``: tokens in any segment (``B*N`` when every token is kept)."""
+        return self.token_index.numel()
+
+    @property
+    def seqlens(self) -> torch.Tensor:
+        """``(2B,)`` int32 length of each segment."""
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    def segment_ids(self) -> torch.Tensor:
+        """``(T,)`` int64 segment of each packed row."""
+        seg = torch.arange(self.num_segments, device=self.cu_seqlens.device)
+        return torch.repeat_interleave(seg, self.seqlens.long(), output_size=self.total_tokens)
+
+    def to(self, device: torch.device | str) -> PartitionPlan:
+        return PartitionPlan(
+            self.token_index.to(device, non_blocking=True),
+            self.cu_seqlens.to(device, non_blocking=True),
+            self.max_seqlen,
+            self.num_images,
+            self.num_tokens,
+        )
+
+
+def sample_partitions(
+    batch_size: int,
+    num_tokens: int,
+    ratio: float = 0.5,
+    ratio_range: tuple[float, float] | None = None,
+    keep: float = 1.0,
+    valid_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> PartitionPlan:
+    """Split each image's tokens at random into two disjoint subsets A and B.
+
+    Args:
+        batch_size: ``B``, images in the batch.
+        num_tokens: ``N``, patch tokens per image.
+        ratio: fraction of an image's kept tokens that go to subset A (the rest go to B).
+        ratio_range: ``(lo, hi)``; when given, each image draws its own ratio uniformly from it
+            and ``ratio`` is ignored.
+        keep: fraction of an image's valid tokens used at all; ``keep < 1`` leaves the rest in
+            no subset (cheaper steps, harder views).
+        valid_mask: optional ``(B, N)`` bool; only ``True`` tokens may be chosen (e.g. to skip
+            background patches).
+        generator: ``torch.Generator`` for reproducible plans (same seed, same plan); its device
+            is used when ``device`` is not given.
+        device: where the plan's tensors live.
+
+    Every image with at least two kept tokens gets two non-empty subsets; an image with one valid
+    token puts it in A; an image with none yields two empty segments. Sizes are
+    ``n_keep = max(round(keep * n_valid), min(n_valid, 2))`` and
+    ``n_A = clamp(round(ratio * n_keep), 1, n_keep - 1)``.
+
+    Example::
+
+        >>> plan = sample_partitions(4, 196, generator=torch.Generator().manual_seed(0))
+        >>> plan.cu_seqlens.tolist()[:3], plan.max_seqlen
+        ([0, 98, 196], 98)
+    """
+    if batch_size < 1 or num_tokens < 1:
+        raise ValueError(
+            f"sample_partitions: batch_size and num_tokens must be >= 1, "
+            f"got {batch_size} and {num_tokens}"
+        )
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"sample_partitions: keep must be in (0, 1], got {keep}")
+    if ratio_range is not None:
+        lo, hi = ratio_range
+        if not 0.0 < lo <= hi < 1.0:
+            raise ValueError(
+                f"sample_partitions: ratio_range must satisfy 0 < lo <= hi < 1, got {ratio_range}"
+            )
+    elif not 0.0 < ratio < 1.0:
+        raise ValueError(f"sample_partitions: ratio must be in (0, 1), got {ratio}")
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    device = torch.device(device)
+    if valid_mask is not None:
+        if valid_mask.dtype != torch.bool or tuple(valid_mask.shape) != (batch_size, num_tokens):
+            raise ValueError(
+                f"sample_partitions: valid_mask must be a ({batch_size}, {num_tokens}) bool "
+                f"tensor, got {tuple(valid_mask.shape)} {valid_mask.dtype}"
+            )
+        valid = valid_mask.to(device)
+    else:
+        valid = torch.ones(batch_size, num_tokens, dtype=torch.bool, device=device)
+
+    def rand(*shape: int) -> torch.Tensor:
+        if generator is None:
+            return torch.rand(*shape, device=device)
+        return torch.rand(*shape, device=generator.device, generator=generator).to(device)
+
+    # Random priorities; invalid tokens sort last, so the first n_valid ranks are valid tokens.
+    priority = torch.where(valid, rand(batch_size, num_tokens), torch.full_like(valid, 2.0, dtype=torch.float32))
+    order = priority.argsort(dim=1)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(num_tokens, device=device).expand(batch_size, -1))
+
+    n_valid = valid.sum(dim=1)
+    n_keep = torch.maximum(torch.round(n_valid * keep).long(), n_valid.clamp(max=2))
+    if ratio_range is not None:
+        lo, hi = ratio_range
+        ratios = lo + (hi - lo) * rand(batch_size)
+    else:
+        ratios = torch.full((batch_size,), ratio, device=device)
+    n_a = torch.round(ratios * n_keep).long()
+    n_a = torch.minimum(n_a.clamp(min=1), (n_keep - 1).clamp(min=1)).clamp(max=n_keep)
+
+    # Subset of each token: 0 (A), 1 (B) or -1 (left out); sorting by (segment, token) groups
+    # segments and keeps each segment's rows ascending, which helps the in-place gather.
+    subset = torch.where(rank < n_a[:, None], 0, torch.where(rank < n_keep[:, None], 1, -1))
+    segment = 2 * torch.arange(batch_size, device=device)[:, None] + subset
+    key = segment * num_tokens + torch.arange(num_tokens, device=device)
+    key = key[subset >= 0].sort().values
+    token_index = (key // (2 * num_tokens)) * num_tokens + key % num_tokens
+
+    seqlens = torch.stack([n_a, n_keep - n_a], dim=1).reshape(-1)
+    cu_seqlens = torch.zeros(2 * batch_size + 1, dtype=torch.int32, device=device)
+    cu_seqlens[1:] = seqlens.cumsum(0)
+    return PartitionPlan(
+        token_index=token_index,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=int(seqlens.max()),
+        num_images=batch_size,
+        num_tokens=num_tokens,
+    )
