@@ -1,0 +1,116 @@
+"""Shared benchmark plumbing: timing with device sync, environment stamps, result tables.
+
+Every case calls :func:`run` with the function to time and its algorithmic FLOPs; rows collect
+per suite and, at the end of the session, ``benchmarks/conftest.py`` prints one table per suite
+(with each row's ratio to the suite's baseline rows of the same group) and writes
+``benchmarks/results/<suite>-<device>.json``.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+ROWS: dict[str, list[dict]] = defaultdict(list)
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def device_slug(name: str) -> str:
+    """File-name form of a :func:`device_name`."""
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+def env_info() -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        info["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            cwd=Path(__file__).parent, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        info["commit"] = None
+    return info
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(fn, device: torch.device | str) -> float | None:
+    """Peak extra device memory of one call of ``fn`` (CUDA only; ``None`` on CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def run(
+    benchmark,
+    fn,
+    *,
+    suite: str,
+    group: str,
+    provider: str,
+    device: torch.device | str,
+    flops: float | None = None,
+    items: float | None = None,
+    item_name: str = "items",
+    baseline: bool = False,
+    rounds: int = 10,
+    warmup: int = 3,
+    memory_mb: float | None = None,
+    **params,
+):
+    """Time ``fn`` (synchronised) with pytest-benchmark and record one table row.
+
+    ``group`` gathers rows that are compared (same shape and dtype); ``provider`` names the
+    implementation; rows with ``baseline=True`` are the denominators of the printed ratios.
+    ``flops`` is the algorithmic count from ``spcl_fast.flops`` (identical for every provider).
+    """
+
+    def timed():
+        fn()
+        synchronize(device)
+
+    result = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    seconds = benchmark.stats.stats.median
+    row = {
+        "suite": suite,
+        "group": group,
+        "provider": provider,
+        "baseline": baseline,
+        "device": device_name(device),
+        "median_ms": seconds * 1e3,
+        "tflops": (flops / seconds / 1e12) if flops else None,
+        "gflops": flops / 1e9 if flops else None,
+        f"{item_name}_per_s": (items / seconds) if items else None,
+        "peak_memory_mb": memory_mb,
+        **params,
+        **env_info(),
+    }
+    benchmark.extra_info.update(row)
+    ROWS[suite].append(row)
+    return result
