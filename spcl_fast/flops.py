@@ -32,3 +32,11 @@ def attention_bwd_flops(seqlens: Sequence[int], num_heads: int, head_dim: int) -
 def info_nce_flops(num_queries: int, num_keys: int, dim: int) -> int:
     """Forward FLOPs of the similarity logits of an InfoNCE loss (one ``M x d @ d x M`` matmul)."""
     return 2 * num_queries * num_keys * dim
+
+
+INFO_NCE_BWD_FACTOR = 2  # backward: the two gradient matmuls (G @ B, G^T @ A) vs one forward
+
+
+def info_nce_bwd_flops(num_queries: int, num_keys: int, dim: int) -> int:
+    """Backward FLOPs of :func:`info_nce_flops` (2x the forward: the gradients of both sides)."""
+    return INFO_NCE_BWD_FACTOR * info_nce_flops(num_queries, num_keys, dim)

@@ -1,6 +1,16 @@
-"""``info_nce``: the contrastive loss between two views' embeddings.
+"""``info_nce``: the contrastive loss between two views' embeddings, without an (M, M) matrix.
 
-The PyTorch path computes the loss with :func:`spcl_fast.reference.info_nce_ref`.
+Layers (as in ``partition_attention``): the Triton launchers in ``spcl_fast.kernels.info_nce``
+and the chunked PyTorch fallback in ``spcl_fast.reference.info_nce`` share one signature; two
+``torch.library`` custom ops (forward, backward) dispatch between them, so ``torch.compile``
+traces the op as one node and ``FlopCounterMode`` counts it with the formula of
+``spcl_fast.flops``; the autograd formula is registered on the forward op.
+
+The custom ops compute the *statistics* of one query/key problem — per-query log-sum-exp over
+its candidates, the positive logit, optionally the per-key (column) log-sum-exp — and their
+backward takes the gradients of those statistics, so every variant of the loss (CLIP's
+symmetric cross-view loss, SimCLR's NT-Xent, global negatives across ranks) is a few cheap
+PyTorch ops on ``O(M)`` vectors around the same two ops.
 """
 
 from __future__ import annotations
@@ -8,12 +18,172 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
+from .. import flops
 from .._impl import resolve_impl
-from ..reference.info_nce import NEGATIVES, info_nce_ref
+from ..reference.info_nce import NEGATIVES, info_nce_chunked_bwd, info_nce_chunked_fwd
 from ._checks import FLOAT_DTYPES, require, require_dtype, require_same_device
 
 OP = "info_nce"
+
+
+def _launchers(impl: str):
+    if impl == "triton":
+        from ..kernels.info_nce import info_nce_bwd, info_nce_fwd
+
+        return info_nce_fwd, info_nce_bwd
+    return info_nce_chunked_fwd, info_nce_chunked_bwd
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("spcl_fast::info_nce_fwd", mutates_args=())
+def _fwd(
+    zq: torch.Tensor,
+    zk: torch.Tensor,
+    scale: float,
+    key_offset: int,
+    pos_shift: int,
+    pos_mod: int,
+    self_mask: bool,
+    col_lse: bool,
+    chunk: int,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    fwd, _ = _launchers(impl)
+    extra = {} if impl == "triton" else {"chunk": chunk or None}
+    return fwd(zq, zk, scale, key_offset, pos_shift, pos_mod, self_mask, col_lse, **extra)
+
+
+@_fwd.register_fake
+def _fwd_fake(zq, zk, scale, key_offset, pos_shift, pos_mod, self_mask, col_lse, chunk, impl):
+    sd = _stat_dtype(zq.dtype)
+    mq, mk = zq.shape[0], zk.shape[0]
+    return (zq.new_empty(mq, dtype=sd), zq.new_empty(mq, dtype=sd),
+            zq.new_empty(mk if col_lse else 0, dtype=sd), zq.new_empty(mq, dtype=sd),
+            zq.new_empty(mk, dtype=sd))
+
+
+@torch.library.custom_op("spcl_fast::info_nce_bwd", mutates_args=())
+def _bwd(
+    zq: torch.Tensor,
+    zk: torch.Tensor,
+    inv_q: torch.Tensor,
+    inv_k: torch.Tensor,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    d_row: torch.Tensor,
+    d_col: torch.Tensor,
+    d_pos: torch.Tensor,
+    scale: float,
+    key_offset: int,
+    pos_shift: int,
+    pos_mod: int,
+    self_mask: bool,
+    chunk: int,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _, bwd = _launchers(impl)
+    extra = {} if impl == "triton" else {"chunk": chunk or None}
+    return bwd(zq, zk, inv_q, inv_k, row_lse, col_lse, d_row, d_col, d_pos, scale, key_offset,
+               pos_shift, pos_mod, self_mask, **extra)
+
+
+@_bwd.register_fake
+def _bwd_fake(zq, zk, *args):
+    return torch.empty_like(zq), torch.empty_like(zk)
+
+
+def _setup_context(ctx, inputs, output):
+    zq, zk, scale, key_offset, pos_shift, pos_mod, self_mask, col_lse, chunk, impl = inputs
+    row_lse, _, col, inv_q, inv_k = output
+    ctx.mark_non_differentiable(inv_q, inv_k)
+    ctx.save_for_backward(zq, zk, inv_q, inv_k, row_lse, col)
+    ctx.args = (scale, key_offset, pos_shift, pos_mod, self_mask, chunk, impl)
+
+
+def _backward(ctx, d_row, d_pos, d_col, _d_inv_q, _d_inv_k):
+    zq, zk, inv_q, inv_k, row_lse, col = ctx.saved_tensors
+
+    def vec(g, like):  # autograd hands in None for unused outputs, expanded views for means
+        return torch.zeros_like(like) if g is None else g.to(like.dtype).contiguous()
+
+    dzq, dzk = _bwd(zq, zk, inv_q, inv_k, row_lse, col, vec(d_row, row_lse), vec(d_col, col),
+                    vec(d_pos, row_lse), *ctx.args)
+    return dzq, dzk, None, None, None, None, None, None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.spcl_fast.info_nce_fwd, get_raw=True)
+def _fwd_flops(zq, zk, *args, out_val=None, **kwargs):
+    return flops.info_nce_flops(zq.shape[0], zk.shape[0], zq.shape[1])
+
+
+@register_flop_formula(torch.ops.spcl_fast.info_nce_bwd, get_raw=True)
+def _bwd_flops(zq, zk, *args, out_val=None, **kwargs):
+    return flops.info_nce_bwd_flops(zq.shape[0], zk.shape[0], zq.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Global negatives across ranks.
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{OP}: gather_distributed=True needs an initialised torch.distributed process group "
+            "(torch.distributed.init_process_group, or launch with torchrun); pass "
+            "gather_distributed=False for a single process"
+        )
+    return dist.get_world_size(), dist.get_rank()
+
+
+class _GatherRows(torch.autograd.Function):
+    """``all_gather`` of every rank's ``(M, d)`` rows into ``(W*M, d)`` in rank order.
+
+    Backward is a sum over ranks of the gathered gradient, scattered back (reduce-scatter): the
+    local loss of every rank depends on this rank's rows, so this rank's rows get the sum of all
+    ranks' gradients for them. With each rank's loss the mean over its own queries and DDP
+    averaging parameter gradients over the ``W`` ranks, parameters get exactly the gradient of
+    the mean loss over the global batch.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+
+        x = x.contiguous()
+        ctx.world, ctx.rank, ctx.rows = dist.get_world_size(), dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(ctx.world)]
+        dist.all_gather(parts, x)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":
+            out = grad.new_empty((ctx.rows, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        grad = grad.clone()  # gloo has no reduce-scatter: sum everything, keep our rows
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows].clone()
+
+
+def _gather(x: torch.Tensor, world: int) -> torch.Tensor:
+    return x if world == 1 else _GatherRows.apply(x)
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def _validate(z_a, z_b, temperature, negatives, impl) -> None:
@@ -30,9 +200,44 @@ def _validate(z_a, z_b, temperature, negatives, impl) -> None:
     require(z_a.dtype == z_b.dtype, OP, f"z_a and z_b must share a dtype, got {z_a.dtype} and "
             f"{z_b.dtype}")
     require_same_device(OP, z_a=z_a, z_b=z_b)
-    require(isinstance(temperature, (int, float)) and math.isfinite(temperature)
-            and temperature > 0, OP, f"temperature must be a positive number, got {temperature!r}")
+    require(isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+            and math.isfinite(temperature) and temperature > 0, OP,
+            f"temperature must be a positive number, got {temperature!r}")
     require(negatives in NEGATIVES, OP, f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+
+
+def _loss(z_a, z_b, temperature, symmetric, negatives, gather_distributed, impl, chunk=0):
+    """The loss from the statistics ops; ``chunk`` (columns per block of the torch path, 0 for
+    the default) is for tests."""
+    scale = 1.0 / float(temperature)
+    m = z_a.shape[0]
+    world, rank = _world() if gather_distributed else (1, 0)
+
+    def stats(zq, zk, key_offset, pos_shift, pos_mod, self_mask, col_lse):
+        return _fwd(zq, zk, scale, key_offset, pos_shift, pos_mod, self_mask, col_lse, chunk, impl)
+
+    if negatives == "cross":
+        if not gather_distributed:
+            # One pass gives both directions: the column LSE is the b -> a direction.
+            row, pos, col, _, _ = stats(z_a, z_b, 0, 0, m, False, symmetric)
+            loss = 0.5 * (row.mean() + col.mean()) - pos.mean() if symmetric else (row - pos).mean()
+        else:
+            # Local queries against every rank's keys; the positive of local row i is global
+            # key rank*M + i. The b -> a direction needs the other view gathered too.
+            row, pos, _, _, _ = stats(z_a, _gather(z_b, world), rank * m, 0, m, False, False)
+            loss = (row - pos).mean()
+            if symmetric:
+                row, pos, _, _, _ = stats(z_b, _gather(z_a, world), rank * m, 0, m, False, False)
+                loss = 0.5 * (loss + (row - pos).mean())
+    else:
+        # NT-Xent: rows [a; b] are queries and keys; the positive of row i is row (i + M) % 2M
+        # of the same rank's block of 2M keys, and its own row is masked out.
+        z = torch.cat([z_a, z_b])
+        keys = _gather(z, world)
+        queries = z if symmetric else z[:m]
+        row, pos, _, _, _ = stats(queries, keys, rank * 2 * m, m, 2 * m, True, False)
+        loss = (row - pos).mean()
+    return loss.to(z_a.dtype)
 
 
 def info_nce(
@@ -44,35 +249,49 @@ def info_nce(
     gather_distributed: bool = False,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Mean InfoNCE loss of the positive pairs ``(z_a[i], z_b[i])``.
+    """Mean InfoNCE loss of the positive pairs ``(z_a[i], z_b[i])``, without an (M, M) matrix.
+
+    The logits are cosine similarities over ``temperature``: ``L[i, j] = <a_i, b_j> / tau`` with
+    ``a = z_a / |z_a|``, ``b = z_b / |z_b|`` (``F.normalize``). The Triton path computes them tile
+    by tile in fp32, keeps only fp32 log-sum-exps (``O(M)``) and recomputes the tiles in the
+    backward; the PyTorch path does the same over column blocks (``O(M * chunk)`` memory).
 
     Args:
-        z_a, z_b: ``(M, d)`` float16, bfloat16 or float32 (float64 with ``impl="torch"``);
-            row ``i`` of ``z_a`` and row ``i`` of ``z_b`` are two views of one sample. Rows are
-            L2-normalised inside.
-        temperature: softmax temperature ``tau > 0`` of the cosine logits.
+        z_a, z_b: ``(M, d)`` float16, bfloat16 or float32 (float64 with ``impl="torch"``), same
+            shape, dtype and device; ``M >= 1``, any ``d >= 1`` (the kernels loop over ``d`` in
+            blocks, so ``d`` need not be a power of two). Row ``i`` of ``z_a`` and row ``i`` of
+            ``z_b`` are two views of one sample.
+        temperature: softmax temperature ``tau > 0`` (host float); accurate down to ``0.01``.
         symmetric: average the ``a -> b`` and ``b -> a`` directions (CLIP); else ``a -> b`` only.
-        negatives: ``"cross"``: each query's candidates are the other view's M rows;
-            ``"all"``: SimCLR's NT-Xent over the ``2M`` rows of both views, self excluded.
-        gather_distributed: inside ``torch.distributed``, use every rank's rows as negatives.
-        impl: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``spcl_fast._impl``).
+        negatives: ``"cross"``: each query's candidates are the other view's rows (CLIP);
+            ``"all"``: SimCLR's NT-Xent over the ``2M`` rows of both views, self excluded
+            (with ``symmetric`` every one of the ``2M`` rows is a query, else only ``z_a``'s).
+        gather_distributed: inside an initialised ``torch.distributed`` group of ``W`` ranks,
+            all-gather the other view (both views for ``symmetric`` or ``"all"``) with gradient,
+            so every local query sees the ``W * M`` global rows as candidates; local row ``i`` is
+            global row ``rank * M + i``. Every rank must pass the same ``M``. The result is the
+            mean over the *local* queries; the backward sums the gathered rows' gradients over
+            ranks, so after DDP averages parameter gradients they equal those of one process
+            computing the loss on the whole batch. Raises ``RuntimeError`` without a group.
+        impl: ``"auto"`` (Triton on CUDA, PyTorch otherwise; env ``SPCL_FAST_IMPL`` overrides),
+            ``"triton"`` or ``"torch"``.
 
     Returns:
-        A scalar tensor in the input dtype, differentiable in ``z_a`` and ``z_b``.
+        A scalar tensor in the input dtype (computed in fp32, fp64 for fp64 inputs, then cast),
+        differentiable in ``z_a`` and ``z_b``; gradients come back in the input dtype.
 
     Example::
 
         >>> from spcl_fast import info_nce
-        >>> z_a, z_b = torch.randn(8, 32), torch.randn(8, 32)
+        >>> z_a = torch.randn(8, 32, requires_grad=True)
+        >>> z_b = torch.randn(8, 32, requires_grad=True)
         >>> loss = info_nce(z_a, z_b, temperature=0.1)
         >>> loss.shape
         torch.Size([])
+        >>> loss.backward()
+        >>> z_a.grad.shape
+        torch.Size([8, 32])
     """
     impl = resolve_impl(impl, z_a, OP)
     _validate(z_a, z_b, temperature, negatives, impl)
-    if gather_distributed or impl == "triton":
-        raise NotImplementedError(
-            f"{OP}: {'gather_distributed' if gather_distributed else 'the triton path'} is not "
-            "implemented yet; use impl='torch' without gather_distributed"
-        )
-    return info_nce_ref(z_a, z_b, temperature, symmetric, negatives)
+    return _loss(z_a, z_b, temperature, symmetric, negatives, gather_distributed, impl)

@@ -1,7 +1,29 @@
-"""Pure-PyTorch InfoNCE: the ground truth for tests.
+"""Pure-PyTorch InfoNCE: the ground truth for tests and the chunked CPU fallback.
 
-It materialises the full similarity matrix, so it is for tests and small batches only; the op in
-``spcl_fast.ops.info_nce`` streams over blocks instead.
+Two implementations of the same maths:
+
+* :func:`info_nce_ref` — materialises the full similarity matrix and lets autograd do the rest.
+  Simple enough to trust; O(M^2) memory, so tests and small batches only.
+* :func:`info_nce_chunked_fwd` / :func:`info_nce_chunked_bwd` — the fallback the op runs on CPU
+  (or with ``impl="torch"``): they stream over column blocks of the similarity matrix, keep
+  only ``(Mq, chunk)`` logits alive at a time and recompute them in the backward from the saved
+  log-sum-exps, exactly as the Triton kernels in ``spcl_fast.kernels.info_nce`` do. Same
+  signatures and outputs as those launchers.
+
+The chunked pair works on one *query/key problem* (the op composes the loss from it):
+
+* ``zq`` ``(Mq, d)`` query rows and ``zk`` ``(Mk, d)`` key rows, both un-normalised; the
+  logits are ``L[i, j] = scale * <zq_i/|zq_i|, zk_j/|zk_j|>`` (``F.normalize``'s ``eps``).
+* query ``i``'s positive key is ``pos(i) = (i + pos_shift) % pos_mod + key_offset`` and, with
+  ``self_mask``, key ``self(i) = i + key_offset`` is excluded from its candidates (NT-Xent).
+* statistics: ``row_lse[i] = logsumexp_j L[i, j]`` over the candidates, ``pos[i] = L[i, pos(i)]``,
+  and with ``col_lse`` the column log-sum-exp ``col_lse[j] = logsumexp_i L[i, j]`` (CLIP's
+  ``b -> a`` direction; only without ``self_mask``); ``inv_q``/``inv_k`` the inverse row norms.
+  All fp32 (fp64 for fp64 inputs).
+* backward: given the gradients ``d_row (Mq,)``, ``d_col (Mk,)`` (or empty) and ``d_pos (Mq,)``
+  of those statistics, ``dL/dL[i, j] = d_row[i] P[i, j] + d_col[j] Q[i, j] + d_pos[i] [j = pos(i)]``
+  with ``P = exp(L - row_lse[:, None])`` and ``Q = exp(L - col_lse[None, :])``, pulled back
+  through the logits and the row normalisation to ``dzq``, ``dzk`` in the input dtype.
 """
 
 from __future__ import annotations
@@ -10,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 NEGATIVES = ("cross", "all")
+NORM_EPS = 1e-12  # F.normalize's default
+_CHUNK_ELEMENTS = 1 << 22  # logits per chunk by default: 16 MiB of fp32 per (Mq, chunk) temporary
 
 
 def info_nce_ref(
@@ -46,3 +70,128 @@ def info_nce_ref(
     if not symmetric:
         return F.cross_entropy(logits[:m], targets[:m])
     return F.cross_entropy(logits, targets)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_chunk(num_queries: int, num_keys: int) -> int:
+    """Columns per block: about 4M logits per ``(Mq, chunk)`` temporary, at least 16."""
+    return max(16, min(max(num_keys, 1), _CHUNK_ELEMENTS // max(num_queries, 1)))
+
+
+def _inv_norm(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    norm = torch.linalg.vector_norm(z.to(dtype), dim=-1)
+    return 1.0 / norm.clamp_min(NORM_EPS)
+
+
+def _pairing(mq: int, device, key_offset: int, pos_shift: int, pos_mod: int):
+    rows = torch.arange(mq, device=device)
+    return (rows + pos_shift) % pos_mod + key_offset, rows + key_offset
+
+
+def info_nce_chunked_fwd(
+    zq: torch.Tensor,
+    zk: torch.Tensor,
+    scale: float,
+    key_offset: int = 0,
+    pos_shift: int = 0,
+    pos_mod: int | None = None,
+    self_mask: bool = False,
+    col_lse: bool = False,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Statistics of one query/key problem (module docstring), streamed over key blocks.
+
+    Returns ``(row_lse (Mq,), pos (Mq,), col_lse (Mk,) or (0,), inv_q (Mq,), inv_k (Mk,))``.
+    Peak extra memory is a few ``(Mq, chunk)`` blocks plus ``O((Mq + Mk) d)``.
+    """
+    mq, mk = zq.shape[0], zk.shape[0]
+    pos_mod = mq if pos_mod is None else pos_mod
+    chunk = default_chunk(mq, mk) if chunk is None else max(1, int(chunk))
+    cd = _compute_dtype(zq.dtype)
+    inv_q, inv_k = _inv_norm(zq, cd), _inv_norm(zk, cd)
+    nq = zq.to(cd) * inv_q[:, None]
+    nk = zk.to(cd) * inv_k[:, None]
+    pos_col, self_col = _pairing(mq, zq.device, key_offset, pos_shift, pos_mod)
+    m = torch.full((mq,), float("-inf"), dtype=cd, device=zq.device)
+    s = torch.zeros(mq, dtype=cd, device=zq.device)
+    pos = torch.zeros(mq, dtype=cd, device=zq.device)
+    col = torch.empty(mk if col_lse else 0, dtype=cd, device=zq.device)
+    for j0 in range(0, mk, chunk):
+        j1 = min(j0 + chunk, mk)
+        cols = torch.arange(j0, j1, device=zq.device)
+        logits = (nq @ nk[j0:j1].T).mul_(scale)  # (Mq, C)
+        if self_mask:
+            logits.masked_fill_(self_col[:, None] == cols[None, :], float("-inf"))
+        pos += torch.where(pos_col[:, None] == cols[None, :], logits, 0.0).sum(1)
+        if col_lse:
+            col[j0:j1] = torch.logsumexp(logits, dim=0)
+        m_new = torch.maximum(m, logits.amax(dim=1))
+        # A row whose candidates so far are all masked keeps m = -inf: shift by 0 instead.
+        m_use = torch.where(torch.isinf(m_new), 0.0, m_new)
+        s = s * torch.exp(m - m_use) + torch.exp(logits.sub_(m_use[:, None])).sum(1)
+        m = m_new
+    return m + torch.log(s), pos, col, inv_q, inv_k
+
+
+def info_nce_chunked_bwd(
+    zq: torch.Tensor,
+    zk: torch.Tensor,
+    inv_q: torch.Tensor,
+    inv_k: torch.Tensor,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    d_row: torch.Tensor,
+    d_col: torch.Tensor,
+    d_pos: torch.Tensor,
+    scale: float,
+    key_offset: int = 0,
+    pos_shift: int = 0,
+    pos_mod: int | None = None,
+    self_mask: bool = False,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients ``(dzq, dzk)`` in the input dtype from the statistics' gradients.
+
+    Recomputes each ``(Mq, chunk)`` block of logits from ``inv_q``/``inv_k``, builds the block
+    of ``dL/dlogits`` from the saved log-sum-exps and accumulates
+    ``g_q = scale * G @ n_k`` (all blocks) and ``g_k = scale * G^T @ n_q`` (this block), then
+    applies the normalisation's backward ``dz = inv * (g - n <n, g>)`` where
+    ``<n_i, g_i> = sum_j G[i, j] L[i, j]`` comes from the same blocks.
+    """
+    mq, mk = zq.shape[0], zk.shape[0]
+    pos_mod = mq if pos_mod is None else pos_mod
+    chunk = default_chunk(mq, mk) if chunk is None else max(1, int(chunk))
+    cd = _compute_dtype(zq.dtype)
+    has_col = col_lse.numel() > 0 and d_col.numel() > 0
+    nq = zq.to(cd) * inv_q[:, None]
+    nk = zk.to(cd) * inv_k[:, None]
+    d_row, d_pos = d_row.to(cd), d_pos.to(cd)
+    pos_col, self_col = _pairing(mq, zq.device, key_offset, pos_shift, pos_mod)
+    g_q = torch.zeros_like(nq)
+    rho_q = torch.zeros(mq, dtype=cd, device=zq.device)
+    dzk = torch.empty_like(zk)
+    for j0 in range(0, mk, chunk):
+        j1 = min(j0 + chunk, mk)
+        cols = torch.arange(j0, j1, device=zq.device)
+        logits = (nq @ nk[j0:j1].T).mul_(scale)
+        grad = torch.exp(logits - row_lse[:, None]).mul_(d_row[:, None])
+        if has_col:
+            grad += torch.exp(logits - col_lse[None, j0:j1]).mul_(d_col[None, j0:j1].to(cd))
+        grad += torch.where(pos_col[:, None] == cols[None, :], d_pos[:, None], 0.0)
+        if self_mask:
+            grad.masked_fill_(self_col[:, None] == cols[None, :], 0.0)
+        g_q.addmm_(grad, nk[j0:j1])
+        rho = logits.mul_(grad)  # G * L, reusing the logits' storage
+        rho_q += rho.sum(1)
+        dzk[j0:j1] = _normalize_bwd(grad.T @ nq, nk[j0:j1], inv_k[j0:j1], rho.sum(0), scale)
+    return _normalize_bwd(g_q, nq, inv_q, rho_q, scale).to(zq.dtype), dzk
+
+
+def _normalize_bwd(g, n, inv, rho, scale):
+    """``inv * (scale * g - n * rho)``; rows clamped by ``eps`` in the forward skip the projection
+    (F.normalize's derivative is ``I / eps`` there)."""
+    rho = torch.where(inv < 0.5 / NORM_EPS, rho, 0.0)
+    return (g * scale - n * rho[:, None]) * inv[:, None]

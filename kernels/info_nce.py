@@ -1,0 +1,316 @@
+"""Triton kernels for the InfoNCE statistics: tiled log-sum-exps forward, recompute backward.
+
+One *query/key problem* (see ``spcl_fast.reference.info_nce`` for the maths and the PyTorch
+twin of these launchers): un-normalised rows ``zq (Mq, d)`` and ``zk (Mk, d)``, logits
+``L[i, j] = scale * <zq_i, zk_j> * inv_q[i] * inv_k[j]`` with the inverse row norms computed
+once by a small kernel, so the normalisation is fused into the tiles and no normalised copy is
+ever written. Positive of query ``i``: key ``(i + pos_shift) % pos_mod + key_offset``; with
+``SELF_MASK`` key ``i + key_offset`` is not a candidate (NT-Xent over ``[a; b]``, where queries
+and keys are the same rows). These two index rules are runtime integers and a constexpr flag,
+so CLIP's cross-view loss, NT-Xent and both of them against all-gathered keys of other ranks
+run the same three kernels.
+
+* ``_lse_fwd_kernel``: one program per block of query rows streams over key blocks (and over
+  ``d`` in ``BLOCK_D`` chunks inside each tile), keeping a running max and sum in fp32: the
+  row log-sum-exp and the positive logit, picked out of the tile it falls in. The column
+  log-sum-exp of the symmetric loss is the same kernel with the roles swapped.
+* ``_grad_kernel``: one program per block of *own* rows and per ``BLOCK_DO`` chunk of output
+  features loops over the other side's blocks, recomputes the logits tile, forms
+  ``G = dL/dlogits`` from the saved log-sum-exps and accumulates ``G @ n_other``; launched once
+  with the queries as own rows (``dzq``) and once with the keys (``dzk``, ``KEY_SIDE``). Each
+  output row is written by exactly one program: no atomics, bitwise deterministic.
+  The normalisation's backward ``dz = inv * (g - n <n, g>)`` needs ``<n_i, g_i>``, a dot over
+  all of ``d``; it equals ``sum_j G[i, j] L[i, j]``, which each program sums from its tiles, so
+  the output can be split over ``d`` without a second pass.
+
+Extra memory is ``O(Mq + Mk)`` fp32 on top of the gradients: never ``O(Mq * Mk)``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+NORM_EPS = 1e-12  # F.normalize's default
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+# Rows whose norm was clamped to eps (inv == 1/eps) take no projection term in the backward.
+INV_EPS_HALF: tl.constexpr = 0.5 / NORM_EPS
+
+
+@triton.jit
+def _inv_norm_kernel(Z, INV, M, D, stride_z, eps, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    offs_d = tl.arange(0, BLOCK_D)
+    base = Z + rows.to(tl.int64)[:, None] * stride_z
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        x = tl.load(base + dd[None, :], mask=row_ok[:, None] & (dd < D)[None, :], other=0.0)
+        x = x.to(tl.float32)
+        sumsq += tl.sum(x * x, axis=1)
+    tl.store(INV + rows, 1.0 / tl.maximum(tl.sqrt(sumsq), eps), mask=row_ok)
+
+
+@triton.jit
+def _dot_tile(A, B, a_rows, b_rows, a_ok, b_ok, D, stride_a, stride_b,
+              BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """``A[a_rows] @ B[b_rows]^T`` as a ``(BLOCK_A, BLOCK_B)`` fp32 tile, ``d`` in chunks."""
+    offs_d = tl.arange(0, BLOCK_D)
+    a_base = A + a_rows.to(tl.int64)[:, None] * stride_a
+    b_base = B + b_rows.to(tl.int64)[None, :] * stride_b
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        d_ok = dd < D
+        a = tl.load(a_base + dd[None, :], mask=a_ok[:, None] & d_ok[None, :], other=0.0)
+        bt = tl.load(b_base + dd[:, None], mask=d_ok[:, None] & b_ok[None, :], other=0.0)
+        acc = tl.dot(a, bt, acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _lse_fwd_kernel(
+    Q, K, INV_Q, INV_K, LSE, POS,
+    Mq, Mk, D, stride_q, stride_k, scale,
+    key_offset, pos_shift, pos_mod,
+    SELF_MASK: tl.constexpr, WRITE_POS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < Mq
+    q_scale = tl.load(INV_Q + rows, mask=row_ok, other=0.0) * scale
+    pos_col = (rows + pos_shift) % pos_mod + key_offset
+    self_col = rows + key_offset
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    p_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, Mk, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < Mk
+        inv_k = tl.load(INV_K + cols, mask=col_ok, other=0.0)
+        logits = _dot_tile(Q, K, rows, cols, row_ok, col_ok, D, stride_q, stride_k,
+                           BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC)
+        logits = logits * q_scale[:, None] * inv_k[None, :]
+        keep = col_ok[None, :]
+        if SELF_MASK:
+            keep = keep & (cols[None, :] != self_col[:, None])
+        logits = tl.where(keep, logits, float("-inf"))
+        if WRITE_POS:
+            p_i += tl.sum(tl.where(cols[None, :] == pos_col[:, None], logits, 0.0), axis=1)
+        # Online log-sum-exp in base 2 (exp2 is the hardware instruction); a row whose
+        # candidates so far are all masked keeps m = -inf and is shifted by 0 instead.
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s_i = s_i * tl.exp2((m_i - m_use) * LOG2E) + tl.sum(
+            tl.exp2((logits - m_use[:, None]) * LOG2E), axis=1)
+        m_i = m_new
+    tl.store(LSE + rows, m_i + tl.log2(s_i) * LN2, mask=row_ok)
+    if WRITE_POS:
+        tl.store(POS + rows, p_i, mask=row_ok)
+
+
+@triton.jit
+def _grad_kernel(
+    OWN, OTHER, INV_OWN, INV_OTHER, LSE_R, LSE_C, D_ROW, D_COL, D_POS, GSCALE, DZ,
+    M_own, M_other, D, stride_own, stride_other, stride_dz, scale,
+    key_offset, pos_shift, pos_mod,
+    KEY_SIDE: tl.constexpr, HAS_COL: tl.constexpr, SELF_MASK: tl.constexpr, LOWP: tl.constexpr,
+    BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    own = tl.program_id(0) * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
+    own_ok = own < M_own
+    dd_out = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dout_ok = dd_out < D
+    inv_own = tl.load(INV_OWN + own, mask=own_ok, other=0.0)
+    own_scale = inv_own * scale
+    # Per-row statistics of this program's own rows (queries, or keys with KEY_SIDE).
+    if KEY_SIDE:
+        k_idx = own[:, None]
+        if HAS_COL:
+            c_own = tl.load(LSE_C + own, mask=own_ok, other=0.0)
+            beta_own = tl.load(D_COL + own, mask=own_ok, other=0.0)
+    else:
+        r_own = tl.load(LSE_R + own, mask=own_ok, other=0.0)
+        alpha_own = tl.load(D_ROW + own, mask=own_ok, other=0.0)
+        gamma_own = tl.load(D_POS + own, mask=own_ok, other=0.0)
+        pos_own = (own + pos_shift) % pos_mod + key_offset
+        self_own = own + key_offset
+    if LOWP:
+        # G is cast to the input dtype for the second matmul; scale it to ~[-3, 3] first so
+        # fp16 keeps its precision when the weights are ~1/M.
+        gscale = tl.load(GSCALE)
+    acc = tl.zeros((BLOCK_OWN, BLOCK_DO), dtype=tl.float32)
+    rho = tl.zeros((BLOCK_OWN,), dtype=tl.float32)
+    for o0 in range(0, M_other, BLOCK_OTHER):
+        oth = o0 + tl.arange(0, BLOCK_OTHER)
+        oth_ok = oth < M_other
+        inv_oth = tl.load(INV_OTHER + oth, mask=oth_ok, other=0.0)
+        logits = _dot_tile(OWN, OTHER, own, oth, own_ok, oth_ok, D, stride_own, stride_other,
+                           BLOCK_OWN, BLOCK_OTHER, BLOCK_D, DOT_PREC)
+        logits = logits * own_scale[:, None] * inv_oth[None, :]
+        # G[own, other] = alpha_q P + beta_k Q + gamma_q [k == pos(q)], in (own, other) layout.
+        if KEY_SIDE:
+            r = tl.load(LSE_R + oth, mask=oth_ok, other=0.0)
+            alpha = tl.load(D_ROW + oth, mask=oth_ok, other=0.0)
+            gamma = tl.load(D_POS + oth, mask=oth_ok, other=0.0)
+            grad = alpha[None, :] * tl.exp2((logits - r[None, :]) * LOG2E)
+            if HAS_COL:
+                grad += beta_own[:, None] * tl.exp2((logits - c_own[:, None]) * LOG2E)
+            pos_q = ((oth + pos_shift) % pos_mod + key_offset)[None, :]
+            self_q = (oth + key_offset)[None, :]
+            gamma_q = gamma[None, :]
+        else:
+            k_idx = oth[None, :]
+            grad = alpha_own[:, None] * tl.exp2((logits - r_own[:, None]) * LOG2E)
+            if HAS_COL:
+                c = tl.load(LSE_C + oth, mask=oth_ok, other=0.0)
+                beta = tl.load(D_COL + oth, mask=oth_ok, other=0.0)
+                grad += beta[None, :] * tl.exp2((logits - c[None, :]) * LOG2E)
+            pos_q = pos_own[:, None]
+            self_q = self_own[:, None]
+            gamma_q = gamma_own[:, None]
+        grad += tl.where(k_idx == pos_q, gamma_q, 0.0)
+        keep = own_ok[:, None] & oth_ok[None, :]
+        if SELF_MASK:
+            keep = keep & (k_idx != self_q)
+        # where(), not a product: masked entries may hold inf from exp2 of a masked logit.
+        grad = tl.where(keep, grad, 0.0)
+        rho += tl.sum(grad * logits, axis=1)
+        x = tl.load(OTHER + oth.to(tl.int64)[:, None] * stride_other + dd_out[None, :],
+                    mask=oth_ok[:, None] & dout_ok[None, :], other=0.0)
+        if LOWP:
+            n_oth = (x.to(tl.float32) * inv_oth[:, None]).to(x.dtype)
+            acc = tl.dot((grad * gscale).to(x.dtype), n_oth, acc)
+        else:
+            acc = tl.dot(grad, x * inv_oth[:, None], acc, input_precision=DOT_PREC)
+    if LOWP:
+        acc = acc / gscale
+    z_own = tl.load(OWN + own.to(tl.int64)[:, None] * stride_own + dd_out[None, :],
+                    mask=own_ok[:, None] & dout_ok[None, :], other=0.0).to(tl.float32)
+    # dz = inv * (scale * G @ n_other - n_own * <n_own, g>),  <n_own, g> = sum_j G L = rho.
+    proj = tl.where(inv_own < INV_EPS_HALF, inv_own * inv_own * rho, 0.0)
+    dz = acc * own_scale[:, None] - z_own * proj[:, None]
+    tl.store(DZ + own.to(tl.int64)[:, None] * stride_dz + dd_out[None, :],
+             dz.to(DZ.dtype.element_ty), mask=own_ok[:, None] & dout_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _rows(z: torch.Tensor) -> torch.Tensor:
+    return z if z.stride(-1) == 1 else z.contiguous()
+
+
+def _alloc(shape, like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    # SPCL_FAST_POISON=1 (tests): NaN-filled outputs, so a row a kernel forgets fails loudly.
+    if os.environ.get("SPCL_FAST_POISON", "0") not in ("", "0"):
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: three tf32 products (~fp32 accuracy on tensor cores); plain tf32 would give
+    # ~1e-3 relative logits, i.e. 0.1 absolute at temperature 0.01. Ignored for fp16/bf16.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _fwd_config(mq: int, d: int, device: torch.device) -> dict:
+    if device.type != "cuda":  # interpreter: few, larger programs; small enough to loop on d
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=32, num_warps=4, num_stages=1)
+    block_d = min(64, max(16, triton.next_power_of_2(d)))
+    big = triton.cdiv(mq, 128) >= _num_sms(device)
+    return dict(BLOCK_M=128 if big else 64, BLOCK_N=64, BLOCK_D=block_d,
+                num_warps=8 if big else 4, num_stages=3)
+
+
+def _bwd_config(d: int, dtype: torch.dtype, device: torch.device) -> dict:
+    if device.type != "cuda":
+        return dict(BLOCK_OWN=32, BLOCK_OTHER=32, BLOCK_D=32, BLOCK_DO=32, num_warps=4,
+                    num_stages=1)
+    block_d = min(64, max(16, triton.next_power_of_2(d)))
+    # The whole output row block in registers when d <= 256 (one pass over the other side);
+    # larger d splits the output over a second grid axis, each part recomputing the logits.
+    block_do = min(256 if dtype != torch.float32 else 128, max(16, triton.next_power_of_2(d)))
+    return dict(BLOCK_OWN=64, BLOCK_OTHER=64, BLOCK_D=block_d, BLOCK_DO=block_do, num_warps=8,
+                num_stages=2)
+
+
+def inv_norms(z: torch.Tensor) -> torch.Tensor:
+    """``1 / max(|z_i|, eps)`` per row, fp32, computed in fp32 from any input dtype."""
+    m, d = z.shape
+    inv = _alloc((m,), z)
+    block_d = min(256, max(16, triton.next_power_of_2(d)))
+    _inv_norm_kernel[(triton.cdiv(m, 32),)](z, inv, m, d, z.stride(0), NORM_EPS,
+                                           BLOCK_M=32, BLOCK_D=block_d)
+    return inv
+
+
+def info_nce_fwd(zq, zk, scale, key_offset=0, pos_shift=0, pos_mod=None, self_mask=False,
+                 col_lse=False):
+    """Statistics of one query/key problem; same contract as
+    ``spcl_fast.reference.info_nce.info_nce_chunked_fwd``: returns fp32
+    ``(row_lse (Mq,), pos (Mq,), col_lse (Mk,) or (0,), inv_q (Mq,), inv_k (Mk,))``."""
+    zq, zk = _rows(zq), _rows(zk)
+    mq, d = zq.shape
+    mk = zk.shape[0]
+    pos_mod = mq if pos_mod is None else pos_mod
+    inv_q, inv_k = inv_norms(zq), inv_norms(zk)
+    row, pos = _alloc((mq,), zq), _alloc((mq,), zq)
+    col = _alloc((mk if col_lse else 0,), zq)
+    prec = _dot_precision(zq.dtype)
+    cfg = _fwd_config(mq, d, zq.device)
+    _lse_fwd_kernel[(triton.cdiv(mq, cfg["BLOCK_M"]),)](
+        zq, zk, inv_q, inv_k, row, pos, mq, mk, d, zq.stride(0), zk.stride(0), float(scale),
+        key_offset, pos_shift, pos_mod, SELF_MASK=self_mask, WRITE_POS=True, DOT_PREC=prec, **cfg)
+    if col_lse:  # the b -> a direction: the same kernel with the roles swapped
+        cfg = _fwd_config(mk, d, zq.device)
+        _lse_fwd_kernel[(triton.cdiv(mk, cfg["BLOCK_M"]),)](
+            zk, zq, inv_k, inv_q, col, pos, mk, mq, d, zk.stride(0), zq.stride(0), float(scale),
+            0, 0, 1, SELF_MASK=False, WRITE_POS=False, DOT_PREC=prec, **cfg)
+    return row, pos, col, inv_q, inv_k
+
+
+def info_nce_bwd(zq, zk, inv_q, inv_k, row_lse, col_lse, d_row, d_col, d_pos, scale,
+                 key_offset=0, pos_shift=0, pos_mod=None, self_mask=False):
+    """``(dzq, dzk)`` in the input dtype from the statistics' gradients; same contract as
+    ``spcl_fast.reference.info_nce.info_nce_chunked_bwd``."""
+    zq, zk = _rows(zq), _rows(zk)
+    mq, d = zq.shape
+    mk = zk.shape[0]
+    pos_mod = mq if pos_mod is None else pos_mod
+    has_col = col_lse.numel() > 0 and d_col.numel() > 0
+    d_row, d_pos = d_row.float().contiguous(), d_pos.float().contiguous()
+    d_col = d_col.float().contiguous() if has_col else d_row
+    col_lse = col_lse if has_col else row_lse
+    lowp = zq.dtype != torch.float32
+    # |G| <= |d_row| + |d_col| + |d_pos|: a device scalar, no host sync.
+    weights = [d_row.abs().amax(), d_pos.abs().amax()] + ([d_col.abs().amax()] if has_col else [])
+    gscale = (1.0 / torch.stack(weights).amax().clamp_min(1e-30)).reshape(1)
+    dzq, dzk = _alloc(zq.shape, zq, zq.dtype), _alloc(zk.shape, zk, zk.dtype)
+    cfg = _bwd_config(d, zq.dtype, zq.device)
+    prec = _dot_precision(zq.dtype)
+    common = dict(HAS_COL=has_col, SELF_MASK=self_mask, LOWP=lowp, DOT_PREC=prec, **cfg)
+    n_dchunks = triton.cdiv(d, cfg["BLOCK_DO"])
+    _grad_kernel[(triton.cdiv(mq, cfg["BLOCK_OWN"]), n_dchunks)](
+        zq, zk, inv_q, inv_k, row_lse, col_lse, d_row, d_col, d_pos, gscale, dzq,
+        mq, mk, d, zq.stride(0), zk.stride(0), dzq.stride(0), float(scale),
+        key_offset, pos_shift, pos_mod, KEY_SIDE=False, **common)
+    _grad_kernel[(triton.cdiv(mk, cfg["BLOCK_OWN"]), n_dchunks)](
+        zk, zq, inv_k, inv_q, row_lse, col_lse, d_row, d_col, d_pos, gscale, dzk,
+        mk, mq, d, zk.stride(0), zq.stride(0), dzk.stride(0), float(scale),
+        key_offset, pos_shift, pos_mod, KEY_SIDE=True, **common)
+    return dzq, dzk
