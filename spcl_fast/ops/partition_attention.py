@@ -136,6 +136,11 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, token_index, impl) -> None:
     require(q.shape == k.shape == v.shape, OP,
             f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
             f"{tuple(v.shape)}")
+    if impl == "triton":
+        head_dim = q.shape[-1]
+        require(16 <= head_dim <= 128, OP,
+                f"impl='triton' supports head_dim (Dh) from 16 to 128, got Dh={head_dim} "
+                f"(use impl='torch' for other head dims)")
     allowed = FLOAT_DTYPES if impl == "triton" else FLOAT_DTYPES + (torch.float64,)
     require_dtype(q, "q", OP, allowed)
     require(q.dtype == k.dtype == v.dtype, OP,
