@@ -209,9 +209,13 @@ def _rows(z: torch.Tensor) -> torch.Tensor:
     return z if z.stride(-1) == 1 else z.contiguous()
 
 
+# Tests set this (or SPCL_FAST_POISON=1): outputs start as NaN, so a row a kernel forgets to
+# write fails loudly instead of passing by luck.
+POISON_OUTPUTS = os.environ.get("SPCL_FAST_POISON", "0") not in ("", "0")
+
+
 def _alloc(shape, like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    # SPCL_FAST_POISON=1 (tests): NaN-filled outputs, so a row a kernel forgets fails loudly.
-    if os.environ.get("SPCL_FAST_POISON", "0") not in ("", "0"):
+    if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
     return torch.empty(shape, dtype=dtype, device=like.device)
 

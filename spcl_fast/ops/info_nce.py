@@ -101,6 +101,7 @@ def _setup_context(ctx, inputs, output):
     zq, zk, scale, key_offset, pos_shift, pos_mod, self_mask, col_lse, chunk, impl = inputs
     row_lse, _, col, inv_q, inv_k = output
     ctx.mark_non_differentiable(inv_q, inv_k)
+    ctx.set_materialize_grads(False)  # unused statistics get None, not (M,) zeros
     ctx.save_for_backward(zq, zk, inv_q, inv_k, row_lse, col)
     ctx.args = (scale, key_offset, pos_shift, pos_mod, self_mask, chunk, impl)
 

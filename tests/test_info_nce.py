@@ -1,0 +1,388 @@
+"""``info_nce``: the chunked PyTorch path against the dense reference, validation, FLOP counting,
+memory, torch.compile and global negatives across processes (CPU tier).
+
+The Triton kernels are tested in ``test_kernel_info_nce.py``.
+"""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from spcl_fast import flops, info_nce
+from spcl_fast.ops.info_nce import _loss
+from spcl_fast.reference.info_nce import (
+    info_nce_chunked_bwd,
+    info_nce_chunked_fwd,
+    info_nce_ref,
+)
+
+MODES = [("cross", True), ("cross", False), ("all", True), ("all", False)]
+MODE_IDS = [f"{n}-{'sym' if s else 'asym'}" for n, s in MODES]
+
+
+def _inputs(m, d, dtype=torch.float64, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    za = (torch.randn(m, d, generator=g, dtype=torch.float64) * scale).to(dtype)
+    zb = (torch.randn(m, d, generator=g, dtype=torch.float64) * scale).to(dtype)
+    # Correlated views, so the positives matter as they do in training.
+    zb = (0.6 * za.double() + 0.8 * zb.double()).to(dtype)
+    return za.requires_grad_(), zb.requires_grad_()
+
+
+def _loss_and_grads(fn, za, zb):
+    loss = fn(za, zb)
+    ga, gb = torch.autograd.grad(loss, (za, zb))
+    return loss.detach(), ga, gb
+
+
+# ---------------------------------------------------------------------------------------------
+# chunked path vs the dense reference
+
+
+@pytest.mark.parametrize("negatives,symmetric", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("m,d,chunk", [(1, 16, 0), (1, 3, 1), (2, 5, 1), (7, 3, 3),
+                                       (13, 20, 5), (33, 17, 8), (40, 64, 0), (65, 33, 64)])
+@pytest.mark.parametrize("temperature", [0.1, 0.01])
+def test_chunked_matches_reference_fp64(negatives, symmetric, m, d, chunk, temperature):
+    za, zb = _inputs(m, d)
+    got = _loss_and_grads(
+        lambda a, b: _loss(a, b, temperature, symmetric, negatives, False, "torch", chunk), za, zb)
+    want = _loss_and_grads(
+        lambda a, b: info_nce_ref(a, b, temperature, symmetric, negatives), za, zb)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("negatives,symmetric", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_public_op_low_precision(negatives, symmetric, dtype):
+    """The public op (default chunking) in fp32/bf16/fp16 against the fp64 reference: the loss
+    comes back in the input dtype, gradients too, and both are as close as the dtype allows."""
+    za, zb = _inputs(50, 48, dtype, scale=3.0)
+    got = _loss_and_grads(
+        lambda a, b: info_nce(a, b, 0.05, symmetric, negatives, impl="torch"), za, zb)
+    za64, zb64 = (z.detach().double().requires_grad_() for z in (za, zb))
+    want = _loss_and_grads(lambda a, b: info_nce_ref(a, b, 0.05, symmetric, negatives), za64, zb64)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype
+        assert torch.isfinite(g).all()
+        assert (g.double() - w).abs().max() <= tol * max(1.0, w.abs().max().item())
+
+
+def test_low_temperature_is_finite_and_accurate():
+    za, zb = _inputs(64, 32, torch.float32, scale=10.0)
+    for negatives in ("cross", "all"):
+        loss = info_nce(za, zb, 0.01, True, negatives, impl="torch")
+        want = info_nce_ref(za.double(), zb.double(), 0.01, True, negatives)
+        assert torch.isfinite(loss)
+        assert abs(loss.item() - want.item()) <= 1e-5 * max(1.0, abs(want.item()))
+
+
+def test_zero_row_follows_f_normalize():
+    """A zero row is clamped by eps exactly as F.normalize does (value and gradient)."""
+    za, zb = _inputs(6, 8)
+    with torch.no_grad():
+        za[2] = 0
+    got = _loss_and_grads(lambda a, b: _loss(a, b, 0.2, True, "all", False, "torch", 4), za, zb)
+    want = _loss_and_grads(lambda a, b: info_nce_ref(a, b, 0.2, True, "all"), za, zb)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("negatives,symmetric", MODES, ids=MODE_IDS)
+def test_gradcheck_fp64(negatives, symmetric):
+    za, zb = _inputs(5, 4)
+    assert torch.autograd.gradcheck(
+        lambda a, b: _loss(a, b, 0.3, symmetric, negatives, False, "torch", 2), (za, zb))
+
+
+def test_chunked_statistics_with_offsets_and_weights():
+    """The statistics ops beyond what the loss uses: keys of other ranks (key_offset), NT-Xent
+    positives (pos_shift/pos_mod) and arbitrary per-row gradient weights, against autograd
+    through dense statistics."""
+    g = torch.Generator().manual_seed(3)
+    mq, mk, d, scale = 6, 18, 7, 4.0
+    zq = torch.randn(mq, d, generator=g, dtype=torch.float64, requires_grad=True)
+    zk = torch.randn(mk, d, generator=g, dtype=torch.float64, requires_grad=True)
+    for key_offset, pos_shift, pos_mod, self_mask, col in [(6, 0, mq, False, True),
+                                                           (12, 3, 6, True, False)]:
+        n_q, n_k = (torch.nn.functional.normalize(z, dim=-1) for z in (zq, zk))
+        logits = scale * n_q @ n_k.T
+        rows = torch.arange(mq)
+        if self_mask:
+            logits = logits.index_put((rows, rows + key_offset), torch.tensor(float("-inf"),
+                                      dtype=torch.float64))
+        pos_idx = (rows + pos_shift) % pos_mod + key_offset
+        dense = (logits.logsumexp(1), logits[rows, pos_idx],
+                 logits.logsumexp(0) if col else logits.new_empty(0))
+        w = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in dense]
+        weighted = sum((t * wt).sum() for t, wt in zip(dense, w, strict=True))
+        want = torch.autograd.grad(weighted, (zq, zk))
+        args = (scale, key_offset, pos_shift, pos_mod, self_mask)
+        row, pos, cl, inv_q, inv_k = info_nce_chunked_fwd(zq.detach(), zk.detach(), *args,
+                                                          col_lse=col, chunk=5)
+        for got, ref in zip((row, pos, cl), dense, strict=True):
+            torch.testing.assert_close(got, ref.detach())
+        got = info_nce_chunked_bwd(zq.detach(), zk.detach(), inv_q, inv_k, row, cl, w[0], w[2],
+                                   w[1], *args, chunk=5)
+        for gg, ww in zip(got, want, strict=True):
+            torch.testing.assert_close(gg, ww)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def test_validation_errors():
+    za, zb = torch.randn(4, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="same shape"):
+        info_nce(za, torch.randn(5, 8), impl="torch")
+    with pytest.raises(ValueError, match="same shape"):
+        info_nce(za, torch.randn(4, 9), impl="torch")
+    with pytest.raises(ValueError, match=r"\(M, d\)"):
+        info_nce(torch.randn(8), torch.randn(8), impl="torch")
+    with pytest.raises(ValueError, match=r"\(M, d\)"):
+        info_nce(za, zb.numpy(), impl="torch")
+    with pytest.raises(ValueError, match="at least one row"):
+        info_nce(torch.randn(0, 8), torch.randn(0, 8), impl="torch")
+    with pytest.raises(ValueError, match="share a dtype"):
+        info_nce(za, zb.half(), impl="torch")
+    with pytest.raises(TypeError, match="z_a must be one of"):
+        info_nce(za.long(), zb.long(), impl="torch")
+    with pytest.raises(ValueError, match="one device"):
+        info_nce(za, zb.to("meta"), impl="torch")
+    for bad in (0, 0.0, -0.1, float("nan"), float("inf"), "0.1", None, True):
+        with pytest.raises(ValueError, match="temperature"):
+            info_nce(za, zb, temperature=bad, impl="torch")
+    for bad in ("none", "ALL", None):
+        with pytest.raises(ValueError, match="negatives"):
+            info_nce(za, zb, negatives=bad, impl="torch")
+    with pytest.raises(ValueError, match="impl"):
+        info_nce(za, zb, impl="cuda")
+
+
+def test_gather_distributed_without_process_group_raises():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="process group"):
+        info_nce(torch.randn(4, 8), torch.randn(4, 8), gather_distributed=True, impl="torch")
+
+
+def test_docstring_example_runs():
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner()
+    for test in finder.find(info_nce, "info_nce", globs={"torch": torch}):
+        runner.run(test)
+    assert runner.failures == 0 and runner.tries > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs, memory, compile
+
+
+@pytest.mark.parametrize("negatives,symmetric,queries,keys", [
+    ("cross", True, 1, 1), ("cross", False, 1, 1), ("all", True, 2, 2), ("all", False, 1, 2)])
+def test_flop_counter_counts_formula(negatives, symmetric, queries, keys):
+    m, d = 12, 10
+    za, zb = _inputs(m, d, torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        info_nce(za, zb, 0.1, symmetric, negatives, impl="torch").backward()
+    fwd = flops.info_nce_flops(queries * m, keys * m, d)
+    bwd = flops.info_nce_bwd_flops(queries * m, keys * m, d)
+    counts = counter.get_flop_counts()["Global"]
+    assert counts[torch.ops.spcl_fast.info_nce_fwd] == fwd
+    assert counts[torch.ops.spcl_fast.info_nce_bwd] == bwd
+    assert counter.get_total_flops() == fwd + bwd == 3 * fwd
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.add(str(func))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("negatives,symmetric", [("cross", True), ("all", False)])
+def test_chunked_path_never_allocates_m_by_m(negatives, symmetric):
+    """Forward and backward of the chunked path on M = 4096 rows with 512-column blocks: no op
+    output is larger than an (M, chunk) block, 1/8 of the 16.8M elements of M x M. The
+    custom ops hide their insides from a dispatch mode, so the statistics functions they run
+    are recorded directly, and the public call around them separately."""
+    m, d, chunk = 4096, 16, 512
+    za, zb = _inputs(m, d, torch.float32)
+    queries = (2 if symmetric else 1) * m if negatives == "all" else m
+    zq = torch.cat([za, zb])[:queries].detach() if negatives == "all" else za.detach()
+    zk = torch.cat([za, zb]).detach() if negatives == "all" else zb.detach()
+    pairing = (10.0, 0, m if negatives == "all" else 0, queries if negatives == "cross" else 2 * m,
+               negatives == "all")
+    with _LargestTensor() as inner:
+        row, pos, col, inv_q, inv_k = info_nce_chunked_fwd(zq, zk, *pairing,
+                                                           col_lse=symmetric and
+                                                           negatives == "cross", chunk=chunk)
+        ones = torch.ones_like(row)
+        info_nce_chunked_bwd(zq, zk, inv_q, inv_k, row, col, ones, torch.ones_like(col), -ones,
+                             *pairing, chunk=chunk)
+    assert "aten.mm.default" in inner.ops
+    assert inner.largest <= queries * chunk
+    with _LargestTensor() as outer:
+        _loss(za, zb, 0.1, symmetric, negatives, False, "torch", chunk).backward()
+    assert "spcl_fast.info_nce_bwd.default" in outer.ops
+    assert outer.largest <= 2 * m * d
+    assert max(inner.largest, outer.largest) * 8 <= m * m
+
+
+def _peak_cpu_bytes(fn) -> int:
+    """Peak of live CPU allocator bytes during ``fn`` (from the profiler's allocation events)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            events.append((e.start_time_ns, e.extra_fields.alloc_size))
+        stack.extend(e.children)
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def test_chunked_peak_memory_is_o_m_chunk():
+    m, d, chunk = 4096, 16, 256
+    za, zb = _inputs(m, d, torch.float32)
+    peak = _peak_cpu_bytes(lambda: _loss(za, zb, 0.1, True, "cross", False, "torch",
+                                         chunk).backward())
+    naive = _peak_cpu_bytes(lambda: info_nce_ref(za, zb, 0.1).backward())
+    assert naive >= 4 * m * m * 4  # the dense path holds several M x M fp32 matrices
+    assert peak <= 8 * m * chunk * 4 + 16 * m * d * 4  # a few (M, chunk) blocks + O(M d)
+    assert peak * 8 <= naive
+
+
+@pytest.mark.parametrize("negatives", ["cross", "all"])
+def test_torch_compile_fullgraph(negatives):
+    za, zb = _inputs(24, 16, torch.float32)
+
+    def fn(a, b):
+        return info_nce(a, b, 0.1, True, negatives, impl="torch")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = _loss_and_grads(compiled, za, zb)
+    want = _loss_and_grads(fn, za, zb)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_impl_auto_on_cpu_is_torch(monkeypatch):
+    monkeypatch.delenv("SPCL_FAST_IMPL", raising=False)
+    za, zb = _inputs(8, 8, torch.float32)
+    ref = info_nce(za, zb, impl="torch")
+    torch.testing.assert_close(info_nce(za, zb), ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# global negatives across processes
+
+
+W, M_LOCAL, D_FEAT, D_IN = 2, 5, 6, 7
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, W * M_LOCAL, D_IN, generator=g, dtype=torch.float64)
+    weight = torch.randn(D_FEAT, D_IN, generator=g, dtype=torch.float64)
+    return x, weight
+
+
+def _single_process(negatives, symmetric):
+    """Loss, input-row gradients and encoder gradient of one process on the whole batch."""
+    x, weight = _global_batch()
+    enc = torch.nn.Linear(D_IN, D_FEAT, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        enc.weight.copy_(weight)
+    za, zb = (enc(x[0]), enc(x[1]))
+    za.retain_grad()
+    zb.retain_grad()
+    loss = info_nce_ref(za, zb, 0.2, symmetric, negatives)
+    loss.backward()
+    return loss.detach(), za.grad, zb.grad, enc.weight.grad
+
+
+def _dist_worker(rank, world, init_method):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        x, weight = _global_batch()
+        rows = slice(rank * M_LOCAL, (rank + 1) * M_LOCAL)
+        for negatives, symmetric in MODES:
+            enc = torch.nn.Linear(D_IN, D_FEAT, bias=False, dtype=torch.float64)
+            with torch.no_grad():
+                enc.weight.copy_(weight)
+            ddp = torch.nn.parallel.DistributedDataParallel(enc)
+            z = ddp(torch.cat([x[0, rows], x[1, rows]]))
+            za, zb = z[:M_LOCAL], z[M_LOCAL:]
+            za.retain_grad()
+            zb.retain_grad()
+            loss = info_nce(za, zb, 0.2, symmetric, negatives, gather_distributed=True,
+                            impl="torch")
+            loss.backward()  # DDP averages enc.weight.grad over the ranks
+            want_loss, want_ga, want_gb, want_gw = _single_process(negatives, symmetric)
+            mean_loss = loss.detach().clone()
+            dist.all_reduce(mean_loss)
+            mean_loss /= world
+            torch.testing.assert_close(mean_loss, want_loss, rtol=1e-10, atol=1e-12)
+            # Row gradients are W x the global ones (each rank's loss is a mean over M, not
+            # W*M, rows); DDP's average over ranks removes that factor for the parameters.
+            torch.testing.assert_close(za.grad, world * want_ga[rows], rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(zb.grad, world * want_gb[rows], rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(enc.weight.grad, want_gw, rtol=1e-9, atol=1e-12)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_distributed_two_processes_match_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_dist_worker, args=(W, f"file://{tmp_path}/store"), nprocs=W, join=True)
+
+
+def test_gather_distributed_world_size_one(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        za, zb = _inputs(9, 5)
+        for negatives, symmetric in MODES:
+            got = _loss_and_grads(
+                lambda a, b, s=symmetric, n=negatives: info_nce(
+                    a, b, 0.1, s, n, gather_distributed=True, impl="torch"), za, zb)
+            want = _loss_and_grads(
+                lambda a, b, s=symmetric, n=negatives: info_nce_ref(a, b, 0.1, s, n), za, zb)
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_custom_ops_registered():
+    assert hasattr(torch.ops.spcl_fast, "info_nce_fwd")
+    assert hasattr(torch.ops.spcl_fast, "info_nce_bwd")
+    assert flops.info_nce_bwd_flops(2, 3, 4) == 2 * flops.info_nce_flops(2, 3, 4)
