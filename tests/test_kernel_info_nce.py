@@ -1,0 +1,232 @@
+"""The Triton InfoNCE kernels against the fp64 reference (DESIGN.md §5).
+
+``interpret`` tier: tiny shapes through the public op with ``impl="triton"``: on CPU tensors
+under ``TRITON_INTERPRET=1`` (tests/conftest.py turns it on without CUDA), on CUDA tensors where
+there is a GPU. Interpreter blocks are 32 wide, so M = 37 (74 rows for NT-Xent) spans several
+row and column blocks and d = 70 several feature chunks and output-feature programs.
+``gpu`` tier: bf16, large M, all dtypes and feature sizes, determinism, torch.compile, memory.
+
+Pass rule (flash-attention's): ``err(kernel, gt) <= 2 * err(ref_lp, gt) + tol`` for the loss and
+both gradients, where ``gt`` is :func:`info_nce_ref` in fp64 on the same (rounded) inputs,
+``ref_lp`` the same reference computed in the test dtype, and ``err`` the max abs difference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spcl_fast import info_nce
+from spcl_fast._impl import triton_interpreting
+from spcl_fast.reference.info_nce import (
+    info_nce_chunked_bwd,
+    info_nce_chunked_fwd,
+    info_nce_ref,
+)
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+MODES = [("cross", True), ("cross", False), ("all", True), ("all", False)]
+MODE_IDS = [f"{n}-{'sym' if s else 'asym'}" for n, s in MODES]
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+needs_kernel = pytest.mark.skipif(
+    not HAS_CUDA and not triton_interpreting(),
+    reason="needs CUDA or TRITON_INTERPRET=1 set before triton is imported",
+)
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    # Every launcher output starts as NaN: a row or feature a kernel forgets to write shows up
+    # as NaN in the comparisons instead of passing by luck.
+    try:
+        from spcl_fast.kernels import info_nce as kernels
+    except ImportError:  # no triton: the tests skip anyway
+        return
+    monkeypatch.setattr(kernels, "POISON_OUTPUTS", True)
+
+
+def _inputs(m, d, dtype, seed=0, scale=1.0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    za = torch.randn(m, d, generator=g, dtype=torch.float64) * scale
+    zb = 0.6 * za + 0.8 * torch.randn(m, d, generator=g, dtype=torch.float64) * scale
+    return za.to(device=device, dtype=dtype), zb.to(device=device, dtype=dtype)
+
+
+def _run(fn, za, zb):
+    za, zb = za.detach().requires_grad_(), zb.detach().requires_grad_()
+    loss = fn(za, zb)
+    ga, gb = torch.autograd.grad(loss, (za, zb))
+    return loss.detach(), ga, gb
+
+
+def _check(za, zb, temperature, symmetric, negatives, dtype, kernel=None):
+    """Apply the pass rule to the kernel's loss and gradients; returns the kernel's results."""
+    kernel = kernel or (lambda a, b: info_nce(a, b, temperature, symmetric, negatives,
+                                              impl="triton"))
+    got = _run(kernel, za, zb)
+    gt = _run(lambda a, b: info_nce_ref(a, b, temperature, symmetric, negatives),
+              za.double(), zb.double())
+    ref_lp = _run(lambda a, b: info_nce_ref(a, b, temperature, symmetric, negatives), za, zb)
+    for name, g, w, lp in zip(("loss", "dz_a", "dz_b"), got, gt, ref_lp, strict=True):
+        assert g.dtype == dtype and g.shape == w.shape, name
+        assert torch.isfinite(g).all(), f"{name}: non-finite values"
+        err = (g.double() - w).abs().max().item()
+        err_lp = (lp.double() - w).abs().max().item()
+        tol = TOL[dtype] * max(1.0, w.abs().max().item())
+        assert err <= 2 * err_lp + tol, f"{name}: err {err:.3g} vs ref_lp {err_lp:.3g}"
+    return got
+
+
+# ---------------------------------------------------------------------------------------------
+# interpret tier
+
+
+@pytest.mark.interpret
+@needs_kernel
+@pytest.mark.parametrize("negatives,symmetric", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("m,d,temperature", [(1, 16, 0.1), (5, 33, 0.01), (13, 70, 0.1),
+                                             (37, 20, 0.01)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_kernel_matches_reference(dtype, m, d, temperature, negatives, symmetric):
+    za, zb = _inputs(m, d, dtype, seed=m * 100 + d)
+    _check(za, zb, temperature, symmetric, negatives, dtype)
+
+
+@pytest.mark.interpret
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_kernel_large_norms_and_strided_rows(dtype):
+    """Rows far from unit norm (fp16 dot products beyond fp16's range, accumulated in fp32)
+    and inputs whose rows are not contiguous with each other (a column slice)."""
+    za, zb = _inputs(33, 45, dtype, scale=40.0)
+    wide_a = torch.zeros(33, 64, dtype=dtype, device=DEVICE)
+    wide_b = torch.zeros(33, 64, dtype=dtype, device=DEVICE)
+    wide_a[:, :45], wide_b[:, :45] = za, zb
+    for negatives in ("cross", "all"):
+        def kernel(a, b, n=negatives):
+            # a, b are the leaves; route them through strided views of wider buffers.
+            pa = torch.nn.functional.pad(a, (0, 19))[:, :45]
+            pb = torch.nn.functional.pad(b, (0, 19))[:, :45]
+            assert pa.stride(0) == 64 and not pa.is_contiguous()
+            return info_nce(pa, pb, 0.05, True, n, impl="triton")
+
+        _check(za, zb, 0.05, True, negatives, dtype, kernel=kernel)
+
+
+@pytest.mark.interpret
+@needs_kernel
+@pytest.mark.parametrize("case", ["gathered-cross-col", "gathered-all"])
+def test_kernel_statistics_match_chunked(case):
+    """The launchers beyond what a single-process loss uses: keys of other ranks
+    (``key_offset``), NT-Xent positives in a rank's block, column LSEs of a non-square
+    problem and arbitrary per-row gradient weights, against the chunked PyTorch twin."""
+    from spcl_fast.kernels.info_nce import info_nce_bwd, info_nce_fwd
+
+    g = torch.Generator().manual_seed(5)
+    mq, mk, d, scale = 19, 57, 40, 20.0
+    zq = torch.randn(mq, d, generator=g).to(DEVICE)
+    zk = torch.randn(mk, d, generator=g).to(DEVICE)
+    if case == "gathered-cross-col":
+        args, col = (scale, 19, 0, mq, False), True
+    else:
+        args, col = (scale, 38, 10, 19, True), False
+    got = info_nce_fwd(zq, zk, *args, col_lse=col)
+    want = info_nce_chunked_fwd(zq, zk, *args, col_lse=col, chunk=7)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    row, pos, cl, inv_q, inv_k = want
+    d_row, d_pos = (torch.randn(mq, generator=g).to(DEVICE) for _ in range(2))
+    d_col = torch.randn(cl.shape[0], generator=g).to(DEVICE)
+    got = info_nce_bwd(zq, zk, inv_q, inv_k, row, cl, d_row, d_col, d_pos, *args)
+    want = info_nce_chunked_bwd(zq, zk, inv_q, inv_k, row, cl, d_row, d_col, d_pos, *args,
+                                chunk=7)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.interpret
+@needs_kernel
+def test_kernel_and_chunked_path_agree_in_fp32():
+    za, zb = _inputs(37, 70, torch.float32, seed=9)
+    for negatives, symmetric in MODES:
+        got = _run(lambda a, b, n=negatives, s=symmetric: info_nce(a, b, 0.01, s, n,
+                                                                   impl="triton"), za, zb)
+        want = _run(lambda a, b, n=negatives, s=symmetric: info_nce(a, b, 0.01, s, n,
+                                                                    impl="torch"), za, zb)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# gpu tier
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("d", [16, 100, 256, 1000, 4096])
+@pytest.mark.parametrize("negatives,symmetric", MODES, ids=MODE_IDS)
+def test_gpu_dtypes_and_feature_sizes(dtype, d, negatives, symmetric):
+    m = 1000 if d < 4096 else 300
+    za, zb = _inputs(m, d, dtype, seed=d)
+    _check(za, zb, 0.07, symmetric, negatives, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("temperature", [0.1, 0.01])
+@pytest.mark.parametrize("m", [1, 2, 129, 4097])
+def test_gpu_bf16_small_and_odd_batches(m, temperature):
+    za, zb = _inputs(m, 256, torch.bfloat16, seed=m)
+    for negatives, symmetric in MODES:
+        _check(za, zb, temperature, symmetric, negatives, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("negatives", ["cross", "all"])
+def test_gpu_large_batch_bf16(negatives):
+    za, zb = _inputs(16384, 256, torch.bfloat16, seed=1)
+    _check(za, zb, 0.05, True, negatives, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("negatives,symmetric", [("cross", True), ("all", True)])
+def test_gpu_deterministic_reruns(negatives, symmetric):
+    za, zb = _inputs(4099, 200, torch.bfloat16, seed=2)
+    first = _run(lambda a, b: info_nce(a, b, 0.05, symmetric, negatives, impl="triton"), za, zb)
+    for _ in range(49):
+        again = _run(lambda a, b: info_nce(a, b, 0.05, symmetric, negatives, impl="triton"),
+                     za, zb)
+        for a, b in zip(first, again, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph():
+    za, zb = _inputs(2048, 256, torch.bfloat16, seed=3)
+
+    def fn(a, b):
+        return info_nce(a, b, 0.1, True, "cross", impl="triton") + 0.5 * info_nce(
+            a, b, 0.1, True, "all", impl="triton")
+
+    compiled = torch.compile(fn, fullgraph=True)
+    got = _run(compiled, za, zb)
+    want = _run(fn, za, zb)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_memory_is_linear_in_batch():
+    """fwd + bwd at M = 16384, d = 256 in bf16: the extra memory is O(M d) (copies of the
+    inputs' size for the gradients), not the 1 GiB of one fp32 M x M matrix."""
+    m, d = 16384, 256
+    za, zb = (z.requires_grad_() for z in _inputs(m, d, torch.bfloat16))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    info_nce(za, zb, 0.1, True, "cross", impl="triton").backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra <= 8 * m * d * 2 + (1 << 20), f"{extra / 2**20:.1f} MiB"
