@@ -77,7 +77,7 @@ _DQ_CONFIGS = _configs(
     {"BLOCK_M": 16, "BLOCK_N": 16},
 )
 _PRE_BLOCK = 16 if INTERPRET else 64
-_TUNE_KEY = ["BLOCK_D", "SEQ_BUCKET"]  # the autotuner adds the tensors' dtypes itself
+_TUNE_KEY = ["HEAD_DIM", "SEQ_BUCKET"]  # the autotuner adds the tensors' dtypes itself
 
 
 @triton.jit
@@ -104,7 +104,7 @@ def _segment(cu_seqlens, num_heads):
 def _fwd_kernel(
     Q, K, V, Out, Lse, cu_seqlens, token_index,
     stride_qr, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_or, stride_oh,
-    stride_lh, num_heads, head_dim, qk_scale,
+    stride_lh, num_heads, HEAD_DIM: tl.constexpr, qk_scale,
     SEQ_BUCKET,  # autotuning key only
     HAS_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -118,7 +118,9 @@ def _fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < seqlen
-    mask_d = offs_d < head_dim  # BLOCK_D is head_dim padded to a power of two
+    # BLOCK_D is HEAD_DIM padded to a power of two. HEAD_DIM is a constexpr so the compiler
+    # sees the mask is constant over runs of 8+ lanes and keeps 16-byte (async) loads.
+    mask_d = offs_d < HEAD_DIM
     rows_m = _rows(token_index, seq_start, offs_m, mask_m, HAS_INDEX)
     mask_md = mask_m[:, None] & mask_d[None, :]
     q = tl.load(Q + head * stride_qh + rows_m[:, None] * stride_qr + offs_d[None, :],
@@ -157,7 +159,7 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_preprocess_kernel(
     Out, DOut, Delta, token_index,
-    stride_or, stride_oh, stride_dor, stride_doh, stride_deltah, total, head_dim,
+    stride_or, stride_oh, stride_dor, stride_doh, stride_deltah, total, HEAD_DIM: tl.constexpr,
     HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # delta = rowsum(dO * O) = rowsum(P * dP): the softmax-gradient term shared by dQ and dK.
@@ -166,7 +168,7 @@ def _bwd_preprocess_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_t = offs_t < total
     rows = _rows(token_index, 0, offs_t, mask_t, HAS_INDEX)
-    mask = mask_t[:, None] & (offs_d < head_dim)[None, :]
+    mask = mask_t[:, None] & (offs_d < HEAD_DIM)[None, :]
     o = tl.load(Out + head * stride_oh + rows[:, None] * stride_or + offs_d[None, :],
                 mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DOut + head * stride_doh + rows[:, None] * stride_dor + offs_d[None, :],
@@ -179,7 +181,7 @@ def _bwd_preprocess_kernel(
 def _bwd_dkdv_kernel(
     Q, K, V, DOut, DK, DV, Lse, Delta, cu_seqlens, token_index,
     stride_qr, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_dor, stride_doh,
-    stride_gr, stride_gh, stride_lh, num_heads, head_dim, softmax_scale, qk_scale,
+    stride_gr, stride_gh, stride_lh, num_heads, HEAD_DIM: tl.constexpr, softmax_scale, qk_scale,
     SEQ_BUCKET,
     HAS_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -195,7 +197,7 @@ def _bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < seqlen
-    mask_d = offs_d < head_dim
+    mask_d = offs_d < HEAD_DIM
     rows_n = _rows(token_index, seq_start, offs_n, mask_n, HAS_INDEX)
     mask_nd = mask_n[:, None] & mask_d[None, :]
     k = tl.load(K + head * stride_kh + rows_n[:, None] * stride_kr + offs_d[None, :],
@@ -240,7 +242,7 @@ def _bwd_dkdv_kernel(
 def _bwd_dq_kernel(
     Q, K, V, DOut, DQ, Lse, Delta, cu_seqlens, token_index,
     stride_qr, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_dor, stride_doh,
-    stride_gr, stride_gh, stride_lh, num_heads, head_dim, softmax_scale, qk_scale,
+    stride_gr, stride_gh, stride_lh, num_heads, HEAD_DIM: tl.constexpr, softmax_scale, qk_scale,
     SEQ_BUCKET,
     HAS_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -255,7 +257,7 @@ def _bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < seqlen
-    mask_d = offs_d < head_dim
+    mask_d = offs_d < HEAD_DIM
     rows_m = _rows(token_index, seq_start, offs_m, mask_m, HAS_INDEX)
     mask_md = mask_m[:, None] & mask_d[None, :]
     q = tl.load(Q + head * stride_qh + rows_m[:, None] * stride_qr + offs_d[None, :],
@@ -306,9 +308,11 @@ def _seq_bucket(max_seqlen: int) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's matmul setting: exact fp32 unless the user allowed TF32.
+    # fp32 inputs follow torch's matmul setting: TF32 only where the user allowed it, otherwise
+    # 3xTF32 (fp32-level accuracy on tensor cores; "ieee" runs on FMAs and spills badly).
+    # 16-bit inputs ignore this.
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
+        return "tf32x3"
     return "tf32"
 
 
