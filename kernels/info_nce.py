@@ -35,10 +35,10 @@ import triton
 import triton.language as tl
 
 NORM_EPS = 1e-12  # F.normalize's default
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 # Rows whose norm was clamped to eps (inv == 1/eps) take no projection term in the backward.
-INV_EPS_HALF: tl.constexpr = 0.5 / NORM_EPS
+INV_EPS_HALF = tl.constexpr(0.5 / NORM_EPS)
 
 
 @triton.jit
@@ -232,25 +232,45 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _fwd_config(mq: int, d: int, device: torch.device) -> dict:
+def _rows_per_program(m: int, device: torch.device, choices: tuple[int, ...]) -> int:
+    """The largest row block that still gives every SM a program (small M: more, smaller
+    programs rather than a few SMs doing all the work)."""
+    sms = _num_sms(device)
+    for block in choices:
+        if triton.cdiv(m, block) >= sms:
+            return block
+    return choices[-1]
+
+
+def _block_d(d: int, dtype: torch.dtype) -> int:
+    # fp32 operands take twice the shared memory and registers (and tf32x3 splits each in
+    # two): half the feature chunk keeps them from spilling (checked with ptxas for sm_90).
+    return min(32 if dtype == torch.float32 else 64, max(16, triton.next_power_of_2(d)))
+
+
+def _fwd_config(mq: int, d: int, dtype: torch.dtype, device: torch.device) -> dict:
     if device.type != "cuda":  # interpreter: few, larger programs; small enough to loop on d
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=32, num_warps=4, num_stages=1)
-    block_d = min(64, max(16, triton.next_power_of_2(d)))
-    big = triton.cdiv(mq, 128) >= _num_sms(device)
-    return dict(BLOCK_M=128 if big else 64, BLOCK_N=64, BLOCK_D=block_d,
-                num_warps=8 if big else 4, num_stages=3)
+    block_d = _block_d(d, dtype)
+    block_m = _rows_per_program(mq, device, (128, 64, 32, 16))
+    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d,
+                num_warps=8 if block_m == 128 else 4, num_stages=3)
 
 
-def _bwd_config(d: int, dtype: torch.dtype, device: torch.device) -> dict:
+def _bwd_config(m_own: int, d: int, dtype: torch.dtype, device: torch.device) -> dict:
     if device.type != "cuda":
         return dict(BLOCK_OWN=32, BLOCK_OTHER=32, BLOCK_D=32, BLOCK_DO=32, num_warps=4,
                     num_stages=1)
-    block_d = min(64, max(16, triton.next_power_of_2(d)))
+    block_d = _block_d(d, dtype)
     # The whole output row block in registers when d <= 256 (one pass over the other side);
     # larger d splits the output over a second grid axis, each part recomputing the logits.
-    block_do = min(256 if dtype != torch.float32 else 128, max(16, triton.next_power_of_2(d)))
-    return dict(BLOCK_OWN=64, BLOCK_OTHER=64, BLOCK_D=block_d, BLOCK_DO=block_do, num_warps=8,
-                num_stages=2)
+    block_do = min(256 if dtype != torch.float32 else 64, max(16, triton.next_power_of_2(d)))
+    # Row blocks and warps without register spills on sm_90 (ptxas -v with Triton 3.6):
+    # 32 rows spill with 4 warps, and fp32's 64-row blocks spill at any width.
+    choices = (32, 16) if dtype == torch.float32 else (64, 32, 16)
+    block_own = _rows_per_program(m_own, device, choices)
+    return dict(BLOCK_OWN=block_own, BLOCK_OTHER=64, BLOCK_D=block_d, BLOCK_DO=block_do,
+                num_warps=4 if block_own == 16 else 8, num_stages=2)
 
 
 def inv_norms(z: torch.Tensor) -> torch.Tensor:
@@ -276,12 +296,12 @@ def info_nce_fwd(zq, zk, scale, key_offset=0, pos_shift=0, pos_mod=None, self_ma
     row, pos = _alloc((mq,), zq), _alloc((mq,), zq)
     col = _alloc((mk if col_lse else 0,), zq)
     prec = _dot_precision(zq.dtype)
-    cfg = _fwd_config(mq, d, zq.device)
+    cfg = _fwd_config(mq, d, zq.dtype, zq.device)
     _lse_fwd_kernel[(triton.cdiv(mq, cfg["BLOCK_M"]),)](
         zq, zk, inv_q, inv_k, row, pos, mq, mk, d, zq.stride(0), zk.stride(0), float(scale),
         key_offset, pos_shift, pos_mod, SELF_MASK=self_mask, WRITE_POS=True, DOT_PREC=prec, **cfg)
     if col_lse:  # the b -> a direction: the same kernel with the roles swapped
-        cfg = _fwd_config(mk, d, zq.device)
+        cfg = _fwd_config(mk, d, zq.dtype, zq.device)
         _lse_fwd_kernel[(triton.cdiv(mk, cfg["BLOCK_M"]),)](
             zk, zq, inv_k, inv_q, col, pos, mk, mq, d, zk.stride(0), zq.stride(0), float(scale),
             0, 0, 1, SELF_MASK=False, WRITE_POS=False, DOT_PREC=prec, **cfg)
@@ -294,7 +314,6 @@ def info_nce_bwd(zq, zk, inv_q, inv_k, row_lse, col_lse, d_row, d_col, d_pos, sc
     ``spcl_fast.reference.info_nce.info_nce_chunked_bwd``."""
     zq, zk = _rows(zq), _rows(zk)
     mq, d = zq.shape
-    mk = zk.shape[0]
     pos_mod = mq if pos_mod is None else pos_mod
     has_col = col_lse.numel() > 0 and d_col.numel() > 0
     d_row, d_pos = d_row.float().contiguous(), d_pos.float().contiguous()
@@ -305,16 +324,14 @@ def info_nce_bwd(zq, zk, inv_q, inv_k, row_lse, col_lse, d_row, d_col, d_pos, sc
     weights = [d_row.abs().amax(), d_pos.abs().amax()] + ([d_col.abs().amax()] if has_col else [])
     gscale = (1.0 / torch.stack(weights).amax().clamp_min(1e-30)).reshape(1)
     dzq, dzk = _alloc(zq.shape, zq, zq.dtype), _alloc(zk.shape, zk, zk.dtype)
-    cfg = _bwd_config(d, zq.dtype, zq.device)
     prec = _dot_precision(zq.dtype)
-    common = dict(HAS_COL=has_col, SELF_MASK=self_mask, LOWP=lowp, DOT_PREC=prec, **cfg)
-    n_dchunks = triton.cdiv(d, cfg["BLOCK_DO"])
-    _grad_kernel[(triton.cdiv(mq, cfg["BLOCK_OWN"]), n_dchunks)](
-        zq, zk, inv_q, inv_k, row_lse, col_lse, d_row, d_col, d_pos, gscale, dzq,
-        mq, mk, d, zq.stride(0), zk.stride(0), dzq.stride(0), float(scale),
-        key_offset, pos_shift, pos_mod, KEY_SIDE=False, **common)
-    _grad_kernel[(triton.cdiv(mk, cfg["BLOCK_OWN"]), n_dchunks)](
-        zk, zq, inv_k, inv_q, row_lse, col_lse, d_row, d_col, d_pos, gscale, dzk,
-        mk, mq, d, zk.stride(0), zq.stride(0), dzk.stride(0), float(scale),
-        key_offset, pos_shift, pos_mod, KEY_SIDE=True, **common)
+    for own, other, inv_own, inv_other, dz, key_side in ((zq, zk, inv_q, inv_k, dzq, False),
+                                                         (zk, zq, inv_k, inv_q, dzk, True)):
+        cfg = _bwd_config(own.shape[0], d, zq.dtype, zq.device)
+        grid = (triton.cdiv(own.shape[0], cfg["BLOCK_OWN"]), triton.cdiv(d, cfg["BLOCK_DO"]))
+        _grad_kernel[grid](
+            own, other, inv_own, inv_other, row_lse, col_lse, d_row, d_col, d_pos, gscale, dz,
+            own.shape[0], other.shape[0], d, own.stride(0), other.stride(0), dz.stride(0),
+            float(scale), key_offset, pos_shift, pos_mod, KEY_SIDE=key_side, HAS_COL=has_col,
+            SELF_MASK=self_mask, LOWP=lowp, DOT_PREC=prec, **cfg)
     return dzq, dzk
