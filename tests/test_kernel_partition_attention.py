@@ -91,7 +91,7 @@ def _reference(q, k, v, dout, cu_seqlens, token_index, scale, dtype, upcast, chu
         qp, kp, vp = (t.detach()[part].to(dtype).requires_grad_() for t in (q, k, v))
         out = partition_attention_ref(qp, kp, vp, local_cu, softmax_scale=scale, upcast=upcast)
         grads = torch.autograd.grad(out, (qp, kp, vp), dout[part].to(dtype))
-        for res, val in zip(results, (out, *grads)):
+        for res, val in zip(results, (out, *grads), strict=True):
             res[part] = val.detach()
     return results
 
@@ -125,7 +125,8 @@ def _check(lengths_or_cu, heads, head_dim, dtype, token_index=None, rows=None, l
 
     missing = torch.ones(rows, dtype=torch.bool, device=DEVICE)
     missing[token_index if token_index is not None else slice(None)] = False
-    for name, got, want, low in zip(("out", "dq", "dk", "dv"), (out, *grads), gt, ref_lp):
+    names = ("out", "dq", "dk", "dv")
+    for name, got, want, low in zip(names, (out, *grads), gt, ref_lp, strict=True):
         assert got.dtype == dtype and got.shape == (rows, heads, head_dim), name
         assert not got.isnan().any(), f"{name} has NaN (a row the kernel did not write?)"
         assert (got[missing] == 0).all(), f"{name} is not zero in rows of no segment"
@@ -242,16 +243,18 @@ def test_launchers_match_torch_fallback(token_layout):
     cu_seqlens, max_seqlen, scale = _cu(lengths), max(lengths), 0.2
     q, k, v, dout = torch.randn(4, rows, 3, 32, device=DEVICE).unbind(0)
     out, lse = partition_attention_fwd(q, k, v, cu_seqlens, max_seqlen, token_index, scale)
-    out_t, lse_t = partition_attention_torch_fwd(q, k, v, cu_seqlens, max_seqlen, token_index, scale)
+    out_t, lse_t = partition_attention_torch_fwd(q, k, v, cu_seqlens, max_seqlen, token_index,
+                                                 scale)
     assert lse.dtype == torch.float32 and lse.shape == (3, total)
-    torch.testing.assert_close(out, out_t, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, lse_t, atol=1e-5, rtol=1e-5)
+    tol = 1e-4 if HAS_CUDA else 1e-5  # 3xTF32 dots on a GPU, exact fp32 in the interpreter
+    torch.testing.assert_close(out, out_t, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, lse_t, atol=tol, rtol=tol)
     grads = partition_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, token_index,
                                     scale)
     grads_t = partition_attention_torch_bwd(dout, q, k, v, out_t, lse_t, cu_seqlens, max_seqlen,
                                             token_index, scale)
-    for got, want in zip(grads, grads_t):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, grads_t, strict=True):
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
 @pytest.mark.interpret
@@ -264,7 +267,7 @@ def test_backward_is_deterministic():
     dout = torch.randn_like(out)
     first = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
     second = torch.autograd.grad(out, (q, k, v), dout)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 
@@ -291,9 +294,11 @@ def test_very_negative_scores(token_layout):
     grads = torch.autograd.grad(out, (q, k, v), dout)
     gt = _reference(q, k, v, dout, cu, token_index, 0.25, torch.float64, True)
     ref_lp = _reference(q, k, v, dout, cu, token_index, 0.25, torch.float32, False)
-    for got, want, low in zip((out, *grads), gt, ref_lp):
+    for got, want, low in zip((out, *grads), gt, ref_lp, strict=True):
         assert got.isfinite().all()
-        assert _err(got, want) <= 2 * _err(low, want) + TOL[torch.float32]
+        # |scores| ~ 400 amplify rounding; a GPU's 3xTF32 dots round a little coarser than fp32.
+        tol = 1e-3 * want.abs().max().item() if HAS_CUDA else TOL[torch.float32]
+        assert _err(got, want) <= 2 * _err(low, want) + tol
 
 
 @pytest.mark.interpret
@@ -304,12 +309,34 @@ def test_max_seqlen_larger_than_needed():
     q, k, v = torch.randn(3, 17, 2, 16, device=DEVICE).unbind(0)
     tight = partition_attention(q, k, v, cu, 12, impl="triton")
     loose = partition_attention(q, k, v, cu, 50, impl="triton")
-    assert torch.equal(tight, loose)
+    # (Bitwise equal under the interpreter; on a GPU the bucket may pick other block sizes.)
+    torch.testing.assert_close(tight, loose, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.interpret
 @needs_kernel
-def test_clear_errors():
+def test_compile_traces_one_graph():
+    # The op is a torch.library custom op: dynamo traces it (fake impl) without a graph break,
+    # and the compiled forward and backward run the same kernels as eager.
+    def loss(qkv, cu_seqlens, max_seqlen, token_index):
+        q, k, v = qkv.unbind(1)
+        out = partition_attention(q, k, v, cu_seqlens, max_seqlen, token_index, impl="triton")
+        return out.square().sum()
+
+    torch._dynamo.reset()
+    qkv = torch.randn(24, 3, 2, 16, device=DEVICE, requires_grad=True)
+    token_index = torch.randperm(24, device=DEVICE)[:19]
+    args = (qkv, _cu([7, 12]), 12, token_index)
+    compiled = torch.compile(loss, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
+    (want,) = torch.autograd.grad(loss(*args), qkv)
+    (got,) = torch.autograd.grad(compiled(*args), qkv)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.interpret
+@needs_kernel
+def test_clear_errors(monkeypatch):
+    monkeypatch.setenv("SPCL_FAST_CHECKS", "1")  # value checks run on CUDA only when asked
     cu = _cu([3, 5])
     q, k, v = torch.randn(3, 8, 2, 16, device=DEVICE).unbind(0)
 
@@ -394,12 +421,13 @@ def test_gpu_backward_bitwise_reruns(token_layout):
     first = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
     for _ in range(50):
         again = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
-        for a, b in zip(first, again):
+        for a, b in zip(first, again, strict=True):
             assert torch.equal(a, b)
 
 
 @pytest.mark.gpu
-def test_gpu_no_host_sync():
+def test_gpu_no_host_sync(monkeypatch):
+    monkeypatch.delenv("SPCL_FAST_CHECKS", raising=False)  # opt-in value checks do sync
     plan = sample_partitions(8, 196, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     _, (q, k, v) = _qkv(8 * 196, 12, 64, torch.bfloat16)
 
