@@ -40,12 +40,18 @@ POISON_OUTPUTS = False
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 
 
+# SPCL_FAST_ATTN_AUTOTUNE=0 skips autotuning and runs each kernel's first (default) config:
+# quicker first calls, and no benchmarking inside e.g. CUDA-graph capture.
+AUTOTUNE = os.environ.get("SPCL_FAST_ATTN_AUTOTUNE", "1") not in ("", "0")
+
+
 def _configs(gpu_configs, interpret_config):
     # The interpreter runs each program as Python: one small config keeps tests fast and still
     # spans several blocks per segment at the tests' lengths (<= 40).
     if INTERPRET:
         return [triton.Config(interpret_config, num_warps=1, num_stages=1)]
-    return [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in gpu_configs]
+    configs = [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in gpu_configs]
+    return configs if AUTOTUNE else configs[:1]
 
 
 # Small candidate lists for H100-class GPUs, tuned once per (head dim, max_seqlen power-of-two
