@@ -34,6 +34,46 @@ def info_nce_flops(num_queries: int, num_keys: int, dim: int) -> int:
     return 2 * num_queries * num_keys * dim
 
 
+def vit_forward_flops(
+    *,
+    num_images: int,
+    num_patches: int,
+    seqlens: Sequence[int],
+    embed_dim: int,
+    depth: int,
+    num_heads: int,
+    mlp_hidden: int,
+    patch_size: int,
+    in_chans: int = 1,
+) -> dict[str, int]:
+    """Forward FLOPs of a ViT encoder run on segments of the given lengths.
+
+    The patch embedding sees all ``num_images * num_patches`` patches; the blocks see the
+    ``sum(seqlens)`` tokens in segments (a dense forward is one segment of ``num_patches`` per
+    image). Returns the parts: ``patch_embed``, ``linear`` (qkv, proj, MLP of all blocks) and
+    ``attention``.
+    """
+    tokens = sum(int(n) for n in seqlens)
+    d = embed_dim
+    per_block = linear_flops(tokens, d, 3 * d) + linear_flops(tokens, d, d)
+    per_block += linear_flops(tokens, d, mlp_hidden) + linear_flops(tokens, mlp_hidden, d)
+    return {
+        "patch_embed": linear_flops(num_images * num_patches, in_chans * patch_size**2, d),
+        "linear": depth * per_block,
+        "attention": depth * attention_flops(seqlens, num_heads, d // num_heads),
+    }
+
+
+def training_flops(forward: dict[str, int]) -> int:
+    """Forward + backward FLOPs of a trained network from its forward parts.
+
+    Linear layers cost 3x their forward (forward, input grad, weight grad); the patch
+    embedding 2x (images need no grad); attention 1 + 2.5x; any other part 3x.
+    """
+    factors = {"patch_embed": 2.0, "attention": 1.0 + ATTENTION_BWD_FACTOR}
+    return int(sum(v * factors.get(k, 3.0) for k, v in forward.items()))
+
+
 INFO_NCE_BWD_FACTOR = 2  # backward: the two gradient matmuls (G @ B, G^T @ A) vs one forward
 
 

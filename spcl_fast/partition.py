@@ -70,6 +70,7 @@ def sample_partitions(
     valid_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    block_size: int = 1,
 ) -> PartitionPlan:
     """Split each image's tokens at random into two disjoint subsets A and B.
 
@@ -86,6 +87,10 @@ def sample_partitions(
         generator: ``torch.Generator`` for reproducible plans (same seed, same plan); its device
             is used when ``device`` is not given.
         device: where the plan's tensors live.
+        block_size: ``1`` splits tokens independently. ``k > 1`` needs a square token grid and
+            draws whole ``k x k`` blocks of patches instead, so each subset is a set of
+            contiguous regions (only the block at each size boundary may be split) and the
+            two views cannot be matched by local texture alone.
 
     Every image with at least two kept tokens gets two non-empty subsets; an image with one valid
     token puts it in A; an image with none yields two empty segments. Sizes are
@@ -132,7 +137,8 @@ def sample_partitions(
         return torch.rand(*shape, device=generator.device, generator=generator).to(device)
 
     # Random priorities; invalid tokens sort last, so the first n_valid ranks are valid tokens.
-    priority = torch.where(valid, rand(batch_size, num_tokens), torch.full_like(valid, 2.0, dtype=torch.float32))
+    priority = _block_priorities(rand, batch_size, num_tokens, block_size)
+    priority = torch.where(valid, priority, torch.full_like(priority, 3.0))
     order = priority.argsort(dim=1)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(num_tokens, device=device).expand(batch_size, -1))
@@ -165,3 +171,22 @@ def sample_partitions(
         num_images=batch_size,
         num_tokens=num_tokens,
     )
+
+
+def _block_priorities(rand, batch_size: int, num_tokens: int, block_size: int) -> torch.Tensor:
+    """``(B, N)`` random priorities in [0, 2); tokens of one block share a priority up to a
+    tie-breaking offset below the gap between blocks, so they sort next to each other."""
+    if block_size == 1:
+        return rand(batch_size, num_tokens)
+    grid = int(round(num_tokens**0.5))
+    if block_size < 1 or grid * grid != num_tokens:
+        raise ValueError(
+            f"sample_partitions: block_size={block_size} needs a square token grid and "
+            f"block_size >= 1, got num_tokens={num_tokens}"
+        )
+    blocks_per_side = -(-grid // block_size)
+    block_rank = rand(batch_size, blocks_per_side**2).argsort(dim=1).argsort(dim=1).float()
+    row = torch.arange(grid, device=block_rank.device) // block_size
+    block_of_token = (row[:, None] * blocks_per_side + row[None, :]).reshape(-1)
+    within = rand(batch_size, num_tokens)  # random order inside a block, in [0, 1)
+    return (block_rank[:, block_of_token] + within) / blocks_per_side**2

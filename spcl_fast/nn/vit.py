@@ -1,0 +1,249 @@
+"""A plain Vision Transformer whose blocks run densely or on partition segments.
+
+Parameter names follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``pos_embed``,
+``blocks.{i}.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2``, ``norm``) so weights move
+between the two. There is no class token: S-PCL pools each subset by its mean.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..partition import PartitionPlan
+from .attention import VarlenAttention
+
+LAYOUTS = ("packed", "inplace")
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(
+                f"expected {self.img_size}x{self.img_size} images, got {tuple(x.shape[-2:])}"
+            )
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (dense mode only: a varlen row has no sample axis)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.dim() < 3:
+            return x
+        keep = torch.empty(x.shape[0], *([1] * (x.dim() - 1)), device=x.device).bernoulli_(1 - self.p)
+        return x * keep.to(x.dtype) / (1 - self.p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        impl: str = "auto",
+    ):
+        super().__init__()
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.norm1 = norm(dim)
+        self.attn = VarlenAttention(dim, num_heads, qkv_bias=qkv_bias, impl=impl)
+        self.norm2 = norm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x, cu_seqlens=None, max_seqlen=None, token_index=None):
+        x = x + self.drop_path(self.attn(self.norm1(x), cu_seqlens, max_seqlen, token_index))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embeddings (MAE's), ``(grid_size**2, embed_dim)``."""
+    if embed_dim % 4:
+        raise ValueError(f"sin-cos position embeddings need embed_dim % 4 == 0, got {embed_dim}")
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))
+    parts = []
+    for g in (gx, gy):  # half the channels for each axis
+        angles = g.reshape(-1, 1) * omega[None]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder for 1-channel radiographs (any size that is a multiple of the patch).
+
+    Args:
+        img_size, patch_size, in_chans: input geometry; ``N = (img_size / patch_size) ** 2``.
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the usual ViT width and depth.
+        pos_embed: ``"learned"`` (trunc-normal init) or ``"sincos"`` (fixed, not trained).
+        drop_path_rate: stochastic depth, linearly increasing over blocks (dense mode only).
+        impl: attention implementation for the varlen path (``"auto"|"triton"|"torch"``).
+
+    Forward paths:
+        * ``forward_features(images (B,C,S,S)) -> (B, N, D)``: all tokens, final norm applied.
+        * ``forward(images) -> (B, D)``: mean of ``forward_features`` over tokens.
+        * ``forward_partitioned(images, plan, layout) -> (2B, D)``: each segment of ``plan``
+          encoded on its own, final-normed and mean-pooled; row ``2b`` is subset A of image
+          ``b``, row ``2b+1`` its subset B.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 1,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        pos_embed: str = "learned",
+        drop_path_rate: float = 0.0,
+        impl: str = "auto",
+    ):
+        super().__init__()
+        if pos_embed not in ("learned", "sincos"):
+            raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
+        self.embed_dim = self.num_features = embed_dim
+        self.num_heads = num_heads
+        self.depth = depth
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
+        if pos_embed == "sincos":
+            self.pos_embed.data.copy_(sincos_pos_embed(embed_dim, self.patch_embed.grid_size)[None])
+            self.pos_embed.requires_grad_(False)
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], impl) for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # MAE/timm-style: xavier for linears (and the patch projection viewed as one), zero biases.
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with position embeddings, ``(B, N, D)``."""
+        return self.patch_embed(images) + self.pos_embed
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.embed(images)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(images).mean(dim=1)
+
+    def forward_partitioned(
+        self, images: torch.Tensor, plan: PartitionPlan, layout: str = "packed"
+    ) -> torch.Tensor:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        b = images.shape[0]
+        if plan.num_images != b or plan.num_tokens != self.num_patches:
+            raise ValueError(
+                f"plan is for {plan.num_images} images of {plan.num_tokens} tokens, got {b} "
+                f"images of {self.num_patches} tokens"
+            )
+        x = self.embed(images).reshape(b * self.num_patches, self.embed_dim)
+        if layout == "packed":
+            x = x[plan.token_index]  # gather once; every block then works on (T, D)
+            index = None
+        else:
+            index = plan.token_index
+        for blk in self.blocks:
+            x = blk(x, plan.cu_seqlens, plan.max_seqlen, index)
+        if layout == "inplace":
+            x = x[plan.token_index]
+        return segment_mean(self.norm(x), plan)
+
+
+def segment_mean(x: torch.Tensor, plan: PartitionPlan) -> torch.Tensor:
+    """Mean of the packed rows ``x (T, D)`` of each segment, ``(num_segments, D)``; an empty
+    segment pools to zeros."""
+    sums = x.new_zeros(plan.num_segments, x.shape[1]).index_add_(0, plan.segment_ids(), x)
+    counts = plan.seqlens.clamp(min=1).to(x.dtype)[:, None]
+    return sums / counts
+
+
+PRESETS = {
+    "vit_tiny_patch16": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+def create_vit(name: str, img_size: int = 224, patch_size: int = 16, **kwargs) -> VisionTransformer:
+    """Build a preset by name; keyword arguments override any ``VisionTransformer`` argument."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(PRESETS)}")
+    return VisionTransformer(img_size=img_size, patch_size=patch_size, **{**PRESETS[name], **kwargs})
+
+
+def vit_tiny_patch16(**kwargs) -> VisionTransformer:
+    """ViT-Ti/16: width 192, depth 12, 3 heads."""
+    return create_vit("vit_tiny_patch16", **kwargs)
+
+
+def vit_small_patch16(**kwargs) -> VisionTransformer:
+    """ViT-S/16: width 384, depth 12, 6 heads."""
+    return create_vit("vit_small_patch16", **kwargs)
+
+
+def vit_base_patch16(**kwargs) -> VisionTransformer:
+    """ViT-B/16: width 768, depth 12, 12 heads."""
+    return create_vit("vit_base_patch16", **kwargs)
+
+
+def vit_large_patch16(**kwargs) -> VisionTransformer:
+    """ViT-L/16: width 1024, depth 24, 16 heads."""
+    return create_vit("vit_large_patch16", **kwargs)

@@ -1,0 +1,62 @@
+"""Checkpoints that survive crashes: written to a temp file and renamed, the last K kept, and a
+corrupt newest file falls back to the previous one."""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")
+
+
+def checkpoint_path(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / f"ckpt-{step:08d}.pt"
+
+
+def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep_last: int = 2) -> Path:
+    """Atomically write ``state`` as ``ckpt-<step>.pt`` and delete all but the newest
+    ``keep_last`` checkpoints."""
+    path = checkpoint_path(out_dir, step)
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:  # make the bytes durable before the rename publishes them
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Checkpoints in ``out_dir``, oldest first."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out_dir.iterdir() if (m := PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, Path]:
+    """Load a checkpoint file, or the newest readable one of a run folder.
+
+    Returns ``(state, path)``. Raises ``FileNotFoundError`` when there is nothing to load.
+    """
+    path = Path(path)
+    candidates = list(reversed(list_checkpoints(path))) if path.is_dir() else [path]
+    if not candidates:
+        raise FileNotFoundError(f"no checkpoint (ckpt-*.pt) in {path}")
+    errors = []
+    for candidate in candidates:
+        try:
+            state = torch.load(candidate, map_location=map_location, weights_only=True)
+        except Exception as exc:  # a torn or corrupt file: fall back to the previous one
+            errors.append(f"{candidate.name}: {exc}")
+            warnings.warn(f"could not read checkpoint {candidate}: {exc}; trying an older one",
+                          stacklevel=2)
+            continue
+        return state, candidate
+    raise RuntimeError("no readable checkpoint:\n" + "\n".join(errors))
