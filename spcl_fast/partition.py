@@ -71,6 +71,7 @@ def sample_partitions(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     block_size: int = 1,
+    shared: bool = False,
 ) -> PartitionPlan:
     """Split each image's tokens at random into two disjoint subsets A and B.
 
@@ -91,6 +92,11 @@ def sample_partitions(
             draws whole ``k x k`` blocks of patches instead, so each subset is a set of
             contiguous regions (only the block at each size boundary may be split) and the
             two views cannot be matched by local texture alone.
+        shared: draw one split for the whole batch: every image puts the same token positions
+            in subset A (up to its own ``valid_mask`` and ratio). With a split per image, the
+            positions of subset A fix those of B (its complement), so an encoder can pair the
+            two subsets of an image from their position embeddings alone, without looking at
+            the image; a shared split removes that shortcut.
 
     Every image with at least two kept tokens gets two non-empty subsets; an image with one valid
     token puts it in A; an image with none yields two empty segments. Sizes are
@@ -137,7 +143,8 @@ def sample_partitions(
         return torch.rand(*shape, device=generator.device, generator=generator).to(device)
 
     # Random priorities; invalid tokens sort last, so the first n_valid ranks are valid tokens.
-    priority = _block_priorities(rand, batch_size, num_tokens, block_size)
+    priority = _block_priorities(rand, 1 if shared else batch_size, num_tokens, block_size)
+    priority = priority.expand(batch_size, -1)
     priority = torch.where(valid, priority, torch.full_like(priority, 3.0))
     order = priority.argsort(dim=1)
     rank = torch.empty_like(order)
@@ -147,7 +154,7 @@ def sample_partitions(
     n_keep = torch.maximum(torch.round(n_valid * keep).long(), n_valid.clamp(max=2))
     if ratio_range is not None:
         lo, hi = ratio_range
-        ratios = lo + (hi - lo) * rand(batch_size)
+        ratios = lo + (hi - lo) * rand(1 if shared else batch_size).expand(batch_size)
     else:
         ratios = torch.full((batch_size,), ratio, device=device)
     n_a = torch.round(ratios * n_keep).long()

@@ -41,7 +41,7 @@ class SPCL(nn.Module):
         encoder: a :class:`~spcl_fast.nn.VisionTransformer`.
         proj_hidden, proj_dim, proj_depth: projector width, output size and hidden layers.
         temperature: InfoNCE temperature.
-        ratio, ratio_range, keep, block_size: subset sizes and shapes (see
+        ratio, ratio_range, keep, block_size, shared_split: subset sizes and shapes (see
             :func:`spcl_fast.sample_partitions`).
         negatives, symmetric: InfoNCE variant (see :func:`spcl_fast.info_nce`).
         layout: ``"packed"`` or ``"inplace"`` residual-stream layout of the encoder.
@@ -69,6 +69,7 @@ class SPCL(nn.Module):
         ratio_range: tuple[float, float] | None = None,
         keep: float = 1.0,
         block_size: int = 1,
+        shared_split: bool = False,
         negatives: str = "cross",
         symmetric: bool = True,
         layout: str = "packed",
@@ -78,7 +79,7 @@ class SPCL(nn.Module):
         self.projector = Projector(encoder.embed_dim, proj_hidden, proj_dim, proj_depth)
         self.temperature = temperature
         self.ratio, self.ratio_range, self.keep = ratio, ratio_range, keep
-        self.block_size = block_size
+        self.block_size, self.shared_split = block_size, shared_split
         self.negatives, self.symmetric = negatives, symmetric
         self.layout = layout
 
@@ -86,6 +87,7 @@ class SPCL(nn.Module):
         return sample_partitions(
             batch_size, self.encoder.num_patches, ratio=self.ratio, ratio_range=self.ratio_range,
             keep=self.keep, generator=generator, device=device, block_size=self.block_size,
+            shared=self.shared_split,
         )
 
     def train_flops(self, plan: PartitionPlan) -> int:

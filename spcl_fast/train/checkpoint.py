@@ -46,6 +46,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, Path]:
     Returns ``(state, path)``. Raises ``FileNotFoundError`` when there is nothing to load.
     """
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
     candidates = list(reversed(list_checkpoints(path))) if path.is_dir() else [path]
     if not candidates:
         raise FileNotFoundError(f"no checkpoint (ckpt-*.pt) in {path}")

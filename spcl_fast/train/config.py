@@ -35,6 +35,7 @@ class TrainConfig:
     ratio_range: tuple[float, float] | None = None  # draw the ratio per image from [lo, hi]
     keep: float = 1.0  # fraction of tokens used at all (the rest are in neither subset)
     block_size: int = 1  # assign k x k blocks of patches to subsets together (1: single tokens)
+    shared_split: bool = False  # one split for the whole batch (no position-pattern shortcut)
     temperature: float = 0.1  # InfoNCE temperature
     negatives: str = "cross"  # InfoNCE negatives: cross (CLIP-style) | all (SimCLR NT-Xent)
     proj_hidden: int = 512  # projector hidden width

@@ -51,6 +51,7 @@ def build_model(config: TrainConfig) -> SPCL:
         encoder, proj_hidden=config.proj_hidden, proj_dim=config.proj_dim,
         proj_depth=config.proj_depth, temperature=config.temperature, ratio=config.ratio,
         ratio_range=config.ratio_range, keep=config.keep, block_size=config.block_size,
+        shared_split=config.shared_split,
         negatives=config.negatives,
         layout=config.layout,
     )

@@ -1,0 +1,136 @@
+"""Modules: the ViT's layouts agree, one segment equals dense attention, timm names."""
+
+import pytest
+import torch
+
+from spcl_fast import sample_partitions
+from spcl_fast.nn import (
+    PRESETS,
+    Block,
+    VarlenAttention,
+    VisionTransformer,
+    create_vit,
+    segment_mean,
+    sincos_pos_embed,
+    vit_tiny_patch16,
+)
+from spcl_fast.partition import PartitionPlan
+
+
+def _tiny(**kw):
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    args.update(kw)
+    return VisionTransformer(**args).double()
+
+
+def _full_plan(b, n):
+    """One segment per image holding all its tokens."""
+    cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32)
+    return PartitionPlan(torch.arange(b * n), cu, n, b, n)
+
+
+def test_one_segment_per_image_equals_dense_forward():
+    model = _tiny()
+    images = torch.rand(3, 1, 32, 32, dtype=torch.float64)
+    plan = _full_plan(3, model.num_patches)
+    # A plan of one segment per image pools (B, D) rows; compare with the dense mean.
+    pooled = _segments_forward(model, images, plan)
+    torch.testing.assert_close(pooled, model(images))
+
+
+def _segments_forward(model, images, plan):
+    x = model.embed(images).reshape(-1, model.embed_dim)[plan.token_index]
+    for blk in model.blocks:
+        x = blk(x, plan.cu_seqlens, plan.max_seqlen)
+    return segment_mean(model.norm(x), plan)
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.6])
+def test_packed_and_inplace_layouts_agree_with_grads(keep):
+    model = _tiny()
+    images = torch.rand(4, 1, 32, 32, dtype=torch.float64)
+    plan = sample_partitions(4, model.num_patches, keep=keep, ratio_range=(0.2, 0.8),
+                             generator=torch.Generator().manual_seed(0))
+    packed = model.forward_partitioned(images, plan, "packed")
+    grads_packed = torch.autograd.grad(packed.square().sum(), list(model.parameters()))
+    inplace = model.forward_partitioned(images, plan, "inplace")
+    grads_inplace = torch.autograd.grad(inplace.square().sum(), list(model.parameters()))
+    assert packed.shape == (8, 32)
+    torch.testing.assert_close(packed, inplace)
+    for a, b in zip(grads_packed, grads_inplace):
+        torch.testing.assert_close(a, b)
+
+
+def test_segment_embeddings_depend_only_on_own_tokens():
+    # Changing the pixels of tokens outside subset A leaves A's embedding unchanged.
+    model = _tiny()
+    images = torch.rand(1, 1, 32, 32, dtype=torch.float64)
+    plan = sample_partitions(1, model.num_patches, generator=torch.Generator().manual_seed(1))
+    a_tokens = set(plan.token_index[: plan.cu_seqlens[1]].tolist())
+    edited = images.clone()
+    grid = model.patch_embed.grid_size
+    for t in range(model.num_patches):
+        if t not in a_tokens:
+            r, c = divmod(t, grid)
+            edited[0, 0, r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8] = torch.rand(8, 8, dtype=torch.float64)
+    before = model.forward_partitioned(images, plan)
+    after = model.forward_partitioned(edited, plan)
+    torch.testing.assert_close(before[0], after[0])
+    assert not torch.allclose(before[1], after[1])
+
+
+def test_varlen_attention_dense_mode_matches_manual():
+    torch.manual_seed(0)
+    attn = VarlenAttention(16, 4).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    qkv = attn.qkv(x).view(2, 5, 3, 4, 4)
+    q, k, v = qkv.unbind(2)
+    w = torch.einsum("bihd,bjhd->bhij", q, k) / 2.0
+    out = torch.einsum("bhij,bjhd->bihd", w.softmax(-1), v).reshape(2, 5, 16)
+    torch.testing.assert_close(attn(x), attn.proj(out))
+
+
+def test_timm_parameter_names():
+    names = set(vit_tiny_patch16(img_size=64, depth=2).state_dict())
+    expected = {"patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "norm.weight",
+                "norm.bias"}
+    for i in range(2):
+        for part in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
+            expected |= {f"blocks.{i}.{part}.weight", f"blocks.{i}.{part}.bias"}
+    assert names == expected
+
+
+def test_presets_and_geometry():
+    for name, cfg in PRESETS.items():
+        m = create_vit(name, img_size=32, patch_size=16, depth=1)
+        assert m.embed_dim == cfg["embed_dim"] and m.num_heads == cfg["num_heads"]
+    m = create_vit("vit_small_patch16", img_size=48, depth=1)
+    assert m.num_patches == 9 and m.forward_features(torch.rand(2, 1, 48, 48)).shape == (2, 9, 384)
+    with pytest.raises(ValueError, match="multiple"):
+        create_vit("vit_tiny_patch16", img_size=50)
+    with pytest.raises(ValueError, match="unknown model"):
+        create_vit("vit_huge")
+    with pytest.raises(ValueError, match="64x64"):
+        create_vit("vit_tiny_patch16", img_size=64, depth=1)(torch.rand(1, 1, 32, 32))
+
+
+def test_sincos_pos_embed_fixed_and_distinct():
+    m = _tiny(pos_embed="sincos")
+    assert not m.pos_embed.requires_grad
+    pe = sincos_pos_embed(32, 4)
+    assert pe.shape == (16, 32)
+    dists = torch.cdist(pe, pe) + torch.eye(16)
+    assert dists.min() > 0.1  # every position distinguishable
+    with pytest.raises(ValueError, match="pos_embed"):
+        _tiny(pos_embed="rope")
+
+
+def test_block_drop_path_only_in_training():
+    blk = Block(16, 2, drop_path=0.5).double()
+    x = torch.randn(4, 3, 16, dtype=torch.float64)
+    blk.eval()
+    torch.testing.assert_close(blk(x), blk(x))
+    blk.train()
+    torch.manual_seed(0)
+    outs = [blk(x) for _ in range(8)]
+    assert any(not torch.allclose(outs[0], o) for o in outs[1:])

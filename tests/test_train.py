@@ -1,0 +1,137 @@
+"""Training: config parsing, the CLI end to end, checkpoints and exact resume."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from spcl_fast.train import config as cfgmod
+from spcl_fast.train.__main__ import parse_args
+from spcl_fast.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from spcl_fast.train.config import TrainConfig, apply_overrides, smoke
+from spcl_fast.train.engine import lr_at, param_groups, train
+
+
+def _losses(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def test_overrides_parse_types_and_reject_unknown_keys():
+    c = apply_overrides(smoke(), {"steps": "7", "ratio-range": "0.3,0.7", "probe": "yes",
+                                  "data_root": "none", "lr": "2e-4"})
+    assert c.steps == 7 and c.ratio_range == (0.3, 0.7) and c.probe is True
+    assert c.data_root is None and c.lr == 2e-4
+    with pytest.raises(ValueError, match="did you mean --steps"):
+        apply_overrides(smoke(), {"stepz": "3"})
+    with pytest.raises(ValueError, match="cannot parse"):
+        apply_overrides(smoke(), {"steps": "many"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.steps = 3
+
+
+def test_config_json_round_trip():
+    c = apply_overrides(smoke(), {"ratio_range": "0.2 0.8"})
+    assert TrainConfig.from_dict(json.loads(c.to_json())) == c
+    with pytest.raises(ValueError, match="unknown config keys"):
+        TrainConfig.from_dict({"nope": 1})
+
+
+def test_every_field_has_a_comment_and_presets_build():
+    src = __import__("inspect").getsource(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        line = next(line for line in src.splitlines() if line.strip().startswith(f"{f.name}:"))
+        assert "#" in line, f"config field {f.name} has no comment"
+    for preset in cfgmod.PRESETS.values():
+        assert isinstance(preset(), TrainConfig)
+
+
+def test_parse_args():
+    preset, over, resume = parse_args(["--preset", "smoke", "--steps=3", "--resume"])
+    assert (preset, over, resume) == ("smoke", {"steps": "3"}, "")
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "nope"])
+    with pytest.raises(SystemExit):
+        parse_args(["steps", "3"])
+
+
+def test_lr_schedule_and_param_groups():
+    c = apply_overrides(smoke(), {"steps": "100", "warmup_steps": "10", "lr": "1e-3",
+                                  "min_lr": "1e-5"})
+    assert lr_at(0, c) == pytest.approx(1e-4) and lr_at(9, c) == pytest.approx(1e-3)
+    assert lr_at(100, c) == pytest.approx(1e-5)
+    lrs = [lr_at(s, c) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = param_groups(model, 0.05)
+    assert len(decay["params"]) == 1 and len(no_decay["params"]) == 3
+
+
+def test_cli_runs_and_writes_outputs(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "spcl_fast.train", "--preset", "smoke", "--out", str(out),
+         "--steps", "3"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "GFLOPs/image" in proc.stdout and "finished 3 steps" in proc.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["steps"] == 3
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    state, _ = load_checkpoint(out)
+    assert state["step"] == 3
+
+
+def test_cli_rejects_unknown_option(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "spcl_fast.train", "--preset", "smoke", "--lrate", "1",
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0 and "unknown option --lrate" in proc.stderr
+
+
+def test_resume_continues_exactly(tmp_path):
+    config = dataclasses.replace(smoke(), steps=6, save_every=3)
+    train(config, tmp_path / "full")
+    # A run that died after step 3 left only its step-3 checkpoint: resume from it.
+    train(config, tmp_path / "resumed", resume=tmp_path / "full" / "ckpt-00000003.pt")
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "full")[3:]  # bit for bit
+
+
+def test_checkpoints_keep_last_and_fall_back_when_corrupt(tmp_path):
+    for step in (1, 2, 3):
+        save_checkpoint({"step": step}, tmp_path, step, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
+    list_checkpoints(tmp_path)[-1].write_bytes(b"torn write")
+    with pytest.warns(UserWarning, match="could not read"):
+        state, path = load_checkpoint(tmp_path)
+    assert state["step"] == 2 and path.name == "ckpt-00000002.pt"
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "empty")
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+    from spcl_fast.methods import spcl
+
+    real = spcl.info_nce
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(spcl, "info_nce", flaky)
+    summary = train(dataclasses.replace(smoke(), steps=4), tmp_path / "a")
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 4
+
+    monkeypatch.setattr(spcl, "info_nce", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        train(dataclasses.replace(smoke(), steps=20, max_bad_steps=3), tmp_path / "b")
