@@ -1,23 +1,60 @@
-"""Datasets: the built-in synthetic radiographs and (through ``build_dataset``) real CXR sets.
+"""Datasets: the built-in synthetic radiographs and the four benchmark sets in their official
+layouts, one DICOM reader, and the preprocessing cache.
 
-Every dataset returns ``{"image": float32 (1, S, S), "labels": float32 (C,), "id": str}`` and
-exposes ``labels`` (n, C), ``ids`` and ``class_names``.
+Every dataset returns ``{"image": float32 (1, S, S) in [0, 1], "labels": float32 (C,),
+"id": str}`` (plus ``"mask"`` float32 (1, S, S) for SIIM) and exposes ``labels`` (float32 (n, C),
+NaN = unknown, known without decoding), ``ids``, ``class_names`` and ``patient_ids`` (None where
+the release has no patient key). Real datasets take ``(root, split, image_size, cache=None)``;
+``split`` is ``"train"``, ``"val"``, ``"test"`` or ``"all"``, deterministic and patient-disjoint.
+
+Real images are fitted to ``S x S`` by one policy (long side to S, short side padded black;
+:mod:`spcl_fast.data.images`). ``python -m spcl_fast.data.prepare`` decodes a dataset once into
+a memory-mapped cache (:mod:`spcl_fast.data.cache`) that datasets read when given ``cache=``.
+Bad files raise :class:`ImageReadError` or are skipped and reported (:mod:`spcl_fast.data.base`).
 """
 
 from __future__ import annotations
 
+from .base import CXRDataset
+from .cache import CacheReader
+from .chestxray14 import ChestXray14
+from .chexpert import CheXpert
+from .dicom import read_dicom
+from .errors import DataFormatError, ImageReadError
+from .folder import CXRFolder, CXRPool
+from .images import fit_square, read_image
+from .rsna import RSNAPneumonia
+from .siim import SIIMPneumothorax, rle_decode, rle_encode
 from .synthetic import SyntheticCXR
 from .transforms import NORMALIZE_MODES, normalize_images
 
-DATASETS = ("synthetic",)
+_CLASSES = {
+    "chestxray14": ChestXray14,
+    "chexpert": CheXpert,
+    "rsna": RSNAPneumonia,
+    "siim": SIIMPneumothorax,
+    "folder": CXRFolder,
+}
+DATASETS = ("synthetic", *_CLASSES)
 
 
 def build_dataset(name: str, root: str | None = None, split: str = "train", image_size: int = 64,
                   **kwargs):
-    """Build a dataset by name for a split (``train``/``val``/``test``/``all``)."""
+    """Build a dataset by name (one of :data:`DATASETS`) for a split
+    (``train``/``val``/``test``/``all``); ``root`` is ignored for ``synthetic``. ``kwargs`` go
+    to the class (e.g. ``cache=``, ``on_error="skip"``, ``seed=``, ``uncertain=``)."""
     if name == "synthetic":
         return SyntheticCXR(split=split, image_size=image_size, **kwargs)
+    if name in _CLASSES:
+        if root is None:
+            raise ValueError(f"dataset {name!r} needs a root folder (--data-root)")
+        return _CLASSES[name](root, split=split, image_size=image_size, **kwargs)
     raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
 
 
-__all__ = ["DATASETS", "NORMALIZE_MODES", "SyntheticCXR", "build_dataset", "normalize_images"]
+__all__ = [
+    "DATASETS", "NORMALIZE_MODES", "CXRDataset", "CXRFolder", "CXRPool", "CacheReader",
+    "CheXpert", "ChestXray14", "DataFormatError", "ImageReadError", "RSNAPneumonia",
+    "SIIMPneumothorax", "SyntheticCXR", "build_dataset", "fit_square", "normalize_images",
+    "read_dicom", "read_image", "rle_decode", "rle_encode",
+]
