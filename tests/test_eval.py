@@ -1,11 +1,19 @@
-"""Evaluation: AUROC against scikit-learn, and a linear probe that finds a planted signal."""
+"""Evaluation: AUROC, ROC curves and Dice against scikit-learn, and a linear probe that finds a
+planted signal."""
 
 import math
 
 import pytest
 import torch
 
-from spcl_fast.eval import auroc, linear_probe, multilabel_auroc
+from spcl_fast.eval import (
+    auroc,
+    dice_per_image,
+    dice_summary,
+    linear_probe,
+    multilabel_auroc,
+    roc_curve,
+)
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
@@ -29,7 +37,8 @@ def test_auroc_skips_unknown_labels_and_single_class():
     assert auroc(scores, labels) == 1.0
     assert math.isnan(auroc(scores, torch.zeros(4)))
     per_class, mean = multilabel_auroc(
-        torch.stack([scores, scores], 1), torch.stack([torch.tensor([0.0, 1, 1, 0]), torch.zeros(4)], 1)
+        torch.stack([scores, scores], 1),
+        torch.stack([torch.tensor([0.0, 1, 1, 0]), torch.zeros(4)], 1),
     )
     assert math.isnan(per_class[1]) and mean == per_class[0]
 
@@ -49,3 +58,36 @@ def test_linear_probe_recovers_planted_signal():
                                  (torch.rand(200, 2, generator=g) < 0.5).float() for i in range(2))
                            for _ in range(3)), steps=50)
     assert abs(noise["mean_auroc"] - 0.5) < 0.12
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_roc_curve_matches_sklearn(seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(150, generator=g) < 0.4).float()
+    scores = (torch.randn(150, generator=g) + labels).round(decimals=1)  # with ties
+    fpr, tpr, _ = sklearn_metrics.roc_curve(labels.numpy(), scores.numpy(),
+                                            drop_intermediate=False)
+    ours = roc_curve(scores, labels)
+    assert ours[0].tolist() == pytest.approx(fpr.tolist())
+    assert ours[1].tolist() == pytest.approx(tpr.tolist())
+    assert roc_curve(scores, torch.zeros(150))[0].numel() == 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dice_matches_f1_on_flattened_masks(seed):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.rand(12, 1, 16, 16, generator=g) < torch.rand(12, 1, 1, 1, generator=g) * 0.3
+    pred = target ^ (torch.rand(12, 1, 16, 16, generator=g) < 0.1)
+    target[:3] = False  # empty ground truths
+    pred[:2] = False  # two of them predicted empty (score 1), one not (score 0)
+    ours = dice_per_image(pred, target)
+    for i in range(12):
+        # F1 of binary masks is Dice; zero_division=1 scores empty-vs-empty as 1 (Kaggle SIIM).
+        expected = sklearn_metrics.f1_score(target[i].flatten().numpy(), pred[i].flatten().numpy(),
+                                            zero_division=1.0)
+        assert ours[i].item() == pytest.approx(expected, abs=1e-12)
+    assert ours[:2].tolist() == [1.0, 1.0] and ours[2].item() == 0.0
+    summary = dice_summary(ours, target.flatten(1).any(1))
+    assert summary["num_positive"] == 9 and summary["dice_empty"] == pytest.approx(2 / 3)
+    assert summary["dice"] == pytest.approx(ours.mean().item())
+    assert summary["dice_positive"] == pytest.approx(ours[3:].mean().item())

@@ -1,6 +1,36 @@
-"""Downstream evaluation: metrics and linear probing."""
+"""Downstream evaluation: linear probe, fine-tuning, segmentation, metrics, encoder loading.
 
-from .linear_probe import extract_features, fit_logistic, linear_probe
-from .metrics import auroc, multilabel_auroc
+``python -m spcl_fast.eval {linear-probe,finetune,segment} --checkpoint C --dataset NAME ...``
+"""
 
-__all__ = ["auroc", "extract_features", "fit_logistic", "linear_probe", "multilabel_auroc"]
+from .encoders import EncoderLoadError, LoadedEncoder, convert_timm_state, load_encoder
+from .finetune import FinetuneSettings, finetune, masked_bce
+from .label_fraction import DatasetView, label_fraction_view, sample_patients
+from .linear_probe import extract_dataset_features, extract_features, fit_logistic, linear_probe
+from .metrics import auroc, dice_per_image, dice_summary, multilabel_auroc, roc_curve
+from .segment import SegmentationDecoder, SegmentSettings, segment
+
+__all__ = [
+    "DatasetView",
+    "EncoderLoadError",
+    "FinetuneSettings",
+    "LoadedEncoder",
+    "SegmentSettings",
+    "SegmentationDecoder",
+    "auroc",
+    "convert_timm_state",
+    "dice_per_image",
+    "dice_summary",
+    "extract_dataset_features",
+    "extract_features",
+    "finetune",
+    "fit_logistic",
+    "label_fraction_view",
+    "linear_probe",
+    "load_encoder",
+    "masked_bce",
+    "multilabel_auroc",
+    "roc_curve",
+    "sample_patients",
+    "segment",
+]

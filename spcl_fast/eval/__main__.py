@@ -1,0 +1,223 @@
+"""``python -m spcl_fast.eval {linear-probe,finetune,segment}``: downstream evaluation.
+
+Examples::
+
+    python -m spcl_fast.eval linear-probe --checkpoint runs/demo --dataset synthetic --out ev/lp
+    python -m spcl_fast.eval linear-probe --checkpoint none --model runs/demo --out ev/lp-init
+    python -m spcl_fast.eval finetune --checkpoint runs/x --dataset chestxray14 --root R \\
+        --label-fraction 0.1 --epochs 10 --out ev/ft
+    python -m spcl_fast.eval segment --checkpoint runs/x --dataset siim --root R --out ev/seg
+
+Every run writes ``results.json`` (all numbers, the exact arguments, dataset sizes, the label
+fraction and the encoder's source) and, for the classification tasks, ``roc_curves.png`` into
+``--out``, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from .. import data as data_lib
+from ..data import NORMALIZE_MODES
+from ..train.engine import resolve_device
+from .encoders import EncoderLoadError, load_encoder
+from .finetune import FinetuneSettings, finetune
+from .label_fraction import DEFAULT_SEED, DatasetView, label_fraction_view, patient_ids_of
+from .linear_probe import L2_GRID, extract_dataset_features, linear_probe
+from .report import (
+    auroc_table,
+    dice_table,
+    plot_roc_curves,
+    plot_segment_examples,
+    write_results,
+)
+from .segment import SegmentSettings, has_masks, segment
+
+TASKS = ("linear-probe", "finetune", "segment")
+
+
+def _add_settings(parser: argparse.ArgumentParser, settings_cls, skip=()) -> None:
+    """One ``--flag`` per field of a settings dataclass (defaults and types from the class)."""
+    for f in dataclasses.fields(settings_cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action="store_true", default=f.default)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+            parser.add_argument(flag, type=typ, default=f.default, help=f"default {f.default}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m spcl_fast.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="task", required=True)
+    for task in TASKS:
+        p = sub.add_parser(task, help=f"{task} evaluation")
+        p.add_argument("--checkpoint", required=True,
+                       help="spcl_fast run folder or ckpt-*.pt, an export folder, a timm/MAE "
+                            "state dict (.pth/.pt/.safetensors), or 'none' (random init)")
+        p.add_argument("--model", default=None,
+                       help="preset for 'none' and the head count of timm/MAE weights; with "
+                            "'none' also a run folder/checkpoint whose architecture to init")
+        p.add_argument("--dataset", default="synthetic", help="a name from spcl_fast.data")
+        p.add_argument("--root", default=None, help="dataset folder (real datasets)")
+        p.add_argument("--cache", default=None, help="preprocessing cache folder")
+        p.add_argument("--image-size", type=int, default=None,
+                       help="default: the checkpoint's image size (224 for presets)")
+        p.add_argument("--patch-size", type=int, default=None, help="patch of a 'none' preset")
+        p.add_argument("--normalize", choices=NORMALIZE_MODES, default=None,
+                       help="override the encoder's input normalisation")
+        p.add_argument("--label-fraction", type=float, default=1.0,
+                       help="fraction of training PATIENTS whose labels are used")
+        p.add_argument("--fraction-seed", type=int, default=DEFAULT_SEED,
+                       help="seed of the patient sample (keep it equal across methods)")
+        p.add_argument("--max-images", type=int, default=None,
+                       help="use only the first N items of each split (smoke runs)")
+        p.add_argument("--out", default=None, help="folder for results.json and plots")
+        p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+        p.add_argument("--batch-size", type=int, default=None)
+        p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+        if task == "linear-probe":
+            p.add_argument("--l2-grid", type=float, nargs="+", default=list(L2_GRID))
+            p.add_argument("--probe-steps", type=int, default=300,
+                           help="L-BFGS iterations per L2 strength")
+        elif task == "finetune":
+            _add_settings(p, FinetuneSettings, skip=("batch_size", "num_workers"))
+        else:
+            _add_settings(p, SegmentSettings, skip=("batch_size", "num_workers"))
+    return parser
+
+
+class EvalError(Exception):
+    """A user error: reported as one line, no traceback."""
+
+
+def build_splits(args, image_size: int) -> dict:
+    """train/val/test of ``args.dataset`` at ``image_size``, the label fraction applied to
+    train by patient, ``--max-images`` to every split."""
+    if args.dataset not in data_lib.DATASETS:
+        raise EvalError(f"unknown dataset {args.dataset!r}; choose from "
+                        f"{', '.join(data_lib.DATASETS)}")
+    if args.dataset != "synthetic":
+        if not args.root:
+            raise EvalError(f"--root is required for dataset {args.dataset!r}")
+        if not Path(args.root).exists():
+            raise EvalError(f"dataset root not found: {args.root}")
+    kwargs = {"cache": args.cache} if args.cache else {}
+    splits = {}
+    for split in ("train", "val", "test"):
+        try:
+            ds = data_lib.build_dataset(args.dataset, args.root, split, image_size, **kwargs)
+        except (FileNotFoundError, ValueError) as exc:
+            raise EvalError(f"cannot build {args.dataset}/{split}: {exc}") from exc
+        if args.max_images is not None:
+            ds = DatasetView(ds, range(min(args.max_images, len(ds))))
+        splits[split] = ds
+    full_train = splits["train"]
+    splits["train"] = label_fraction_view(full_train, args.label_fraction, args.fraction_seed)
+    splits["_train_patients"] = (len(set(patient_ids_of(full_train))),
+                                 len(set(patient_ids_of(splits["train"]))))
+    return splits
+
+
+def _dataset_info(args, splits, image_size) -> dict:
+    total, used = splits["_train_patients"]
+    return {
+        "name": args.dataset, "root": args.root, "image_size": image_size,
+        "sizes": {s: len(splits[s]) for s in ("train", "val", "test")},
+        "class_names": list(splits["test"].class_names),
+        "label_fraction": args.label_fraction, "fraction_seed": args.fraction_seed,
+        "train_patients": used, "train_patients_total": total,
+    }
+
+
+def _settings(cls, args, **fixed):
+    """A settings dataclass from the parsed flags of its fields, plus ``fixed`` values."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+              if f.name not in fixed and hasattr(args, f.name)}
+    return cls(**values, num_workers=args.workers, **fixed)
+
+
+def run(args) -> dict:
+    """Run one evaluation task from parsed arguments; returns the results dict."""
+    started = time.perf_counter()
+    device = resolve_device(args.device)
+    try:
+        loaded = load_encoder(args.checkpoint, model=args.model, image_size=args.image_size,
+                              patch_size=args.patch_size, normalize=args.normalize)
+    except (EncoderLoadError, FileNotFoundError, ValueError) as exc:
+        raise EvalError(str(exc)) from exc
+    image_size = loaded.image_size
+    splits = build_splits(args, image_size)
+    if args.task == "segment" and not has_masks(splits["test"]):
+        raise EvalError(f"segment needs a dataset with masks (e.g. siim); {args.dataset!r} "
+                        "items have no 'mask'")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    encoder, transform = loaded.encoder.to(device), loaded.transform()
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    class_names = list(test.class_names)
+    print(f"{args.task}: encoder {loaded.kind} ({loaded.source}), {image_size}px, normalize "
+          f"{loaded.normalize}; {args.dataset} train {len(train)} / val {len(val)} / test "
+          f"{len(test)}, label fraction {args.label_fraction}; device {device}")
+
+    if args.task == "linear-probe":
+        bs = args.batch_size or 256
+        feats = {name: extract_dataset_features(encoder, ds, bs, device, transform, args.workers,
+                                                 desc=f"features {name}")
+                 for name, ds in (("train", train), ("val", val), ("test", test))}
+        result = linear_probe(feats["train"], feats["val"], feats["test"], args.l2_grid,
+                              args.probe_steps, class_names, return_scores=True)
+    elif args.task == "finetune":
+        settings = _settings(FinetuneSettings, args, batch_size=args.batch_size or 64)
+        result = finetune(encoder, train, val, test, settings, device, transform, out)
+    else:
+        settings = _settings(SegmentSettings, args, batch_size=args.batch_size or 32)
+        result = segment(encoder, train, val, test, settings, device, transform, out)
+
+    scores = result.pop("test_scores", None)
+    model = result.pop("model", None)
+    results = {
+        "task": args.task, **result,
+        "dataset": _dataset_info(args, splits, image_size),
+        "encoder": loaded.describe(),
+        "encoder_config": loaded.config,
+        "args": vars(args),
+        "versions": {"spcl_fast": __version__, "torch": torch.__version__},
+        "device": str(device),
+        "elapsed_s": time.perf_counter() - started,
+    }
+    title = f"{args.task} | {args.checkpoint} | {args.dataset} (label fraction " \
+            f"{args.label_fraction})"
+    print(dice_table(result, title) if args.task == "segment" else auroc_table(result, title))
+    if out is not None:
+        write_results(out / "results.json", results)
+        if scores is not None:
+            plot_roc_curves(scores, torch.as_tensor(test.labels), class_names,
+                            out / "roc_curves.png", f"{args.task}: {Path(args.checkpoint).name}")
+        if model is not None:
+            plot_segment_examples(model, test, transform, device, out / "segment_examples.png")
+        print(f"wrote {out / 'results.json'}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args)
+    except EvalError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""Full fine-tuning for multi-label classification, as MAE / BEiT fine-tune a ViT.
+
+AdamW with layer-wise learning-rate decay (block ``i`` of ``L`` gets ``lr * decay**(L + 1 - i)``;
+the patch and position embeddings ``decay**(L + 1)``, the final norm and the head the full lr),
+linear warmup then cosine decay per step, stochastic depth, no weight decay on norms, biases and
+position embeddings, bf16 autocast on GPUs that have it (fp16 with a gradient scaler otherwise),
+a binary cross-entropy that skips unknown (NaN) labels. The model is scored on val after every
+epoch; the best one by val mean AUROC is kept (and written to ``finetune_best.pt``) and scored
+on test.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .encoders import set_drop_path
+from .linear_probe import data_loader
+from .metrics import multilabel_auroc
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy over the known (non-NaN) entries of ``(B, C)`` targets; 0 (with
+    a gradient path) when none is known.
+
+    Example::
+
+        >>> masked_bce(torch.zeros(2, 2), torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+        tensor(0.6931)
+    """
+    known = ~torch.isnan(targets)
+    loss = F.binary_cross_entropy_with_logits(
+        logits.float(), torch.nan_to_num(targets.float()), reduction="none"
+    )
+    return (loss * known).sum() / known.sum().clamp(min=1)
+
+
+class Classifier(nn.Module):
+    """Encoder + linear head on its pooled features: ``(B, 1, S, S) -> (B, C)`` logits."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE's head init: start near zero
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def layer_id(name: str, depth: int) -> int:
+    """Layer of an encoder parameter for layer-wise decay: 0 for embeddings, ``i + 1`` for
+    block ``i``, ``depth + 1`` for the final norm (and anything outside the encoder)."""
+    if name.startswith(("patch_embed", "pos_embed", "cls_token")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups_lrd(model: nn.Module, encoder: nn.Module, weight_decay: float,
+                     layer_decay: float) -> list[dict]:
+    """AdamW groups with an ``lr_scale`` per layer (see :func:`layer_id`) and no decay for 1-D
+    parameters and position embeddings. Parameters outside ``encoder`` (heads, decoders) get
+    scale 1.
+
+    Example::
+
+        >>> from spcl_fast.nn import vit_tiny_patch16
+        >>> clf = Classifier(vit_tiny_patch16(img_size=32, patch_size=8, depth=2), 3)
+        >>> groups = param_groups_lrd(clf, clf.encoder, 0.05, 0.5)
+        >>> sorted({g["lr_scale"] for g in groups})
+        [0.125, 0.25, 0.5, 1.0]
+    """
+    depth = len(encoder.blocks)
+    enc_names = {id(p): n for n, p in encoder.named_parameters()}
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        enc_name = enc_names.get(id(p))
+        layer = layer_id(enc_name, depth) if enc_name is not None else depth + 1
+        no_decay = p.ndim < 2 or name.endswith("pos_embed")
+        key = (layer, no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                           "lr_scale": layer_decay ** (depth + 1 - layer)}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float = 0.0) -> float:
+    """Linear warmup over ``warmup`` steps to ``lr``, then cosine decay to ``min_lr``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """``amp``: ``"auto"`` (bf16 on GPUs that support it, else fp16; none on CPU), ``"bf16"``,
+    ``"fp16"`` or ``"off"``."""
+    if amp not in ("auto", "bf16", "fp16", "off"):
+        raise ValueError(f"amp must be auto, bf16, fp16 or off, got {amp!r}")
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset, batch_size: int, device: torch.device, transform=None,
+            amp_dtype: torch.dtype | None = None, num_workers: int = 0,
+            desc: str = "predict") -> torch.Tensor:
+    """Logits ``(n, C)`` (fp32, CPU) of ``model`` on every item of ``dataset``."""
+    was_training = model.training
+    model.eval()
+    out = []
+    loader = data_loader(dataset, batch_size, num_workers=num_workers)
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True):
+        x = batch["image"].to(device, non_blocking=True)
+        x = transform(x) if transform is not None else x
+        with autocast(device, amp_dtype):
+            out.append(model(x).float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@dataclass
+class FinetuneSettings:
+    epochs: int = 10  # passes over the training split
+    batch_size: int = 64  # images per step
+    lr: float = 5e-4  # peak learning rate of the last layer (after warmup)
+    min_lr: float = 1e-6  # learning rate at the end of the cosine decay
+    layer_decay: float = 0.75  # per-block learning-rate decay towards the input
+    weight_decay: float = 0.05  # AdamW decay (not on norms, biases, position embeddings)
+    warmup_epochs: float = 1.0  # linear warmup length
+    drop_path: float = 0.1  # stochastic depth of the last block (linear in depth)
+    grad_clip: float = 1.0  # clip the global gradient norm (0: off)
+    amp: str = "auto"  # auto | bf16 | fp16 | off
+    seed: int = 0  # head init, data order, drop-path draws
+    num_workers: int = 0  # DataLoader workers
+
+
+def _save_atomic(state: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def finetune(encoder: nn.Module, train, val, test, settings: FinetuneSettings,
+             device: torch.device, transform=None, out_dir: str | Path | None = None) -> dict:
+    """Fine-tune ``encoder`` + a linear head on ``train``; keep the best epoch by val mean AUROC;
+    score it on ``test``.
+
+    ``train``/``val``/``test`` follow the data contract (items ``{"image", "labels", ...}``,
+    attributes ``labels``, ``class_names``). Returns ``mean_auroc`` and ``per_class_auroc`` on
+    test, ``val_mean_auroc`` / ``val_per_class_auroc`` / ``best_epoch`` of the kept model,
+    ``history`` (per epoch: mean train loss, val mean AUROC) and ``test_scores`` (a tensor).
+
+    Example::
+
+        >>> from spcl_fast.data import SyntheticCXR
+        >>> from spcl_fast.nn import vit_tiny_patch16
+        >>> ds = SyntheticCXR("val", num_images=8, image_size=32)
+        >>> enc = vit_tiny_patch16(img_size=32, patch_size=8, depth=1)
+        >>> res = finetune(enc, ds, ds, ds, FinetuneSettings(epochs=1, batch_size=4),
+        ...                torch.device("cpu"))
+        >>> sorted(res["per_class_auroc"])[:2], len(res["history"])
+        (['cardiomegaly', 'consolidation'], 1)
+    """
+    s = settings
+    torch.manual_seed(s.seed)
+    set_drop_path(encoder, s.drop_path)
+    class_names = list(train.class_names)
+    model = Classifier(encoder, len(class_names)).to(device)
+    groups = param_groups_lrd(model, model.encoder, s.weight_decay, s.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999))
+    amp_dtype = autocast_dtype(device, s.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    loader = data_loader(train, s.batch_size, shuffle=True, num_workers=s.num_workers,
+                         seed=s.seed, drop_last=len(train) > s.batch_size)
+    total = s.epochs * len(loader)
+    warmup = round(s.warmup_epochs * len(loader))
+    best, history, step = None, [], 0
+    out_dir = Path(out_dir) if out_dir is not None else None
+    for epoch in range(s.epochs):
+        model.train()
+        losses = []
+        bar = tqdm(loader, desc=f"finetune {epoch + 1}/{s.epochs}", unit="step", leave=False,
+                   dynamic_ncols=True)
+        for batch in bar:
+            lr = lr_at(step, total, warmup, s.lr, s.min_lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            x = batch["image"].to(device, non_blocking=True)
+            x = transform(x) if transform is not None else x
+            with autocast(device, amp_dtype):
+                logits = model(x)
+            loss = masked_bce(logits, batch["labels"].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if s.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            step += 1
+        val_scores = predict(model, val, s.batch_size, device, transform, amp_dtype,
+                             s.num_workers, desc="val")
+        val_per_class, val_auc = multilabel_auroc(val_scores, torch.as_tensor(val.labels))
+        history.append({"epoch": epoch + 1, "train_loss": sum(losses) / max(len(losses), 1),
+                        "val_mean_auroc": val_auc})
+        print(f"epoch {epoch + 1}/{s.epochs}: train loss {history[-1]['train_loss']:.4f}, "
+              f"val mean AUROC {val_auc:.4f}")
+        if best is None or (not math.isnan(val_auc) and (math.isnan(best[0]) or val_auc > best[0])):
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best = (val_auc, epoch + 1, state, val_per_class)
+            if out_dir is not None:
+                _save_atomic({"model": state, "epoch": epoch + 1, "val_mean_auroc": val_auc,
+                              "class_names": class_names, "settings": asdict(s)},
+                             out_dir / "finetune_best.pt")
+    val_auc, best_epoch, state, val_per_class = best
+    model.load_state_dict(state)
+    scores = predict(model, test, s.batch_size, device, transform, amp_dtype, s.num_workers,
+                     desc="test")
+    per_class, mean_auc = multilabel_auroc(scores, torch.as_tensor(test.labels))
+    return {
+        "mean_auroc": mean_auc,
+        "per_class_auroc": dict(zip(class_names, per_class, strict=True)),
+        "val_mean_auroc": val_auc,
+        "val_per_class_auroc": dict(zip(class_names, val_per_class, strict=True)),
+        "best_epoch": best_epoch,
+        "history": history,
+        "steps": step,
+        "settings": copy.deepcopy(asdict(s)),
+        "test_scores": scores,
+    }

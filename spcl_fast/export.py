@@ -1,0 +1,162 @@
+"""Export an encoder as safetensors in timm's ``VisionTransformer`` layout.
+
+``python -m spcl_fast.export --checkpoint C --out DIR`` writes
+
+* ``DIR/model.safetensors``: the encoder's tensors, fp32, named and shaped exactly as the state
+  dict of ``timm.models.vision_transformer.VisionTransformer(**timm_kwargs)`` with
+  ``class_token=False, global_pool="avg", fc_norm=False, num_classes=0, in_chans=1``:
+  ``patch_embed.proj.weight (D, 1, p, p)``, ``patch_embed.proj.bias (D,)``,
+  ``pos_embed (1, N, D)`` (N = (S/p)^2 rows, no class-token row),
+  ``blocks.{i}.norm1.{weight,bias} (D,)``, ``blocks.{i}.attn.qkv.weight (3D, D)`` (rows q, k, v;
+  heads contiguous inside each), ``blocks.{i}.attn.qkv.bias (3D,)``,
+  ``blocks.{i}.attn.proj.{weight (D, D), bias (D,)}``, ``blocks.{i}.norm2.{weight,bias}``,
+  ``blocks.{i}.mlp.fc1.{weight (4D, D), bias}``, ``blocks.{i}.mlp.fc2.{weight (D, 4D), bias}``,
+  ``norm.{weight,bias} (D,)``. Nothing else: no ``cls_token``, ``fc_norm`` or ``head``.
+* ``DIR/config.json``: ``timm_model`` and ``timm_kwargs`` (everything ``create_model`` needs),
+  the input contract (1 channel in [0, 1], then ``normalize`` with ``mean``/``std``), and the
+  run's training config.
+
+Why these kwargs: the encoder has no class token, and a zero class token would not be neutral
+(every patch attends to it), so the timm model must be built without one
+(``class_token=False``, which also gives ``pos_embed`` exactly N rows). timm's
+``global_pool="avg"`` on its own turns on ``fc_norm`` (LayerNorm after pooling, weights under
+``fc_norm.*``); ``fc_norm=False`` keeps the final LayerNorm per token (``norm.*``) before the
+mean, which is this encoder's maths. With these kwargs ``model(x)`` equals
+``encoder(x)`` (the pooled ``(B, D)`` embedding) and ``model.forward_features(x)`` equals
+``encoder.forward_features(x)`` (``(B, N, D)``).
+
+Loading in timm (strict: every tensor must match)::
+
+    import json, timm
+    cfg = json.load(open("DIR/config.json"))
+    model = timm.create_model(cfg["timm_model"], checkpoint_path="DIR/model.safetensors",
+                              **cfg["timm_kwargs"])
+
+or ``model.load_state_dict(safetensors.torch.load_file("DIR/model.safetensors"))`` on a model
+built with the same kwargs. (``pretrained=True, pretrained_cfg_overlay=dict(file=...)`` also
+reads the file but loads non-strictly, and for names whose default weights are ``.npz``, such as
+``vit_tiny_patch16_224``, hands the file to the npz reader; prefer ``checkpoint_path``.)
+The reverse direction, timm or MAE weights into this package's ViT, is
+:func:`spcl_fast.eval.load_encoder`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .data import synthetic
+from .eval.encoders import EncoderLoadError, load_encoder, vit_state_keys
+
+# timm's registered name for each preset (at its default 224 px; the kwargs set the real size).
+TIMM_NAMES = {
+    "vit_tiny_patch16": "vit_tiny_patch16_224",
+    "vit_small_patch16": "vit_small_patch16_224",
+    "vit_base_patch16": "vit_base_patch16_224",
+    "vit_large_patch16": "vit_large_patch16_224",
+}
+FORMAT = "spcl_fast-timm-vit"
+
+
+def timm_kwargs(encoder) -> dict:
+    """``timm.create_model`` keyword arguments that build a VisionTransformer with exactly this
+    encoder's tensors and forward pass (see the module docstring)."""
+    pe = encoder.patch_embed
+    blk = encoder.blocks[0]
+    return {
+        "img_size": pe.img_size, "patch_size": pe.patch_size, "in_chans": pe.proj.in_channels,
+        "num_classes": 0, "embed_dim": encoder.embed_dim, "depth": len(encoder.blocks),
+        "num_heads": encoder.num_heads,
+        "mlp_ratio": blk.mlp.fc1.out_features / encoder.embed_dim,
+        "qkv_bias": blk.attn.qkv.bias is not None, "class_token": False,
+        "global_pool": "avg", "fc_norm": False,
+    }
+
+
+def _timm_name(encoder, config: dict | None) -> str:
+    name = TIMM_NAMES.get((config or {}).get("model", ""))
+    if name is None:
+        by_width = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit_large"}
+        name = by_width.get(encoder.embed_dim, "vit_base") + "_patch16_224"
+    return name
+
+
+def export_encoder(checkpoint: str | Path, out_dir: str | Path,
+                   image_size: int | None = None) -> dict:
+    """Write ``model.safetensors`` and ``config.json`` for ``checkpoint`` (anything
+    :func:`spcl_fast.eval.load_encoder` reads) into ``out_dir``; returns the config dict.
+
+    Example::
+
+        >>> import tempfile
+        >>> from spcl_fast.train import TrainConfig, train
+        >>> run = tempfile.mkdtemp()
+        >>> _ = train(TrainConfig(embed_dim=32, depth=1, num_heads=2, batch_size=4, steps=1,
+        ...           warmup_steps=1, image_size=32, num_images=8, proj_hidden=16, proj_dim=8,
+        ...           probe=False), run)  # doctest: +ELLIPSIS
+        S-PCL...
+        >>> cfg = export_encoder(run, run + "/export")
+        >>> cfg["timm_kwargs"]["class_token"], cfg["timm_kwargs"]["global_pool"]
+        (False, 'avg')
+    """
+    try:
+        from safetensors.torch import save_file
+    except ImportError as exc:
+        raise RuntimeError("export needs the safetensors package (pip install safetensors)") \
+            from exc
+    loaded = load_encoder(checkpoint, image_size=image_size)
+    encoder = loaded.encoder
+    state = {k: v.detach().float().contiguous().clone() for k, v in encoder.state_dict().items()}
+    kwargs = timm_kwargs(encoder)
+    expected = vit_state_keys(kwargs["depth"], kwargs["qkv_bias"])
+    if set(state) != expected:  # the layout promise above, checked on every export
+        raise RuntimeError(f"encoder state does not match the timm layout: "
+                           f"{sorted(set(state) ^ expected)[:6]}")
+    config = {
+        "format": FORMAT,
+        "timm_model": _timm_name(encoder, loaded.config),
+        "timm_kwargs": kwargs,
+        "image_size": kwargs["img_size"],
+        "input": "1 channel, intensities in [0, 1], then the normalisation below",
+        "normalize": loaded.normalize,
+        # The constants the training engine's "dataset" normaliser uses.
+        "mean": synthetic.MEAN if loaded.normalize == "dataset" else None,
+        "std": synthetic.STD if loaded.normalize == "dataset" else None,
+        "source": {"kind": loaded.kind, "path": loaded.source, "notes": loaded.notes},
+        "spcl_config": loaded.config,
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt", "layout": "timm.VisionTransformer(class_token=False, "
+                "global_pool='avg', fc_norm=False, num_classes=0, in_chans=1)"}
+    save_file(state, str(out_dir / "model.safetensors"), metadata=metadata)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return config
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m spcl_fast.export",
+        description="Export an encoder as timm-layout safetensors (+ config.json).")
+    parser.add_argument("--checkpoint", required=True,
+                        help="spcl_fast run folder or ckpt-*.pt (or timm/MAE weights)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="export for this input size (position embeddings adapted)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = export_encoder(args.checkpoint, args.out, args.image_size)
+    except (EncoderLoadError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    kw = ", ".join(f"{k}={v!r}" for k, v in config["timm_kwargs"].items())
+    print(f"wrote {args.out}/model.safetensors and config.json\n"
+          f"load in timm:\n  timm.create_model({config['timm_model']!r}, "
+          f"checkpoint_path={args.out + '/model.safetensors'!r}, {kw})\n"
+          f"inputs: 1 channel in [0, 1], normalize={config['normalize']!r}")
+    return config
+
+
+if __name__ == "__main__":
+    main()

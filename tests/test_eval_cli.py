@@ -1,0 +1,128 @@
+"""``python -m spcl_fast.eval``: label fractions by patient, the linear-probe CLI end to end, the
+random-init baseline, and the error messages."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from eval_helpers import Squares, write_run
+
+from spcl_fast.eval import __main__ as cli
+from spcl_fast.eval import extract_features, linear_probe, load_encoder, sample_patients
+from spcl_fast.eval.label_fraction import DatasetView, label_fraction_view
+from spcl_fast.train.engine import build_model, normalizer
+
+SMALL = ["--max-images", "40", "--probe-steps", "30", "--l2-grid", "0.001", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return write_run(tmp_path_factory.mktemp("cli") / "run")
+
+
+def _patients(n_patients=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(1, 5, (n_patients,), generator=g).tolist()
+    return [f"p{p:03d}" for p, c in enumerate(counts) for _ in range(c)]
+
+
+def test_label_fraction_samples_patients_reproducibly():
+    pids = _patients()
+    a, b = sample_patients(pids, 0.1, seed=7), sample_patients(pids, 0.1, seed=7)
+    assert torch.equal(a, b)  # same seed, same subset
+    assert not torch.equal(a, sample_patients(pids, 0.1, seed=8))
+    chosen = {pids[i] for i in a}
+    assert len(chosen) == math.ceil(0.1 * 40)  # the fraction is of patients
+    # Every image of a chosen patient is in, no other image is.
+    assert a.tolist() == [i for i, p in enumerate(pids) if p in chosen]
+    # The order of the dataset does not matter; smaller fractions nest in larger ones.
+    rev = pids[::-1]
+    assert {rev[i] for i in sample_patients(rev, 0.1, seed=7)} == chosen
+    assert chosen <= {pids[i] for i in sample_patients(pids, 0.5, seed=7)}
+    assert len(sample_patients(pids, 1e-6)) > 0  # at least one patient
+    with pytest.raises(ValueError):
+        sample_patients(pids, 0.0)
+
+
+def test_label_fraction_keeps_splits_patient_disjoint():
+    pids = _patients(60)
+    train_idx = [i for i, p in enumerate(pids) if int(p[1:]) % 4]  # patients 1,2,3 mod 4
+    test_pids = {p for p in pids if int(p[1:]) % 4 == 0}
+    ds = Squares(len(pids))
+    ds.patient_ids = pids
+    train = DatasetView(ds, train_idx)
+    sub = label_fraction_view(train, 0.25, seed=0)
+    assert set(sub.patient_ids).isdisjoint(test_pids)
+    assert set(sub.patient_ids) <= set(train.patient_ids)
+    assert sub.labels.shape == (len(sub), 1) and label_fraction_view(train, 1.0) is train
+    # Without patient ids (the synthetic set) each image is its own patient.
+    assert len(label_fraction_view(Squares(50), 0.1)) == 5
+
+
+def test_linear_probe_cli_end_to_end(run, tmp_path, capsys):
+    path, config, model = run
+    out = tmp_path / "lp"
+    res = cli.main(["linear-probe", "--checkpoint", path, "--out", str(out), *SMALL])
+    saved = json.loads((out / "results.json").read_text())
+    assert (out / "roc_curves.png").stat().st_size > 1000
+    assert saved["mean_auroc"] == pytest.approx(res["mean_auroc"])
+    assert set(saved["per_class_auroc"]) == {"cardiomegaly", "effusion", "pneumothorax",
+                                             "nodule", "consolidation"}
+    assert saved["dataset"]["sizes"] == {"train": 40, "val": 40, "test": 40}
+    assert saved["encoder"]["kind"] == "spcl" and saved["encoder"]["normalize"] == "image"
+    assert saved["encoder"]["source"].endswith("ckpt-00000003.pt")
+    assert saved["args"]["checkpoint"] == path and saved["l2"] in (0.001, 0.1)
+    assert "mean" in capsys.readouterr().out
+    # The same numbers as probing the checkpoint's encoder by hand with the engine's normaliser.
+    from spcl_fast.data import SyntheticCXR
+
+    feats = [(extract_features(model.encoder, SyntheticCXR(s, num_images=40, image_size=32)
+                               .images(), transform=normalizer(config)),
+              SyntheticCXR(s, num_images=40, image_size=32).labels)
+             for s in ("train", "val", "test")]
+    by_hand = linear_probe(*feats, l2_grid=(0.001, 0.1), steps=30)
+    assert res["mean_auroc"] == pytest.approx(by_hand["mean_auroc"], abs=1e-6)
+
+
+def test_none_baseline_is_the_engines_init(run, tmp_path):
+    path, config, _ = run
+    enc = load_encoder("none", model=path)
+    init = build_model(config).encoder
+    for (k, a), b in zip(enc.encoder.state_dict().items(), init.state_dict().values(),
+                         strict=True):
+        assert torch.equal(a, b), k
+    assert enc.normalize == "image"
+    res = cli.main(["linear-probe", "--checkpoint", "none", "--model", path,
+                    "--label-fraction", "0.5", "--out", str(tmp_path / "n"), *SMALL])
+    assert res["dataset"]["sizes"]["train"] == 20 and res["dataset"]["train_patients"] == 20
+    assert res["encoder"]["kind"] == "none"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "imagenet"], "unknown dataset"),
+    (["--dataset", "chestxray14"], "--root is required"),
+    (["--dataset", "chestxray14", "--root", "/nonexistent/cxr"], "dataset root not found"),
+    (["--checkpoint", "/nonexistent/ckpt.pt"], "checkpoint not found"),
+    (["--model", "vit_giant"], "neither a preset"),
+])
+def test_cli_errors(argv, message):
+    base = {"--checkpoint": "none", "--model": "vit_tiny_patch16", "--image-size": "32",
+            "--patch-size": "8"}
+    for k, v in zip(argv[::2], argv[1::2], strict=True):
+        base[k] = v
+    args = ["linear-probe"] + [x for kv in base.items() for x in kv]
+    with pytest.raises(SystemExit, match=message):
+        cli.main(args)
+
+
+def test_cli_wrong_kind_and_segment_without_masks(run, tmp_path):
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "x.pt")
+    with pytest.raises(SystemExit, match="not a ViT checkpoint"):
+        cli.main(["linear-probe", "--checkpoint", str(tmp_path / "x.pt")])
+    with pytest.raises(SystemExit, match="needs a dataset with masks"):
+        cli.main(["segment", "--checkpoint", run[0], "--max-images", "4"])
+    with pytest.raises(SystemExit, match="multiple of patch_size|cannot"):
+        cli.main(["linear-probe", "--checkpoint", run[0], "--image-size", "36"])
