@@ -25,8 +25,10 @@ FAKE_PHI = {
 }
 
 
-def phantoms(n: int, size: int, seed: int = 0) -> np.ndarray:
-    """``n`` synthetic radiographs as uint8 ``(n, size, size)`` (rendered at <= 256, resized)."""
+def phantoms(n: int, size: int, seed: int = 0, noise: float = 0.0) -> np.ndarray:
+    """``n`` synthetic radiographs as uint8 ``(n, size, size)`` (rendered at <= 256, resized),
+    with Gaussian noise of ``noise`` grey levels (detector noise: makes large PNGs compress
+    like real films)."""
     render = min(size, 256)
     imgs = SyntheticCXR("train", num_images=max(n, 1), image_size=max(render, 32),
                         seed=seed).images(0, n)[:, 0].numpy()
@@ -34,6 +36,9 @@ def phantoms(n: int, size: int, seed: int = 0) -> np.ndarray:
     for k in range(n):
         im = Image.fromarray(np.rint(imgs[k] * 255).astype(np.uint8))
         out[k] = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR))
+    if noise:
+        grain = np.random.default_rng(seed).normal(0.0, noise, out.shape)
+        out = np.clip(out + grain, 0, 255).astype(np.uint8)
     return out
 
 
@@ -113,13 +118,14 @@ def write_dicom(path, arr: np.ndarray, *, photometric: str = "MONOCHROME2",
     return path
 
 
-def make_chestxray14(root, n: int = 24, size: int = 32, seed: int = 0) -> str:
+def make_chestxray14(root, n: int = 24, size: int = 32, seed: int = 0,
+                     noise: float = 0.0) -> str:
     """NIH layout: images/, Data_Entry_2017.csv (2017 quirks: trailing empty column, ages like
     060Y, bracketed headers), train_val_list.txt, test_list.txt (patients 3 apart)."""
     from .chestxray14 import CLASS_NAMES
 
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    imgs = phantoms(n, size, seed)
+    imgs = phantoms(n, size, seed, noise)
     rng = np.random.default_rng(seed)
     rows, train_val, test = [], [], []
     for k in range(n):
@@ -195,10 +201,12 @@ def make_rsna(root, n: int = 20, size: int = 32, seed: int = 0) -> str:
     return os.fspath(root)
 
 
-def make_siim(root, n: int = 12, size: int = 32, seed: int = 0, fmt: str = "relative") -> str:
+def make_siim(root, n: int = 12, size: int = 32, seed: int = 0, fmt: str = "relative",
+              transfer_syntax: str | None = None) -> str:
     """SIIM layout: train-rle.csv (``ImageId, EncodedPixels``) + dicom-images-train/<study>/
-    <series>/<ImageId>.dcm. Every other image has a pneumothorax given as two RLE rows (two
-    rectangles) in ``fmt``; the true masks are in ``root/masks.npy`` (n, size, size)."""
+    <series>/<ImageId>.dcm (``transfer_syntax``: the release uses JPEG Baseline). Every other
+    image has a pneumothorax given as two RLE rows (two rectangles) in ``fmt``; the true masks
+    are in ``root/masks.npy`` (n, size, size)."""
     from pydicom.uid import generate_uid
 
     from .siim import rle_encode
@@ -209,7 +217,7 @@ def make_siim(root, n: int = 12, size: int = 32, seed: int = 0, fmt: str = "rela
     for k in range(n):
         image_id, study, series = generate_uid(), generate_uid(), generate_uid()
         write_dicom(os.path.join(root, "dicom-images-train", study, series, f"{image_id}.dcm"),
-                    imgs[k])
+                    imgs[k], transfer_syntax=transfer_syntax)
         if k % 2:
             parts = [np.zeros((size, size), np.uint8) for _ in range(2)]
             parts[0][2:2 + size // 3, 3:3 + size // 5] = 1
