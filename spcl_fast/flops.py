@@ -8,7 +8,12 @@ needs), never the padding an implementation happens to compute.
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Sequence
+
+import torch
+from torch.utils import flop_counter as fc
 
 ATTENTION_BWD_FACTOR = 2.5  # backward: 5 matmuls (S, dV, dP, dQ, dK) vs the forward's 2
 
@@ -80,3 +85,195 @@ INFO_NCE_BWD_FACTOR = 2  # backward: the two gradient matmuls (G @ B, G^T @ A) v
 def info_nce_bwd_flops(num_queries: int, num_keys: int, dim: int) -> int:
     """Backward FLOPs of :func:`info_nce_flops` (2x the forward: the gradients of both sides)."""
     return INFO_NCE_BWD_FACTOR * info_nce_flops(num_queries, num_keys, dim)
+
+
+def transformer_blocks_flops(
+    seqlens: Sequence[int], *, embed_dim: int, depth: int, num_heads: int, mlp_hidden: int
+) -> dict[str, int]:
+    """Forward FLOPs of ``depth`` pre-norm transformer blocks on segments of the given lengths
+    (a dense ``(B, N, D)`` batch is ``[N] * B``): parts ``linear`` and ``attention``, as in
+    :func:`vit_forward_flops` without the patch embedding (e.g. MAE's decoder)."""
+    parts = vit_forward_flops(
+        num_images=0, num_patches=0, seqlens=seqlens, embed_dim=embed_dim, depth=depth,
+        num_heads=num_heads, mlp_hidden=mlp_hidden, patch_size=1,
+    )
+    return {"linear": parts["linear"], "attention": parts["attention"]}
+
+
+def add_parts(*parts: dict[str, int]) -> dict[str, int]:
+    """Sum FLOP breakdowns key by key (``training_flops`` weighs each key by its own factor)."""
+    total: dict[str, int] = {}
+    for p in parts:
+        for k, v in p.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# FlopCounterMode: what it counts, and the one gap this module fills.
+#
+# FlopCounterMode counts matmuls (mm/addmm/bmm), convolutions and fused attention, forward and
+# backward, and nothing else: LayerNorm, GELU, softmax, pooling, interpolation and elementwise
+# losses are free. The analytic counts above use the same convention, so the two agree exactly
+# on a training step. PyTorch registers formulas for the CUDA SDPA kernels (flash, efficient,
+# cuDNN) but not for the CPU flash kernel that ``scaled_dot_product_attention`` runs on CPU; the
+# registration below adds it with PyTorch's own formulas (backward = 2.5x forward, like
+# ``attention_bwd_flops``), so dense attention counts the same on every device.
+
+
+def register_cpu_sdpa_flop_formulas() -> None:
+    """Teach ``FlopCounterMode`` the CPU flash-attention ops (idempotent)."""
+    aten = torch.ops.aten
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd is not None and fwd not in fc.flop_registry:
+
+        @fc.register_flop_formula(fwd)
+        def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+            return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    if bwd is not None and bwd not in fc.flop_registry:
+
+        @fc.register_flop_formula(bwd)
+        def _cpu_sdpa_bwd(grad_out_shape, query_shape, key_shape, value_shape, *args,
+                          out_shape=None, **kwargs):
+            return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+register_cpu_sdpa_flop_formulas()  # at import, like the custom ops register theirs
+
+
+def measure_flops(fn) -> int:
+    """FLOPs ``FlopCounterMode`` counts while ``fn()`` runs (forward, and backward if ``fn``
+    calls it).
+
+    Example::
+
+        >>> import torch
+        >>> lin = torch.nn.Linear(8, 4)
+        >>> measure_flops(lambda: lin(torch.randn(2, 8))) == linear_flops(2, 8, 4)
+        True
+    """
+    with fc.FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training FLOPs per image of each method, the table and ``python -m spcl_fast.flops``.
+
+MODEL_LABELS = {
+    "vit_tiny_patch16": "ViT-Ti/16",
+    "vit_small_patch16": "ViT-S/16",
+    "vit_base_patch16": "ViT-B/16",
+    "vit_large_patch16": "ViT-L/16",
+}
+TABLE_MODELS = ("vit_small_patch16", "vit_base_patch16", "vit_large_patch16")
+
+# (method, variant label, method keyword arguments). S-PCL variants change only token counts;
+# ``block_size`` changes which tokens, not how many, so it costs what the 50/50 split costs.
+VARIANTS: tuple[tuple[str, str, dict], ...] = (
+    ("spcl", "50/50 split", {}),
+    ("spcl", "ratio in [0.3, 0.7]", {"ratio_range": (0.3, 0.7)}),
+    ("spcl", "keep 0.5 (two 25% subsets)", {"keep": 0.5}),
+    ("spcl", "2x2 block partitions", {"block_size": 2}),
+    ("mae", "75% masked, decoder 8x512", {}),
+    ("dino", "2 global + 10 local crops", {}),
+)
+
+
+def method_train_flops(
+    method: str,
+    model: str = "vit_base_patch16",
+    img_size: int = 224,
+    patch_size: int = 16,
+    batch_size: int = 256,
+    seed: int = 0,
+    **kwargs,
+) -> float:
+    """Training FLOPs per image of one step of ``method`` (``"spcl"|"mae"|"dino"``) on an
+    encoder preset: forward + backward of everything trained, forward of teachers, the loss's
+    matmuls. Built on the meta device (no memory, no init cost) and counted by the method's own
+    ``train_flops``; random token counts (``ratio_range``) average over ``batch_size`` images.
+
+    Example::
+
+        >>> round(method_train_flops("spcl", "vit_base_patch16") / 1e9, 1)
+        102.5
+    """
+    # Imported here: ops (and so nn and methods) import this module.
+    from .methods import build_method
+    from .nn import create_vit
+
+    with torch.device("meta"):
+        encoder = create_vit(model, img_size=img_size, patch_size=patch_size)
+        net = build_method(method, encoder, **kwargs)
+    plan = net.sample_plan(batch_size, torch.Generator().manual_seed(seed), "cpu")
+    return net.train_flops(plan) / batch_size
+
+
+def flops_table(
+    models: Sequence[str] = TABLE_MODELS,
+    img_size: int = 224,
+    variants: Sequence[tuple[str, str, dict]] = VARIANTS,
+) -> list[dict]:
+    """One record per (variant, model): ``method``, ``variant``, ``model``, ``model_name``,
+    ``img_size``, ``gflops`` (2 x MAC), ``gmacs`` and ``vs_spcl`` (ratio to the first S-PCL
+    variant of the same model)."""
+    records = []
+    for model in models:
+        base = None
+        for method, variant, kwargs in variants:
+            gflops = method_train_flops(method, model, img_size, **kwargs) / 1e9
+            base = base if base is not None or method != "spcl" else gflops
+            records.append({
+                "method": method, "variant": variant, "model": MODEL_LABELS.get(model, model),
+                "model_name": model, "img_size": img_size, "gflops": round(gflops, 3),
+                "gmacs": round(gflops / 2, 3),
+                "vs_spcl": round(gflops / base, 3) if base else None,
+            })
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    """Rows = method variants, columns = models, cells = ``GFLOPs (GMACs)`` per image."""
+    models = list(dict.fromkeys(r["model"] for r in records))
+    rows = list(dict.fromkeys((r["method"], r["variant"]) for r in records))
+    cell = {(r["method"], r["variant"], r["model"]): r for r in records}
+    head = f"{'method':<7} {'variant':<28}" + "".join(f"{m:>22}" for m in models)
+    lines = [head, "-" * len(head)]
+    for method, variant in rows:
+        cells = []
+        for m in models:
+            r = cell.get((method, variant, m))
+            cells.append(f"{r['gflops']:>9.1f} ({r['gmacs']:.1f}) x{r['vs_spcl']:<4.2f}" if r
+                         else f"{'-':>22}")
+        lines.append(f"{method:<7} {variant:<28}" + "".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """``python -m spcl_fast.flops [--json] [--img-size S] [--models NAME ...]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m spcl_fast.flops",
+        description="Training FLOPs per image of S-PCL (and variants), MAE and DINO.",
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON list of records")
+    parser.add_argument("--img-size", type=int, default=224, help="image side in pixels")
+    parser.add_argument("--models", nargs="+", default=list(TABLE_MODELS),
+                        choices=sorted(MODEL_LABELS), help="encoder presets (patch 16)")
+    args = parser.parse_args(argv)
+    records = flops_table(args.models, args.img_size)
+    if args.json:
+        print(json.dumps(records, indent=2))
+    else:
+        print(f"Training FLOPs per image at {args.img_size}x{args.img_size}, 1-channel input: "
+              f"GFLOPs (GMACs) xRatio-to-S-PCL-50/50.\nCounted: forward + backward of trained "
+              f"layers, teacher forwards, loss matmuls; matmul/conv/attention only (FLOP = 2 "
+              f"x MAC; norms, activations, softmax excluded).")
+        print(format_table(records))
+    return records
+
+
+if __name__ == "__main__":
+    main()
