@@ -137,3 +137,10 @@ def test_cache_checks_and_pickling(nih, tmp_path):
     torch.testing.assert_close(images, ds.images())
     with pytest.raises(ValueError, match="needs no cache"):
         prepare("synthetic", None, tmp_path / "s", S)
+
+
+def test_uint16_cache(nih, tmp_path):
+    prepare("chestxray14", nih, tmp_path / "c16", S, workers=0, dtype="uint16", progress=False)
+    raw, cached = (ChestXray14(nih, "test", S, cache=c) for c in (None, str(tmp_path / "c16")))
+    assert CacheReader(tmp_path / "c16")._array("shard", 0).dtype == np.uint16
+    assert (raw.images() - cached.images()).abs().max() <= 0.5 / 65535 + 1e-6

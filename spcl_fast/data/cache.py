@@ -67,9 +67,14 @@ class CacheReader:
 
     Example::
 
-        >>> reader = CacheReader("/data/cxr14-256")  # doctest: +SKIP
-        >>> reader.image(reader.positions(["00000001_000.png"])[0]).shape  # doctest: +SKIP
-        torch.Size([1, 256, 256])
+        >>> import tempfile
+        >>> from spcl_fast.data.fixtures import make_chestxray14
+        >>> from spcl_fast.data.prepare import prepare
+        >>> root, out = make_chestxray14(tempfile.mkdtemp(), n=6), tempfile.mkdtemp()
+        >>> _ = prepare("chestxray14", root, out, size=64, workers=0, progress=False)
+        >>> reader = CacheReader(out)
+        >>> reader.image(reader.positions(["00000001_000.png"])[0]).shape
+        torch.Size([1, 64, 64])
     """
 
     def __init__(self, path):

@@ -62,9 +62,12 @@ class ChestXray14(CXRDataset):
 
     Example::
 
-        >>> ds = ChestXray14("../shared/data/chestxray14-mini", "test", 224)  # doctest: +SKIP
-        >>> len(ds), ds[0]["image"].shape, ds.labels.shape  # doctest: +SKIP
-        (310, torch.Size([1, 224, 224]), torch.Size([310, 14]))
+        >>> import tempfile
+        >>> from spcl_fast.data.fixtures import make_chestxray14
+        >>> root = make_chestxray14(tempfile.mkdtemp(), n=12)  # a tiny copy of the layout
+        >>> ds = ChestXray14(root, "test", image_size=64)
+        >>> len(ds), ds[0]["image"].shape, ds.labels.shape, ds.ids[0]
+        (3, torch.Size([1, 64, 64]), torch.Size([3, 14]), '00000004_000.png')
     """
 
     class_names = CLASS_NAMES

@@ -66,10 +66,14 @@ class CheXpert(CXRDataset):
 
     Example::
 
-        >>> ds = CheXpert("/data/CheXpert-v1.0-small", "test", 224)  # doctest: +SKIP
-        >>> ds.class_names, ds.labels.shape  # doctest: +SKIP
-        (('Atelectasis', 'Cardiomegaly', 'Consolidation', 'Edema', 'Pleural Effusion'),
-         torch.Size([202, 5]))
+        >>> import tempfile
+        >>> from spcl_fast.data.fixtures import make_chexpert
+        >>> root = make_chexpert(tempfile.mkdtemp(), n_train=8, n_valid=3)
+        >>> ds = CheXpert(root, "test", image_size=64)
+        >>> len(ds), ds[0]["image"].shape, ds.labels.shape
+        (2, torch.Size([1, 64, 64]), torch.Size([2, 5]))
+        >>> ds.ids[0], ds.patient_ids[0]
+        ('valid/patient64550/study1/view2_frontal.jpg', 'patient64550')
     """
 
     name = "chexpert"

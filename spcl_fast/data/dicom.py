@@ -171,10 +171,10 @@ def read_dicom(path, frame: int = 0, max_pixels: int = MAX_PIXELS, plugin: str =
 
     Example::
 
-        >>> from pydicom.data import get_testdata_file  # doctest: +SKIP
-        >>> img = read_dicom(get_testdata_file("RG1_UNCR.dcm"))  # doctest: +SKIP
-        >>> img.shape, img.dtype, float(img.min()) >= 0.0, float(img.max()) <= 1.0  # +SKIP
-        ((1955, 1841), dtype('float32'), True, True)
+        >>> from pydicom.data import get_testdata_file
+        >>> img = read_dicom(get_testdata_file("MR_small.dcm"))  # shipped with pydicom
+        >>> img.shape, img.dtype, bool(0 <= img.min() <= img.max() <= 1)
+        ((64, 64), dtype('float32'), True)
     """
     import pydicom
     from pydicom.pixels import pixel_array

@@ -117,10 +117,8 @@ def fit_square(img: np.ndarray, size: int) -> np.ndarray:
 
     Example::
 
-        >>> fit_square(np.ones((100, 50), np.float32), 10)[:, :3].tolist()[0]
-        [0.0, 0.0, 0.0]
-        >>> fit_square(np.ones((100, 50), np.float32), 10)[:, 3:7].min()
-        1.0
+        >>> fit_square(np.ones((100, 50), np.float32), 10)[0].round(3).tolist()
+        [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
     """
     h, w = img.shape
     s = size / max(h, w)

@@ -61,9 +61,13 @@ class RSNAPneumonia(CXRDataset):
 
     Example::
 
-        >>> ds = RSNAPneumonia("/data/rsna", "val", 224)  # doctest: +SKIP
-        >>> ds.labels.shape, ds.boxes[0].shape, ds.image_boxes(0).shape  # doctest: +SKIP
-        (torch.Size([4003, 1]), (2, 4), (2, 4))
+        >>> import tempfile
+        >>> from spcl_fast.data.fixtures import make_rsna
+        >>> ds = RSNAPneumonia(make_rsna(tempfile.mkdtemp(), n=6, size=32), "all", 64)
+        >>> ds[0]["image"].shape, ds.labels[:, 0].tolist(), ds.boxes[0].shape
+        (torch.Size([1, 64, 64]), [1.0, 0.0, 0.0, 1.0, 0.0, 0.0], (1, 4))
+        >>> ds.image_boxes(0).tolist()  # (x0, y0, x1, y1) at 64 = 2x the 32-pixel source
+        [[4.0, 6.0, 20.0, 26.0]]
     """
 
     class_names = CLASS_NAMES

@@ -129,9 +129,12 @@ class SIIMPneumothorax(CXRDataset):
 
     Example::
 
-        >>> ds = SIIMPneumothorax("../shared/data/siim-one", "all", 256)  # doctest: +SKIP
-        >>> item = ds[0]; item["mask"].shape, float(item["mask"].sum())  # doctest: +SKIP
-        (torch.Size([1, 256, 256]), 0.0)
+        >>> import tempfile
+        >>> from spcl_fast.data.fixtures import make_siim
+        >>> ds = SIIMPneumothorax(make_siim(tempfile.mkdtemp(), n=4, size=32), "all", 32)
+        >>> item = ds[1]
+        >>> item["mask"].shape, float(item["mask"].sum()), ds.labels[:, 0].tolist()
+        (torch.Size([1, 32, 32]), 84.0, [0.0, 1.0, 0.0, 1.0])
     """
 
     class_names = CLASS_NAMES
