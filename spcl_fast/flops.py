@@ -3,7 +3,12 @@ benchmarks and the training reports.
 
 Convention: a multiply-add counts as 2 FLOPs (what hardware peaks are quoted in). Vision papers'
 "GFLOPs" are multiply-accumulates: ``macs = flops / 2``. Counts are algorithmic (the work the maths
-needs), never the padding an implementation happens to compute.
+needs), never the padding an implementation happens to compute. Only matmuls, convolutions and
+attention are counted (norms, activations, softmax, pooling and elementwise losses are not), which
+is also what ``FlopCounterMode`` counts, so the two agree exactly on a training step.
+
+``python -m spcl_fast.flops [--json] [--img-size S] [--models NAME ...]`` prints the training
+FLOPs per image of S-PCL (and its variants), MAE and DINO at ViT-S/B/L (:func:`flops_table`).
 """
 
 from __future__ import annotations
