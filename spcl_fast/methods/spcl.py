@@ -9,6 +9,7 @@ apart. No augmentations, no decoder, no momentum encoder.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import flops
@@ -43,6 +44,12 @@ class SPCL(nn.Module):
         temperature: InfoNCE temperature.
         ratio, ratio_range, keep, block_size, shared_split: subset sizes and shapes (see
             :func:`spcl_fast.sample_partitions`).
+        subset_jitter: strength of an independent random intensity change (contrast,
+            brightness, curvature, noise) applied to each subset's pixels while training, so
+            the two subsets of an image cannot be paired by acquisition statistics (0: off).
+        subset_warp: strength of an independent small random affine warp (shift, scale,
+            rotation) of each subset's pixels while training, so the subsets cannot be paired
+            by where the anatomy sits in the frame (0: off).
         negatives, symmetric: InfoNCE variant (see :func:`spcl_fast.info_nce`).
         layout: ``"packed"`` or ``"inplace"`` residual-stream layout of the encoder.
 
@@ -70,6 +77,8 @@ class SPCL(nn.Module):
         keep: float = 1.0,
         block_size: int = 1,
         shared_split: bool = False,
+        subset_jitter: float = 0.0,
+        subset_warp: float = 0.0,
         negatives: str = "cross",
         symmetric: bool = True,
         layout: str = "packed",
@@ -80,6 +89,7 @@ class SPCL(nn.Module):
         self.temperature = temperature
         self.ratio, self.ratio_range, self.keep = ratio, ratio_range, keep
         self.block_size, self.shared_split = block_size, shared_split
+        self.subset_jitter, self.subset_warp = subset_jitter, subset_warp
         self.negatives, self.symmetric = negatives, symmetric
         self.layout = layout
 
@@ -109,6 +119,35 @@ class SPCL(nn.Module):
         parts["loss"] = flops.info_nce_flops(queries, queries, d)
         return flops.training_flops(parts)
 
+    def _jitter_subsets(self, images, plan, generator) -> torch.Tensor:
+        """A composite image whose subset-A patches and subset-B patches carry independent
+        intensity changes (patch embedding is per patch, so this equals jittering each
+        subset's tokens)."""
+        b = images.shape[0]
+        s, w = self.subset_jitter, self.subset_warp
+        views = []
+        for _ in range(2):
+            u = torch.rand(8, b, 1, 1, 1, generator=generator).to(images.device) * 2 - 1
+            x = images
+            if w > 0:
+                angle, scale = 0.1 * w * u[4, :, 0, 0, 0], torch.exp(0.1 * w * u[5, :, 0, 0, 0])
+                cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+                theta = torch.stack([torch.stack([cos, -sin, 0.1 * w * u[6, :, 0, 0, 0]], -1),
+                                     torch.stack([sin, cos, 0.1 * w * u[7, :, 0, 0, 0]], -1)], 1)
+                grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+                x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+            if s > 0:
+                contrast, brightness = torch.exp(0.4 * s * u[0]), 0.4 * s * u[1]
+                curve, noise = 0.2 * s * u[2], 0.1 * s * (u[3] + 1) * torch.randn_like(x)
+                x = contrast * x + brightness + curve * (x.square() - 1) + noise
+            views.append(x)
+        in_b = torch.zeros(b * plan.num_tokens, dtype=torch.bool, device=images.device)
+        in_b[plan.token_index] = plan.segment_ids() % 2 == 1
+        grid = self.encoder.patch_embed.grid_size
+        patch = self.encoder.patch_embed.patch_size
+        mask = in_b.view(b, 1, grid, grid).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+        return torch.where(mask, views[1], views[0])
+
     def forward(
         self,
         images: torch.Tensor,
@@ -117,6 +156,8 @@ class SPCL(nn.Module):
     ) -> dict[str, torch.Tensor]:
         if plan is None:
             plan = self.sample_plan(images.shape[0], generator, images.device)
+        if (self.subset_jitter > 0 or self.subset_warp > 0) and self.training:
+            images = self._jitter_subsets(images, plan, generator)
         pooled = self.encoder.forward_partitioned(images, plan, self.layout)  # (2B, D)
         z = self.projector(pooled).view(images.shape[0], 2, -1)
         z_a, z_b = z[:, 0], z[:, 1]

@@ -20,7 +20,9 @@ class TrainConfig:
     dataset: str = "synthetic"  # dataset name: synthetic, or a real one from spcl_fast.data
     data_root: str | None = None  # dataset folder (real datasets only)
     image_size: int = 64  # images are square, image_size x image_size pixels
+    data_cache: str | None = None  # preprocessing cache folder (python -m spcl_fast.data.prepare)
     num_images: int | None = None  # use only the first N training images (None: all)
+    num_workers: int = 2  # DataLoader worker processes for real datasets
     normalize: str = "dataset"  # input intensity normalisation: dataset | image | none
     # --- model
     model: str = "vit_tiny_patch16"  # encoder preset from spcl_fast.nn.PRESETS
@@ -36,6 +38,8 @@ class TrainConfig:
     keep: float = 1.0  # fraction of tokens used at all (the rest are in neither subset)
     block_size: int = 1  # assign k x k blocks of patches to subsets together (1: single tokens)
     shared_split: bool = False  # one split for the whole batch (no position-pattern shortcut)
+    subset_jitter: float = 0.0  # independent intensity jitter per subset while training (0: off)
+    subset_warp: float = 0.0  # independent small affine warp per subset while training (0: off)
     temperature: float = 0.1  # InfoNCE temperature
     negatives: str = "cross"  # InfoNCE negatives: cross (CLIP-style) | all (SimCLR NT-Xent)
     proj_hidden: int = 512  # projector hidden width
@@ -43,6 +47,17 @@ class TrainConfig:
     proj_depth: int = 1  # projector hidden layers
     layout: str = "packed"  # residual stream layout: packed | inplace
     impl: str = "auto"  # kernel implementation: auto | triton | torch
+    mask_ratio: float = 0.75  # mae: fraction of patches hidden from the encoder
+    decoder_dim: int = 512  # mae: decoder width
+    decoder_depth: int = 8  # mae: decoder blocks
+    decoder_heads: int = 16  # mae: decoder attention heads
+    norm_pix_loss: bool = True  # mae: regress per-patch normalised pixels (else raw pixels)
+    dino_local_crops: int = 10  # dino: local crops per image (plus 2 global crops)
+    dino_global_size: int | None = None  # dino: global crop side (None: image_size)
+    dino_local_size: int | None = None  # dino: local crop side (None: 96/224 of image_size)
+    dino_out_dim: int = 65536  # dino: head output size (number of prototypes)
+    teacher_temp: float = 0.04  # dino: teacher softmax temperature (the student's is 0.1)
+    teacher_momentum: float = 0.996  # dino: teacher EMA momentum at step 0, cosine to 1 at the end
     # --- optimisation
     batch_size: int = 64  # images per step (the loss sees 2x this many subsets)
     steps: int = 200  # optimizer steps in total

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..data import build_dataset, normalize_images
 from ..data import synthetic as synthetic_data
-from ..methods import SPCL
+from ..methods import DINO, MAE, SPCL
 from ..nn import create_vit
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -32,7 +32,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_model(config: TrainConfig) -> SPCL:
+def build_model(config: TrainConfig) -> torch.nn.Module:
     """The encoder and method of ``config``, initialised from ``config.seed``."""
     torch.manual_seed(config.seed)
     overrides = {
@@ -45,13 +45,23 @@ def build_model(config: TrainConfig) -> SPCL:
         config.model, img_size=config.image_size, patch_size=config.patch_size,
         pos_embed=config.pos_embed, impl=config.impl, **overrides,
     )
+    if config.method == "mae":
+        return MAE(encoder, mask_ratio=config.mask_ratio, decoder_dim=config.decoder_dim,
+                   decoder_depth=config.decoder_depth, decoder_heads=config.decoder_heads,
+                   norm_pix_loss=config.norm_pix_loss)
+    if config.method == "dino":
+        return DINO(encoder, num_local=config.dino_local_crops,
+                    global_size=config.dino_global_size, local_size=config.dino_local_size,
+                    out_dim=config.dino_out_dim, teacher_temp=config.teacher_temp,
+                    teacher_momentum=config.teacher_momentum, total_steps=config.steps)
     if config.method != "spcl":
-        raise ValueError(f"unknown method {config.method!r}; available: spcl")
+        raise ValueError(f"unknown method {config.method!r}; available: spcl, mae, dino")
     return SPCL(
         encoder, proj_hidden=config.proj_hidden, proj_dim=config.proj_dim,
         proj_depth=config.proj_depth, temperature=config.temperature, ratio=config.ratio,
         ratio_range=config.ratio_range, keep=config.keep, block_size=config.block_size,
-        shared_split=config.shared_split,
+        shared_split=config.shared_split, subset_jitter=config.subset_jitter,
+        subset_warp=config.subset_warp,
         negatives=config.negatives,
         layout=config.layout,
     )
@@ -77,44 +87,91 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 class BatchStream:
-    """Batches in a fresh random order each epoch (seeded by ``(seed, epoch)``), no image twice
-    per epoch, the last incomplete batch dropped; its position is part of the checkpoint."""
+    """Batches of images in a fresh random order each epoch (seeded by ``(seed, epoch)``): no
+    image twice per epoch, the last incomplete batch dropped. Its position is part of the
+    checkpoint, so a resumed run sees exactly the batches it would have seen.
 
-    def __init__(self, images: torch.Tensor, batch_size: int, seed: int):
-        if images.shape[0] < batch_size:
-            raise ValueError(f"batch_size {batch_size} exceeds the {images.shape[0]} images")
-        self.images, self.batch_size, self.seed = images, batch_size, seed
+    ``source`` is an in-memory ``(n, 1, S, S)`` tensor (the synthetic set) or a map-style
+    dataset read through a ``DataLoader`` with ``num_workers`` processes (real datasets).
+    """
+
+    def __init__(self, source, batch_size: int, seed: int, num_workers: int = 0):
+        if len(source) < batch_size:
+            raise ValueError(f"batch_size {batch_size} exceeds the {len(source)} images")
+        self.source, self.batch_size, self.seed = source, batch_size, seed
+        self.num_workers = num_workers
         self.epoch, self.position = 0, 0
+        self._loader = None
 
     def _order(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.images.shape[0], generator=g)
+        return torch.randperm(len(self.source), generator=g)
 
     def next(self) -> torch.Tensor:
-        if self.position + self.batch_size > self.images.shape[0]:
-            self.epoch, self.position = self.epoch + 1, 0
-        idx = self._order()[self.position : self.position + self.batch_size]
+        if self.position + self.batch_size > len(self.source):
+            self.epoch, self.position, self._loader = self.epoch + 1, 0, None
+        if isinstance(self.source, torch.Tensor):
+            idx = self._order()[self.position : self.position + self.batch_size]
+            batch = self.source[idx]
+        else:
+            if self._loader is None:  # (re)start the epoch at the saved position
+                remaining = self._order()[self.position :].tolist()
+                self._loader = iter(torch.utils.data.DataLoader(
+                    torch.utils.data.Subset(self.source, remaining), batch_size=self.batch_size,
+                    drop_last=True, num_workers=self.num_workers,
+                    persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                ))
+            batch = next(self._loader)["image"]
         self.position += self.batch_size
-        return self.images[idx]
+        return batch
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._loader = None
 
 
-def load_images(config: TrainConfig, split: str) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    """All images of a split in memory, ``(n, 1, S, S)`` in [0, 1], with labels and class names."""
-    kwargs = {"seed": 0}
+def load_split(config: TrainConfig, split: str):
+    """The dataset of a split: the synthetic set rendered into memory (``(n, 1, S, S)``
+    tensor), a real one as a map-style dataset that skips unreadable files. Returns
+    ``(images_or_dataset, labels (n, C), class_names)``."""
+    if config.dataset == "synthetic":
+        kwargs = {"seed": 0}
+        if config.num_images is not None and split == "train":
+            kwargs["num_images"] = config.num_images
+        ds = build_dataset("synthetic", None, split, config.image_size, **kwargs)
+        return ds.images(), ds.labels, tuple(ds.class_names)
+    ds = build_dataset(config.dataset, config.data_root, split, config.image_size,
+                       cache=config.data_cache, on_error="skip")
     if config.num_images is not None and split == "train":
-        kwargs["num_images"] = config.num_images
-    ds = build_dataset(config.dataset, config.data_root, split, config.image_size, **kwargs)
-    return ds.images(), ds.labels, tuple(ds.class_names)
+        ds = torch.utils.data.Subset(ds, range(min(config.num_images, len(ds))))
+        labels, names = ds.dataset.labels[: len(ds)], ds.dataset.class_names
+        return ds, labels, tuple(names)
+    return ds, ds.labels, tuple(ds.class_names)
 
 
-def normalizer(config: TrainConfig):
-    mean, std = synthetic_data.MEAN, synthetic_data.STD
+def as_tensor(source, batch_size: int = 256, num_workers: int = 0) -> torch.Tensor:
+    """All images of an in-memory tensor or a dataset, ``(n, 1, S, S)`` (for probing)."""
+    if isinstance(source, torch.Tensor):
+        return source
+    loader = torch.utils.data.DataLoader(source, batch_size=batch_size, num_workers=num_workers)
+    return torch.cat([batch["image"] for batch in loader])
+
+
+def intensity_stats(config: TrainConfig, source) -> tuple[float, float]:
+    """Dataset-wide pixel mean and std for ``normalize="dataset"``: fixed constants for the
+    synthetic set, measured on the first 256 training images of a real one."""
+    if config.dataset == "synthetic":
+        return synthetic_data.MEAN, synthetic_data.STD
+    n = min(256, len(source))
+    sample = as_tensor(torch.utils.data.Subset(source, range(n)), num_workers=config.num_workers)
+    return sample.mean().item(), sample.std().item()
+
+
+def normalizer(config: TrainConfig, stats: tuple[float, float]):
+    mean, std = stats
     return lambda x: normalize_images(x, config.normalize, mean, std)
 
 
@@ -142,12 +199,15 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict]:
     return [r for r in records if r["step"] <= upto_step]
 
 
-def probe_encoders(config: TrainConfig, model: SPCL, device: torch.device) -> dict:
+def probe_encoders(config: TrainConfig, model: SPCL, device: torch.device, stats) -> dict:
     """Linear-probe the trained encoder and the same encoder at initialisation."""
     from ..eval import extract_features, linear_probe
 
-    transform = normalizer(config)
-    splits = {s: load_images(config, s) for s in ("train", "val", "test")}
+    transform = normalizer(config, stats)
+    splits = {}
+    for split in ("train", "val", "test"):
+        source, labels, names = load_split(config, split)
+        splits[split] = (as_tensor(source, num_workers=config.num_workers), labels, names)
     results = {}
     for name, encoder in (("pretrained", model.encoder), ("init", build_model(config).encoder)):
         encoder = encoder.to(device)
@@ -169,9 +229,10 @@ def train(config: TrainConfig, out_dir: str | Path, resume: str | Path | None = 
         torch.set_num_threads(config.threads)
     (out_dir / "config.json").write_text(config.to_json())
 
-    images, _, _ = load_images(config, "train")
-    stream = BatchStream(images, config.batch_size, config.seed)
-    transform = normalizer(config)
+    source, _, _ = load_split(config, "train")
+    stream = BatchStream(source, config.batch_size, config.seed, config.num_workers)
+    stats = intensity_stats(config, source)
+    transform = normalizer(config, stats)
     model = build_model(config).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
                                   betas=config.betas)
@@ -201,6 +262,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: str | Path | None = 
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
             "data": stream.state_dict(), "partition_rng": partitions.get_state(),
             "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(config),
+            "intensity_stats": list(stats),
         }
 
     model.train()
@@ -233,14 +295,16 @@ def train(config: TrainConfig, out_dir: str | Path, resume: str | Path | None = 
                 continue
             bad_streak = 0
             optimizer.step()
+            if hasattr(model, "after_step"):  # e.g. DINO's EMA teacher update
+                model.after_step(step)
             step += 1
             window_images += x.shape[0]
             if step % config.log_every == 0 or step == config.steps:
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                    "acc": out["acc"].item(), "pos_sim": out["pos_sim"].item(),
-                    "neg_sim": out["neg_sim"].item(), "images_per_s": window_images / elapsed,
+                    **{k: v.item() for k, v in out.items() if k != "loss"},  # method's stats
+                    "images_per_s": window_images / elapsed,
                     "gflops_per_image": gflops, "skipped_steps": skipped,
                 }
                 log.write(json.dumps(record) + "\n")
@@ -258,8 +322,8 @@ def train(config: TrainConfig, out_dir: str | Path, resume: str | Path | None = 
 
     summary = {"steps": step, "skipped_steps": skipped, "checkpoint": str(ckpt),
                "final_loss": records[-1]["loss"] if records else None,
-               "gflops_per_image": gflops}
+               "gflops_per_image": gflops, "intensity_stats": list(stats)}
     if config.probe:
-        summary["probe"] = probe_encoders(config, model, device)
+        summary["probe"] = probe_encoders(config, model, device, stats)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
