@@ -110,6 +110,7 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path,
     encoder = loaded.encoder
     state = {k: v.detach().float().contiguous().clone() for k, v in encoder.state_dict().items()}
     kwargs = timm_kwargs(encoder)
+    stats = loaded.stats or (synthetic.MEAN, synthetic.STD)
     expected = vit_state_keys(kwargs["depth"], kwargs["qkv_bias"])
     if set(state) != expected:  # the layout promise above, checked on every export
         raise RuntimeError(f"encoder state does not match the timm layout: "
@@ -121,9 +122,9 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path,
         "image_size": kwargs["img_size"],
         "input": "1 channel, intensities in [0, 1], then the normalisation below",
         "normalize": loaded.normalize,
-        # The constants the training engine's "dataset" normaliser uses.
-        "mean": synthetic.MEAN if loaded.normalize == "dataset" else None,
-        "std": synthetic.STD if loaded.normalize == "dataset" else None,
+        # The intensity statistics of the "dataset" mode, as the run used them.
+        "mean": stats[0] if loaded.normalize == "dataset" else None,
+        "std": stats[1] if loaded.normalize == "dataset" else None,
         "source": {"kind": loaded.kind, "path": loaded.source, "notes": loaded.notes},
         "spcl_config": loaded.config,
     }

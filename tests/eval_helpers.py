@@ -15,9 +15,11 @@ TINY = dict(embed_dim=32, depth=2, num_heads=2, image_size=32, patch_size=8, pro
             proj_dim=16, normalize="image", probe=False)
 
 
-def write_run(folder, step: int = 3, **changes) -> tuple[str, TrainConfig, torch.nn.Module]:
-    """A run folder with ``config.json`` and ``ckpt-<step>.pt`` as the engine writes them;
-    the weights are perturbed from the init so a loader that re-initialises would be caught."""
+def write_run(folder, step: int = 3, stats=None,
+              **changes) -> tuple[str, TrainConfig, torch.nn.Module]:
+    """A run folder with ``config.json`` and ``ckpt-<step>.pt`` as the engine writes them
+    (with ``intensity_stats`` when ``stats`` is given); the weights are perturbed from the init
+    so a loader that re-initialises would be caught."""
     config = dataclasses.replace(TrainConfig(), **{**TINY, **changes})
     model = build_model(config)
     with torch.no_grad():
@@ -25,8 +27,10 @@ def write_run(folder, step: int = 3, **changes) -> tuple[str, TrainConfig, torch
             p.add_(0.01 * torch.randn_like(p))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(config.to_json())
-    save_checkpoint({"model": model.state_dict(), "config": dataclasses.asdict(config),
-                     "step": step}, folder, step)
+    state = {"model": model.state_dict(), "config": dataclasses.asdict(config), "step": step}
+    if stats is not None:
+        state["intensity_stats"] = list(stats)
+    save_checkpoint(state, folder, step)
     return str(folder), config, model
 
 

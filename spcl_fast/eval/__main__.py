@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ from .. import __version__
 from .. import data as data_lib
 from ..data import NORMALIZE_MODES
 from ..train.engine import resolve_device
-from .encoders import EncoderLoadError, load_encoder
+from .encoders import EncoderLoadError, dataset_stats, load_encoder
 from .finetune import FinetuneSettings, finetune
 from .label_fraction import DEFAULT_SEED, DatasetView, label_fraction_view, patient_ids_of
 from .linear_probe import L2_GRID, extract_dataset_features, linear_probe
@@ -44,16 +46,20 @@ TASKS = ("linear-probe", "finetune", "segment")
 
 
 def _add_settings(parser: argparse.ArgumentParser, settings_cls, skip=()) -> None:
-    """One ``--flag`` per field of a settings dataclass (defaults and types from the class)."""
+    """One ``--flag`` per field of a settings dataclass (defaults, types and the field's
+    comment as help, from the class)."""
+    comments = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(settings_cls), re.M))
     for f in dataclasses.fields(settings_cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", default=f.default)
+            parser.add_argument(flag, action="store_true", default=f.default,
+                                help=comments.get(f.name))
         else:
             typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
-            parser.add_argument(flag, type=typ, default=f.default, help=f"default {f.default}")
+            parser.add_argument(flag, type=typ, default=f.default,
+                                help=f"{comments.get(f.name, '')} (default {f.default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--root", default=None, help="dataset folder (real datasets)")
         p.add_argument("--cache", default=None, help="preprocessing cache folder")
         p.add_argument("--image-size", type=int, default=None,
-                       help="default: the checkpoint's image size (224 for presets)")
+                       help="default: the run's image size, else the grid of external "
+                            "weights, else 224")
         p.add_argument("--patch-size", type=int, default=None, help="patch of a 'none' preset")
         p.add_argument("--normalize", choices=NORMALIZE_MODES, default=None,
                        help="override the encoder's input normalisation")
@@ -121,8 +128,10 @@ def build_splits(args, image_size: int) -> dict:
             raise EvalError(f"cannot build {args.dataset}/{split}: {exc}") from exc
         if args.max_images is not None:
             ds = DatasetView(ds, range(min(args.max_images, len(ds))))
+        if len(ds) == 0:
+            raise EvalError(f"the {split} split of {args.dataset} ({args.root}) is empty")
         splits[split] = ds
-    full_train = splits["train"]
+    full_train = splits["full_train"] = splits["train"]
     splits["train"] = label_fraction_view(full_train, args.label_fraction, args.fraction_seed)
     splits["_train_patients"] = (len(set(patient_ids_of(full_train))),
                                  len(set(patient_ids_of(splits["train"]))))
@@ -150,7 +159,10 @@ def _settings(cls, args, **fixed):
 def run(args) -> dict:
     """Run one evaluation task from parsed arguments; returns the results dict."""
     started = time.perf_counter()
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except (RuntimeError, ValueError) as exc:
+        raise EvalError(str(exc)) from exc
     try:
         loaded = load_encoder(args.checkpoint, model=args.model, image_size=args.image_size,
                               patch_size=args.patch_size, normalize=args.normalize)
@@ -164,6 +176,9 @@ def run(args) -> dict:
     out = Path(args.out) if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+    if loaded.stats is None and loaded.normalize == "dataset":
+        loaded.stats = dataset_stats(args.dataset, splits["full_train"])
+        loaded.notes.append("intensity mean/std measured on the evaluated training split")
     encoder, transform = loaded.encoder.to(device), loaded.transform()
     train, val, test = splits["train"], splits["val"], splits["test"]
     class_names = list(test.class_names)

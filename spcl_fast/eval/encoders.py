@@ -24,10 +24,13 @@ square grid (after its class-token row) is an error. Every file is read with
 ``torch.load(weights_only=True)`` (MAE's ``args`` namespace is the one extra type allowed) or
 safetensors.
 
-Input normalisation travels with the encoder (``LoadedEncoder.normalize``): the run's own
-``normalize`` for spcl_fast checkpoints and exports, the training default (``"dataset"``) for
-random presets, and ``"image"`` (each image to zero mean, unit variance) for external weights,
-whose pixel statistics this package cannot know.
+Input normalisation travels with the encoder (``LoadedEncoder.normalize`` and ``.stats``): the
+run's own ``normalize`` mode and intensity mean/std (``intensity_stats`` of the checkpoint, or
+the export's ``mean``/``std``) for spcl_fast checkpoints and exports, the training default
+(``"dataset"``) for random presets, and ``"image"`` (each image to zero mean, unit variance) for
+external weights, whose pixel statistics this package cannot know. Where ``"dataset"`` mode has
+no recorded statistics they are measured as the training engine measures them (fixed constants
+for the synthetic set, the first 256 training images of a real one): see :func:`dataset_stats`.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..data import normalize_images, synthetic
 from ..nn import PRESETS, VisionTransformer, create_vit
 from ..train.checkpoint import list_checkpoints, load_checkpoint
 from ..train.config import TrainConfig
@@ -69,6 +73,8 @@ class LoadedEncoder:
         source: the path (or ``"none"``) it was loaded from; for a run folder the checkpoint
             file actually read.
         normalize: input normalisation mode (see :func:`spcl_fast.data.normalize_images`).
+        stats: ``(mean, std)`` of the ``"dataset"`` mode as training used them, or ``None``
+            when not recorded (then :func:`dataset_stats` of the evaluated data).
         config: the training config dict of the run (spcl checkpoints, exports with one, and
             ``none`` built like a run), else ``None``.
         notes: what the conversion dropped or changed, for the results file.
@@ -80,22 +86,24 @@ class LoadedEncoder:
     normalize: str
     config: dict | None = None
     notes: list[str] = field(default_factory=list)
+    stats: tuple[float, float] | None = None
 
     @property
     def image_size(self) -> int:
         return self.encoder.patch_embed.img_size
 
-    def transform(self):
-        """The input transform ``(B, 1, S, S) in [0, 1] -> normalised``: the training engine's
-        own normaliser for this run's config, so evaluation sees what training saw."""
-        from ..train.engine import normalizer
-
-        return normalizer(train_config(self.config or {}, normalize=self.normalize))
+    def transform(self, fallback_stats: tuple[float, float] | None = None):
+        """The input transform ``(B, 1, S, S) in [0, 1] -> normalised`` with this encoder's mode
+        and statistics (``fallback_stats`` where none were recorded), as training applied it."""
+        mean, std = self.stats or fallback_stats or (synthetic.MEAN, synthetic.STD)
+        mode = self.normalize
+        return lambda x: normalize_images(x, mode, mean, std)
 
     def describe(self) -> dict:
         enc = self.encoder
         return {
             "kind": self.kind, "source": self.source, "normalize": self.normalize,
+            "stats": list(self.stats) if self.stats else None,
             "image_size": enc.patch_embed.img_size, "patch_size": enc.patch_embed.patch_size,
             "embed_dim": enc.embed_dim, "depth": enc.depth, "num_heads": enc.num_heads,
             "parameters": sum(p.numel() for p in enc.parameters()), "notes": list(self.notes),
@@ -167,26 +175,48 @@ def _random_encoder(model: str | None, image_size: int | None, patch_size: int |
             f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an "
             "existing run folder, checkpoint or config.json"
         )
-    config = _config_of(path)
+    config, stats = _config_of(path)
     if image_size is not None:
         config = {**config, "image_size": image_size}
     # Seeded exactly like the training engine's build_model: the same init it probes against.
     torch.manual_seed(int(config.get("seed", 0)))
     encoder = _vit_from_config(config)
     return LoadedEncoder(encoder, "none", "none", config.get("normalize", "dataset"), config,
-                         [f"random init of the architecture of {path}"])
+                         [f"random init of the architecture of {path}"], stats)
 
 
-def _config_of(path: Path) -> dict:
-    """The training config of a run folder, checkpoint or config.json."""
+def _config_of(path: Path) -> tuple[dict, tuple[float, float] | None]:
+    """The training config of a run folder, checkpoint or config.json, and the run's intensity
+    statistics where recorded."""
     if path.is_file() and path.suffix == ".json":
-        return json.loads(path.read_text())
-    if path.is_dir() and (path / "config.json").exists():
-        return json.loads((path / "config.json").read_text())
+        return json.loads(path.read_text()), None
+    if path.is_dir() and not list_checkpoints(path):
+        if not (path / "config.json").exists():
+            raise EncoderLoadError(f"{path} holds no spcl_fast run (no ckpt-*.pt, config.json)")
+        summary = path / "summary.json"
+        stats = json.loads(summary.read_text()).get("intensity_stats") if summary.exists() \
+            else None
+        return json.loads((path / "config.json").read_text()), _stats(stats)
     state, _ = load_checkpoint(path)
     if not isinstance(state, dict) or "config" not in state:
         raise EncoderLoadError(f"{path} holds no spcl_fast training config")
-    return state["config"]
+    # Before checkpoints recorded their statistics the engine always used the synthetic ones.
+    return state["config"], _stats(state.get("intensity_stats")) or (synthetic.MEAN,
+                                                                      synthetic.STD)
+
+
+def _stats(value) -> tuple[float, float] | None:
+    return (float(value[0]), float(value[1])) if value else None
+
+
+def dataset_stats(dataset_name: str, train, count: int = 256) -> tuple[float, float]:
+    """Intensity mean and std for ``normalize="dataset"`` where a checkpoint recorded none, by
+    the training engine's rule: the fixed constants for the synthetic set, else measured on the
+    first ``count`` training images."""
+    if dataset_name == "synthetic":
+        return synthetic.MEAN, synthetic.STD
+    images = torch.stack([train[i]["image"] for i in range(min(count, len(train)))])
+    return images.mean().item(), images.std().item()
 
 
 def _load_path(path: Path, model: str | None, image_size: int | None) -> LoadedEncoder:
@@ -245,8 +275,10 @@ def _from_spcl_state(state: dict, path: Path, image_size: int | None) -> LoadedE
             enc_state["pos_embed"] = resize_pos_embed(enc_state["pos_embed"], grid, str(path))
             notes.append(f"learned position embeddings resized to a {grid}x{grid} grid")
     encoder.load_state_dict(enc_state)
+    # Before checkpoints recorded their statistics the engine always used the synthetic ones.
+    stats = _stats(state.get("intensity_stats")) or (synthetic.MEAN, synthetic.STD)
     return LoadedEncoder(encoder, "spcl", str(path), config.get("normalize", "dataset"),
-                         config, notes)
+                         config, notes, stats)
 
 
 # --------------------------------------------------------------------------- external weights
@@ -289,7 +321,9 @@ def _from_external(path: Path, model: str | None, image_size: int | None,
                      f"{grid}x{grid}")
     encoder.load_state_dict(converted)
     normalize = side.get("normalize", EXTERNAL_NORMALIZE)
-    return LoadedEncoder(encoder, kind, str(path), normalize, side.get("spcl_config"), notes)
+    stats = _stats([side["mean"], side["std"]]) if side.get("mean") is not None else None
+    return LoadedEncoder(encoder, kind, str(path), normalize, side.get("spcl_config"), notes,
+                         stats)
 
 
 def _heads_for(embed_dim: int, model: str | None) -> int:

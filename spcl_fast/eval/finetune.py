@@ -180,7 +180,8 @@ def finetune(encoder: nn.Module, train, val, test, settings: FinetuneSettings,
         >>> ds = SyntheticCXR("val", num_images=8, image_size=32)
         >>> enc = vit_tiny_patch16(img_size=32, patch_size=8, depth=1)
         >>> res = finetune(enc, ds, ds, ds, FinetuneSettings(epochs=1, batch_size=4),
-        ...                torch.device("cpu"))
+        ...                torch.device("cpu"))  # doctest: +ELLIPSIS
+        epoch 1/1: train loss ..., val mean AUROC ...
         >>> sorted(res["per_class_auroc"])[:2], len(res["history"])
         (['cardiomegaly', 'consolidation'], 1)
     """

@@ -105,7 +105,7 @@ def plot_segment_examples(model, dataset, transform, device, path: str | Path,
         prob = model(transform(x) if transform is not None else x).float().sigmoid().cpu()
     fig, axes = plt.subplots(1, len(items), figsize=(3 * len(items), 3.2), dpi=110, squeeze=False)
     for ax, it, p in zip(axes[0], items, prob, strict=True):
-        ax.imshow(it["image"].reshape(it["image"].shape[-2:]), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(it["image"].reshape(it["image"].shape[-2:]).numpy(), cmap="gray", vmin=0, vmax=1)
         gt = it["mask"].reshape(it["mask"].shape[-2:]).float()
         for mask, colour in ((gt, "lime"), (p[0] > 0.5, "red")):
             if mask.any():

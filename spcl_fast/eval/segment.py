@@ -177,8 +177,9 @@ def segment(encoder: nn.Module, train, val, test, settings: SegmentSettings,
         ...         m = torch.zeros(1, 32, 32); m[:, 8:16 + 4 * i, 8:20] = float(i > 0)
         ...         return {"image": m * 0.8 + 0.1, "mask": m, "id": str(i)}
         >>> enc = vit_tiny_patch16(img_size=32, patch_size=8, depth=1)
-        >>> res = segment(enc, Squares(), Squares(), Squares(),
-        ...               SegmentSettings(epochs=1, batch_size=2), torch.device("cpu"))
+        >>> res = segment(enc, Squares(), Squares(), Squares(), SegmentSettings(epochs=1,
+        ...               batch_size=2), torch.device("cpu"))  # doctest: +ELLIPSIS
+        epoch 1/1: train loss ..., val Dice ... (positive images ...)
         >>> res["num_images"], res["num_positive"]
         (4, 3)
     """
