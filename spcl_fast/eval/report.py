@@ -46,7 +46,8 @@ def plot_roc_curves(scores: torch.Tensor, labels: torch.Tensor, class_names: Seq
     for c, name in enumerate(class_names):
         fpr, tpr = roc_curve(scores[:, c], labels[:, c])
         if fpr.numel():
-            ax.plot(fpr, tpr, lw=1.3, label=f"{name} ({auroc(scores[:, c], labels[:, c]):.3f})")
+            ax.plot(fpr, tpr, lw=1.3, color=plt.cm.tab20(c % 20),  # 14 CXR classes: no repeats
+                    label=f"{name} ({auroc(scores[:, c], labels[:, c]):.3f})")
     ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
