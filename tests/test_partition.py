@@ -51,7 +51,9 @@ def test_ratio_sets_sizes(ratio):
 
 
 def test_ratio_range_draws_per_image():
-    plan = sample_partitions(64, 100, ratio_range=(0.3, 0.7), generator=torch.Generator().manual_seed(0))
+    plan = sample_partitions(
+        64, 100, ratio_range=(0.3, 0.7), generator=torch.Generator().manual_seed(0)
+    )
     _check_structure(plan, 64, 100)
     frac_a = plan.seqlens.view(64, 2)[:, 0].float() / 100
     assert frac_a.min() >= 0.29 and frac_a.max() <= 0.71
@@ -93,9 +95,15 @@ def test_valid_mask_restricts_and_keeps_nonempty(seed):
 
 
 def test_same_seed_same_plan_and_different_seed_differs():
-    p1 = sample_partitions(4, 64, ratio_range=(0.2, 0.8), keep=0.7, generator=torch.Generator().manual_seed(3))
-    p2 = sample_partitions(4, 64, ratio_range=(0.2, 0.8), keep=0.7, generator=torch.Generator().manual_seed(3))
-    p3 = sample_partitions(4, 64, ratio_range=(0.2, 0.8), keep=0.7, generator=torch.Generator().manual_seed(4))
+    p1 = sample_partitions(
+        4, 64, ratio_range=(0.2, 0.8), keep=0.7, generator=torch.Generator().manual_seed(3)
+    )
+    p2 = sample_partitions(
+        4, 64, ratio_range=(0.2, 0.8), keep=0.7, generator=torch.Generator().manual_seed(3)
+    )
+    p3 = sample_partitions(
+        4, 64, ratio_range=(0.2, 0.8), keep=0.7, generator=torch.Generator().manual_seed(4)
+    )
     assert torch.equal(p1.token_index, p2.token_index) and torch.equal(p1.cu_seqlens, p2.cu_seqlens)
     assert not torch.equal(p1.token_index, p3.token_index)
 
@@ -126,7 +134,10 @@ def test_segment_ids_and_to():
         (dict(batch_size=2, num_tokens=4, keep=1.5), "keep"),
         (dict(batch_size=2, num_tokens=4, ratio=1.0), "ratio"),
         (dict(batch_size=2, num_tokens=4, ratio_range=(0.6, 0.4)), "ratio_range"),
-        (dict(batch_size=2, num_tokens=4, valid_mask=torch.ones(2, 5, dtype=torch.bool)), "valid_mask"),
+        (
+            dict(batch_size=2, num_tokens=4, valid_mask=torch.ones(2, 5, dtype=torch.bool)),
+            "valid_mask",
+        ),
         (dict(batch_size=2, num_tokens=4, valid_mask=torch.ones(2, 4)), "valid_mask"),
     ],
 )

@@ -56,8 +56,9 @@ def test_gradcheck_inplace():
 
     def f(qkv):
         q, k, v = qkv.unbind(1)
-        return partition_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, plan.token_index,
-                                   impl="torch")
+        return partition_attention(
+            q, k, v, plan.cu_seqlens, plan.max_seqlen, plan.token_index, impl="torch"
+        )
 
     assert torch.autograd.gradcheck(f, (qkv,))
 
@@ -154,11 +155,23 @@ def _bad_inputs():
     yield dict(q=torch.randn(6, 16)), ValueError, "q must be a"
     yield dict(cu_seqlens=cu.long()), TypeError, "cu_seqlens must be one of int32"
     yield dict(cu_seqlens=torch.tensor([1, 4, 6], dtype=torch.int32)), ValueError, "start at 0"
-    yield dict(cu_seqlens=torch.tensor([0, 4, 3, 6], dtype=torch.int32)), ValueError, "non-decreasing"
-    yield dict(cu_seqlens=torch.tensor([0, 4, 5], dtype=torch.int32)), ValueError, r"cu_seqlens\[-1\]"
+    yield (
+        dict(cu_seqlens=torch.tensor([0, 4, 3, 6], dtype=torch.int32)),
+        ValueError,
+        "non-decreasing",
+    )
+    yield (
+        dict(cu_seqlens=torch.tensor([0, 4, 5], dtype=torch.int32)),
+        ValueError,
+        r"cu_seqlens\[-1\]",
+    )
     yield dict(max_seqlen=3), ValueError, "max_seqlen"
     yield dict(max_seqlen=4.0), ValueError, "max_seqlen"
-    yield dict(token_index=torch.arange(6, dtype=torch.int32)), TypeError, "token_index must be one of int64"
+    yield (
+        dict(token_index=torch.arange(6, dtype=torch.int32)),
+        TypeError,
+        "token_index must be one of int64",
+    )
     yield dict(token_index=torch.tensor([0, 1, 2, 3, 4, 6])), ValueError, "token_index values"
     yield dict(token_index=torch.tensor([0, 1, 2, 3, 4, 4])), ValueError, "repeat"
     yield dict(softmax_scale=-1.0), ValueError, "softmax_scale"
@@ -166,8 +179,15 @@ def _bad_inputs():
 
 @pytest.mark.parametrize("override,exc,match", list(_bad_inputs()))
 def test_bad_inputs_raise_clear_errors(override, exc, match):
-    args = dict(q=torch.randn(6, 2, 8), k=torch.randn(6, 2, 8), v=torch.randn(6, 2, 8),
-                cu_seqlens=_cu([4, 2]), max_seqlen=4, token_index=None, softmax_scale=None)
+    args = dict(
+        q=torch.randn(6, 2, 8),
+        k=torch.randn(6, 2, 8),
+        v=torch.randn(6, 2, 8),
+        cu_seqlens=_cu([4, 2]),
+        max_seqlen=4,
+        token_index=None,
+        softmax_scale=None,
+    )
     args.update(override)
     with pytest.raises(exc, match=match):
         partition_attention(**args, impl="torch")

@@ -22,7 +22,7 @@ def brute_attention(q, k, v, cu_seqlens, token_index=None, scale=None):
                 m = max(logits)
                 w = [math.exp(x - m) for x in logits]
                 total = sum(w)
-                out[i, h] = sum(wj / total * v[j, h] for wj, j in zip(w, seg))
+                out[i, h] = sum(wj / total * v[j, h] for wj, j in zip(w, seg, strict=False))
     return out
 
 
@@ -47,7 +47,8 @@ def test_attention_ref_gradcheck():
     plan = sample_partitions(2, 5, keep=0.8, generator=torch.Generator().manual_seed(0))
     q, k, v = (torch.randn(10, 2, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
     assert torch.autograd.gradcheck(
-        lambda q, k, v: partition_attention_ref(q, k, v, plan.cu_seqlens, plan.token_index), (q, k, v)
+        lambda q, k, v: partition_attention_ref(q, k, v, plan.cu_seqlens, plan.token_index),
+        (q, k, v),
     )
 
 

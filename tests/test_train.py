@@ -21,8 +21,10 @@ def _losses(run_dir):
 
 
 def test_overrides_parse_types_and_reject_unknown_keys():
-    c = apply_overrides(smoke(), {"steps": "7", "ratio-range": "0.3,0.7", "probe": "yes",
-                                  "data_root": "none", "lr": "2e-4"})
+    c = apply_overrides(
+        smoke(),
+        {"steps": "7", "ratio-range": "0.3,0.7", "probe": "yes", "data_root": "none", "lr": "2e-4"},
+    )
     assert c.steps == 7 and c.ratio_range == (0.3, 0.7) and c.probe is True
     assert c.data_root is None and c.lr == 2e-4
     with pytest.raises(ValueError, match="did you mean --steps"):
@@ -59,12 +61,13 @@ def test_parse_args():
 
 
 def test_lr_schedule_and_param_groups():
-    c = apply_overrides(smoke(), {"steps": "100", "warmup_steps": "10", "lr": "1e-3",
-                                  "min_lr": "1e-5"})
+    c = apply_overrides(
+        smoke(), {"steps": "100", "warmup_steps": "10", "lr": "1e-3", "min_lr": "1e-5"}
+    )
     assert lr_at(0, c) == pytest.approx(1e-4) and lr_at(9, c) == pytest.approx(1e-3)
     assert lr_at(100, c) == pytest.approx(1e-5)
     lrs = [lr_at(s, c) for s in range(10, 100)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     decay, no_decay = param_groups(model, 0.05)
     assert len(decay["params"]) == 1 and len(no_decay["params"]) == 3
@@ -73,9 +76,20 @@ def test_lr_schedule_and_param_groups():
 def test_cli_runs_and_writes_outputs(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "spcl_fast.train", "--preset", "smoke", "--out", str(out),
-         "--steps", "3"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "spcl_fast.train",
+            "--preset",
+            "smoke",
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "GFLOPs/image" in proc.stdout and "finished 3 steps" in proc.stdout
@@ -91,8 +105,20 @@ def test_cli_runs_and_writes_outputs(tmp_path):
 
 def test_cli_rejects_unknown_option(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "spcl_fast.train", "--preset", "smoke", "--lrate", "1",
-         "--out", str(tmp_path)], capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "spcl_fast.train",
+            "--preset",
+            "smoke",
+            "--lrate",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0 and "unknown option --lrate" in proc.stderr
 

@@ -93,10 +93,18 @@ class SPCL(nn.Module):
         self.negatives, self.symmetric = negatives, symmetric
         self.layout = layout
 
-    def sample_plan(self, batch_size: int, generator: torch.Generator | None, device) -> PartitionPlan:
+    def sample_plan(
+        self, batch_size: int, generator: torch.Generator | None, device
+    ) -> PartitionPlan:
         return sample_partitions(
-            batch_size, self.encoder.num_patches, ratio=self.ratio, ratio_range=self.ratio_range,
-            keep=self.keep, generator=generator, device=device, block_size=self.block_size,
+            batch_size,
+            self.encoder.num_patches,
+            ratio=self.ratio,
+            ratio_range=self.ratio_range,
+            keep=self.keep,
+            generator=generator,
+            device=device,
+            block_size=self.block_size,
             shared=self.shared_split,
         )
 
@@ -104,9 +112,13 @@ class SPCL(nn.Module):
         """Algorithmic FLOPs of one training step on ``plan`` (forward + backward)."""
         enc = self.encoder
         parts = flops.vit_forward_flops(
-            num_images=plan.num_images, num_patches=enc.num_patches,
-            seqlens=plan.seqlens.tolist(), embed_dim=enc.embed_dim, depth=enc.depth,
-            num_heads=enc.num_heads, mlp_hidden=enc.blocks[0].mlp.fc1.out_features,
+            num_images=plan.num_images,
+            num_patches=enc.num_patches,
+            seqlens=plan.seqlens.tolist(),
+            embed_dim=enc.embed_dim,
+            depth=enc.depth,
+            num_heads=enc.num_heads,
+            mlp_hidden=enc.blocks[0].mlp.fc1.out_features,
             patch_size=enc.patch_embed.patch_size,
             in_chans=enc.patch_embed.proj.in_channels,
         )
@@ -132,8 +144,13 @@ class SPCL(nn.Module):
             if w > 0:
                 angle, scale = 0.1 * w * u[4, :, 0, 0, 0], torch.exp(0.1 * w * u[5, :, 0, 0, 0])
                 cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-                theta = torch.stack([torch.stack([cos, -sin, 0.1 * w * u[6, :, 0, 0, 0]], -1),
-                                     torch.stack([sin, cos, 0.1 * w * u[7, :, 0, 0, 0]], -1)], 1)
+                theta = torch.stack(
+                    [
+                        torch.stack([cos, -sin, 0.1 * w * u[6, :, 0, 0, 0]], -1),
+                        torch.stack([sin, cos, 0.1 * w * u[7, :, 0, 0, 0]], -1),
+                    ],
+                    1,
+                )
                 grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
                 x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
             if s > 0:

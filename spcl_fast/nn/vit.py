@@ -58,7 +58,9 @@ class DropPath(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.dim() < 3:
             return x
-        keep = torch.empty(x.shape[0], *([1] * (x.dim() - 1)), device=x.device).bernoulli_(1 - self.p)
+        keep = torch.empty(x.shape[0], *([1] * (x.dim() - 1)), device=x.device).bernoulli_(
+            1 - self.p
+        )
         return x * keep.to(x.dtype) / (1 - self.p)
 
 
@@ -226,7 +228,9 @@ def create_vit(name: str, img_size: int = 224, patch_size: int = 16, **kwargs) -
     """Build a preset by name; keyword arguments override any ``VisionTransformer`` argument."""
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(PRESETS)}")
-    return VisionTransformer(img_size=img_size, patch_size=patch_size, **{**PRESETS[name], **kwargs})
+    return VisionTransformer(
+        img_size=img_size, patch_size=patch_size, **{**PRESETS[name], **kwargs}
+    )
 
 
 def vit_tiny_patch16(**kwargs) -> VisionTransformer:

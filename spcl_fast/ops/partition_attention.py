@@ -95,8 +95,17 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens, token_index = ctx.saved_tensors
     dq, dk, dv = _bwd(
-        dout.contiguous(), q, k, v, out, lse, cu_seqlens, token_index,
-        ctx.max_seqlen, ctx.softmax_scale, ctx.impl,
+        dout.contiguous(),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens,
+        token_index,
+        ctx.max_seqlen,
+        ctx.softmax_scale,
+        ctx.impl,
     )
     return dq, dk, dv, None, None, None, None, None
 
@@ -120,7 +129,9 @@ def _fwd_flops(q, k, v, cu_seqlens, token_index, max_seqlen, *args, out_val=None
 
 
 @register_flop_formula(torch.ops.spcl_fast.partition_attention_bwd, get_raw=True)
-def _bwd_flops(dout, q, k, v, out, lse, cu_seqlens, token_index, max_seqlen, *args, out_val=None, **kwargs):
+def _bwd_flops(
+    dout, q, k, v, out, lse, cu_seqlens, token_index, max_seqlen, *args, out_val=None, **kwargs
+):
     lengths = _segment_lengths(cu_seqlens, lse.shape[1], max_seqlen)
     return flops.attention_bwd_flops(lengths, q.shape[1], q.shape[2])
 
@@ -128,32 +139,51 @@ def _bwd_flops(dout, q, k, v, out, lse, cu_seqlens, token_index, max_seqlen, *ar
 def _validate(q, k, v, cu_seqlens, max_seqlen, token_index, impl) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise ValueError(f"{OP}: {name} must be a (rows, heads, head_dim) tensor, got "
-                             f"{getattr(t, 'shape', type(t))}")
+            raise ValueError(
+                f"{OP}: {name} must be a (rows, heads, head_dim) tensor, got "
+                f"{getattr(t, 'shape', type(t))}"
+            )
         if t.stride(-1) != 1:
-            raise ValueError(f"{OP}: {name} must have unit stride on head_dim, got strides "
-                             f"{t.stride()} (call .contiguous() or slice a packed qkv tensor)")
-    require(q.shape == k.shape == v.shape, OP,
-            f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
-            f"{tuple(v.shape)}")
+            raise ValueError(
+                f"{OP}: {name} must have unit stride on head_dim, got strides "
+                f"{t.stride()} (call .contiguous() or slice a packed qkv tensor)"
+            )
+    require(
+        q.shape == k.shape == v.shape,
+        OP,
+        f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
+        f"{tuple(v.shape)}",
+    )
     if impl == "triton":
         head_dim = q.shape[-1]
-        require(16 <= head_dim <= 128, OP,
-                f"impl='triton' supports head_dim (Dh) from 16 to 128, got Dh={head_dim} "
-                f"(use impl='torch' for other head dims)")
+        require(
+            16 <= head_dim <= 128,
+            OP,
+            f"impl='triton' supports head_dim (Dh) from 16 to 128, got Dh={head_dim} "
+            f"(use impl='torch' for other head dims)",
+        )
     allowed = FLOAT_DTYPES if impl == "triton" else FLOAT_DTYPES + (torch.float64,)
     require_dtype(q, "q", OP, allowed)
-    require(q.dtype == k.dtype == v.dtype, OP,
-            f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    require(
+        q.dtype == k.dtype == v.dtype,
+        OP,
+        f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}",
+    )
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{OP}: cu_seqlens must be a 1-D tensor of num_segments + 1 >= 2 offsets")
     require_dtype(cu_seqlens, "cu_seqlens", OP, (torch.int32,))
-    require(isinstance(max_seqlen, int) and max_seqlen >= 0, OP,
-            f"max_seqlen must be a non-negative host int, got {max_seqlen!r}")
+    require(
+        isinstance(max_seqlen, int) and max_seqlen >= 0,
+        OP,
+        f"max_seqlen must be a non-negative host int, got {max_seqlen!r}",
+    )
     tensors = {"q": q, "k": k, "v": v, "cu_seqlens": cu_seqlens}
     if token_index is not None:
-        require(isinstance(token_index, torch.Tensor) and token_index.dim() == 1, OP,
-                "token_index must be a 1-D tensor of row indices")
+        require(
+            isinstance(token_index, torch.Tensor) and token_index.dim() == 1,
+            OP,
+            "token_index must be a 1-D tensor of row indices",
+        )
         require_dtype(token_index, "token_index", OP, (torch.int64,))
         tensors["token_index"] = token_index
     require_same_device(OP, **tensors)
@@ -162,20 +192,32 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, token_index, impl) -> None:
     rows = q.shape[0]
     total = rows if token_index is None else token_index.numel()
     cu = cu_seqlens.tolist()
-    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
     require(cu[0] == 0, OP, f"cu_seqlens must start at 0, got {cu[0]}")
     require(min(lengths) >= 0, OP, "cu_seqlens must be non-decreasing")
-    require(cu[-1] == total, OP,
-            f"cu_seqlens[-1] = {cu[-1]} must equal the number of "
-            f"{'token_index entries' if token_index is not None else 'rows of q'} ({total})")
-    require(max(lengths) <= max_seqlen, OP,
-            f"max_seqlen = {max_seqlen} is smaller than the longest segment ({max(lengths)})")
+    require(
+        cu[-1] == total,
+        OP,
+        f"cu_seqlens[-1] = {cu[-1]} must equal the number of "
+        f"{'token_index entries' if token_index is not None else 'rows of q'} ({total})",
+    )
+    require(
+        max(lengths) <= max_seqlen,
+        OP,
+        f"max_seqlen = {max_seqlen} is smaller than the longest segment ({max(lengths)})",
+    )
     if token_index is not None and total > 0:
         lo, hi = int(token_index.min()), int(token_index.max())
-        require(lo >= 0 and hi < rows, OP,
-                f"token_index values must lie in [0, {rows}), got min {lo}, max {hi}")
-        require(token_index.unique().numel() == total, OP,
-                "token_index must not repeat a row (each row belongs to at most one segment)")
+        require(
+            lo >= 0 and hi < rows,
+            OP,
+            f"token_index values must lie in [0, {rows}), got min {lo}, max {hi}",
+        )
+        require(
+            token_index.unique().numel() == total,
+            OP,
+            "token_index must not repeat a row (each row belongs to at most one segment)",
+        )
 
 
 def partition_attention(

@@ -145,4 +145,8 @@ def partition_attention_torch_bwd(
     dq = (dscores @ kp) * softmax_scale
     dk = (dscores.transpose(-1, -2) @ qp) * softmax_scale
     rows = q.shape[0]
-    return pad.scatter(dq, rows, q.dtype), pad.scatter(dk, rows, q.dtype), pad.scatter(dv, rows, q.dtype)
+    return (
+        pad.scatter(dq, rows, q.dtype),
+        pad.scatter(dk, rows, q.dtype),
+        pad.scatter(dv, rows, q.dtype),
+    )

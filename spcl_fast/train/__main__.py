@@ -7,8 +7,8 @@ two minutes on a laptop CPU, then a linear probe of the encoder against its init
 from __future__ import annotations
 
 import dataclasses
-import json
 import inspect
+import json
 import re
 import sys
 import time
@@ -33,8 +33,9 @@ def _field_help() -> str:
     lines = []
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  --{f.name.replace('_', '-'):<16} {comments.get(f.name, '')} "
-                     f"[default: {default!r}]")
+        lines.append(
+            f"  --{f.name.replace('_', '-'):<16} {comments.get(f.name, '')} [default: {default!r}]"
+        )
     return "\n".join(lines)
 
 
@@ -61,7 +62,9 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, str], str | None]:
                 value = argv[i]
         if key == "preset":
             if value not in PRESETS:
-                raise SystemExit(f"error: unknown preset {value!r}; choose from {', '.join(PRESETS)}")
+                raise SystemExit(
+                    f"error: unknown preset {value!r}; choose from {', '.join(PRESETS)}"
+                )
             preset = value
         elif key == "resume":
             resume = value
@@ -92,8 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     summary = train(config, out, resume=(resume or out) if resume is not None else None)
     minutes = (time.perf_counter() - started) / 60
-    print(f"\nfinished {summary['steps']} steps in {minutes:.1f} min; final loss "
-          f"{summary['final_loss']:.4f}; checkpoint {summary['checkpoint']}")
+    print(
+        f"\nfinished {summary['steps']} steps in {minutes:.1f} min; final loss "
+        f"{summary['final_loss']:.4f}; checkpoint {summary['checkpoint']}"
+    )
     if "probe" in summary:
         pre, init = summary["probe"]["pretrained"], summary["probe"]["init"]
         print("linear probe, test mean AUROC (per class):")

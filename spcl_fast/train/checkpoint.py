@@ -57,8 +57,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, Path]:
             state = torch.load(candidate, map_location=map_location, weights_only=True)
         except Exception as exc:  # a torn or corrupt file: fall back to the previous one
             errors.append(f"{candidate.name}: {exc}")
-            warnings.warn(f"could not read checkpoint {candidate}: {exc}; trying an older one",
-                          stacklevel=2)
+            warnings.warn(
+                f"could not read checkpoint {candidate}: {exc}; trying an older one", stacklevel=2
+            )
             continue
         return state, candidate
     raise RuntimeError("no readable checkpoint:\n" + "\n".join(errors))

@@ -100,17 +100,36 @@ def demo() -> TrainConfig:
 def smoke() -> TrainConfig:
     """A few seconds, for tests."""
     return TrainConfig(
-        embed_dim=64, depth=2, num_heads=2, batch_size=8, steps=4, warmup_steps=1,
-        image_size=32, num_images=64, proj_hidden=64, proj_dim=32, log_every=1, probe=False,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        batch_size=8,
+        steps=4,
+        warmup_steps=1,
+        image_size=32,
+        num_images=64,
+        proj_hidden=64,
+        proj_dim=32,
+        log_every=1,
+        probe=False,
     )
 
 
 def vit_small_224() -> TrainConfig:
     """ViT-S/16 at 224 on a real dataset (name it with --dataset and --data-root)."""
     return TrainConfig(
-        model="vit_small_patch16", patch_size=16, image_size=224, dataset="chestxray14",
-        batch_size=256, steps=50_000, lr=1.5e-3, warmup_steps=2_000, pos_embed="sincos",
-        log_every=20, save_every=1_000, probe=False,
+        model="vit_small_patch16",
+        patch_size=16,
+        image_size=224,
+        dataset="chestxray14",
+        batch_size=256,
+        steps=50_000,
+        lr=1.5e-3,
+        warmup_steps=2_000,
+        pos_embed="sincos",
+        log_every=20,
+        save_every=1_000,
+        probe=False,
     )
 
 
@@ -167,7 +186,11 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, str]) -> TrainConf
         key = raw_key.replace("-", "_")
         if key not in hints:
             close = difflib.get_close_matches(key, list(hints), n=3)
-            hint = f"; did you mean {', '.join('--' + c.replace('_', '-') for c in close)}?" if close else ""
+            hint = (
+                f"; did you mean {', '.join('--' + c.replace('_', '-') for c in close)}?"
+                if close
+                else ""
+            )
             raise ValueError(f"unknown option --{raw_key}{hint}")
         changes[key] = parse_value(key, text, hints[key])
     return dataclasses.replace(config, **changes)

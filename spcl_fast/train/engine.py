@@ -22,6 +22,8 @@ from ..nn import create_vit
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 
+METHOD_NAMES = {"spcl": "S-PCL", "mae": "MAE", "dino": "DINO"}
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -37,30 +39,55 @@ def build_model(config: TrainConfig) -> torch.nn.Module:
     torch.manual_seed(config.seed)
     overrides = {
         k: v
-        for k, v in (("embed_dim", config.embed_dim), ("depth", config.depth),
-                     ("num_heads", config.num_heads))
+        for k, v in (
+            ("embed_dim", config.embed_dim),
+            ("depth", config.depth),
+            ("num_heads", config.num_heads),
+        )
         if v is not None
     }
     encoder = create_vit(
-        config.model, img_size=config.image_size, patch_size=config.patch_size,
-        pos_embed=config.pos_embed, impl=config.impl, **overrides,
+        config.model,
+        img_size=config.image_size,
+        patch_size=config.patch_size,
+        pos_embed=config.pos_embed,
+        impl=config.impl,
+        **overrides,
     )
     if config.method == "mae":
-        return MAE(encoder, mask_ratio=config.mask_ratio, decoder_dim=config.decoder_dim,
-                   decoder_depth=config.decoder_depth, decoder_heads=config.decoder_heads,
-                   norm_pix_loss=config.norm_pix_loss)
+        return MAE(
+            encoder,
+            mask_ratio=config.mask_ratio,
+            decoder_dim=config.decoder_dim,
+            decoder_depth=config.decoder_depth,
+            decoder_heads=config.decoder_heads,
+            norm_pix_loss=config.norm_pix_loss,
+        )
     if config.method == "dino":
-        return DINO(encoder, num_local=config.dino_local_crops,
-                    global_size=config.dino_global_size, local_size=config.dino_local_size,
-                    out_dim=config.dino_out_dim, teacher_temp=config.teacher_temp,
-                    teacher_momentum=config.teacher_momentum, total_steps=config.steps)
+        return DINO(
+            encoder,
+            num_local=config.dino_local_crops,
+            global_size=config.dino_global_size,
+            local_size=config.dino_local_size,
+            out_dim=config.dino_out_dim,
+            teacher_temp=config.teacher_temp,
+            teacher_momentum=config.teacher_momentum,
+            total_steps=config.steps,
+        )
     if config.method != "spcl":
         raise ValueError(f"unknown method {config.method!r}; available: spcl, mae, dino")
     return SPCL(
-        encoder, proj_hidden=config.proj_hidden, proj_dim=config.proj_dim,
-        proj_depth=config.proj_depth, temperature=config.temperature, ratio=config.ratio,
-        ratio_range=config.ratio_range, keep=config.keep, block_size=config.block_size,
-        shared_split=config.shared_split, subset_jitter=config.subset_jitter,
+        encoder,
+        proj_hidden=config.proj_hidden,
+        proj_dim=config.proj_dim,
+        proj_depth=config.proj_depth,
+        temperature=config.temperature,
+        ratio=config.ratio,
+        ratio_range=config.ratio_range,
+        keep=config.keep,
+        block_size=config.block_size,
+        shared_split=config.shared_split,
+        subset_jitter=config.subset_jitter,
         subset_warp=config.subset_warp,
         negatives=config.negatives,
         layout=config.layout,
@@ -74,8 +101,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or name.endswith("pos_embed") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -83,7 +112,9 @@ def lr_at(step: int, config: TrainConfig) -> float:
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
-    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (
+        1 + math.cos(math.pi * min(progress, 1.0))
+    )
 
 
 class BatchStream:
@@ -116,11 +147,16 @@ class BatchStream:
         else:
             if self._loader is None:  # (re)start the epoch at the saved position
                 remaining = self._order()[self.position :].tolist()
-                self._loader = iter(torch.utils.data.DataLoader(
-                    torch.utils.data.Subset(self.source, remaining), batch_size=self.batch_size,
-                    drop_last=True, num_workers=self.num_workers,
-                    persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                ))
+                self._loader = iter(
+                    torch.utils.data.DataLoader(
+                        torch.utils.data.Subset(self.source, remaining),
+                        batch_size=self.batch_size,
+                        drop_last=True,
+                        num_workers=self.num_workers,
+                        persistent_workers=False,
+                        pin_memory=torch.cuda.is_available(),
+                    )
+                )
             batch = next(self._loader)["image"]
         self.position += self.batch_size
         return batch
@@ -143,8 +179,14 @@ def load_split(config: TrainConfig, split: str):
             kwargs["num_images"] = config.num_images
         ds = build_dataset("synthetic", None, split, config.image_size, **kwargs)
         return ds.images(), ds.labels, tuple(ds.class_names)
-    ds = build_dataset(config.dataset, config.data_root, split, config.image_size,
-                       cache=config.data_cache, on_error="skip")
+    ds = build_dataset(
+        config.dataset,
+        config.data_root,
+        split,
+        config.image_size,
+        cache=config.data_cache,
+        on_error="skip",
+    )
     if config.num_images is not None and split == "train":
         ds = torch.utils.data.Subset(ds, range(min(config.num_images, len(ds))))
         labels, names = ds.dataset.labels[: len(ds)], ds.dataset.class_names
@@ -175,7 +217,7 @@ def normalizer(config: TrainConfig, stats: tuple[float, float]):
     return lambda x: normalize_images(x, config.normalize, mean, std)
 
 
-def _plot_losses(records: list[dict], path: Path) -> None:
+def _plot_losses(records: list[dict], path: Path, method: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,8 +226,8 @@ def _plot_losses(records: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.5)
     ax.set_xlabel("step")
-    ax.set_ylabel("InfoNCE loss")
-    ax.set_title("S-PCL pre-training")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{method} pre-training")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -215,8 +257,13 @@ def probe_encoders(config: TrainConfig, model: SPCL, device: torch.device, stats
             s: (extract_features(encoder, imgs, device=device, transform=transform), labels)
             for s, (imgs, labels, _) in splits.items()
         }
-        results[name] = linear_probe(feats["train"], feats["val"], feats["test"],
-                                     steps=config.probe_steps, class_names=splits["test"][2])
+        results[name] = linear_probe(
+            feats["train"],
+            feats["val"],
+            feats["test"],
+            steps=config.probe_steps,
+            class_names=splits["test"][2],
+        )
     return results
 
 
@@ -234,8 +281,9 @@ def train(config: TrainConfig, out_dir: str | Path, resume: str | Path | None = 
     stats = intensity_stats(config, source)
     transform = normalizer(config, stats)
     model = build_model(config).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
-                                  betas=config.betas)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas
+    )
     partitions = torch.Generator().manual_seed(config.seed + 1)
     step = 0
     if resume is not None:
@@ -253,22 +301,35 @@ def train(config: TrainConfig, out_dir: str | Path, resume: str | Path | None = 
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     plan = model.sample_plan(config.batch_size, torch.Generator().manual_seed(0), "cpu")
     gflops = model.train_flops(plan) / config.batch_size / 1e9
-    print(f"S-PCL: {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M-parameter "
-          f"encoder, {model.encoder.num_patches} tokens/image, {gflops:.3f} GFLOPs/image per "
-          f"training step ({gflops / 2:.3f} GMACs), device {device}")
+    params = sum(p.numel() for p in model.encoder.parameters()) / 1e6
+    print(
+        f"{METHOD_NAMES[config.method]}: {params:.2f}M-parameter "
+        f"encoder, {model.encoder.num_patches} tokens/image, {gflops:.3f} GFLOPs/image per "
+        f"training step ({gflops / 2:.3f} GMACs), device {device}"
+    )
 
     def checkpoint_state() -> dict:
         return {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "data": stream.state_dict(), "partition_rng": partitions.get_state(),
-            "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(config),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "data": stream.state_dict(),
+            "partition_rng": partitions.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "config": dataclasses.asdict(config),
             "intensity_stats": list(stats),
         }
 
     model.train()
     bad_streak = skipped = 0
     window_start, window_images = time.perf_counter(), 0
-    bar = tqdm(total=config.steps, initial=step, desc="S-PCL", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=config.steps,
+        initial=step,
+        desc=METHOD_NAMES[config.method],
+        unit="step",
+        dynamic_ncols=True,
+    )
     with open(metrics_path, "a") as log:
         while step < config.steps:
             lr = lr_at(step, config)
@@ -302,10 +363,14 @@ def train(config: TrainConfig, out_dir: str | Path, resume: str | Path | None = 
             if step % config.log_every == 0 or step == config.steps:
                 elapsed = time.perf_counter() - window_start
                 record = {
-                    "step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                    "step": step,
+                    "loss": loss.item(),
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
                     **{k: v.item() for k, v in out.items() if k != "loss"},  # method's stats
                     "images_per_s": window_images / elapsed,
-                    "gflops_per_image": gflops, "skipped_steps": skipped,
+                    "gflops_per_image": gflops,
+                    "skipped_steps": skipped,
                 }
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -318,11 +383,16 @@ def train(config: TrainConfig, out_dir: str | Path, resume: str | Path | None = 
     bar.close()
     ckpt = save_checkpoint(checkpoint_state(), out_dir, step)
     if records:
-        _plot_losses(records, out_dir / "loss_curve.png")
+        _plot_losses(records, out_dir / "loss_curve.png", METHOD_NAMES[config.method])
 
-    summary = {"steps": step, "skipped_steps": skipped, "checkpoint": str(ckpt),
-               "final_loss": records[-1]["loss"] if records else None,
-               "gflops_per_image": gflops, "intensity_stats": list(stats)}
+    summary = {
+        "steps": step,
+        "skipped_steps": skipped,
+        "checkpoint": str(ckpt),
+        "final_loss": records[-1]["loss"] if records else None,
+        "gflops_per_image": gflops,
+        "intensity_stats": list(stats),
+    }
     if config.probe:
         summary["probe"] = probe_encoders(config, model, device, stats)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
