@@ -32,6 +32,10 @@ step bench-attention 150 python3 -m pytest benchmarks/bench_attention.py --bench
   -p no:cacheprovider -k "cuda and (vitb-224 or vitl-224-r0.5 or vitb-512-r0.5)"
 step bench-loss 90 python3 -m pytest benchmarks/bench_loss.py --benchmark-only -q \
   -p no:cacheprovider -k cuda
+# S-PCL training steps, ViT-B/16 224 bf16 b256: eager and compiled (most of the time is the two
+# compilations), packed and in-place; one session, so one train-<device>.json.
+step bench-train 240 python3 -m pytest benchmarks/bench_train.py --benchmark-only -q \
+  -p no:cacheprovider -k cuda
 find benchmarks/results -maxdepth 1 -name "*.json" -newer "$OUT/device.txt" -exec cp {} "$OUT"/ \;
 ls -l "$OUT"
 exit $status

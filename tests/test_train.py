@@ -161,3 +161,17 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     monkeypatch.setattr(spcl, "info_nce", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.raises(RuntimeError, match="non-finite"):
         train(dataclasses.replace(smoke(), steps=20, max_bad_steps=3), tmp_path / "b")
+
+    # A good run's checkpoints survive a resumed run that goes bad: no checkpoint is written
+    # while non-finite steps are in a row, and the stop writes none.
+    monkeypatch.setattr(spcl, "info_nce", real)
+    config = dataclasses.replace(smoke(), steps=4, save_every=2)
+    train(config, tmp_path / "c")
+    before = {p.name: p.read_bytes() for p in list_checkpoints(tmp_path / "c")}
+    monkeypatch.setattr(spcl, "info_nce", lambda *a, **k: real(*a, **k) * float("nan"))
+    bad = dataclasses.replace(config, steps=20, save_every=1, max_bad_steps=3)
+    with pytest.raises(RuntimeError, match="3 non-finite steps in a row"), pytest.warns(
+        UserWarning, match="skipping this checkpoint"
+    ):
+        train(bad, tmp_path / "c", resume=tmp_path / "c")
+    assert {p.name: p.read_bytes() for p in list_checkpoints(tmp_path / "c")} == before

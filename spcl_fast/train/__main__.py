@@ -2,6 +2,11 @@
 
 With no arguments it runs the demo preset: a small ViT on built-in synthetic chest X-rays, about
 two minutes on a laptop CPU, then a linear probe of the encoder against its initialisation.
+
+Several GPUs or nodes: ``torchrun --nproc_per_node=8 -m spcl_fast.train --preset vit_base_224
+...`` (every process runs this module; the first writes the files). Exit status: 0 when the run
+finished, 128 + the signal (143 for SIGTERM, 130 for SIGINT) when a signal stopped it after
+writing its checkpoint (``--resume`` continues it).
 """
 
 from __future__ import annotations
@@ -15,14 +20,18 @@ import time
 from pathlib import Path
 
 from .config import PRESETS, TrainConfig, apply_overrides
+from .distributed import setup, teardown
 from .engine import train
 
 USAGE = """usage: python -m spcl_fast.train [--preset NAME] [--out DIR] [--steps N] [--save-every N]
                                 [--resume [RUN_DIR_OR_CKPT]] [--device DEV] [--KEY VALUE ...]
+       torchrun --nproc_per_node=N -m spcl_fast.train ...    (several GPUs / nodes)
 
 Pre-train a ViT with S-PCL. Presets: {presets} (default: demo).
 --resume continues a run exactly from its newest readable checkpoint (default: the --out folder),
 using the run's saved config; --KEY VALUE options given with it override that config.
+Yes/no options may stand alone (--compile means --compile true). SIGTERM or Ctrl-C: the step
+finishes, a checkpoint is written, exit status 128 + signal; Ctrl-C twice aborts.
 
 Options (every config field; dashes or underscores):
 {fields}"""
@@ -40,7 +49,9 @@ def _field_help() -> str:
 
 
 def parse_args(argv: list[str]) -> tuple[str, dict[str, str], str | None]:
-    """Split argv into (preset, overrides, resume). ``--resume`` may stand without a value."""
+    """Split argv into (preset, overrides, resume). ``--resume`` and yes/no options (``--compile``
+    for ``--compile true``) may stand without a value."""
+    flags = {f.name for f in dataclasses.fields(TrainConfig) if f.type in (bool, "bool")}
     preset, overrides, resume = "demo", {}, None
     i = 0
     while i < len(argv):
@@ -55,6 +66,8 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, str], str | None]:
             has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
             if key == "resume" and not has_value:
                 value = ""
+            elif key.replace("-", "_") in flags and not has_value:
+                value = "true"
             elif not has_value:
                 raise SystemExit(f"error: --{key} needs a value")
             else:
@@ -89,12 +102,32 @@ def main(argv: list[str] | None = None) -> dict:
         config = apply_overrides(config, overrides)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
-    out = config.out or f"runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    config = dataclasses.replace(config, out=out)
-    print(f"preset {preset}; writing to {out}")
-    started = time.perf_counter()
-    summary = train(config, out, resume=(resume or out) if resume is not None else None)
-    minutes = (time.perf_counter() - started) / 60
+    ctx = setup(config.device)  # under torchrun: the process group, for the next line
+    try:
+        # One folder for all processes: the main one's clock names it.
+        out = ctx.broadcast(config.out or f"runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        config = dataclasses.replace(config, out=out)
+        if ctx.is_main:
+            print(f"preset {preset}; writing to {out}")
+        started = time.perf_counter()
+        summary = train(config, out, resume=(resume or out) if resume is not None else None)
+    finally:
+        teardown(ctx)
+    if ctx.is_main:
+        _report(summary, out, (time.perf_counter() - started) / 60)
+    if "exit_code" in summary:
+        raise SystemExit(summary["exit_code"])
+    return summary
+
+
+def _report(summary: dict, out: str, minutes: float) -> None:
+    if "interrupted" in summary:
+        print(
+            f"\n{summary['interrupted']}: stopped after step {summary['steps']} "
+            f"({minutes:.1f} min); checkpoint {summary['checkpoint']}; continue with "
+            f"--resume {out}"
+        )
+        return
     print(
         f"\nfinished {summary['steps']} steps in {minutes:.1f} min; final loss "
         f"{summary['final_loss']:.4f}; checkpoint {summary['checkpoint']}"
@@ -107,7 +140,6 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {name:<12} {res['mean_auroc']:.3f}  ({per})")
         print(f"  gain         {pre['mean_auroc'] - init['mean_auroc']:+.3f}")
     print(f"outputs: {out}/config.json, metrics.jsonl, loss_curve.png, summary.json, ckpt-*.pt")
-    return summary
 
 
 if __name__ == "__main__":

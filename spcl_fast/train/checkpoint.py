@@ -19,16 +19,28 @@ def checkpoint_path(out_dir: str | Path, step: int) -> Path:
 
 def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep_last: int = 2) -> Path:
     """Atomically write ``state`` as ``ckpt-<step>.pt`` and delete all but the newest
-    ``keep_last`` checkpoints."""
+    ``keep_last`` checkpoints (and temp files that killed writers left behind). One writer per
+    run folder."""
     path = checkpoint_path(out_dir, step)
     tmp = path.with_suffix(".pt.tmp")
     torch.save(state, tmp)
     with open(tmp, "rb") as f:  # make the bytes durable before the rename publishes them
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)  # ... and the rename itself, before older files go
     for old in list_checkpoints(out_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
+    for stale in path.parent.glob("ckpt-*.pt.tmp"):
+        stale.unlink(missing_ok=True)
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class TrainConfig:
     # --- data
-    dataset: str = "synthetic"  # dataset name: synthetic, or a real one from spcl_fast.data
-    data_root: str | None = None  # dataset folder (real datasets only)
+    dataset: str = "synthetic"  # synthetic, a dataset of spcl_fast.data, or a pool: name+name
+    data_root: str | None = None  # dataset folder (real datasets); a pool: one per dataset, a,b
     image_size: int = 64  # images are square, image_size x image_size pixels
-    data_cache: str | None = None  # preprocessing cache folder (python -m spcl_fast.data.prepare)
+    data_cache: str | None = None  # cache folder (python -m spcl_fast.data.prepare); pool: a,b
     num_images: int | None = None  # use only the first N training images (None: all)
     num_workers: int = 2  # DataLoader worker processes for real datasets
     normalize: str = "dataset"  # input intensity normalisation: dataset | image | none
@@ -59,21 +59,31 @@ class TrainConfig:
     teacher_temp: float = 0.04  # dino: teacher softmax temperature (the student's is 0.1)
     teacher_momentum: float = 0.996  # dino: teacher EMA momentum at step 0, cosine to 1 at the end
     # --- optimisation
-    batch_size: int = 64  # images per step (the loss sees 2x this many subsets)
+    batch_size: int = 64  # images per optimizer step, summed over processes and accumulation steps
+    accum_steps: int = 1  # micro-batches per optimizer step (the loss sees one at a time)
     steps: int = 200  # optimizer steps in total
     lr: float = 1e-3  # peak learning rate (after warmup)
+    lr_base_batch: int = 0  # scale lr and min_lr by batch_size / lr_base_batch (0: as given)
     min_lr: float = 1e-5  # learning rate at the end of the cosine decay
     warmup_steps: int = 20  # linear warmup from 0 to lr
     weight_decay: float = 0.05  # AdamW decay, not applied to norms, biases, position embeddings
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
     max_bad_steps: int = 10  # stop after this many non-finite steps in a row
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast and a gradient scaler)
+    compile: bool = False  # torch.compile the model (the first steps pay for compilation)
+    fsdp: bool = False  # shard weights, gradients, optimizer over processes (FSDP2), not DDP
+    plan_shards: int = 0  # partition RNG streams, one per data shard (0: one per process)
     # --- run
     device: str = "auto"  # cpu | cuda | cuda:N | auto (cuda when available)
     seed: int = 0  # seeds the model init, data order and partitions
+    deterministic: bool = False  # torch deterministic algorithms (bitwise reruns; slower on GPU)
     threads: int | None = None  # CPU threads for torch (None: torch's default)
     log_every: int = 5  # steps between metric lines in metrics.jsonl
     save_every: int = 0  # steps between checkpoints (0: only at the end)
+    keep_last: int = 2  # checkpoints kept in the run folder (the newest ones)
+    peak_tflops: float | None = None  # device peak TFLOP/s for MFU (None: from the device name)
+    tensorboard: bool = False  # also write TensorBoard scalars (when tensorboard is installed)
     out: str = ""  # output folder ('' picks runs/<preset>-<time>)
     probe: bool = True  # linear-probe the encoder at the end against its initialisation
     probe_steps: int = 300  # optimizer steps of each logistic-regression probe fit
@@ -112,33 +122,118 @@ def smoke() -> TrainConfig:
         proj_dim=32,
         log_every=1,
         probe=False,
+        threads=1,  # tiny ops: extra threads only contend (badly, on a shared machine)
     )
 
 
-def vit_small_224() -> TrainConfig:
-    """ViT-S/16 at 224 on a real dataset (name it with --dataset and --data-root)."""
+def at_scale(model: str, image_size: int, batch_size: int) -> TrainConfig:
+    """S-PCL pre-training of ``model`` (a ``spcl_fast.nn`` preset, patch 16) at ``image_size``
+    on a real dataset (name it with ``--dataset`` and ``--data-root``): bf16, global batch
+    ``batch_size`` sized for 8 GPUs of 80 GB (on fewer, keep it and add ``--accum-steps``), the
+    learning rate given per 256 images (MoCo v3's ViT recipe) and scaled to the batch,
+    checkpoints every 1,000 steps. 20,000 steps at batch 2048 are ~470 epochs of
+    ChestX-ray14's ~86k training images: set ``--steps`` for the data."""
     return TrainConfig(
-        model="vit_small_patch16",
-        patch_size=16,
-        image_size=224,
         dataset="chestxray14",
-        batch_size=256,
-        steps=50_000,
-        lr=1.5e-3,
-        warmup_steps=2_000,
-        pos_embed="sincos",
+        model=model,
+        patch_size=16,
+        image_size=image_size,
+        batch_size=batch_size,
+        steps=20_000,
+        lr=1.5e-4,
+        lr_base_batch=256,
+        min_lr=1e-6,
+        warmup_steps=1_000,
+        precision="bf16",
+        num_workers=8,
         log_every=20,
         save_every=1_000,
+        keep_last=3,
         probe=False,
     )
 
 
+# Global batches per (model, image side): ~50k tokens per 80 GB GPU for ViT-B, fewer for ViT-L
+# (wider and twice as deep); attention memory is linear in the sequence (no score matrix).
+def vit_tiny_224() -> TrainConfig:
+    """ViT-Ti/16 at 224 px, global batch 2048."""
+    return at_scale("vit_tiny_patch16", 224, 2048)
+
+
+def vit_small_224() -> TrainConfig:
+    """ViT-S/16 at 224 px, global batch 2048."""
+    return at_scale("vit_small_patch16", 224, 2048)
+
+
 def vit_base_224() -> TrainConfig:
-    """ViT-B/16 at 224 on a real dataset."""
-    return dataclasses.replace(vit_small_224(), model="vit_base_patch16")
+    """ViT-B/16 at 224 px, global batch 2048."""
+    return at_scale("vit_base_patch16", 224, 2048)
 
 
-PRESETS = {f.__name__: f for f in (demo, smoke, vit_small_224, vit_base_224)}
+def vit_large_224() -> TrainConfig:
+    """ViT-L/16 at 224 px, global batch 1024."""
+    return at_scale("vit_large_patch16", 224, 1024)
+
+
+def vit_tiny_448() -> TrainConfig:
+    """ViT-Ti/16 at 448 px (784 tokens per image), global batch 1024."""
+    return at_scale("vit_tiny_patch16", 448, 1024)
+
+
+def vit_small_448() -> TrainConfig:
+    """ViT-S/16 at 448 px, global batch 1024."""
+    return at_scale("vit_small_patch16", 448, 1024)
+
+
+def vit_base_448() -> TrainConfig:
+    """ViT-B/16 at 448 px, global batch 512."""
+    return at_scale("vit_base_patch16", 448, 512)
+
+
+def vit_large_448() -> TrainConfig:
+    """ViT-L/16 at 448 px, global batch 256."""
+    return at_scale("vit_large_patch16", 448, 256)
+
+
+def vit_tiny_512() -> TrainConfig:
+    """ViT-Ti/16 at 512 px (1024 tokens per image), global batch 1024."""
+    return at_scale("vit_tiny_patch16", 512, 1024)
+
+
+def vit_small_512() -> TrainConfig:
+    """ViT-S/16 at 512 px, global batch 512."""
+    return at_scale("vit_small_patch16", 512, 512)
+
+
+def vit_base_512() -> TrainConfig:
+    """ViT-B/16 at 512 px, global batch 512."""
+    return at_scale("vit_base_patch16", 512, 512)
+
+
+def vit_large_512() -> TrainConfig:
+    """ViT-L/16 at 512 px, global batch 256."""
+    return at_scale("vit_large_patch16", 512, 256)
+
+
+PRESETS = {
+    f.__name__: f
+    for f in (
+        demo,
+        smoke,
+        vit_tiny_224,
+        vit_small_224,
+        vit_base_224,
+        vit_large_224,
+        vit_tiny_448,
+        vit_small_448,
+        vit_base_448,
+        vit_large_448,
+        vit_tiny_512,
+        vit_small_512,
+        vit_base_512,
+        vit_large_512,
+    )
+}
 
 
 def _strip_optional(tp):

@@ -1,41 +1,61 @@
 """The training loop: data stream, model, optimizer, schedule, logging, checkpoints, probe.
 
-Read top to bottom like nanoGPT's loop; everything a resumed run needs is in the checkpoint
-(model, optimizer, step, data position, partition generator and torch RNG states).
+Read top to bottom like nanoGPT's loop. :class:`Trainer` holds one process's share of a run and
+runs an optimizer step (:meth:`Trainer.train_step`); :func:`train` drives it: logging, health
+checks, checkpoints, signals, the final probe. Everything a resumed run needs is in the
+checkpoint (model, optimizer, gradient scaler, step, data position, partition streams, every
+process's RNG states, skip counters), so ``--resume`` continues bit for bit on CPU.
+
+On a GPU a step never waits for the device: the loss and gradient norm are checked with
+``torch.isfinite`` on the device, a bad step is skipped inside the fused AdamW (the GradScaler
+protocol), and the counters are read back only on log and save steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
+import signal
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..data import build_dataset, normalize_images
+from ..data import CXRPool, build_dataset, normalize_images
 from ..data import synthetic as synthetic_data
 from ..methods import DINO, MAE, SPCL
 from ..nn import create_vit
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .distributed import (
+    DistContext,
+    GlobalBatchSPCL,
+    load_optimizer_state,
+    model_state,
+    optimizer_state,
+    resolve_device,
+    setup,
+    teardown,
+    wrap_model,
+)
+from .interrupt import GracefulStop
+from .monitor import MetricsLog, peak_tflops, plot_losses, throughput
+from .precision import autocast, check_precision, grad_scaler
+from .sharding import BatchStream, PlanSampler, plan_to
 
 METHOD_NAMES = {"spcl": "S-PCL", "mae": "MAE", "dino": "DINO"}
+__all__ = ["Trainer", "build_model", "lr_at", "param_groups", "resolve_device", "train"]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
-def build_model(config: TrainConfig) -> torch.nn.Module:
-    """The encoder and method of ``config``, initialised from ``config.seed``."""
+def build_model(config: TrainConfig, global_batch_loss: bool = False) -> torch.nn.Module:
+    """The encoder and method of ``config``, initialised from ``config.seed``.
+    ``global_batch_loss``: S-PCL's InfoNCE over every process's embeddings (needs a process
+    group; see :class:`~spcl_fast.train.distributed.GlobalBatchSPCL`)."""
     torch.manual_seed(config.seed)
     overrides = {
         k: v
@@ -76,7 +96,7 @@ def build_model(config: TrainConfig) -> torch.nn.Module:
         )
     if config.method != "spcl":
         raise ValueError(f"unknown method {config.method!r}; available: spcl, mae, dino")
-    return SPCL(
+    return (GlobalBatchSPCL if global_batch_loss else SPCL)(
         encoder,
         proj_hidden=config.proj_hidden,
         proj_dim=config.proj_dim,
@@ -107,86 +127,53 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def peak_lrs(config: TrainConfig) -> tuple[float, float]:
+    """``(lr, min_lr)`` as used: scaled by ``batch_size / lr_base_batch`` (the global batch,
+    all processes and accumulation steps) when ``lr_base_batch`` is set, else as given."""
+    scale = config.batch_size / config.lr_base_batch if config.lr_base_batch else 1.0
+    return config.lr * scale, config.min_lr * scale
+
+
 def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``steps``."""
+    """Linear warmup to the peak LR, then cosine decay to the minimum at ``steps``."""
+    lr, min_lr = peak_lrs(config)
     if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
+        return lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
-    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (
-        1 + math.cos(math.pi * min(progress, 1.0))
-    )
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-class BatchStream:
-    """Batches of images in a fresh random order each epoch (seeded by ``(seed, epoch)``): no
-    image twice per epoch, the last incomplete batch dropped. Its position is part of the
-    checkpoint, so a resumed run sees exactly the batches it would have seen.
-
-    ``source`` is an in-memory ``(n, 1, S, S)`` tensor (the synthetic set) or a map-style
-    dataset read through a ``DataLoader`` with ``num_workers`` processes (real datasets).
-    """
-
-    def __init__(self, source, batch_size: int, seed: int, num_workers: int = 0):
-        if len(source) < batch_size:
-            raise ValueError(f"batch_size {batch_size} exceeds the {len(source)} images")
-        self.source, self.batch_size, self.seed = source, batch_size, seed
-        self.num_workers = num_workers
-        self.epoch, self.position = 0, 0
-        self._loader = None
-
-    def _order(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(len(self.source), generator=g)
-
-    def next(self) -> torch.Tensor:
-        if self.position + self.batch_size > len(self.source):
-            self.epoch, self.position, self._loader = self.epoch + 1, 0, None
-        if isinstance(self.source, torch.Tensor):
-            idx = self._order()[self.position : self.position + self.batch_size]
-            batch = self.source[idx]
-        else:
-            if self._loader is None:  # (re)start the epoch at the saved position
-                remaining = self._order()[self.position :].tolist()
-                self._loader = iter(
-                    torch.utils.data.DataLoader(
-                        torch.utils.data.Subset(self.source, remaining),
-                        batch_size=self.batch_size,
-                        drop_last=True,
-                        num_workers=self.num_workers,
-                        persistent_workers=False,
-                        pin_memory=torch.cuda.is_available(),
-                    )
-                )
-            batch = next(self._loader)["image"]
-        self.position += self.batch_size
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._loader = None
+def _per_dataset(value: str | None, count: int, key: str) -> list[str | None]:
+    """A pool's comma-separated ``data_root``/``data_cache``: one entry per dataset
+    (``none`` or empty: no value for that one)."""
+    if value is None or count == 1:
+        return [value] * count
+    parts = [None if p.strip().lower() in ("", "none") else p.strip() for p in value.split(",")]
+    if len(parts) != count:
+        raise ValueError(f"--{key.replace('_', '-')} names {len(parts)} folders for {count} "
+                         f"pooled datasets (give one per dataset, comma-separated)")
+    return parts
 
 
 def load_split(config: TrainConfig, split: str):
     """The dataset of a split: the synthetic set rendered into memory (``(n, 1, S, S)``
-    tensor), a real one as a map-style dataset that skips unreadable files. Returns
-    ``(images_or_dataset, labels (n, C), class_names)``."""
+    tensor), a real one (or a pool ``a+b`` of real ones, :class:`~spcl_fast.data.CXRPool`) as a
+    map-style dataset that skips unreadable files. Returns ``(images_or_dataset, labels (n, C),
+    class_names)``."""
     if config.dataset == "synthetic":
         kwargs = {"seed": 0}
         if config.num_images is not None and split == "train":
             kwargs["num_images"] = config.num_images
         ds = build_dataset("synthetic", None, split, config.image_size, **kwargs)
         return ds.images(), ds.labels, tuple(ds.class_names)
-    ds = build_dataset(
-        config.dataset,
-        config.data_root,
-        split,
-        config.image_size,
-        cache=config.data_cache,
-        on_error="skip",
-    )
+    names = config.dataset.split("+")
+    roots = _per_dataset(config.data_root, len(names), "data_root")
+    caches = _per_dataset(config.data_cache, len(names), "data_cache")
+    members = [
+        build_dataset(name, root, split, config.image_size, cache=cache, on_error="skip")
+        for name, root, cache in zip(names, roots, caches, strict=True)
+    ]
+    ds = members[0] if len(members) == 1 else CXRPool(members, names=names)
     if config.num_images is not None and split == "train":
         ds = torch.utils.data.Subset(ds, range(min(config.num_images, len(ds))))
         labels, names = ds.dataset.labels[: len(ds)], ds.dataset.class_names
@@ -217,31 +204,8 @@ def normalizer(config: TrainConfig, stats: tuple[float, float]):
     return lambda x: normalize_images(x, config.normalize, mean, std)
 
 
-def _plot_losses(records: list[dict], path: Path, method: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"{method} pre-training")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _read_metrics(path: Path, upto_step: int) -> list[dict]:
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r["step"] <= upto_step]
-
-
-def probe_encoders(config: TrainConfig, model: SPCL, device: torch.device, stats) -> dict:
+def probe_encoders(config: TrainConfig, model: torch.nn.Module, device: torch.device,
+                   stats) -> dict:
     """Linear-probe the trained encoder and the same encoder at initialisation."""
     from ..eval import extract_features, linear_probe
 
@@ -267,133 +231,397 @@ def probe_encoders(config: TrainConfig, model: SPCL, device: torch.device, stats
     return results
 
 
+def check_config(config: TrainConfig) -> None:
+    """Reject settings no run can use (the sharding classes check the batch arithmetic)."""
+    check_precision(config.precision)
+    if config.method not in METHOD_NAMES:
+        raise ValueError(f"unknown method {config.method!r}; available: {', '.join(METHOD_NAMES)}")
+    for key in ("accum_steps", "keep_last", "log_every"):
+        if getattr(config, key) < 1:
+            raise ValueError(f"{key} must be >= 1, got {getattr(config, key)}")
+    if config.lr_base_batch < 0 or config.plan_shards < 0:
+        raise ValueError("lr_base_batch and plan_shards must be >= 0")
+
+
+class Trainer:
+    """One process's share of a run: data stream, model (and its DDP/FSDP/compiled form),
+    optimizer, gradient scaler, partition streams, step and skip counters.
+
+    ``source`` replaces the config's training set (e.g. a benchmark's random images); ``state``
+    is a checkpoint to continue from. Build one per process (``ctx`` from
+    :func:`~spcl_fast.train.distributed.setup`).
+    """
+
+    def __init__(self, config: TrainConfig, ctx: DistContext | None = None, source=None,
+                 state: dict | None = None):
+        check_config(config)
+        self.config = config
+        self.ctx = ctx = ctx or DistContext(resolve_device(config.device))
+        self.device = ctx.device
+        self.fsdp = config.fsdp and ctx.world > 1
+        if source is None:
+            source = load_split(config, "train")[0]
+        self.stats = (tuple(state["intensity_stats"]) if state and "intensity_stats" in state
+                      else intensity_stats(config, source))
+        self.transform = normalizer(config, self.stats)
+        self.stream = BatchStream(source, config.batch_size, config.seed, config.num_workers,
+                                  ctx.rank, ctx.world, config.accum_steps, self.device)
+        global_loss = ctx.world > 1 and config.method == "spcl"
+        self.model = build_model(config, global_batch_loss=global_loss).to(self.device)
+        if ctx.world > 1:  # own streams per rank for whatever draws from the global RNGs
+            torch.manual_seed(config.seed + 100_003 * (ctx.rank + 1))
+        if state is not None:  # before wrapping: DDP and FSDP take the weights from here
+            self.model.load_state_dict(state["model"])
+        self.net, self.ddp = wrap_model(self.model, config, ctx)
+        lr, _ = peak_lrs(config)
+        # Fused AdamW: one kernel per step, and it honours found_inf (see _optimizer_step).
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, config.weight_decay), lr=lr,
+                                           betas=config.betas, fused=True)
+        self.scaler = grad_scaler(config.precision, self.device)
+        self.plans = PlanSampler(config.seed, config.plan_shards or ctx.world, ctx.rank,
+                                 ctx.world)
+        self.step = 0
+        # Device-side counters: read back only on log/save steps (no per-step host sync).
+        self._count = {k: torch.zeros((), dtype=torch.int64, device=self.device)
+                       for k in ("skipped_steps", "overflow_steps", "bad_streak", "peak_streak")}
+        if state is not None:
+            self._load(state)
+
+    @property
+    def micro_batch(self) -> int:
+        """Images per forward pass of one process."""
+        return self.stream.micro
+
+    @contextlib.contextmanager
+    def _grad_sync(self, sync: bool):
+        """Accumulation: reduce gradients over processes only on the last micro-step."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(sync)
+        if self.ddp is not None and not sync:
+            with self.ddp.no_sync():
+                yield
+        else:
+            yield
+
+    def train_step(self) -> dict:
+        """One optimizer step over ``accum_steps`` micro-batches. Returns the step's ``lr``
+        (float) and, as detached device tensors, ``loss`` and the method's numbers (means
+        over micro-steps and processes) and ``grad_norm`` (before clipping)."""
+        cfg = self.config
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images = self.stream.next()
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = images.split(self.stream.micro)
+        sums: dict[str, torch.Tensor] = {}
+        for k, x in enumerate(micro):
+            x = self.transform(x.to(self.device, non_blocking=True))
+            plan = plan_to(self.plans.sample(self.model, x.shape[0]), self.device)
+            with self._grad_sync(k == len(micro) - 1):
+                with autocast(cfg.precision, self.device):
+                    out = self.net(x, plan=plan)
+                loss = out["loss"].float() / len(micro)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            for key, value in out.items():
+                value = value.detach().float() / len(micro)
+                sums[key] = sums[key] + value if key in sums else value
+        means = dict(zip(sums, self.ctx.mean_(torch.stack(list(sums.values()))), strict=True))
+
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        finite_loss, finite_grad = torch.isfinite(means["loss"]), torch.isfinite(grad_norm)
+        # fp16: non-finite gradients with a finite loss are a loss-scale overflow, which the
+        # scaler handles (skip, lower the scale); only a non-finite loss is a bad step.
+        bad = ~finite_loss if self.scaler is not None else ~(finite_loss & finite_grad)
+        skip = bad | ~finite_grad
+        self._optimizer_step(skip)
+        if self.scaler is not None:
+            self.scaler.update()
+        c = self._count
+        c["skipped_steps"] += bad
+        c["overflow_steps"] += skip & ~bad
+        c["bad_streak"] = torch.where(bad, c["bad_streak"] + 1, 0)
+        c["peak_streak"] = torch.maximum(c["peak_streak"], c["bad_streak"])
+        if hasattr(self.model, "after_step"):  # DINO's EMA teacher (a skipped step leaves the
+            self.model.after_step(self.step)  # student as it was, so the EMA stays sound)
+        self.step += 1
+        return {**means, "grad_norm": grad_norm.detach(), "lr": lr}
+
+    def _optimizer_step(self, skip: torch.Tensor) -> None:
+        if self.optimizer.param_groups[0].get("fused"):
+            # GradScaler's protocol for fused optimizers: with found_inf != 0 the kernel leaves
+            # weights, moments and step counts untouched, on the device, without a host sync.
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, skip.float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale, self.optimizer.found_inf
+        elif not skip.item():  # an optimizer restored as non-fused from an old checkpoint
+            self.optimizer.step()
+
+    def counters(self) -> dict[str, int]:
+        """Host copies of the skip counters (a device sync). ``peak_streak`` is the longest
+        run of bad steps since the previous call."""
+        values = torch.stack(list(self._count.values())).tolist()
+        self._count["peak_streak"] = self._count["bad_streak"].clone()
+        return dict(zip(self._count, values, strict=True))
+
+    def state_dict(self) -> dict | None:
+        """The checkpoint: on the main process the full dict, elsewhere ``None``. Every process
+        must call it (it gathers RNG states, and FSDP's shards)."""
+        counters = self.counters()
+        counters.pop("peak_streak")
+        model = model_state(self.model, self.fsdp)
+        optim = optimizer_state(self.model, self.optimizer, self.fsdp)
+        cuda = self.device.type == "cuda"
+        rng = self.ctx.gather({"cpu": torch.get_rng_state(),
+                               "cuda": torch.cuda.get_rng_state(self.device) if cuda else None})
+        plans = [s for states in self.ctx.gather(self.plans.state()) for s in states]
+        if not self.ctx.is_main:
+            return None
+        return {
+            "model": model,
+            "optimizer": optim,
+            "optimizer_format": "fsdp-full" if self.fsdp else "plain",
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "step": self.step,
+            "lr": lr_at(self.step, self.config),
+            "data": self.stream.state_dict(),
+            "partition_rng": plans,
+            "rng": rng,
+            "counters": counters,
+            "world_size": self.ctx.world,
+            "config": dataclasses.asdict(self.config),
+            "intensity_stats": list(self.stats),
+        }
+
+    def _load(self, state: dict) -> None:
+        fmt = state.get("optimizer_format", "plain")
+        if fmt != ("fsdp-full" if self.fsdp else "plain"):
+            raise ValueError(f"the checkpoint's optimizer state is {fmt!r}: resume with "
+                             f"--fsdp {'false' if self.fsdp else 'true'}, as it was trained")
+        load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.fsdp)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.stream.load_state_dict(state["data"])
+        plans = state["partition_rng"]
+        plans = [plans] if isinstance(plans, torch.Tensor) else plans  # single-stream format
+        if not self.plans.load(plans):
+            warnings.warn(f"the checkpoint has {len(plans)} partition streams, this run "
+                          f"{self.plans.num_shards}: the extra ones start fresh", stacklevel=2)
+        rng = state.get("rng") or [{"cpu": state["torch_rng"], "cuda": None}]
+        if len(rng) == self.ctx.world:
+            torch.set_rng_state(rng[self.ctx.rank]["cpu"])
+            if rng[self.ctx.rank]["cuda"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng[self.ctx.rank]["cuda"], self.device)
+        else:
+            warnings.warn(f"the checkpoint comes from {len(rng)} processes, this run has "
+                          f"{self.ctx.world}: per-process RNG streams start fresh", stacklevel=2)
+        for key, value in state.get("counters", {}).items():
+            self._count[key].fill_(int(value))
+        self.step = int(state["step"])
+
+
+def _resume_state(resume: str | Path, ctx: DistContext) -> tuple[dict | None, Path | None]:
+    """The main process picks the newest readable checkpoint (falling back past corrupt ones);
+    the others load the same file. A run folder without checkpoints yet (a run killed before
+    its first save) means starting from step 0, so one command line starts or continues a run;
+    a named checkpoint file must exist."""
+    state, path = None, None
+    if ctx.is_main:
+        try:
+            state, path = load_checkpoint(resume)
+        except FileNotFoundError:
+            if Path(resume).suffix == ".pt":
+                raise
+            print(f"no checkpoint in {resume} yet: starting from step 0")
+    path = ctx.broadcast(None if path is None else str(path))
+    if path is not None and not ctx.is_main:
+        state, _ = load_checkpoint(path)
+    return state, None if path is None else Path(path)
+
+
+def _full_model(trainer: Trainer) -> torch.nn.Module | None:
+    """The trained model, unsharded, on the main process (``None`` elsewhere)."""
+    if not trainer.fsdp:
+        return trainer.model if trainer.ctx.is_main else None
+    state = model_state(trainer.model, fsdp=True)
+    if not trainer.ctx.is_main:
+        return None
+    model = build_model(trainer.config)
+    model.load_state_dict(state)
+    return model
+
+
+@contextlib.contextmanager
+def _determinism(enabled: bool, device: torch.device):
+    """Deterministic algorithms for the run (``config.deterministic``), restored afterwards."""
+    before = torch.are_deterministic_algorithms_enabled()
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's requirement
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the patch-embedding convolution
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def train(config: TrainConfig, out_dir: str | Path, resume: str | Path | None = None) -> dict:
-    """Pre-train per ``config``, writing everything to ``out_dir``; returns a summary dict."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
+    """Pre-train per ``config``, writing everything to ``out_dir``; returns a summary dict.
+
+    Under ``torchrun`` every process calls this (the main one writes the files). On SIGTERM or
+    SIGINT the run finishes its step, checkpoints and returns with ``summary["interrupted"]``
+    (the signal's name) and ``summary["exit_code"]`` (``128 + signal``)."""
+    ctx = setup(config.device)
+    threads = torch.get_num_threads()
+    try:
+        with _determinism(config.deterministic, ctx.device):
+            return _train(config, Path(out_dir), resume, ctx)
+    finally:
+        torch.set_num_threads(threads)
+        teardown(ctx)
+
+
+def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict:
+    main = ctx.is_main
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(config.to_json())
     if config.threads:
         torch.set_num_threads(config.threads)
-    (out_dir / "config.json").write_text(config.to_json())
+    state, path = _resume_state(resume, ctx) if resume is not None else (None, None)
+    trainer = Trainer(config, ctx, state=state)
+    del state
+    if main and path is not None:
+        print(f"resumed from {path} at step {trainer.step}")
+    model = trainer.model
+    plan = model.sample_plan(config.batch_size // config.accum_steps,
+                             torch.Generator().manual_seed(0), "cpu")
+    # Per image of the loss's batch (every process's micro-batch: the negatives it sees).
+    gflops = model.train_flops(plan) / plan.num_images / 1e9
+    peak = peak_tflops(ctx.device, config.precision, config.peak_tflops)
+    method = METHOD_NAMES[config.method]
+    if main:
+        _describe(trainer, gflops, peak)
 
-    source, _, _ = load_split(config, "train")
-    stream = BatchStream(source, config.batch_size, config.seed, config.num_workers)
-    stats = intensity_stats(config, source)
-    transform = normalizer(config, stats)
-    model = build_model(config).to(device)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas
-    )
-    partitions = torch.Generator().manual_seed(config.seed + 1)
-    step = 0
-    if resume is not None:
-        state, path = load_checkpoint(resume)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        stream.load_state_dict(state["data"])
-        partitions.set_state(state["partition_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        step = int(state["step"])
-        print(f"resumed from {path} at step {step}")
+    log = MetricsLog(out_dir, trainer.step, config.tensorboard, main)
+    bar = tqdm(total=config.steps, initial=trainer.step, desc=method, unit="step",
+               dynamic_ncols=True, disable=not main)
+    stopped_by = 0
+    window_start, window_steps = time.perf_counter(), 0  # images/s since the last log line
+    try:
+        with GracefulStop() as stop:
+            while trainer.step < config.steps:
+                out = trainer.train_step()
+                step, window_steps = trainer.step, window_steps + 1
+                bar.update(1)
+                stopped_by = ctx.max_int(stop.signum or 0)  # every rank stops at the same step
+                log_now = step % config.log_every == 0 or step == config.steps
+                save_now = config.save_every and step % config.save_every == 0
+                if log_now or save_now or stopped_by:
+                    counters = trainer.counters()  # the host sync of this step
+                    if counters["peak_streak"] >= config.max_bad_steps:
+                        raise RuntimeError(
+                            f"{counters['peak_streak']} non-finite steps in a row by step {step} "
+                            f"(loss {float(out['loss'])}); stopping without overwriting the "
+                            f"checkpoints in {out_dir}"
+                        )
+                if log_now:
+                    rate = window_steps * config.batch_size / (time.perf_counter() - window_start)
+                    record = _record(trainer, out, counters, rate, gflops, peak)
+                    log.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{rate:.0f}")
+                    window_start, window_steps = time.perf_counter(), 0
+                if stopped_by:  # consistent even mid-streak: bad steps change no weights
+                    _save(trainer, out_dir)
+                    break
+                if save_now and step < config.steps:
+                    if counters["bad_streak"]:  # keep the older ones, taken after good steps
+                        if main:
+                            warnings.warn(f"step {step}: {counters['bad_streak']} non-finite "
+                                          "step(s) in a row; skipping this checkpoint",
+                                          stacklevel=1)
+                        continue
+                    saved = time.perf_counter()
+                    _save(trainer, out_dir)
+                    window_start += time.perf_counter() - saved  # not training throughput
+    finally:
+        bar.close()
+        log.close()
+    if not stopped_by:
+        _save(trainer, out_dir)
+    ctx.barrier()  # nobody leaves (and lets torchrun end the others) before the file is written
+    if main and log.records:
+        plot_losses(log.records, out_dir / "loss_curve.png", method)
 
-    metrics_path = out_dir / "metrics.jsonl"
-    records = _read_metrics(metrics_path, step)
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    plan = model.sample_plan(config.batch_size, torch.Generator().manual_seed(0), "cpu")
-    gflops = model.train_flops(plan) / config.batch_size / 1e9
+    summary = {
+        "steps": trainer.step,
+        "skipped_steps": trainer.counters()["skipped_steps"],
+        "checkpoint": str(checkpoint_path(out_dir, trainer.step)),
+        "final_loss": log.records[-1]["loss"] if log.records else None,
+        "gflops_per_image": gflops,
+        "intensity_stats": list(trainer.stats),
+    }
+    if stopped_by:
+        summary["interrupted"] = signal.Signals(stopped_by).name
+        summary["exit_code"] = 128 + stopped_by
+    elif config.probe:
+        full = _full_model(trainer)
+        if main:
+            summary["probe"] = probe_encoders(config, full, ctx.device, trainer.stats)
+    if main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _describe(trainer: Trainer, gflops: float, peak: float | None) -> None:
+    config, model = trainer.config, trainer.model
     params = sum(p.numel() for p in model.encoder.parameters()) / 1e6
+    lr, _ = peak_lrs(config)
     print(
         f"{METHOD_NAMES[config.method]}: {params:.2f}M-parameter "
         f"encoder, {model.encoder.num_patches} tokens/image, {gflops:.3f} GFLOPs/image per "
-        f"training step ({gflops / 2:.3f} GMACs), device {device}"
+        f"training step ({gflops / 2:.3f} GMACs), device {trainer.device}"
+    )
+    print(
+        f"batch {config.batch_size} = {trainer.ctx.world} process(es) x {trainer.micro_batch} "
+        f"images x {config.accum_steps} micro-step(s); {config.precision}"
+        f"{', compiled' if config.compile else ''}{', FSDP' if trainer.fsdp else ''}; "
+        f"peak lr {lr:.3g}; peak {peak or 'unknown'} TFLOP/s per device"
     )
 
-    def checkpoint_state() -> dict:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "data": stream.state_dict(),
-            "partition_rng": partitions.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "config": dataclasses.asdict(config),
-            "intensity_stats": list(stats),
-        }
 
-    model.train()
-    bad_streak = skipped = 0
-    window_start, window_images = time.perf_counter(), 0
-    bar = tqdm(
-        total=config.steps,
-        initial=step,
-        desc=METHOD_NAMES[config.method],
-        unit="step",
-        dynamic_ncols=True,
-    )
-    with open(metrics_path, "a") as log:
-        while step < config.steps:
-            lr = lr_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = transform(stream.next().to(device, non_blocking=True))
-            plan = model.sample_plan(x.shape[0], partitions, "cpu").to(device)
-            out = model(x, plan=plan)
-            loss = out["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), config.grad_clip if config.grad_clip > 0 else float("inf")
-            )
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                bad_streak += 1
-                skipped += 1
-                if bad_streak >= config.max_bad_steps:
-                    raise RuntimeError(
-                        f"{bad_streak} non-finite steps in a row at step {step} (loss "
-                        f"{loss.item()}); stopping without overwriting the checkpoints in {out_dir}"
-                    )
-                step += 1
-                continue
-            bad_streak = 0
-            optimizer.step()
-            if hasattr(model, "after_step"):  # e.g. DINO's EMA teacher update
-                model.after_step(step)
-            step += 1
-            window_images += x.shape[0]
-            if step % config.log_every == 0 or step == config.steps:
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "step": step,
-                    "loss": loss.item(),
-                    "lr": lr,
-                    "grad_norm": grad_norm.item(),
-                    **{k: v.item() for k, v in out.items() if k != "loss"},  # method's stats
-                    "images_per_s": window_images / elapsed,
-                    "gflops_per_image": gflops,
-                    "skipped_steps": skipped,
-                }
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                records.append(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
-                window_start, window_images = time.perf_counter(), 0
-            bar.update(1)
-            if config.save_every and step % config.save_every == 0 and step < config.steps:
-                save_checkpoint(checkpoint_state(), out_dir, step)
-    bar.close()
-    ckpt = save_checkpoint(checkpoint_state(), out_dir, step)
-    if records:
-        _plot_losses(records, out_dir / "loss_curve.png", METHOD_NAMES[config.method])
-
-    summary = {
-        "steps": step,
-        "skipped_steps": skipped,
-        "checkpoint": str(ckpt),
-        "final_loss": records[-1]["loss"] if records else None,
+def _record(trainer: Trainer, out: dict, counters: dict, images_per_s: float, gflops: float,
+            peak: float | None) -> dict:
+    """One line of ``metrics.jsonl`` (reading the step's device tensors: one sync)."""
+    keys = [k for k in out if k != "lr"]
+    values = dict(zip(keys, torch.stack([out[k] for k in keys]).tolist(), strict=True))
+    record = {
+        "step": trainer.step,
+        "loss": values.pop("loss"),
+        "lr": out["lr"],
+        "grad_norm": values.pop("grad_norm"),
+        **values,  # the method's numbers
+        "images_per_s": images_per_s,  # all processes together
         "gflops_per_image": gflops,
-        "intensity_stats": list(stats),
+        **throughput(images_per_s, gflops, trainer.ctx.world, peak),
+        "skipped_steps": counters["skipped_steps"],
+        "epoch": trainer.stream.epoch,
     }
-    if config.probe:
-        summary["probe"] = probe_encoders(config, model, device, stats)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    if trainer.scaler is not None:
+        record["overflow_steps"] = counters["overflow_steps"]
+        record["loss_scale"] = trainer.scaler.get_scale()
+    return record
+
+
+def _save(trainer: Trainer, out_dir: Path) -> None:
+    state = trainer.state_dict()  # every process: gathers RNG states (and FSDP shards)
+    if state is not None:
+        save_checkpoint(state, out_dir, trainer.step, keep_last=trainer.config.keep_last)

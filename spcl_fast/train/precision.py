@@ -1,0 +1,40 @@
+"""Mixed precision: the autocast context of each ``precision`` and fp16's gradient scaler.
+
+* ``fp32``: no autocast (on a GPU, matmuls follow ``torch.set_float32_matmul_precision``).
+* ``bf16``: ``torch.autocast(dtype=bfloat16)`` around the forward; weights, gradients and the
+  optimizer stay fp32. bf16 has fp32's exponent range, so no loss scaling is needed. Works on
+  CPU too (how it is tested here).
+* ``fp16``: autocast to float16 plus a ``GradScaler`` (dynamic loss scaling; its state is part
+  of the checkpoint). A step whose scaled gradients overflow is the scaler's business: it is
+  skipped and the scale lowered, but it is not counted as a bad (non-finite) step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def autocast(precision: str, device: torch.device):
+    """The context the forward runs in: autocast to the precision's dtype, or nothing."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """A ``GradScaler`` for fp16, ``None`` otherwise."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None

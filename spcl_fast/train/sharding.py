@@ -1,0 +1,172 @@
+"""Who sees what: the data order sharded over processes and accumulation steps, and the step's
+random plans (partitions, masks, crops) drawn in independent per-shard streams.
+
+A global batch of ``B = batch_size`` images per optimizer step is cut into ``A = accum_steps``
+micro-steps of ``W * m`` images (``W`` processes, ``m = B / (W * A)`` each); micro-step ``k`` of
+rank ``r`` takes images ``(k * W + r) * m ...`` of the step's slice of the epoch order. So every
+micro-step is one contiguous slice of the order, spread over the ranks, and no image is seen
+twice per epoch by any rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..methods.dino import CropPlan
+from ..methods.mae import MaskPlan
+from ..partition import PartitionPlan
+
+
+class BatchStream:
+    """This rank's images of each optimizer step, in a fresh random order each epoch (seeded by
+    ``(seed, epoch)``, the same on every rank): no image twice per epoch, the last incomplete
+    global batch dropped. Its position (global: images consumed) is part of the checkpoint, so a
+    resumed run, even on another number of processes, sees exactly the batches it would have.
+
+    ``source`` is an in-memory ``(n, 1, S, S)`` tensor (the synthetic set; moved to ``device``
+    once) or a map-style dataset read through a ``DataLoader`` with ``num_workers`` processes
+    (real datasets; pinned batches when ``device`` is a GPU). ``next()`` returns this rank's
+    ``accum_steps * m`` images of the step, micro-step by micro-step.
+    """
+
+    def __init__(self, source, batch_size: int, seed: int, num_workers: int = 0, rank: int = 0,
+                 world: int = 1, accum_steps: int = 1, device: torch.device | None = None):
+        if len(source) < batch_size:
+            raise ValueError(f"batch_size {batch_size} exceeds the {len(source)} images")
+        if batch_size % (world * accum_steps):
+            raise ValueError(
+                f"batch_size {batch_size} is not a multiple of processes x accum_steps "
+                f"= {world} x {accum_steps}"
+            )
+        self.device = torch.device(device or "cpu")
+        if isinstance(source, torch.Tensor):
+            source = source.to(self.device)
+        self.source, self.batch_size, self.seed = source, batch_size, seed
+        self.num_workers, self.rank, self.world = num_workers, rank, world
+        self.accum_steps, self.micro = accum_steps, batch_size // (world * accum_steps)
+        self.epoch, self.position = 0, 0
+        self._loader = None
+        self._order_cache: tuple[int, torch.Tensor] | None = None
+
+    def _order(self) -> torch.Tensor:
+        if self._order_cache is None or self._order_cache[0] != self.epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._order_cache = (self.epoch, torch.randperm(len(self.source), generator=g))
+        return self._order_cache[1]
+
+    def local(self, block: torch.Tensor) -> torch.Tensor:
+        """This rank's indices of consecutive global batches ``block`` (``(k * B,)``), step by
+        step and micro-step by micro-step."""
+        steps = block.view(-1, self.accum_steps, self.world, self.micro)
+        return steps[:, :, self.rank].reshape(-1)
+
+    def next(self) -> torch.Tensor:
+        if self.position + self.batch_size > len(self.source):
+            self.epoch, self.position, self._loader = self.epoch + 1, 0, None
+        if isinstance(self.source, torch.Tensor):
+            block = self._order()[self.position : self.position + self.batch_size]
+            batch = self.source[self.local(block).to(self.device)]
+        else:
+            if self._loader is None:  # (re)start the epoch at the saved position
+                whole = (len(self.source) - self.position) // self.batch_size * self.batch_size
+                block = self._order()[self.position : self.position + whole]
+                self._loader = iter(
+                    torch.utils.data.DataLoader(
+                        torch.utils.data.Subset(self.source, self.local(block).tolist()),
+                        batch_size=self.accum_steps * self.micro,
+                        num_workers=self.num_workers,
+                        pin_memory=self.device.type == "cuda",
+                        # Its own generator: worker seeds must not draw from (and so shift)
+                        # the global RNG when a resumed run restarts the loader mid-epoch.
+                        generator=torch.Generator().manual_seed(self.seed + self.epoch),
+                    )
+                )
+            batch = next(self._loader)["image"]
+        self.position += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._loader = None
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    """Seed of partition stream ``shard`` (stream 0 is ``seed + 1``, what one process uses)."""
+    return seed + 1 + 1_000_003 * shard
+
+
+class PlanSampler:
+    """Each micro-step's random plan, drawn on the host from ``num_shards`` independent
+    generators: rank ``r`` of ``W`` owns streams ``r*S/W ... (r+1)*S/W - 1`` and draws an equal
+    part of its micro-batch from each, so the concatenated plan of a step does not depend on how
+    the streams are spread over processes. One process with ``plan_shards=W`` therefore replays
+    the partitions of a ``W``-process run (how the multi-process tests compare them), and each
+    rank samples only its own images (a global plan of thousands of images costs tens of ms of
+    host time per step).
+    """
+
+    def __init__(self, seed: int, num_shards: int, rank: int = 0, world: int = 1):
+        if num_shards < 1 or num_shards % world:
+            raise ValueError(f"plan_shards {num_shards} must be a positive multiple of the "
+                             f"{world} processes")
+        self.num_shards, self.per_rank = num_shards, num_shards // world
+        self.shards = range(rank * self.per_rank, (rank + 1) * self.per_rank)
+        self.generators = [torch.Generator().manual_seed(shard_seed(seed, j)) for j in self.shards]
+
+    def sample(self, model: torch.nn.Module, num_images: int):
+        if num_images % self.per_rank:
+            raise ValueError(f"a micro-batch of {num_images} images does not split into "
+                             f"{self.per_rank} partition streams")
+        part = num_images // self.per_rank
+        return concat_plans([model.sample_plan(part, g, "cpu") for g in self.generators])
+
+    def state(self) -> list[torch.Tensor]:
+        """Generator states of this rank's streams."""
+        return [g.get_state() for g in self.generators]
+
+    def load(self, states: list[torch.Tensor]) -> bool:
+        """Restore from all streams' states (shard order); ``False`` when the count differs
+        (another ``plan_shards``): streams present in both are restored, new ones keep their
+        seeds."""
+        for j, g in zip(self.shards, self.generators, strict=True):
+            if j < len(states):
+                g.set_state(states[j])
+        return len(states) == self.num_shards
+
+
+def concat_plans(plans: list):
+    """Plans of consecutive image ranges as one plan of all their images (partition, mask or
+    crop plans)."""
+    if len(plans) == 1:
+        return plans[0]
+    first = plans[0]
+    if isinstance(first, PartitionPlan):
+        n = first.num_tokens
+        token_index, cu_seqlens, images, rows = [], [first.cu_seqlens[:1]], 0, 0
+        for p in plans:
+            token_index.append(p.token_index + images * n)
+            cu_seqlens.append(p.cu_seqlens[1:] + rows)
+            images, rows = images + p.num_images, rows + p.total_tokens
+        return PartitionPlan(torch.cat(token_index), torch.cat(cu_seqlens),
+                             max(p.max_seqlen for p in plans), images, n)
+    if isinstance(first, MaskPlan):
+        return MaskPlan(torch.cat([p.ids_keep for p in plans]), first.num_tokens)
+    if isinstance(first, CropPlan):
+        return CropPlan(*(torch.cat([getattr(p, k) for p in plans], dim=1)
+                          for k in ("theta", "gain", "bias")), first.num_global)
+    raise TypeError(f"cannot concatenate plans of type {type(first).__name__}")
+
+
+def plan_to(plan, device: torch.device):
+    """``plan.to(device)``; on a GPU from pinned copies, so the copies are truly asynchronous
+    (a copy from pageable memory blocks the host)."""
+    if device.type == "cuda":
+        pinned = {f.name: getattr(plan, f.name).pin_memory() for f in dataclasses.fields(plan)
+                  if isinstance(getattr(plan, f.name), torch.Tensor)}
+        plan = dataclasses.replace(plan, **pinned)
+    return plan.to(device)

@@ -1,0 +1,294 @@
+"""Training at scale, in one process: data sharding and partition streams, exact resume with
+accumulation, mixed precision and DataLoader-fed dataset pools, skipped non-finite steps,
+compile-readiness, MFU and LR scaling, the global-batch S-PCL loss."""
+
+import dataclasses
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from spcl_fast.data.fixtures import make_chestxray14, make_chexpert
+from spcl_fast.train.__main__ import parse_args
+from spcl_fast.train.config import PRESETS, demo, smoke
+from spcl_fast.train.distributed import GlobalBatchSPCL
+from spcl_fast.train.engine import Trainer, build_model, lr_at, peak_lrs, train
+from spcl_fast.train.interrupt import GracefulStop
+from spcl_fast.train.monitor import peak_tflops, read_metrics, throughput
+from spcl_fast.train.sharding import BatchStream, PlanSampler, concat_plans
+
+TIMING = {"images_per_s", "tflops_per_device", "mfu"}  # wall-clock fields: differ run to run
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: more threads only contend (the smoke preset trains on one as well)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _records(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+class _Images(torch.utils.data.Dataset):
+    """Map-style dataset of images whose single pixel is their index."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"image": torch.full((1, 1, 1), float(i))}
+
+
+@pytest.mark.parametrize("world,accum", [(1, 1), (2, 1), (2, 2), (4, 1)])
+def test_batch_stream_shards_each_epoch_over_ranks_once(world, accum):
+    n, batch = 44, 8  # 5 full batches per epoch, 4 images dropped
+    source = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)
+    single = BatchStream(source, batch, seed=3)
+    ranks = [BatchStream(source, batch, seed=3, rank=r, world=world, accum_steps=accum)
+             for r in range(world)]
+    loaders = [BatchStream(_Images(n), batch, seed=3, rank=r, world=world, accum_steps=accum)
+               for r in range(world)]
+    for _epoch in range(2):
+        seen = []
+        for _ in range(n // batch):
+            whole = single.next().flatten()
+            parts = [s.next().flatten().view(accum, -1) for s in ranks]
+            # micro-step k of the ranks together is the k-th slice of the one-process batch
+            assert torch.equal(torch.cat(parts, dim=1).flatten(), whole)
+            for stream, part in zip(loaders, parts, strict=True):  # DataLoader path: the same
+                assert torch.equal(stream.next().flatten(), part.flatten())
+            seen += whole.tolist()
+        assert len(set(seen)) == len(seen) == n // batch * batch
+    with pytest.raises(ValueError, match="multiple of processes x accum_steps"):
+        BatchStream(source, 8, seed=0, world=3)
+
+
+def test_plan_streams_do_not_depend_on_the_number_of_processes():
+    model = build_model(smoke())
+    one = PlanSampler(seed=5, num_shards=2).sample(model, 8)
+    halves = [PlanSampler(seed=5, num_shards=2, rank=r, world=2).sample(model, 4)
+              for r in range(2)]
+    both = concat_plans(halves)
+    assert torch.equal(one.token_index, both.token_index)
+    assert torch.equal(one.cu_seqlens, both.cu_seqlens) and one.max_seqlen == both.max_seqlen
+    # one stream is what a single process always drew
+    plain = model.sample_plan(8, torch.Generator().manual_seed(6), "cpu")
+    assert torch.equal(PlanSampler(seed=5, num_shards=1).sample(model, 8).token_index,
+                       plain.token_index)
+    # encoding the concatenated plan equals encoding each half on its own
+    x = torch.randn(8, 1, 32, 32)
+    with torch.no_grad():
+        pooled = model.encoder.forward_partitioned(x, both)
+        parts = [model.encoder.forward_partitioned(x[4 * r: 4 * r + 4], halves[r])
+                 for r in range(2)]
+    torch.testing.assert_close(pooled, torch.cat(parts), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["mae", "dino"])
+def test_concat_plans_of_baselines(method):
+    config = dataclasses.replace(smoke(), method=method, decoder_dim=32, decoder_depth=1,
+                                 decoder_heads=2, dino_out_dim=64, dino_local_crops=2)
+    model = build_model(config)
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    halves = [model.sample_plan(3, g, "cpu") for g in gens]
+    both = concat_plans(halves)
+    assert both.num_images == 6
+    with torch.no_grad():
+        whole = model(torch.rand(6, 1, 32, 32, generator=gens[0]), plan=both)["loss"]
+    assert torch.isfinite(whole)
+
+
+def test_global_batch_spcl_equals_spcl_in_a_one_process_group():
+    config = dataclasses.replace(smoke(), subset_jitter=0.5)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ref, glob = build_model(config), build_model(config, global_batch_loss=True)
+        assert isinstance(glob, GlobalBatchSPCL)
+        x = torch.rand(4, 1, 32, 32)
+        plan = ref.sample_plan(4, torch.Generator().manual_seed(0), "cpu")
+        outs = []
+        for model in (ref, glob):
+            torch.manual_seed(1)  # the subset jitter draws from the global RNG
+            out = model(x, plan=plan)
+            out["loss"].backward()
+            outs.append((out, model.encoder.blocks[0].attn.qkv.weight.grad))
+    finally:
+        dist.destroy_process_group()
+    # Same forward (jitter included); the gathering loss sums its two directions in two passes
+    # instead of one, so the loss and gradients agree to rounding.
+    for key in outs[0][0]:
+        torch.testing.assert_close(outs[0][0][key], outs[1][0][key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_with_accumulation_resumes_exactly(tmp_path, precision):
+    config = dataclasses.replace(smoke(), precision=precision, accum_steps=2, steps=4,
+                                 save_every=2)
+    summary = train(config, tmp_path / "full")
+    assert summary["skipped_steps"] == 0
+    train(config, tmp_path / "resumed", resume=tmp_path / "full" / "ckpt-00000002.pt")
+    full = _records(tmp_path / "full")
+    assert _records(tmp_path / "resumed") == full[2:]  # bit for bit
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in full)
+    state = torch.load(tmp_path / "full" / "ckpt-00000004.pt", weights_only=True)
+    assert (state["scaler"] is not None) == (precision == "fp16")
+    if precision == "fp16":
+        assert full[-1]["loss_scale"] > 0 and full[-1]["overflow_steps"] >= 0
+
+
+def test_dataset_pool_through_the_dataloader_resumes_exactly(tmp_path):
+    a = make_chestxray14(tmp_path / "nih", n=24, size=32)
+    b = make_chexpert(tmp_path / "chexpert", size=32)
+    config = dataclasses.replace(smoke(), dataset="chestxray14+chexpert", data_root=f"{a},{b}",
+                                 num_workers=1, batch_size=8, steps=6, save_every=3,
+                                 accum_steps=2)
+    train(config, tmp_path / "full")
+    train(config, tmp_path / "resumed", resume=tmp_path / "full" / "ckpt-00000003.pt")
+    full = _records(tmp_path / "full")
+    assert full[-1]["epoch"] >= 1  # crossed an epoch boundary (the loader restarts there)
+    assert _records(tmp_path / "resumed") == full[3:]
+    with pytest.raises(ValueError, match="one per dataset"):
+        train(dataclasses.replace(config, data_root=a), tmp_path / "bad")
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_continues_exactly(tmp_path):
+    config = dataclasses.replace(smoke(), steps=6, save_every=2, keep_last=3, deterministic=True)
+    train(config, tmp_path / "full")
+    assert not torch.are_deterministic_algorithms_enabled()  # the run's setting is undone
+    reference = _records(tmp_path / "full")
+    (tmp_path / "full" / "ckpt-00000006.pt").write_bytes(b"torn")
+    with open(tmp_path / "full" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')  # and a torn metrics line, as a kill -9 leaves
+    with pytest.warns(UserWarning, match="could not read"):
+        summary = train(config, tmp_path / "full", resume=tmp_path / "full")
+    assert summary["steps"] == 6 and _records(tmp_path / "full") == reference
+
+
+def test_nan_batch_is_skipped_and_the_run_continues(tmp_path, monkeypatch):
+    trainer = Trainer(dataclasses.replace(smoke(), steps=4))
+    trainer.train_step()
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    moments = [s["exp_avg"].clone() for s in trainer.optimizer.state.values()]
+    real = trainer.stream.next
+    monkeypatch.setattr(trainer.stream, "next", lambda: real() * float("nan"))
+    out = trainer.train_step()
+    assert not torch.isfinite(out["loss"])
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k  # the update was skipped ...
+    for s, m in zip(trainer.optimizer.state.values(), moments, strict=True):
+        assert torch.equal(s["exp_avg"], m) and int(s["step"]) == 1  # ... moments and count too
+    monkeypatch.setattr(trainer.stream, "next", real)
+    assert torch.isfinite(trainer.train_step()["loss"])
+    counters = trainer.counters()
+    assert counters["skipped_steps"] == 1 and counters["bad_streak"] == 0
+
+    calls = {"n": 0}
+
+    def poisoned(self):
+        calls["n"] += 1
+        batch = real_next(self)
+        return batch * float("nan") if calls["n"] == 2 else batch
+
+    real_next = BatchStream.next
+    monkeypatch.setattr(BatchStream, "next", poisoned)
+    with pytest.warns(UserWarning, match="skipping this checkpoint"):  # step 2 was bad
+        summary = train(dataclasses.replace(smoke(), steps=4, save_every=2), tmp_path / "run")
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 4
+    assert [r["skipped_steps"] for r in _records(tmp_path / "run")] == [0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("layout", ["packed", "inplace"])
+def test_training_forward_compiles_without_graph_breaks(layout):
+    trainer = Trainer(dataclasses.replace(smoke(), layout=layout, precision="bf16"))
+    x = trainer.transform(trainer.stream.next())
+    plan = trainer.plans.sample(trainer.model, x.shape[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(trainer.net)(x, plan=plan)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+
+
+def test_lr_scaling_is_opt_in():
+    config = dataclasses.replace(smoke(), lr=1.5e-4, min_lr=1e-6, batch_size=2048, steps=100,
+                                 warmup_steps=10)
+    assert peak_lrs(config) == (1.5e-4, 1e-6)
+    scaled = dataclasses.replace(config, lr_base_batch=256)
+    assert peak_lrs(scaled) == pytest.approx((1.2e-3, 8e-6))
+    assert lr_at(9, scaled) == pytest.approx(1.2e-3) and lr_at(100, scaled) == pytest.approx(8e-6)
+    assert demo().lr_base_batch == 0  # the demo's learning rate is the one it states
+    for name in ("vit_tiny_224", "vit_base_448", "vit_large_512"):
+        preset = PRESETS[name]()
+        assert preset.precision == "bf16" and preset.patch_size == 16
+        assert preset.image_size == int(name.rsplit("_", 1)[1])
+
+
+def test_peak_table_mfu_and_override(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert peak_tflops(cpu, "bf16") is None and peak_tflops(cpu, "bf16", 100.0) == 100.0
+    for name, precision, peak in [("NVIDIA H100 80GB HBM3", "bf16", 989.0),
+                                  ("NVIDIA H100 PCIe", "bf16", 756.0),
+                                  ("NVIDIA A100-SXM4-80GB", "fp16", 312.0),
+                                  ("NVIDIA A10", "bf16", 125.0),
+                                  ("Tesla V100-SXM2-32GB", "bf16", None),
+                                  ("Some Future GPU", "bf16", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, n=name: n)
+        assert peak_tflops(cuda, precision) == peak, name
+    rates = throughput(images_per_s=32_000, gflops_per_image=101.0, world=8, peak=989.0)
+    assert rates["tflops_per_device"] == pytest.approx(404.0)
+    assert rates["mfu"] == pytest.approx(404.0 / 989.0)
+    assert throughput(10.0, 1.0, 1, None)["mfu"] is None
+
+
+def test_metrics_reader_drops_torn_lines_and_later_steps(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert read_metrics(path, 5) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    assert read_metrics(path, 1) == [{"step": 1, "loss": 2.0}]
+
+
+def test_tensorboard_is_optional(tmp_path):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+
+        installed = True
+    except ImportError:
+        installed = False
+    config = dataclasses.replace(smoke(), steps=2, tensorboard=True)
+    if installed:
+        train(config, tmp_path)
+        assert any((tmp_path / "tensorboard").iterdir())
+    else:
+        with pytest.warns(UserWarning, match="tensorboard is not installed"):
+            summary = train(config, tmp_path)
+        assert summary["steps"] == 2
+
+
+def test_yes_no_options_may_stand_alone():
+    preset, over, _ = parse_args(["--compile", "--steps", "3", "--tensorboard"])
+    assert over == {"compile": "true", "steps": "3", "tensorboard": "true"}
+    assert parse_args(["--fsdp", "false"])[1] == {"fsdp": "false"}
+
+
+def test_second_sigint_aborts():
+    before = signal.getsignal(signal.SIGINT)
+    with GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs between bytecodes of the main thread
+        assert stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    assert signal.getsignal(signal.SIGINT) is before  # the previous handler is back
