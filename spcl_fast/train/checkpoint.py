@@ -35,6 +35,15 @@ def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep_last: int 
     return path
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a reader (or a run killed mid-write) sees the old
+    file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:

@@ -30,7 +30,7 @@ from ..data import CXRPool, build_dataset, normalize_images
 from ..data import synthetic as synthetic_data
 from ..methods import DINO, MAE, SPCL
 from ..nn import create_vit
-from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, write_text_atomic
 from .config import TrainConfig
 from .distributed import (
     DistContext,
@@ -493,7 +493,7 @@ def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict
     main = ctx.is_main
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(config.to_json())
+        write_text_atomic(out_dir / "config.json", config.to_json())
     if config.threads:
         torch.set_num_threads(config.threads)
     state, path = _resume_state(resume, ctx) if resume is not None else (None, None)
@@ -577,7 +577,7 @@ def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict
         if main:
             summary["probe"] = probe_encoders(config, full, ctx.device, trainer.stats)
     if main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import write_text_atomic
+
 # Dense peak TFLOP/s by device-name fragment, first match wins (so "H100 PCIe" precedes "H100"
 # and "A100" precedes "A10"). fp32 is plain FP32; "tf32" applies to fp32 runs whose matmuls use
 # TF32 tensor cores (torch.set_float32_matmul_precision("high")). From NVIDIA's data sheets.
@@ -87,7 +89,7 @@ class MetricsLog:
         self._writer = None
         if not enabled:
             return
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         self._file = open(self.path, "a")  # closed by close()
         if tensorboard:
             try:
