@@ -15,7 +15,6 @@ import torch.distributed as dist
 from spcl_fast.data.fixtures import make_chestxray14, make_chexpert
 from spcl_fast.train.__main__ import parse_args
 from spcl_fast.train.config import PRESETS, demo, smoke
-from spcl_fast.train.distributed import GlobalBatchSPCL
 from spcl_fast.train.engine import Trainer, build_model, lr_at, peak_lrs, train
 from spcl_fast.train.interrupt import GracefulStop
 from spcl_fast.train.monitor import peak_tflops, read_metrics, throughput
@@ -110,12 +109,12 @@ def test_concat_plans_of_baselines(method):
     assert torch.isfinite(whole)
 
 
-def test_global_batch_spcl_equals_spcl_in_a_one_process_group():
+def test_gathering_spcl_equals_spcl_in_a_one_process_group():
     config = dataclasses.replace(smoke(), subset_jitter=0.5)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         ref, glob = build_model(config), build_model(config, global_batch_loss=True)
-        assert isinstance(glob, GlobalBatchSPCL)
+        assert glob.gather_distributed and not ref.gather_distributed
         x = torch.rand(4, 1, 32, 32)
         plan = ref.sample_plan(4, torch.Generator().manual_seed(0), "cpu")
         outs = []

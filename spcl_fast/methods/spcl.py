@@ -9,6 +9,7 @@ apart. No augmentations, no decoder, no momentum encoder.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -51,6 +52,8 @@ class SPCL(nn.Module):
             rotation) of each subset's pixels while training, so the subsets cannot be paired
             by where the anatomy sits in the frame (0: off).
         negatives, symmetric: InfoNCE variant (see :func:`spcl_fast.info_nce`).
+        gather_distributed: inside ``torch.distributed``, every process's embeddings are the
+            negatives (the loss sees the global batch); the logged numbers too.
         layout: ``"packed"`` or ``"inplace"`` residual-stream layout of the encoder.
 
     ``forward(images, generator=None)`` returns a dict with ``loss`` (scalar, differentiable)
@@ -81,6 +84,7 @@ class SPCL(nn.Module):
         subset_warp: float = 0.0,
         negatives: str = "cross",
         symmetric: bool = True,
+        gather_distributed: bool = False,
         layout: str = "packed",
     ):
         super().__init__()
@@ -91,6 +95,7 @@ class SPCL(nn.Module):
         self.block_size, self.shared_split = block_size, shared_split
         self.subset_jitter, self.subset_warp = subset_jitter, subset_warp
         self.negatives, self.symmetric = negatives, symmetric
+        self.gather_distributed = gather_distributed
         self.layout = layout
 
     def sample_plan(
@@ -132,9 +137,9 @@ class SPCL(nn.Module):
         return flops.training_flops(parts)
 
     def _jitter_subsets(self, images, plan, generator) -> torch.Tensor:
-        """A composite image whose subset-A patches and subset-B patches carry independent
-        intensity changes (patch embedding is per patch, so this equals jittering each
-        subset's tokens)."""
+        """A composite image whose subset-A patches and subset-B patches come from two
+        independently warped and intensity-jittered copies of the image (patch embedding is per
+        patch, so this equals transforming each subset's tokens on their own)."""
         b = images.shape[0]
         s, w = self.subset_jitter, self.subset_warp
         views = []
@@ -165,6 +170,27 @@ class SPCL(nn.Module):
         mask = in_b.view(b, 1, grid, grid).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
         return torch.where(mask, views[1], views[0])
 
+    def _pair_stats(self, z_a: torch.Tensor, z_b: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Retrieval accuracy of A -> B and mean positive/negative cosines, over the keys of
+        every process when the loss gathers them."""
+        a = F.normalize(z_a, dim=-1)
+        b = F.normalize(z_b, dim=-1)
+        offset = 0
+        if self.gather_distributed and dist.is_initialized() and dist.get_world_size() > 1:
+            keys = [torch.empty_like(b) for _ in range(dist.get_world_size())]
+            dist.all_gather(keys, b.contiguous())
+            offset = dist.get_rank() * b.shape[0]
+            b = torch.cat(keys)
+        sim = a @ b.T
+        target = torch.arange(a.shape[0], device=sim.device) + offset
+        pos = sim.gather(1, target[:, None]).squeeze(1)
+        pairs = max(sim.numel() - pos.numel(), 1)
+        return {
+            "acc": (sim.argmax(dim=1) == target).float().mean(),
+            "pos_sim": pos.mean(),
+            "neg_sim": (sim.sum() - pos.sum()) / pairs,
+        }
+
     def forward(
         self,
         images: torch.Tensor,
@@ -177,19 +203,11 @@ class SPCL(nn.Module):
             images = self._jitter_subsets(images, plan, generator)
         pooled = self.encoder.forward_partitioned(images, plan, self.layout)  # (2B, D)
         z = self.projector(pooled).view(images.shape[0], 2, -1)
-        z_a, z_b = z[:, 0], z[:, 1]
-        loss = info_nce(z_a, z_b, self.temperature, self.symmetric, self.negatives)
+        # fp32 into the loss: it is tiny next to the encoder and keeps the logged loss exact
+        # under bf16 autocast.
+        z_a, z_b = z[:, 0].float(), z[:, 1].float()
+        loss = info_nce(z_a, z_b, self.temperature, self.symmetric, self.negatives,
+                        gather_distributed=self.gather_distributed)
         with torch.no_grad():
-            a = nn.functional.normalize(z_a.float(), dim=-1)
-            b = nn.functional.normalize(z_b.float(), dim=-1)
-            sim = a @ b.T
-            target = torch.arange(sim.shape[0], device=sim.device)
-            pos = sim.diagonal()
-            m = sim.shape[0]
-            neg = (sim.sum() - pos.sum()) / max(m * (m - 1), 1)
-            stats = {
-                "acc": (sim.argmax(dim=1) == target).float().mean(),
-                "pos_sim": pos.mean(),
-                "neg_sim": neg,
-            }
+            stats = self._pair_stats(z_a, z_b)
         return {"loss": loss, **stats}

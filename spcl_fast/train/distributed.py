@@ -8,27 +8,23 @@ or, on CPU, a share of the cores (gloo, how it is tested on a machine without GP
 gloo group carries the host-side votes (stop on a signal, which checkpoint to resume from), so
 agreeing on them never waits for the GPU.
 
-S-PCL's loss sees the global batch: :class:`GlobalBatchSPCL` is S-PCL with
-``info_nce(..., gather_distributed=True)``, whose all-gather has a gradient, so after DDP's
-gradient average the update equals one process's on the whole batch.
+S-PCL's loss sees the global batch: the engine builds it with ``gather_distributed=True``, whose
+all-gather has a gradient, so after DDP's gradient average the update equals one process's on
+the whole batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import os
-import types
 import warnings
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..methods.spcl import SPCL
 from ..nn.vit import Block
-from ..ops import info_nce
 from .precision import PRECISIONS
 
 
@@ -131,31 +127,6 @@ def teardown(ctx: DistContext) -> None:
     if ctx.owns:
         _ACTIVE = None
         dist.destroy_process_group()
-
-
-def _rebind_globals(fn: types.FunctionType, **names) -> types.FunctionType:
-    """A copy of ``fn`` whose module-level names ``names`` resolve to other objects."""
-    out = types.FunctionType(fn.__code__, {**fn.__globals__, **names}, fn.__name__,
-                             fn.__defaults__, fn.__closure__)
-    out.__kwdefaults__, out.__qualname__ = fn.__kwdefaults__, fn.__qualname__
-    return out
-
-
-class GlobalBatchSPCL(SPCL):
-    """S-PCL whose InfoNCE sees every rank's embeddings (``gather_distributed=True``): the same
-    forward as :class:`~spcl_fast.methods.SPCL`, with its ``info_nce`` call bound to the
-    gathering variant. An engine-side stand-in until SPCL takes a ``gather_distributed``
-    option; needs an initialised process group. The logged ``acc``/``pos_sim``/``neg_sim`` stay
-    local (each rank's own images)."""
-
-    forward = _rebind_globals(SPCL.forward,
-                              info_nce=functools.partial(info_nce, gather_distributed=True))
-
-    def __init__(self, *args, **kwargs):
-        if "info_nce" not in SPCL.forward.__code__.co_names:  # the rebinding would do nothing
-            raise RuntimeError("SPCL.forward no longer calls info_nce by that name: update "
-                               "spcl_fast.train.distributed.GlobalBatchSPCL")
-        super().__init__(*args, **kwargs)
 
 
 def wrap_model(model: nn.Module, config, ctx: DistContext) -> tuple[nn.Module, nn.Module | None]:

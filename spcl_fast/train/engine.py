@@ -34,7 +34,6 @@ from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, write
 from .config import TrainConfig
 from .distributed import (
     DistContext,
-    GlobalBatchSPCL,
     load_optimizer_state,
     model_state,
     optimizer_state,
@@ -55,7 +54,7 @@ __all__ = ["Trainer", "build_model", "lr_at", "param_groups", "resolve_device", 
 def build_model(config: TrainConfig, global_batch_loss: bool = False) -> torch.nn.Module:
     """The encoder and method of ``config``, initialised from ``config.seed``.
     ``global_batch_loss``: S-PCL's InfoNCE over every process's embeddings (needs a process
-    group; see :class:`~spcl_fast.train.distributed.GlobalBatchSPCL`)."""
+    group)."""
     torch.manual_seed(config.seed)
     overrides = {
         k: v
@@ -96,7 +95,7 @@ def build_model(config: TrainConfig, global_batch_loss: bool = False) -> torch.n
         )
     if config.method != "spcl":
         raise ValueError(f"unknown method {config.method!r}; available: spcl, mae, dino")
-    return (GlobalBatchSPCL if global_batch_loss else SPCL)(
+    return SPCL(
         encoder,
         proj_hidden=config.proj_hidden,
         proj_dim=config.proj_dim,
@@ -110,6 +109,7 @@ def build_model(config: TrainConfig, global_batch_loss: bool = False) -> torch.n
         subset_jitter=config.subset_jitter,
         subset_warp=config.subset_warp,
         negatives=config.negatives,
+        gather_distributed=global_batch_loss,
         layout=config.layout,
     )
 
