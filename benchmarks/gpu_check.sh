@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device check, in one call of a few minutes on a GPU machine (no network there):
+# The device check, in one call of at most ~9 minutes on a GPU machine (no network there):
 # the gpu and interpret test tiers on CUDA, then the kernel and training benchmarks.
 # Everything lands in $OUT (default benchmarks/results/gpu-check): test logs and the
 # benchmark JSON files, which are then committed under benchmarks/results/.
@@ -26,15 +26,15 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, keep the log, remem
   [ "$rc" -eq 0 ] || { echo "!! $name exited $rc"; status=1; }
 }
 
-step tests 240 python3 -m pytest tests/test_kernel_partition_attention.py \
+step tests 180 python3 -m pytest tests/test_kernel_partition_attention.py \
   tests/test_kernel_info_nce.py -q -m "gpu or interpret" -p no:cacheprovider
-step bench-attention 150 python3 -m pytest benchmarks/bench_attention.py --benchmark-only -q \
+step bench-attention 120 python3 -m pytest benchmarks/bench_attention.py --benchmark-only -q \
   -p no:cacheprovider -k "cuda and (vitb-224 or vitl-224-r0.5 or vitb-512-r0.5)"
-step bench-loss 90 python3 -m pytest benchmarks/bench_loss.py --benchmark-only -q \
+step bench-loss 60 python3 -m pytest benchmarks/bench_loss.py --benchmark-only -q \
   -p no:cacheprovider -k cuda
 # S-PCL training steps, ViT-B/16 224 bf16 b256: eager and compiled (most of the time is the two
 # compilations), packed and in-place; one session, so one train-<device>.json.
-step bench-train 240 python3 -m pytest benchmarks/bench_train.py --benchmark-only -q \
+step bench-train 150 python3 -m pytest benchmarks/bench_train.py --benchmark-only -q \
   -p no:cacheprovider -k cuda
 find benchmarks/results -maxdepth 1 -name "*.json" -newer "$OUT/device.txt" -exec cp {} "$OUT"/ \;
 ls -l "$OUT"
