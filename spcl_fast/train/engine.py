@@ -516,6 +516,7 @@ def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict
                dynamic_ncols=True, disable=not main)
     stopped_by = 0
     window_start, window_steps = time.perf_counter(), 0  # images/s since the last log line
+    loop_start, saving = window_start, 0.0  # training seconds exclude checkpoint writes
     try:
         with GracefulStop() as stop:
             while trainer.step < config.steps:
@@ -552,9 +553,11 @@ def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict
                     saved = time.perf_counter()
                     _save(trainer, out_dir)
                     window_start += time.perf_counter() - saved  # not training throughput
+                    saving += time.perf_counter() - saved
     finally:
         bar.close()
         log.close()
+    train_seconds = time.perf_counter() - loop_start - saving
     if not stopped_by:
         _save(trainer, out_dir)
     ctx.barrier()  # nobody leaves (and lets torchrun end the others) before the file is written
@@ -567,6 +570,7 @@ def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict
         "checkpoint": str(checkpoint_path(out_dir, trainer.step)),
         "final_loss": log.records[-1]["loss"] if log.records else None,
         "gflops_per_image": gflops,
+        "train_seconds": train_seconds,  # this invocation's steps (a resumed run: since resume)
         "intensity_stats": list(trainer.stats),
     }
     if stopped_by:

@@ -1,0 +1,286 @@
+"""The recipe study: does pre-training help, and which S-PCL settings make it help?
+
+::
+
+    python -m spcl_fast.eval.study --out runs/study \\
+        [--sets synthetic,chestxray14] [--cxr-root ../shared/data/chestxray14-mini] \\
+        [--seeds 0,1,2] [--recipes spcl,spcl_image,...,mae] [--steps 180]
+
+Every recipe is the demo preset (:func:`spcl_fast.train.config.demo`: ViT 6x192, patch 8,
+64 px, batch 64) plus a few overrides (:data:`RECIPES`), pre-trained for a fixed CPU budget
+and linear-probed like the demo does (frozen mean-pooled features, L2 chosen on val, mean
+AUROC on test). Each (set, recipe, seed) run also probes the same encoder at initialisation
+(same seed, same input normalisation), so "init" rows come for free; "raw pixels" is the same
+probe on the normalised pixels themselves. MAE gets the wall-clock budget that the first
+recipe measured for its steps, converted to steps with MAE's own measured step time (both
+timed on this machine in this study), so the comparison is at equal time, not equal steps.
+
+On the synthetic set the images are the built-in phantoms (train 2048 / val 512 / test 512).
+On ``chestxray14`` the root is an official-layout folder (the sample
+``../shared/data/chestxray14-mini``: pre-training on its train_val images, probing its 14
+labels, test = the official test list); the images are decoded once into a 64 px cache.
+
+The study resumes: a finished run (its ``summary.json``) is read back, a killed one continues
+from its last checkpoint. ``study.json`` holds every run and the mean +- std table, the table
+is printed as Markdown (the README's), and ``study.png`` plots it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+from ..train.config import TrainConfig, apply_overrides, demo
+from .report import write_results
+
+SETS = ("synthetic", "chestxray14")
+
+# name -> (description, overrides of the demo preset)
+RECIPES: dict[str, tuple[str, dict[str, str]]] = {
+    "spcl": ("S-PCL, demo settings (dataset-wide standardisation, random 50/50 token split)", {}),
+    "spcl_image": ("S-PCL with per-image standardisation", {"normalize": "image"}),
+    "spcl_robust": (
+        "S-PCL, per-image standardisation, one 2x2-block split per batch, two 25% subsets, "
+        "independent intensity jitter and 2 px warp per subset",
+        {"normalize": "image", "shared_split": "true", "block_size": "2", "keep": "0.5",
+         "subset_jitter": "1", "subset_warp": "2"},
+    ),
+    "spcl_keep05": ("S-PCL with two 25% subsets (keep 0.5)", {"keep": "0.5"}),
+    "spcl_blocks": ("S-PCL with 2x2 patch blocks", {"block_size": "2"}),
+    "spcl_shared": ("S-PCL with one split per batch", {"shared_split": "true"}),
+    "spcl_range": ("S-PCL with a ratio drawn from [0.3, 0.7]", {"ratio_range": "0.3,0.7"}),
+    "spcl_t02": ("S-PCL at temperature 0.2", {"temperature": "0.2"}),
+    "spcl_t005": ("S-PCL at temperature 0.05", {"temperature": "0.05"}),
+    "spcl_all": ("S-PCL with all negatives (NT-Xent)", {"negatives": "all"}),
+    "spcl_proj2": ("S-PCL with a 2-layer projector", {"proj_depth": "2"}),
+    "spcl_learned_pos": ("S-PCL with learned position embeddings", {"pos_embed": "learned"}),
+    # A decoder lighter than the 6x192 encoder, as MAE's asymmetric design intends (its 8x512
+    # default is sized for ViT-B/L and would dwarf the demo encoder).
+    "mae": ("MAE, 75% masking, 2x128 decoder, equal wall-clock budget",
+            {"method": "mae", "decoder_dim": "128", "decoder_depth": "2",
+             "decoder_heads": "4"}),
+}
+DEFAULT_RECIPES = ("spcl", "spcl_image", "spcl_keep05", "spcl_blocks", "spcl_robust", "mae")
+
+
+def set_overrides(name: str, cxr_root: str | None, cache_root: Path) -> dict[str, str]:
+    if name == "synthetic":
+        return {}
+    if name == "chestxray14":
+        if not cxr_root:
+            raise SystemExit("--sets chestxray14 needs --cxr-root (an official-layout folder)")
+        return {"dataset": "chestxray14", "data_root": cxr_root, "num_workers": "0",
+                "data_cache": str(_cxr_cache(cxr_root, cache_root))}
+    raise SystemExit(f"unknown set {name!r}; choose from {', '.join(SETS)}")
+
+
+def _cxr_cache(root: str, cache_root: Path) -> Path:
+    """Decode the ChestX-ray14 folder once at the demo's 64 px (resumes if interrupted)."""
+    from ..data.prepare import main as prepare
+
+    out = cache_root / f"chestxray14-{demo().image_size}"
+    if not (out / "done").exists():
+        prepare(["--dataset", "chestxray14", "--root", root, "--out", str(out),
+                 "--size", str(demo().image_size), "--workers", "2"])
+        (out / "done").touch()
+    return out
+
+
+def run_config(set_over: dict, recipe: str, seed: int, steps: int) -> TrainConfig:
+    over = {**set_over, **RECIPES[recipe][1], "seed": str(seed), "steps": str(steps)}
+    return apply_overrides(demo(), over)
+
+
+def _train(config: TrainConfig, out: Path) -> dict:
+    """Train (or read back, or continue) one run; returns its summary."""
+    from ..train.engine import train
+
+    done = out / "summary.json"
+    if done.exists():
+        summary = json.loads(done.read_text())
+        if "probe" in summary:
+            return summary
+    return train(config, out, resume=out if out.exists() else None)
+
+
+def seconds_per_step(config: TrainConfig, out: Path, steps: int = 12) -> float:
+    """Median seconds of one training step over ``steps`` steps after 3 warm-up steps (a short
+    run without probe, logging every step; read back if ``out`` already holds it)."""
+    from ..train.engine import train
+
+    metrics = out / "metrics.jsonl"
+    if not (out / "summary.json").exists():
+        train(dataclasses.replace(config, probe=False, log_every=1, steps=3 + steps,
+                                  warmup_steps=1), out)
+    lines = metrics.read_text().splitlines()[3:]
+    return statistics.median(config.batch_size / json.loads(x)["images_per_s"] for x in lines)
+
+
+def raw_pixel_probe(config: TrainConfig, probe_steps: int) -> dict:
+    """The demo's probe on the normalised pixels instead of encoder features."""
+    from ..train.engine import as_tensor, intensity_stats, load_split, normalizer
+    from .linear_probe import linear_probe
+
+    splits = {s: load_split(config, s) for s in ("train", "val", "test")}
+    transform = normalizer(config, intensity_stats(config, splits["train"][0]))
+    feats = {s: (transform(as_tensor(src)).flatten(1), labels)
+             for s, (src, labels, _) in splits.items()}
+    return linear_probe(feats["train"], feats["val"], feats["test"], steps=probe_steps,
+                        class_names=splits["test"][2])
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """Mean +- std over seeds of every (set, row) in ``records``."""
+    rows: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        rows.setdefault((r["set"], r["row"]), []).append(r)
+    table = []
+    for (set_name, row), group in rows.items():
+        m, s = mean_std([g["mean_auroc"] for g in group])
+        entry = {"set": set_name, "row": row, "mean_auroc": m, "std": s, "seeds": len(group)}
+        if group[0].get("train_seconds") is not None:
+            entry["train_seconds"] = statistics.fmean(g["train_seconds"] for g in group)
+            entry["steps"] = group[0]["steps"]
+        table.append(entry)
+    return table
+
+
+def markdown(table: list[dict], sets: list[str]) -> str:
+    rows = list(dict.fromkeys(t["row"] for t in table))
+    cell = {(t["set"], t["row"]): t for t in table}
+    head = "| encoder | " + " | ".join(f"{s} mean AUROC" for s in sets) + " | steps / s |"
+    lines = [head, "|" + "---|" * (len(sets) + 2)]
+    for row in rows:
+        cells, budget = [], ""
+        for s in sets:
+            t = cell.get((s, row))
+            cells.append("—" if t is None else f"{t['mean_auroc']:.3f} ± {t['std']:.3f}")
+            if t is not None and "steps" in t and not budget:
+                budget = f"{t['steps']} / {t['train_seconds']:.0f}"
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {budget or '—'} |")
+    return "\n".join(lines)
+
+
+def plot(table: list[dict], sets: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(dict.fromkeys(t["row"] for t in table))
+    cell = {(t["set"], t["row"]): t for t in table}
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 0.45 * len(rows) + 1.5),
+                             squeeze=False)
+    for ax, s in zip(axes[0], sets, strict=True):
+        ys = [r for r in rows if (s, r) in cell]
+        means = [cell[(s, r)]["mean_auroc"] for r in ys]
+        stds = [cell[(s, r)]["std"] for r in ys]
+        colors = ["0.6" if r.startswith(("init", "raw")) else "C0" if r.startswith("spcl")
+                  else "C1" for r in ys]
+        ax.barh(range(len(ys)), means, xerr=stds, color=colors, capsize=3)
+        ax.set_yticks(range(len(ys)), ys)
+        ax.invert_yaxis()
+        lo = min(means) - max(stds + [0]) - 0.03
+        ax.set_xlim(max(0.0, lo), min(1.0, max(means) + max(stds + [0]) + 0.03))
+        ax.axvline(0.5, color="k", lw=0.5)
+        ax.set_xlabel("test mean AUROC (linear probe), mean ± std over seeds")
+        ax.set_title(s)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m spcl_fast.eval.study",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/study", help="study folder (resumable)")
+    p.add_argument("--sets", default="synthetic,chestxray14",
+                   help=f"comma-separated, from {', '.join(SETS)}")
+    p.add_argument("--cxr-root", default=None,
+                   help="ChestX-ray14 folder in the official layout (e.g. the mini sample)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
+                   help=f"comma-separated, from {', '.join(RECIPES)}")
+    p.add_argument("--steps", type=int, default=demo().steps,
+                   help="steps of every S-PCL recipe (MAE: the first recipe's time)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for r in recipes:
+        if r not in RECIPES:
+            raise SystemExit(f"unknown recipe {r!r}; choose from {', '.join(RECIPES)}")
+    if not recipes or recipes[0] == "mae":
+        raise SystemExit("--recipes must start with an S-PCL recipe (it sets MAE's time budget)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records, started = [], time.time()
+    for set_name in sets:
+        set_over = set_overrides(set_name, args.cxr_root, out / "cache")
+        budget_s, mae_step_s, init_seen = None, None, set()
+        for recipe in recipes:
+            for seed in seeds:
+                steps = args.steps
+                if recipe == "mae":  # equal wall-clock: the first recipe's time in MAE steps
+                    if mae_step_s is None:
+                        mae_step_s = seconds_per_step(run_config(set_over, recipe, 0, steps),
+                                                      out / set_name / "timing-mae")
+                    steps = max(1, round(budget_s / mae_step_s))
+                run = out / set_name / recipe / f"seed{seed}"
+                config = run_config(set_over, recipe, seed, steps)
+                print(f"== {set_name} / {recipe} / seed {seed}: {steps} steps -> {run}",
+                      flush=True)
+                summary = _train(config, run)
+                if budget_s is None:
+                    budget_s = summary["train_seconds"]
+                probe = summary["probe"]
+                base = {"set": set_name, "recipe": recipe, "seed": seed}
+                records.append({**base, "row": recipe, "steps": summary["steps"],
+                                "train_seconds": summary["train_seconds"],
+                                "final_loss": summary["final_loss"],
+                                "mean_auroc": probe["pretrained"]["mean_auroc"],
+                                "per_class_auroc": probe["pretrained"]["per_class_auroc"],
+                                "config": dataclasses.asdict(config)})
+                # The same seed's encoder at initialisation, once per input normalisation.
+                if recipe.startswith("spcl") and (config.normalize, seed) not in init_seen:
+                    init_seen.add((config.normalize, seed))
+                    records.append({**base, "row": f"init ({config.normalize})",
+                                    "mean_auroc": probe["init"]["mean_auroc"],
+                                    "per_class_auroc": probe["init"]["per_class_auroc"]})
+        for norm in ("dataset", "image"):
+            config = apply_overrides(demo(), {**set_over, "normalize": norm})
+            raw = raw_pixel_probe(config, config.probe_steps)
+            # Deterministic (no seed enters), so one record: its std 0 is no seed spread.
+            records.append({"set": set_name, "row": f"raw pixels ({norm})", "seed": None,
+                            "mean_auroc": raw["mean_auroc"],
+                            "per_class_auroc": raw["per_class_auroc"]})
+    table = summarise(records)
+    text = markdown(table, sets)
+    print(text)
+    result = {"sets": sets, "seeds": seeds, "recipes": {r: RECIPES[r][0] for r in recipes},
+              "table": table, "markdown": text, "runs": records,
+              "seconds": time.time() - started}
+    write_results(out / "study.json", result)
+    plot(table, sets, out / "study.png")
+    print(f"wrote {out / 'study.json'} and {out / 'study.png'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

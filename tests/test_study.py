@@ -1,0 +1,74 @@
+"""The recipe study (spcl_fast.eval.study) on a tiny budget: records, table, resume, errors."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from spcl_fast.eval import study
+from spcl_fast.train.config import smoke
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """The study's base preset shrunk to the smoke one, probing on (32 px) synthetic images."""
+    monkeypatch.setattr(study, "demo", lambda: dataclasses.replace(smoke(), probe=True,
+                                                                   probe_steps=20))
+
+
+def test_study_table_resume_and_plot(tiny, tmp_path, monkeypatch):
+    argv = ["--out", str(tmp_path), "--sets", "synthetic", "--seeds", "0,1",
+            "--recipes", "spcl,spcl_keep05,mae", "--steps", "3"]
+    result = study.main(argv)
+
+    rows = {t["row"]: t for t in result["table"]}
+    assert set(rows) == {"spcl", "spcl_keep05", "mae", "init (dataset)", "raw pixels (dataset)",
+                         "raw pixels (image)"}
+    for name in ("spcl", "spcl_keep05", "mae", "init (dataset)"):
+        seeds = [r["mean_auroc"] for r in result["runs"] if r["row"] == name]
+        assert len(seeds) == 2 and rows[name]["seeds"] == 2
+        assert rows[name]["mean_auroc"] == pytest.approx(sum(seeds) / 2)
+        assert rows[name]["std"] == pytest.approx(abs(seeds[0] - seeds[1]) / math.sqrt(2))
+        assert 0 <= rows[name]["mean_auroc"] <= 1
+    # Both S-PCL recipes normalise the same way: one init record per seed, not per recipe.
+    assert rows["spcl"]["steps"] == 3
+    # MAE's steps come from the S-PCL time budget and its own measured step time.
+    mae_steps = {r["steps"] for r in result["runs"] if r["row"] == "mae"}
+    assert len(mae_steps) == 1 and mae_steps.pop() >= 1
+    assert (tmp_path / "synthetic" / "timing-mae" / "metrics.jsonl").exists()
+    saved = json.loads((tmp_path / "study.json").read_text())
+    assert saved["markdown"] == result["markdown"]
+    assert "| spcl | " in result["markdown"] and "raw pixels (image)" in result["markdown"]
+    assert (tmp_path / "study.png").stat().st_size > 0
+
+    # Rerunning reads every finished run back instead of training it again.
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("spcl_fast.train.engine.train", no_training)
+    again = study.main(argv)
+    assert again["table"] == result["table"]
+
+
+def test_study_summary_statistics():
+    records = [{"set": "s", "row": "a", "mean_auroc": x} for x in (0.6, 0.7, 0.8)]
+    records.append({"set": "s", "row": "b", "mean_auroc": 0.5})
+    table = {t["row"]: t for t in study.summarise(records)}
+    assert table["a"]["mean_auroc"] == pytest.approx(0.7)
+    assert table["a"]["std"] == pytest.approx(0.1)
+    assert table["b"]["std"] == 0.0 and table["b"]["seeds"] == 1
+    assert study.mean_std([math.nan, 0.4]) == (0.4, 0.0)
+    text = study.markdown(study.summarise(records), ["s"])
+    assert "| a | 0.700 ± 0.100 | — |" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--recipes", "spcl,nope"], "unknown recipe 'nope'"),
+    (["--recipes", "mae,spcl"], "must start with an S-PCL recipe"),
+    (["--sets", "chestxray14"], "needs --cxr-root"),
+    (["--sets", "imagenet"], "unknown set 'imagenet'"),
+])
+def test_study_rejects_bad_arguments(tiny, tmp_path, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        study.main(["--out", str(tmp_path), *argv])
