@@ -76,15 +76,16 @@ def test_batch_stream_shards_each_epoch_over_ranks_once(world, accum):
 
 def test_plan_streams_do_not_depend_on_the_number_of_processes():
     model = build_model(smoke())
-    one = PlanSampler(seed=5, num_shards=2).sample(model, 8)
-    halves = [PlanSampler(seed=5, num_shards=2, rank=r, world=2).sample(model, 4)
+    images = torch.rand(8, 1, 32, 32)
+    one = PlanSampler(seed=5, num_shards=2).sample(model, images)
+    halves = [PlanSampler(seed=5, num_shards=2, rank=r, world=2).sample(model, images[4 * r:][:4])
               for r in range(2)]
     both = concat_plans(halves)
     assert torch.equal(one.token_index, both.token_index)
     assert torch.equal(one.cu_seqlens, both.cu_seqlens) and one.max_seqlen == both.max_seqlen
     # one stream is what a single process always drew
     plain = model.sample_plan(8, torch.Generator().manual_seed(6), "cpu")
-    assert torch.equal(PlanSampler(seed=5, num_shards=1).sample(model, 8).token_index,
+    assert torch.equal(PlanSampler(seed=5, num_shards=1).sample(model, images).token_index,
                        plain.token_index)
     # encoding the concatenated plan equals encoding each half on its own
     x = torch.randn(8, 1, 32, 32)
@@ -213,7 +214,7 @@ def test_nan_batch_is_skipped_and_the_run_continues(tmp_path, monkeypatch):
 def test_training_forward_compiles_without_graph_breaks(layout):
     trainer = Trainer(dataclasses.replace(smoke(), layout=layout, precision="bf16"))
     x = trainer.transform(trainer.stream.next())
-    plan = trainer.plans.sample(trainer.model, x.shape[0])
+    plan = trainer.plans.sample(trainer.model, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         explained = torch._dynamo.explain(trainer.net)(x, plan=plan)
     assert explained.graph_break_count == 0, explained.break_reasons

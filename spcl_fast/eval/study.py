@@ -54,6 +54,8 @@ RECIPES: dict[str, tuple[str, dict[str, str]]] = {
     "spcl_blocks": ("S-PCL with 2x2 patch blocks", {"block_size": "2"}),
     "spcl_shared": ("S-PCL with one split per batch", {"shared_split": "true"}),
     "spcl_range": ("S-PCL with a ratio drawn from [0.3, 0.7]", {"ratio_range": "0.3,0.7"}),
+    "spcl_background": ("S-PCL skipping flat patches (std < 0.1 x the image's)",
+                        {"background_std": "0.1"}),
     "spcl_t02": ("S-PCL at temperature 0.2", {"temperature": "0.2"}),
     "spcl_t005": ("S-PCL at temperature 0.05", {"temperature": "0.05"}),
     "spcl_all": ("S-PCL with all negatives (NT-Xent)", {"negatives": "all"}),

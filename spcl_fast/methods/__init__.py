@@ -1,11 +1,12 @@
 """Self-supervised methods on the shared ViT: S-PCL and the MAE and DINO baselines.
 
 Every method takes the encoder first and offers the same training contract:
-``sample_plan(batch_size, generator, device)`` draws a step's randomness on the host (partitions,
-masks, crops), ``forward(images, generator=None, plan=None)`` returns a dict with a
-differentiable ``loss`` and detached numbers to log, ``train_flops(plan)`` counts the step's
-FLOPs, and ``model.encoder`` is the encoder being pre-trained. DINO also has ``after_step(step)``
-(the teacher's EMA update), called after each optimizer step.
+``sample_plan(batch_size, generator, device, images=None)`` draws a step's randomness on the
+host (partitions, masks, crops; only S-PCL's background skipping looks at ``images``),
+``forward(images, generator=None, plan=None)`` returns a dict with a differentiable ``loss`` and
+detached numbers to log, ``train_flops(plan)`` counts the step's FLOPs, and ``model.encoder`` is
+the encoder being pre-trained. DINO also has ``after_step(step)`` (the teacher's EMA update),
+called after each optimizer step.
 """
 
 from torch import nn

@@ -273,7 +273,9 @@ class DINO(nn.Module):
         self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
         self.register_buffer("center", torch.zeros(1, out_dim))
 
-    def sample_plan(self, batch_size: int, generator: torch.Generator | None, device) -> CropPlan:
+    def sample_plan(self, batch_size: int, generator: torch.Generator | None, device,
+                    images: torch.Tensor | None = None) -> CropPlan:
+        """Random crops (``images`` is accepted for the common method contract, unused)."""
         return sample_crops(batch_size, self.num_global, self.num_local, self.global_scale,
                             self.local_scale, self.jitter, self.flip_prob, generator, device)
 

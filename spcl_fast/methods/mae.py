@@ -141,7 +141,9 @@ class MAE(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def sample_plan(self, batch_size: int, generator: torch.Generator | None, device) -> MaskPlan:
+    def sample_plan(self, batch_size: int, generator: torch.Generator | None, device,
+                    images: torch.Tensor | None = None) -> MaskPlan:
+        """Random masks (``images`` is accepted for the common method contract, unused)."""
         return sample_mask(batch_size, self.encoder.num_patches, self.mask_ratio, generator, device)
 
     def encode_visible(self, images: torch.Tensor, plan: MaskPlan) -> torch.Tensor:

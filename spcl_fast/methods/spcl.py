@@ -51,6 +51,11 @@ class SPCL(nn.Module):
         subset_warp: strength of an independent small random affine warp (shift, scale,
             rotation) of each subset's pixels while training, so the subsets cannot be paired
             by where the anatomy sits in the frame (0: off).
+        background_std: skip background patches: a patch whose pixel standard deviation is
+            below ``background_std`` times its image's is in neither subset (flat padding,
+            collimation, burned-in blocks). Relative to the image, so any per-image or
+            dataset-wide standardisation of the input gives the same mask. Plans then depend
+            on the pixels (:meth:`sample_plan` needs ``images``). 0: off.
         negatives, symmetric: InfoNCE variant (see :func:`spcl_fast.info_nce`).
         gather_distributed: inside ``torch.distributed``, every process's embeddings are the
             negatives (the loss sees the global batch); the logged numbers too.
@@ -82,6 +87,7 @@ class SPCL(nn.Module):
         shared_split: bool = False,
         subset_jitter: float = 0.0,
         subset_warp: float = 0.0,
+        background_std: float = 0.0,
         negatives: str = "cross",
         symmetric: bool = True,
         gather_distributed: bool = False,
@@ -94,24 +100,50 @@ class SPCL(nn.Module):
         self.ratio, self.ratio_range, self.keep = ratio, ratio_range, keep
         self.block_size, self.shared_split = block_size, shared_split
         self.subset_jitter, self.subset_warp = subset_jitter, subset_warp
+        if background_std < 0:
+            raise ValueError(f"background_std must be >= 0, got {background_std}")
+        self.background_std = background_std
         self.negatives, self.symmetric = negatives, symmetric
         self.gather_distributed = gather_distributed
         self.layout = layout
 
     def sample_plan(
-        self, batch_size: int, generator: torch.Generator | None, device
+        self, batch_size: int, generator: torch.Generator | None, device,
+        images: torch.Tensor | None = None,
     ) -> PartitionPlan:
+        """The step's partitions; ``images`` (the batch) is needed with ``background_std``."""
+        valid = None
+        if self.background_std > 0:
+            if images is None:
+                raise ValueError("SPCL with background_std > 0 samples plans from the images: "
+                                 "pass images= to sample_plan")
+            valid = self.foreground(images).cpu()  # the plan is drawn on the host
         return sample_partitions(
             batch_size,
             self.encoder.num_patches,
             ratio=self.ratio,
             ratio_range=self.ratio_range,
             keep=self.keep,
+            valid_mask=valid,
             generator=generator,
             device=device,
             block_size=self.block_size,
             shared=self.shared_split,
         )
+
+    @torch.no_grad()
+    def foreground(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, N)`` bool: patches whose pixel std is at least ``background_std`` times the
+        image's. An image with fewer than two such patches (a blank frame) keeps all of its
+        patches, so both of its subsets stay non-empty."""
+        p = self.encoder.patch_embed.patch_size
+        b = images.shape[0]
+        patches = images.float().unfold(2, p, p).unfold(3, p, p)  # (B, C, gh, gw, p, p)
+        patch_std = patches.permute(0, 2, 3, 1, 4, 5).reshape(b, -1, images.shape[1] * p * p)
+        patch_std = patch_std.std(dim=2)
+        image_std = images.float().reshape(b, -1).std(dim=1, keepdim=True)
+        valid = patch_std >= self.background_std * image_std
+        return valid | (valid.sum(dim=1, keepdim=True) < 2)
 
     def train_flops(self, plan: PartitionPlan) -> int:
         """Algorithmic FLOPs of one training step on ``plan`` (forward + backward)."""
@@ -198,7 +230,7 @@ class SPCL(nn.Module):
         plan: PartitionPlan | None = None,
     ) -> dict[str, torch.Tensor]:
         if plan is None:
-            plan = self.sample_plan(images.shape[0], generator, images.device)
+            plan = self.sample_plan(images.shape[0], generator, images.device, images)
         if (self.subset_jitter > 0 or self.subset_warp > 0) and self.training:
             images = self._jitter_subsets(images, plan, generator)
         pooled = self.encoder.forward_partitioned(images, plan, self.layout)  # (2B, D)

@@ -108,6 +108,7 @@ def build_model(config: TrainConfig, global_batch_loss: bool = False) -> torch.n
         shared_split=config.shared_split,
         subset_jitter=config.subset_jitter,
         subset_warp=config.subset_warp,
+        background_std=config.background_std,
         negatives=config.negatives,
         gather_distributed=global_batch_loss,
         layout=config.layout,
@@ -317,7 +318,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         for k, x in enumerate(micro):
             x = self.transform(x.to(self.device, non_blocking=True))
-            plan = plan_to(self.plans.sample(self.model, x.shape[0]), self.device)
+            plan = plan_to(self.plans.sample(self.model, x), self.device)
             with self._grad_sync(k == len(micro) - 1):
                 with autocast(cfg.precision, self.device):
                     out = self.net(x, plan=plan)

@@ -118,12 +118,16 @@ class PlanSampler:
         self.shards = range(rank * self.per_rank, (rank + 1) * self.per_rank)
         self.generators = [torch.Generator().manual_seed(shard_seed(seed, j)) for j in self.shards]
 
-    def sample(self, model: torch.nn.Module, num_images: int):
+    def sample(self, model: torch.nn.Module, images: torch.Tensor):
+        """The plan of a micro-batch ``images`` (only methods whose plans depend on the pixels,
+        e.g. S-PCL's background skipping, look at them)."""
+        num_images = images.shape[0]
         if num_images % self.per_rank:
             raise ValueError(f"a micro-batch of {num_images} images does not split into "
                              f"{self.per_rank} partition streams")
         part = num_images // self.per_rank
-        return concat_plans([model.sample_plan(part, g, "cpu") for g in self.generators])
+        return concat_plans([model.sample_plan(part, g, "cpu", images[j * part:(j + 1) * part])
+                             for j, g in enumerate(self.generators)])
 
     def state(self) -> list[torch.Tensor]:
         """Generator states of this rank's streams."""
