@@ -26,6 +26,7 @@ import torch
 from common import ROWS, device_name, peak_memory_mb, run
 
 from spcl_fast import flops, info_nce
+from spcl_fast.profiling import peak_cpu_bytes
 from spcl_fast.reference.info_nce import info_nce_ref
 
 D = 256
@@ -36,23 +37,7 @@ NAIVE_PEAK_MB: dict[tuple, float] = {}
 
 
 def _peak_cpu_mb(fn) -> float:
-    """Peak live bytes of the CPU allocator during ``fn`` from the profiler's memory events."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
-            events.append((e.start_time_ns, e.extra_fields.alloc_size))
-        stack.extend(e.children)
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak / 2**20
+    return peak_cpu_bytes(fn) / 2**20
 
 
 def _case(provider: str, device: str):

@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from spcl_fast import flops, info_nce
 from spcl_fast.ops.info_nce import _loss
+from spcl_fast.profiling import peak_cpu_bytes
 from spcl_fast.reference.info_nce import (
     info_nce_chunked_bwd,
     info_nce_chunked_fwd,
@@ -248,32 +249,12 @@ def test_chunked_path_never_allocates_m_by_m(negatives, symmetric):
     assert max(inner.largest, outer.largest) * 8 <= m * m
 
 
-def _peak_cpu_bytes(fn) -> int:
-    """Peak of live CPU allocator bytes during ``fn`` (from the profiler's allocation events)."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
-            events.append((e.start_time_ns, e.extra_fields.alloc_size))
-        stack.extend(e.children)
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak
-
-
 def test_chunked_peak_memory_is_o_m_chunk():
     m, d, chunk = 4096, 16, 256
     za, zb = _inputs(m, d, torch.float32)
-    peak = _peak_cpu_bytes(lambda: _loss(za, zb, 0.1, True, "cross", False, "torch",
+    peak = peak_cpu_bytes(lambda: _loss(za, zb, 0.1, True, "cross", False, "torch",
                                          chunk).backward())
-    naive = _peak_cpu_bytes(lambda: info_nce_ref(za, zb, 0.1).backward())
+    naive = peak_cpu_bytes(lambda: info_nce_ref(za, zb, 0.1).backward())
     assert naive >= 4 * m * m * 4  # the dense path holds several M x M fp32 matrices
     assert peak <= 8 * m * chunk * 4 + 16 * m * d * 4  # a few (M, chunk) blocks + O(M d)
     assert peak * 8 <= naive
