@@ -175,6 +175,9 @@ def _bad_inputs():
     yield dict(token_index=torch.tensor([0, 1, 2, 3, 4, 6])), ValueError, "token_index values"
     yield dict(token_index=torch.tensor([0, 1, 2, 3, 4, 4])), ValueError, "repeat"
     yield dict(softmax_scale=-1.0), ValueError, "softmax_scale"
+    # Another device (meta stands in for a GPU here): named, before any kernel launch.
+    yield dict(k=torch.randn(6, 2, 8, device="meta")), ValueError, "one device"
+    yield dict(cu_seqlens=_cu([4, 2]).to("meta")), ValueError, "one device"
 
 
 @pytest.mark.parametrize("override,exc,match", list(_bad_inputs()))
