@@ -4,9 +4,11 @@ compile-readiness, MFU and LR scaling, the global-batch S-PCL loss."""
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import time
+import warnings
 
 import pytest
 import torch
@@ -15,7 +17,15 @@ import torch.distributed as dist
 from spcl_fast.data.fixtures import make_chestxray14, make_chexpert
 from spcl_fast.train.__main__ import parse_args
 from spcl_fast.train.config import PRESETS, demo, smoke
-from spcl_fast.train.engine import Trainer, build_model, lr_at, peak_lrs, train
+from spcl_fast.train.engine import (
+    Trainer,
+    build_model,
+    load_split,
+    lr_at,
+    materialize,
+    peak_lrs,
+    train,
+)
 from spcl_fast.train.interrupt import GracefulStop
 from spcl_fast.train.monitor import peak_tflops, read_metrics, throughput
 from spcl_fast.train.sharding import BatchStream, PlanSampler, concat_plans
@@ -292,3 +302,40 @@ def test_second_sigint_aborts():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.5)
     assert signal.getsignal(signal.SIGINT) is before  # the previous handler is back
+
+
+def test_training_survives_unreadable_images(tmp_path):
+    """Truncated, garbage and missing files in a real-layout dataset: the run warns about each,
+    skips it, trains to the end and probes with every image's own labels."""
+    root = make_chestxray14(tmp_path / "nih", n=24, size=32)
+    images = sorted((tmp_path / "nih" / "images").iterdir())
+    images[0].write_bytes(images[0].read_bytes()[:40])  # truncated PNG
+    images[4].write_bytes(b"not an image at all")
+    images[7].unlink()
+    config = dataclasses.replace(smoke(), dataset="chestxray14", data_root=root, steps=6,
+                                 probe=True, probe_steps=5, num_images=None, num_workers=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = train(config, tmp_path / "run")
+    messages = "\n".join(str(w.message) for w in caught)
+    for bad in (images[0].name, images[4].name):
+        assert f"{bad}" in messages and "skipped" in messages
+    assert "1 listed files are absent" in messages
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 0
+    assert all(math.isfinite(r["loss"]) for r in _records(tmp_path / "run"))
+    assert "mean_auroc" in summary["probe"]["pretrained"]
+
+
+def test_probe_labels_follow_the_images_a_skipping_dataset_returns(tmp_path):
+    root = make_chestxray14(tmp_path / "nih", n=24, size=32)
+    config = dataclasses.replace(smoke(), dataset="chestxray14", data_root=root, num_images=None)
+    source, labels, _ = load_split(config, "train")
+    first = source.ids[0]
+    (tmp_path / "nih" / "images" / first).write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match=f"{first}.*skipped"):
+        images, got = materialize(source, labels)
+    assert len(images) == len(got) == len(source)
+    # item 0 is unreadable: item 1 stands in, with item 1's labels, not item 0's
+    torch.testing.assert_close(images[0], images[1])
+    torch.testing.assert_close(got[0], labels[1], equal_nan=True)
+    torch.testing.assert_close(got[1:], labels[1:], equal_nan=True)

@@ -213,6 +213,9 @@ class CXRDataset(Dataset):
             except ImageReadError as exc:
                 if self.on_error == "raise":
                     raise
+                if self.ids[jj] not in self.bad_ids:  # once per file and process
+                    warnings.warn(f"{exc}; skipped (the next readable item stands in)",
+                                  stacklevel=2)
                 self.bad_ids[self.ids[jj]] = str(exc)
         raise ImageReadError(f"{self.root}: no readable item in {type(self).__name__}")
 

@@ -125,13 +125,15 @@ def seconds_per_step(config: TrainConfig, out: Path, steps: int = 12) -> float:
 
 def raw_pixel_probe(config: TrainConfig, probe_steps: int) -> dict:
     """The demo's probe on the normalised pixels instead of encoder features."""
-    from ..train.engine import as_tensor, intensity_stats, load_split, normalizer
+    from ..train.engine import intensity_stats, load_split, materialize, normalizer
     from .linear_probe import linear_probe
 
     splits = {s: load_split(config, s) for s in ("train", "val", "test")}
     transform = normalizer(config, intensity_stats(config, splits["train"][0]))
-    feats = {s: (transform(as_tensor(src)).flatten(1), labels)
-             for s, (src, labels, _) in splits.items()}
+    feats = {}
+    for s, (src, labels, _) in splits.items():
+        images, labels = materialize(src, labels)
+        feats[s] = (transform(images).flatten(1), labels)
     return linear_probe(feats["train"], feats["val"], feats["test"], steps=probe_steps,
                         class_names=splits["test"][2])
 

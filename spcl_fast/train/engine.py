@@ -183,11 +183,22 @@ def load_split(config: TrainConfig, split: str):
 
 
 def as_tensor(source, batch_size: int = 256, num_workers: int = 0) -> torch.Tensor:
-    """All images of an in-memory tensor or a dataset, ``(n, 1, S, S)`` (for probing)."""
+    """All images of an in-memory tensor or a dataset, ``(n, 1, S, S)``."""
+    return source if isinstance(source, torch.Tensor) else materialize(
+        source, None, batch_size, num_workers)[0]
+
+
+def materialize(source, labels: torch.Tensor | None, batch_size: int = 256,
+                num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images and labels of a split as tensors (for probing). From a dataset the labels are the
+    items' own: a dataset that skips an unreadable file returns the next item in its place,
+    whose labels then come with it."""
     if isinstance(source, torch.Tensor):
-        return source
+        return source, labels
     loader = torch.utils.data.DataLoader(source, batch_size=batch_size, num_workers=num_workers)
-    return torch.cat([batch["image"] for batch in loader])
+    batches = list(loader)
+    return (torch.cat([b["image"] for b in batches]),
+            torch.cat([b["labels"] for b in batches]) if labels is not None else None)
 
 
 def intensity_stats(config: TrainConfig, source) -> tuple[float, float]:
@@ -214,7 +225,7 @@ def probe_encoders(config: TrainConfig, model: torch.nn.Module, device: torch.de
     splits = {}
     for split in ("train", "val", "test"):
         source, labels, names = load_split(config, split)
-        splits[split] = (as_tensor(source, num_workers=config.num_workers), labels, names)
+        splits[split] = (*materialize(source, labels, num_workers=config.num_workers), names)
     results = {}
     for name, encoder in (("pretrained", model.encoder), ("init", build_model(config).encoder)):
         encoder = encoder.to(device)
