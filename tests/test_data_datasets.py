@@ -334,7 +334,9 @@ def test_corrupt_files_raise_or_skip(roots, tmp_path):
     with pytest.raises(ImageReadError, match=os.path.basename(ds.paths[3])):
         ds[3]
     safe = RSNAPneumonia(root, "all", S, on_error="skip")
-    assert safe[3]["id"] == safe.ids[5] and set(safe.bad_ids) == {safe.ids[3], safe.ids[4]}
+    with pytest.warns(UserWarning, match="skipped") as caught:
+        assert safe[3]["id"] == safe.ids[5]
+    assert set(safe.bad_ids) == {safe.ids[3], safe.ids[4]} and len(caught) == 2
     loader = torch.utils.data.DataLoader(safe, batch_size=4)
     batches = list(loader)  # a training epoch survives the bad files
     assert sum(len(b["id"]) for b in batches) == len(safe)
