@@ -163,6 +163,62 @@ def _save_atomic(state: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def fit_keep_best(model: nn.Module, optimizer: torch.optim.Optimizer, loader, loss_of,
+                  validate, *, epochs: int, lr: float, min_lr: float, warmup_epochs: float,
+                  grad_clip: float, device: torch.device, amp_dtype: torch.dtype | None,
+                  transform=None, desc: str = "train", best_path: Path | None = None,
+                  best_extra: dict | None = None) -> dict:
+    """The supervised loop that fine-tuning and segmentation share: per step the warmup +
+    cosine learning rate (times each group's ``lr_scale``), autocast, a gradient scaler (active
+    for fp16), optional clipping; after each epoch ``validate(model) -> (score, record, message)``
+    where a higher score is better and NaN never wins. The best epoch's weights are loaded back
+    into ``model`` (and written atomically to ``best_path`` with ``best_extra``).
+
+    Returns ``best_epoch``, ``best_score``, ``best_record``, ``history`` (per epoch: mean train
+    loss and the record) and ``steps``."""
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    total, warmup = epochs * len(loader), round(warmup_epochs * len(loader))
+    best, history, step = None, [], 0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        losses = []
+        bar = tqdm(loader, desc=f"{desc} {epoch}/{epochs}", unit="step", leave=False,
+                   dynamic_ncols=True)
+        for batch in bar:
+            step_lr = lr_at(step, total, warmup, lr, min_lr)
+            for g in optimizer.param_groups:
+                g["lr"] = step_lr * g["lr_scale"]
+            x = batch["image"].to(device, non_blocking=True)
+            x = transform(x) if transform is not None else x
+            with autocast(device, amp_dtype):
+                output = model(x)
+            loss = loss_of(output, batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            step += 1
+        train_loss = sum(losses) / max(len(losses), 1)
+        score, record, message = validate(model)
+        history.append({"epoch": epoch, "train_loss": train_loss, **record})
+        print(f"epoch {epoch}/{epochs}: train loss {train_loss:.4f}, {message}")
+        if best is None or (not math.isnan(score) and (math.isnan(best[0]) or score > best[0])):
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best = (score, epoch, state, record)
+            if best_path is not None:
+                _save_atomic({"model": state, "epoch": epoch, **record, **(best_extra or {})},
+                             best_path)
+    score, epoch, state, record = best
+    model.load_state_dict(state)
+    return {"best_epoch": epoch, "best_score": score, "best_record": record,
+            "history": history, "steps": step}
+
+
 def finetune(encoder: nn.Module, train, val, test, settings: FinetuneSettings,
              device: torch.device, transform=None, out_dir: str | Path | None = None) -> dict:
     """Fine-tune ``encoder`` + a linear head on ``train``; keep the best epoch by val mean AUROC;
@@ -193,53 +249,26 @@ def finetune(encoder: nn.Module, train, val, test, settings: FinetuneSettings,
     groups = param_groups_lrd(model, model.encoder, s.weight_decay, s.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999))
     amp_dtype = autocast_dtype(device, s.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loader = data_loader(train, s.batch_size, shuffle=True, num_workers=s.num_workers,
                          seed=s.seed, drop_last=len(train) > s.batch_size)
-    total = s.epochs * len(loader)
-    warmup = round(s.warmup_epochs * len(loader))
-    best, history, step = None, [], 0
-    out_dir = Path(out_dir) if out_dir is not None else None
-    for epoch in range(s.epochs):
-        model.train()
-        losses = []
-        bar = tqdm(loader, desc=f"finetune {epoch + 1}/{s.epochs}", unit="step", leave=False,
-                   dynamic_ncols=True)
-        for batch in bar:
-            lr = lr_at(step, total, warmup, s.lr, s.min_lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g["lr_scale"]
-            x = batch["image"].to(device, non_blocking=True)
-            x = transform(x) if transform is not None else x
-            with autocast(device, amp_dtype):
-                logits = model(x)
-            loss = masked_bce(logits, batch["labels"].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if s.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            step += 1
-        val_scores = predict(model, val, s.batch_size, device, transform, amp_dtype,
-                             s.num_workers, desc="val")
-        val_per_class, val_auc = multilabel_auroc(val_scores, torch.as_tensor(val.labels))
-        history.append({"epoch": epoch + 1, "train_loss": sum(losses) / max(len(losses), 1),
-                        "val_mean_auroc": val_auc})
-        print(f"epoch {epoch + 1}/{s.epochs}: train loss {history[-1]['train_loss']:.4f}, "
-              f"val mean AUROC {val_auc:.4f}")
-        if best is None or (not math.isnan(val_auc) and (math.isnan(best[0]) or val_auc > best[0])):
-            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            best = (val_auc, epoch + 1, state, val_per_class)
-            if out_dir is not None:
-                _save_atomic({"model": state, "epoch": epoch + 1, "val_mean_auroc": val_auc,
-                              "class_names": class_names, "settings": asdict(s)},
-                             out_dir / "finetune_best.pt")
-    val_auc, best_epoch, state, val_per_class = best
-    model.load_state_dict(state)
+    val_labels = torch.as_tensor(val.labels)
+
+    def validate(model):
+        scores = predict(model, val, s.batch_size, device, transform, amp_dtype,
+                         s.num_workers, desc="val")
+        per_class, auc = multilabel_auroc(scores, val_labels)
+        return auc, {"val_mean_auroc": auc, "val_per_class": per_class}, \
+            f"val mean AUROC {auc:.4f}"
+
+    fit = fit_keep_best(
+        model, optimizer, loader, lambda logits, batch: masked_bce(logits,
+                                                                   batch["labels"].to(device)),
+        validate, epochs=s.epochs, lr=s.lr, min_lr=s.min_lr, warmup_epochs=s.warmup_epochs,
+        grad_clip=s.grad_clip, device=device, amp_dtype=amp_dtype, transform=transform,
+        desc="finetune", best_path=None if out_dir is None else Path(out_dir) / "finetune_best.pt",
+        best_extra={"class_names": class_names, "settings": asdict(s)})
+    val_auc, val_per_class = fit["best_score"], fit["best_record"]["val_per_class"]
+    history = [{k: v for k, v in h.items() if k != "val_per_class"} for h in fit["history"]]
     scores = predict(model, test, s.batch_size, device, transform, amp_dtype, s.num_workers,
                      desc="test")
     per_class, mean_auc = multilabel_auroc(scores, torch.as_tensor(test.labels))
@@ -248,9 +277,9 @@ def finetune(encoder: nn.Module, train, val, test, settings: FinetuneSettings,
         "per_class_auroc": dict(zip(class_names, per_class, strict=True)),
         "val_mean_auroc": val_auc,
         "val_per_class_auroc": dict(zip(class_names, val_per_class, strict=True)),
-        "best_epoch": best_epoch,
+        "best_epoch": fit["best_epoch"],
         "history": history,
-        "steps": step,
+        "steps": fit["steps"],
         "settings": copy.deepcopy(asdict(s)),
         "test_scores": scores,
     }

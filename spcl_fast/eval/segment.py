@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .encoders import set_drop_path
-from .finetune import _save_atomic, autocast, autocast_dtype, lr_at, param_groups_lrd
+from .finetune import autocast, autocast_dtype, fit_keep_best, param_groups_lrd
 from .linear_probe import data_loader
 from .metrics import dice_per_image, dice_summary
 
@@ -201,47 +201,26 @@ def segment(encoder: nn.Module, train, val, test, settings: SegmentSettings,
         groups += enc_groups
     optimizer = torch.optim.AdamW(groups, lr=s.lr)
     amp_dtype = autocast_dtype(device, s.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loader = data_loader(train, s.batch_size, shuffle=True, num_workers=s.num_workers,
                          seed=s.seed, drop_last=len(train) > s.batch_size)
-    total, warmup = s.epochs * len(loader), round(s.warmup_epochs * len(loader))
-    best, history, step = None, [], 0
-    for epoch in range(s.epochs):
-        model.train()
-        losses = []
-        bar = tqdm(loader, desc=f"segment {epoch + 1}/{s.epochs}", unit="step", leave=False,
-                   dynamic_ncols=True)
-        for batch in bar:
-            lr = lr_at(step, total, warmup, s.lr, s.min_lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g["lr_scale"]
-            x = batch["image"].to(device, non_blocking=True)
-            x = transform(x) if transform is not None else x
-            with autocast(device, amp_dtype):
-                logits = model(x)
-            loss = segmentation_loss(logits, masks_of(batch).to(device))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            step += 1
-        val_res = evaluate_dice(model, val, s.batch_size, device, transform, amp_dtype,
-                                s.num_workers, s.threshold, desc="val")
-        history.append({"epoch": epoch + 1, "train_loss": sum(losses) / max(len(losses), 1),
-                        "val_dice": val_res["dice"], "val_dice_positive": val_res["dice_positive"]})
-        print(f"epoch {epoch + 1}/{s.epochs}: train loss {history[-1]['train_loss']:.4f}, "
-              f"val Dice {val_res['dice']:.4f} (positive images {val_res['dice_positive']:.4f})")
-        if best is None or val_res["dice"] > best[0]:
-            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            best = (val_res["dice"], epoch + 1, state, val_res)
-            if out_dir is not None:
-                _save_atomic({"model": state, "epoch": epoch + 1, "val_dice": val_res["dice"],
-                              "settings": asdict(s)}, Path(out_dir) / "segment_best.pt")
-    _, best_epoch, state, val_res = best
-    model.load_state_dict(state)
+
+    def validate(model):
+        res = evaluate_dice(model, val, s.batch_size, device, transform, amp_dtype,
+                            s.num_workers, s.threshold, desc="val")
+        return res["dice"], {"val_dice": res["dice"], "val_dice_positive": res["dice_positive"],
+                             "val": res}, \
+            f"val Dice {res['dice']:.4f} (positive images {res['dice_positive']:.4f})"
+
+    fit = fit_keep_best(
+        model, optimizer, loader,
+        lambda logits, batch: segmentation_loss(logits, masks_of(batch).to(device)), validate,
+        epochs=s.epochs, lr=s.lr, min_lr=s.min_lr, warmup_epochs=s.warmup_epochs, grad_clip=0.0,
+        device=device, amp_dtype=amp_dtype, transform=transform, desc="segment",
+        best_path=None if out_dir is None else Path(out_dir) / "segment_best.pt",
+        best_extra={"settings": asdict(s)})
+    val_res = fit["best_record"]["val"]
+    history = [{k: v for k, v in h.items() if k != "val"} for h in fit["history"]]
     test_res = evaluate_dice(model, test, s.batch_size, device, transform, amp_dtype,
                              s.num_workers, s.threshold, desc="test")
-    return {**test_res, "val": val_res, "best_epoch": best_epoch, "history": history,
-            "steps": step, "settings": asdict(s), "model": model}
+    return {**test_res, "val": val_res, "best_epoch": fit["best_epoch"], "history": history,
+            "steps": fit["steps"], "settings": asdict(s), "model": model}
