@@ -60,7 +60,22 @@ def test_study_summary_statistics():
     assert table["b"]["std"] == 0.0 and table["b"]["seeds"] == 1
     assert study.mean_std([math.nan, 0.4]) == (0.4, 0.0)
     text = study.markdown(study.summarise(records), ["s"])
-    assert "| a | 0.700 ± 0.100 | — |" in text
+    assert "| a | 0.700 ± 0.100 | — | — |" in text
+    timed = [{"set": s, "row": "r", "mean_auroc": 0.6, "steps": 9, "train_seconds": t}
+             for s, t in (("x", 10.0), ("y", 20.0))]
+    assert "| r | 0.600 ± 0.000 | 0.600 ± 0.000 | 9 | 10, 20 |" in study.markdown(
+        study.summarise(timed), ["x", "y"])
+
+
+def test_ablations_expand_to_the_default_and_one_change_each():
+    recipes = study.expand_recipes("ablations")
+    assert recipes[0] == "spcl_keep05" and len(recipes) == 1 + len(study.ABLATIONS)
+    base = study.RECIPES["spcl_keep05"][1]
+    for name in recipes[1:]:
+        changed = {k: v for k, v in study.RECIPES[name][1].items() if base.get(k) != v}
+        assert len(changed) == 1, (name, changed)
+    # The main recipes state keep, so a new demo default does not change what they measure.
+    assert all("keep" in study.RECIPES[r][1] for r in study.DEFAULT_RECIPES if r != "mae")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -5,6 +5,7 @@
     python -m spcl_fast.eval.study --out runs/study \\
         [--sets synthetic,chestxray14] [--cxr-root ../shared/data/chestxray14-mini] \\
         [--seeds 0,1,2] [--recipes spcl,spcl_image,...,mae] [--steps 180]
+    python -m spcl_fast.eval.study --out runs/ablations --seeds 0 --recipes ablations ...
 
 Every recipe is the demo preset (:func:`spcl_fast.train.config.demo`: ViT 6x192, patch 8,
 64 px, batch 64) plus a few overrides (:data:`RECIPES`), pre-trained for a fixed CPU budget
@@ -40,33 +41,44 @@ from .report import write_results
 
 SETS = ("synthetic", "chestxray14")
 
-# name -> (description, overrides of the demo preset)
+# name -> (description, overrides of the demo preset). The main recipes name every setting they
+# change (keep included), so they mean the same whatever the demo preset's defaults become; the
+# ablations vary one setting of the chosen default (the demo: keep 0.5).
+_ALL = {"keep": "1.0"}
+_HALF = {"keep": "0.5"}
 RECIPES: dict[str, tuple[str, dict[str, str]]] = {
-    "spcl": ("S-PCL, demo settings (dataset-wide standardisation, random 50/50 token split)", {}),
-    "spcl_image": ("S-PCL with per-image standardisation", {"normalize": "image"}),
+    "spcl": ("S-PCL, dataset-wide standardisation, random 50/50 split of all tokens", _ALL),
+    "spcl_image": ("S-PCL with per-image standardisation", {**_ALL, "normalize": "image"}),
+    "spcl_keep05": ("S-PCL with two 25% subsets (keep 0.5): the demo default", _HALF),
+    "spcl_blocks": ("S-PCL with 2x2 patch blocks", {**_ALL, "block_size": "2"}),
     "spcl_robust": (
         "S-PCL, per-image standardisation, one 2x2-block split per batch, two 25% subsets, "
         "independent intensity jitter and 2 px warp per subset",
         {"normalize": "image", "shared_split": "true", "block_size": "2", "keep": "0.5",
          "subset_jitter": "1", "subset_warp": "2"},
     ),
-    "spcl_keep05": ("S-PCL with two 25% subsets (keep 0.5)", {"keep": "0.5"}),
-    "spcl_blocks": ("S-PCL with 2x2 patch blocks", {"block_size": "2"}),
-    "spcl_shared": ("S-PCL with one split per batch", {"shared_split": "true"}),
-    "spcl_range": ("S-PCL with a ratio drawn from [0.3, 0.7]", {"ratio_range": "0.3,0.7"}),
-    "spcl_background": ("S-PCL skipping flat patches (std < 0.1 x the image's)",
-                        {"background_std": "0.1"}),
-    "spcl_t02": ("S-PCL at temperature 0.2", {"temperature": "0.2"}),
-    "spcl_t005": ("S-PCL at temperature 0.05", {"temperature": "0.05"}),
-    "spcl_all": ("S-PCL with all negatives (NT-Xent)", {"negatives": "all"}),
-    "spcl_proj2": ("S-PCL with a 2-layer projector", {"proj_depth": "2"}),
-    "spcl_learned_pos": ("S-PCL with learned position embeddings", {"pos_embed": "learned"}),
     # A decoder lighter than the 6x192 encoder, as MAE's asymmetric design intends (its 8x512
     # default is sized for ViT-B/L and would dwarf the demo encoder).
     "mae": ("MAE, 75% masking, 2x128 decoder, equal wall-clock budget",
             {"method": "mae", "decoder_dim": "128", "decoder_depth": "2",
              "decoder_heads": "4"}),
 }
+ABLATIONS: dict[str, tuple[str, dict[str, str]]] = {
+    "k05_image": ("keep 0.5 + per-image standardisation", {"normalize": "image"}),
+    "k05_blocks": ("keep 0.5 + 2x2 patch blocks", {"block_size": "2"}),
+    "k05_shared": ("keep 0.5 + one split per batch", {"shared_split": "true"}),
+    "k05_range": ("keep 0.5 + ratio drawn from [0.3, 0.7]", {"ratio_range": "0.3,0.7"}),
+    "k05_keep035": ("two 17.5% subsets (keep 0.35)", {"keep": "0.35"}),
+    "k05_background": ("keep 0.5 + skip flat patches (std < 0.1 x the image's)",
+                       {"background_std": "0.1"}),
+    "k05_t02": ("keep 0.5 + temperature 0.2", {"temperature": "0.2"}),
+    "k05_t005": ("keep 0.5 + temperature 0.05", {"temperature": "0.05"}),
+    "k05_all": ("keep 0.5 + all negatives (NT-Xent)", {"negatives": "all"}),
+    "k05_proj2": ("keep 0.5 + 2-layer projector", {"proj_depth": "2"}),
+    "k05_learned_pos": ("keep 0.5 + learned position embeddings", {"pos_embed": "learned"}),
+    "k05_jitter": ("keep 0.5 + intensity jitter per subset", {"subset_jitter": "1"}),
+}
+RECIPES.update({k: (d, {**_HALF, **o}) for k, (d, o) in ABLATIONS.items()})
 DEFAULT_RECIPES = ("spcl", "spcl_image", "spcl_keep05", "spcl_blocks", "spcl_robust", "mae")
 
 
@@ -162,19 +174,36 @@ def summarise(records: list[dict]) -> list[dict]:
 
 
 def markdown(table: list[dict], sets: list[str]) -> str:
+    """Rows in first-seen order; cells ``mean ± std``; the pre-training budget (steps, mean
+    training seconds per set) of trained rows."""
     rows = list(dict.fromkeys(t["row"] for t in table))
     cell = {(t["set"], t["row"]): t for t in table}
-    head = "| encoder | " + " | ".join(f"{s} mean AUROC" for s in sets) + " | steps / s |"
-    lines = [head, "|" + "---|" * (len(sets) + 2)]
+    head = ("| encoder | " + " | ".join(f"{s} mean AUROC" for s in sets)
+            + " | steps | train s (" + ", ".join(sets) + ") |")
+    lines = [head, "|" + "---|" * (len(sets) + 3)]
     for row in rows:
-        cells, budget = [], ""
-        for s in sets:
-            t = cell.get((s, row))
-            cells.append("—" if t is None else f"{t['mean_auroc']:.3f} ± {t['std']:.3f}")
-            if t is not None and "steps" in t and not budget:
-                budget = f"{t['steps']} / {t['train_seconds']:.0f}"
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {budget or '—'} |")
+        found = [cell.get((s, row)) for s in sets]
+        cells = ["—" if t is None else f"{t['mean_auroc']:.3f} ± {t['std']:.3f}" for t in found]
+        timed = [t for t in found if t is not None and "steps" in t]
+        steps = " / ".join(dict.fromkeys(str(t["steps"]) for t in timed)) or "—"
+        seconds = ", ".join("—" if t is None or "steps" not in t else f"{t['train_seconds']:.0f}"
+                            for t in found) if timed else "—"
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {steps} | {seconds} |")
     return "\n".join(lines)
+
+
+def expand_recipes(text: str) -> list[str]:
+    """``--recipes``: comma-separated names, or ``ablations`` (the demo default, then each
+    ablation of it)."""
+    recipes = [r.strip() for r in text.split(",") if r.strip()]
+    if recipes == ["ablations"]:
+        recipes = ["spcl_keep05", *ABLATIONS]
+    for r in recipes:
+        if r not in RECIPES:
+            raise SystemExit(f"unknown recipe {r!r}; choose from {', '.join(RECIPES)}")
+    if not recipes or recipes[0] == "mae":
+        raise SystemExit("--recipes must start with an S-PCL recipe (it sets MAE's time budget)")
+    return recipes
 
 
 def plot(table: list[dict], sets: list[str], path: Path) -> None:
@@ -216,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ChestX-ray14 folder in the official layout (e.g. the mini sample)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
-                   help=f"comma-separated, from {', '.join(RECIPES)}")
+                   help=f"comma-separated, from {', '.join(RECIPES)}; or 'ablations' (the "
+                        f"demo default and each ablation of it)")
     p.add_argument("--steps", type=int, default=demo().steps,
                    help="steps of every S-PCL recipe (MAE: the first recipe's time)")
     return p
@@ -225,13 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
-    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    recipes = expand_recipes(args.recipes)
     seeds = [int(s) for s in args.seeds.split(",")]
-    for r in recipes:
-        if r not in RECIPES:
-            raise SystemExit(f"unknown recipe {r!r}; choose from {', '.join(RECIPES)}")
-    if not recipes or recipes[0] == "mae":
-        raise SystemExit("--recipes must start with an S-PCL recipe (it sets MAE's time budget)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records, started = [], time.time()
