@@ -1,6 +1,7 @@
 """S-PCL method options that change which tokens the subsets hold: background skipping."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from spcl_fast.methods import SPCL
 from spcl_fast.nn import vit_tiny_patch16
 from spcl_fast.train.config import smoke
-from spcl_fast.train.engine import Trainer
+from spcl_fast.train.engine import Trainer, train
 
 
 def _model(background_std=0.2, **kwargs):
@@ -62,11 +63,11 @@ def test_plans_skip_background_and_training_steps_run(block_size):
 def test_background_option_errors():
     with pytest.raises(ValueError, match="background_std must be >= 0"):
         _model(background_std=-1)
-    with pytest.raises(ValueError, match="pass images= to sample_plan"):
-        _model().sample_plan(2, None, "cpu")
+    # Without images (a FLOP estimate before any batch) every patch counts.
+    assert _model().sample_plan(2, None, "cpu").seqlens.tolist() == [8, 8, 8, 8]
 
 
-def test_trainer_samples_plans_from_the_batch():
+def test_trainer_samples_plans_from_the_batch(tmp_path):
     trainer = Trainer(dataclasses.replace(smoke(), background_std=0.2))
     assert trainer.model.background_std == 0.2
     x = trainer.transform(trainer.stream.next())
@@ -75,3 +76,5 @@ def test_trainer_samples_plans_from_the_batch():
     assert not set((plan.token_index % 16).tolist()) & _flat_token_ids()
     out = trainer.train_step()
     assert torch.isfinite(out["loss"])
+    summary = train(dataclasses.replace(smoke(), background_std=0.2), tmp_path / "run")
+    assert summary["steps"] == smoke().steps and math.isfinite(summary["final_loss"])

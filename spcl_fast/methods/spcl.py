@@ -111,12 +111,11 @@ class SPCL(nn.Module):
         self, batch_size: int, generator: torch.Generator | None, device,
         images: torch.Tensor | None = None,
     ) -> PartitionPlan:
-        """The step's partitions; ``images`` (the batch) is needed with ``background_std``."""
+        """The step's partitions. With ``background_std`` the flat patches of ``images`` (the
+        batch) are left out; without ``images`` (a FLOP estimate before any batch is read)
+        every patch counts, an upper bound of the step's cost."""
         valid = None
-        if self.background_std > 0:
-            if images is None:
-                raise ValueError("SPCL with background_std > 0 samples plans from the images: "
-                                 "pass images= to sample_plan")
+        if self.background_std > 0 and images is not None:
             valid = self.foreground(images).cpu()  # the plan is drawn on the host
         return sample_partitions(
             batch_size,

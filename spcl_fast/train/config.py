@@ -40,7 +40,7 @@ class TrainConfig:
     shared_split: bool = False  # one split for the whole batch (no position-pattern shortcut)
     subset_jitter: float = 0.0  # independent intensity jitter per subset while training (0: off)
     subset_warp: float = 0.0  # independent small affine warp per subset while training (0: off)
-    background_std: float = 0.0  # skip patches flatter than this x their image's pixel std
+    background_std: float = 0.0  # skip patches flatter than this x the image's std (0: off)
     temperature: float = 0.1  # InfoNCE temperature
     negatives: str = "cross"  # InfoNCE negatives: cross (CLIP-style) | all (SimCLR NT-Xent)
     proj_hidden: int = 512  # projector hidden width
