@@ -183,7 +183,8 @@ def markdown(table: list[dict], sets: list[str]) -> str:
     lines = [head, "|" + "---|" * (len(sets) + 3)]
     for row in rows:
         found = [cell.get((s, row)) for s in sets]
-        cells = ["—" if t is None else f"{t['mean_auroc']:.3f} ± {t['std']:.3f}" for t in found]
+        cells = ["—" if t is None else f"{t['mean_auroc']:.3f}" if t["seeds"] == 1
+                 else f"{t['mean_auroc']:.3f} ± {t['std']:.3f}" for t in found]
         timed = [t for t in found if t is not None and "steps" in t]
         steps = " / ".join(dict.fromkeys(str(t["steps"]) for t in timed)) or "—"
         seconds = ", ".join("—" if t is None or "steps" not in t else f"{t['train_seconds']:.0f}"
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 "per_class_auroc": probe["pretrained"]["per_class_auroc"],
                                 "config": dataclasses.asdict(config)})
                 # The same seed's encoder at initialisation, once per input normalisation.
-                if recipe.startswith("spcl") and (config.normalize, seed) not in init_seen:
+                if config.method == "spcl" and (config.normalize, seed) not in init_seen:
                     init_seen.add((config.normalize, seed))
                     records.append({**base, "row": f"init ({config.normalize})",
                                     "mean_auroc": probe["init"]["mean_auroc"],
