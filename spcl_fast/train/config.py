@@ -104,7 +104,7 @@ class TrainConfig:
 
 
 def demo() -> TrainConfig:
-    """The no-argument demo: a small ViT on synthetic X-rays, ~1.5 minutes on 2 CPU cores.
+    """The no-argument demo: a small ViT on synthetic X-rays, ~70 s on 2 CPU cores.
     Two 25% subsets per image (``keep=0.5``): in the recipe study (``spcl_fast.eval.study``)
     they probe better than 50/50 splits of all tokens on both the synthetic and the real
     sample, at half the FLOPs."""
