@@ -78,3 +78,14 @@ def test_trainer_samples_plans_from_the_batch(tmp_path):
     assert torch.isfinite(out["loss"])
     summary = train(dataclasses.replace(smoke(), background_std=0.2), tmp_path / "run")
     assert summary["steps"] == smoke().steps and math.isfinite(summary["final_loss"])
+
+
+def test_foreground_of_colour_images_is_per_channel():
+    torch.manual_seed(0)
+    encoder = vit_tiny_patch16(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2,
+                               in_chans=3)
+    model = SPCL(encoder, proj_hidden=32, proj_dim=16, background_std=0.2)
+    x = torch.rand(2, 3, 32, 32)
+    x[:, 0, :8, :8], x[:, 1, :8, :8], x[:, 2, :8, :8] = 0.9, 0.1, 0.5  # flat, but coloured
+    valid = model.foreground(x)
+    assert not valid[:, 0].any() and valid[:, 1:].all()

@@ -131,6 +131,17 @@ def test_resume_continues_exactly(tmp_path):
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "full")[3:]  # bit for bit
 
 
+def test_training_seconds_add_up_over_resumes(tmp_path):
+    config = dataclasses.replace(smoke(), steps=4, save_every=2)
+    train(config, tmp_path / "run")
+    half = torch.load(tmp_path / "run" / "ckpt-00000002.pt", weights_only=True)
+    assert half["train_seconds"] > 0
+    for name in ("ckpt-00000004.pt", "summary.json"):
+        (tmp_path / "run" / name).unlink()
+    summary = train(config, tmp_path / "run", resume=tmp_path / "run")
+    assert summary["train_seconds"] > half["train_seconds"]
+
+
 def test_checkpoints_keep_last_and_fall_back_when_corrupt(tmp_path):
     for step in (1, 2, 3):
         save_checkpoint({"step": step}, tmp_path, step, keep_last=2)

@@ -12,14 +12,15 @@ Every recipe is the demo preset (:func:`spcl_fast.train.config.demo`: ViT 6x192,
 and linear-probed like the demo does (frozen mean-pooled features, L2 chosen on val, mean
 AUROC on test). Each (set, recipe, seed) run also probes the same encoder at initialisation
 (same seed, same input normalisation), so "init" rows come for free; "raw pixels" is the same
-probe on the normalised pixels themselves. MAE gets the wall-clock budget that the first
-recipe measured for its steps, converted to steps with MAE's own measured step time (both
-timed on this machine in this study), so the comparison is at equal time, not equal steps.
+probe on the normalised pixels themselves. MAE gets the training seconds of the first recipe's
+first seed, converted to steps with MAE's own measured step time (both timed on this machine
+in this study), so the comparison is at equal time, not equal steps.
 
 On the synthetic set the images are the built-in phantoms (train 2048 / val 512 / test 512).
 On ``chestxray14`` the root is an official-layout folder (the sample
-``../shared/data/chestxray14-mini``: pre-training on its train_val images, probing its 14
-labels, test = the official test list); the images are decoded once into a 64 px cache.
+``../shared/data/chestxray14-mini``: pre-training and probe fitting on the train split of its
+train_val images (625; a patient-disjoint 65 are the probe's val split), 14 labels, test =
+the 310 official test images); the images are decoded once into a 64 px cache.
 
 The study resumes: a finished run (its ``summary.json``) is read back, a killed one continues
 from its last checkpoint. ``study.json`` holds every run and the mean +- std table, the table
@@ -60,8 +61,8 @@ RECIPES: dict[str, tuple[str, dict[str, str]]] = {
     # A decoder lighter than the 6x192 encoder, as MAE's asymmetric design intends (its 8x512
     # default is sized for ViT-B/L and would dwarf the demo encoder).
     "mae": ("MAE, 75% masking, 2x128 decoder, equal wall-clock budget",
-            {"method": "mae", "decoder_dim": "128", "decoder_depth": "2",
-             "decoder_heads": "4"}),
+            {**_ALL, "method": "mae", "decoder_dim": "128", "decoder_depth": "2",
+             "decoder_heads": "4"}),  # (keep is S-PCL's: stated only to pin the config)
 }
 ABLATIONS: dict[str, tuple[str, dict[str, str]]] = {
     "k05_image": ("keep 0.5 + per-image standardisation", {"normalize": "image"}),
@@ -111,15 +112,24 @@ def run_config(set_over: dict, recipe: str, seed: int, steps: int) -> TrainConfi
 
 
 def _train(config: TrainConfig, out: Path) -> dict:
-    """Train (or read back, or continue) one run; returns its summary."""
+    """Train (or read back, or continue) one run; returns its summary. A folder holding a run
+    of other settings is an error, not something to reuse or overwrite."""
     from ..train.engine import train
 
+    saved = out / "config.json"
+    # from_dict fills settings added since the run was made with their defaults
+    if saved.exists() and TrainConfig.from_dict(json.loads(saved.read_text())) != config:
+        raise SystemExit(f"{out} holds a run with other settings than this study asks for "
+                         f"(another --steps or recipe?): use another --out or remove it")
     done = out / "summary.json"
     if done.exists():
         summary = json.loads(done.read_text())
         if "probe" in summary:
             return summary
-    return train(config, out, resume=out if out.exists() else None)
+    summary = train(config, out, resume=out if out.exists() else None)
+    if "interrupted" in summary:  # Ctrl-C / SIGTERM: the run is checkpointed, stop here
+        raise SystemExit(summary["exit_code"])
+    return summary
 
 
 def seconds_per_step(config: TrainConfig, out: Path, steps: int = 12) -> float:
@@ -127,11 +137,15 @@ def seconds_per_step(config: TrainConfig, out: Path, steps: int = 12) -> float:
     run without probe, logging every step; read back if ``out`` already holds it)."""
     from ..train.engine import train
 
-    metrics = out / "metrics.jsonl"
-    if not (out / "summary.json").exists():
-        train(dataclasses.replace(config, probe=False, log_every=1, steps=3 + steps,
-                                  warmup_steps=1), out)
-    lines = metrics.read_text().splitlines()[3:]
+    metrics, done = out / "metrics.jsonl", out / "summary.json"
+    complete = (done.exists() and "interrupted" not in json.loads(done.read_text())
+                and len(metrics.read_text().splitlines()) >= 3 + steps)
+    if not complete:
+        summary = train(dataclasses.replace(config, probe=False, log_every=1, steps=3 + steps,
+                                            warmup_steps=1), out)
+        if "interrupted" in summary:
+            raise SystemExit(summary["exit_code"])
+    lines = metrics.read_text().splitlines()[3:3 + steps]
     return statistics.median(config.batch_size / json.loads(x)["images_per_s"] for x in lines)
 
 
@@ -287,10 +301,13 @@ def main(argv: list[str] | None = None) -> dict:
                                 "mean_auroc": probe["pretrained"]["mean_auroc"],
                                 "per_class_auroc": probe["pretrained"]["per_class_auroc"],
                                 "config": dataclasses.asdict(config)})
-                # The same seed's encoder at initialisation, once per input normalisation.
-                if config.method == "spcl" and (config.normalize, seed) not in init_seen:
-                    init_seen.add((config.normalize, seed))
-                    records.append({**base, "row": f"init ({config.normalize})",
+                # The same seed's encoder at initialisation, once per input normalisation and
+                # kind of position embedding (what decides the initial encoder and its input).
+                init_key = (config.normalize, config.pos_embed, seed)
+                if config.method == "spcl" and init_key not in init_seen:
+                    init_seen.add(init_key)
+                    pos = "" if config.pos_embed == "sincos" else f", {config.pos_embed} pos"
+                    records.append({**base, "row": f"init ({config.normalize}{pos})",
                                     "mean_auroc": probe["init"]["mean_auroc"],
                                     "per_class_auroc": probe["init"]["per_class_auroc"]})
         for norm in ("dataset", "image"):

@@ -136,11 +136,11 @@ class SPCL(nn.Module):
         image's. An image with fewer than two such patches (a blank frame) keeps all of its
         patches, so both of its subsets stay non-empty."""
         p = self.encoder.patch_embed.patch_size
-        b = images.shape[0]
+        b, c = images.shape[:2]
         patches = images.float().unfold(2, p, p).unfold(3, p, p)  # (B, C, gh, gw, p, p)
-        patch_std = patches.permute(0, 2, 3, 1, 4, 5).reshape(b, -1, images.shape[1] * p * p)
-        patch_std = patch_std.std(dim=2)
-        image_std = images.float().reshape(b, -1).std(dim=1, keepdim=True)
+        # per channel, then averaged: a flat patch of any one colour is background
+        patch_std = patches.reshape(b, c, -1, p * p).std(dim=3).mean(dim=1)  # (B, N)
+        image_std = images.float().reshape(b, c, -1).std(dim=2).mean(dim=1, keepdim=True)
         valid = patch_std >= self.background_std * image_std
         return valid | (valid.sum(dim=1, keepdim=True) < 2)
 

@@ -293,6 +293,7 @@ class Trainer:
         self.plans = PlanSampler(config.seed, config.plan_shards or ctx.world, ctx.rank,
                                  ctx.world)
         self.step = 0
+        self.train_seconds = 0.0  # wall seconds of training steps, summed over resumed runs
         # Device-side counters: read back only on log/save steps (no per-step host sync).
         self._count = {k: torch.zeros((), dtype=torch.int64, device=self.device)
                        for k in ("skipped_steps", "overflow_steps", "bad_streak", "peak_streak")}
@@ -402,6 +403,7 @@ class Trainer:
             "optimizer_format": "fsdp-full" if self.fsdp else "plain",
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "step": self.step,
+            "train_seconds": self.train_seconds,
             "lr": lr_at(self.step, self.config),
             "data": self.stream.state_dict(),
             "partition_rng": plans,
@@ -437,6 +439,7 @@ class Trainer:
         for key, value in state.get("counters", {}).items():
             self._count[key].fill_(int(value))
         self.step = int(state["step"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
 
 
 def _resume_state(resume: str | Path, ctx: DistContext) -> tuple[dict | None, Path | None]:
@@ -529,6 +532,10 @@ def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict
     stopped_by = 0
     window_start, window_steps = time.perf_counter(), 0  # images/s since the last log line
     loop_start, saving = window_start, 0.0  # training seconds exclude checkpoint writes
+    seconds_before = trainer.train_seconds  # from the checkpoint of a resumed run
+
+    def training_seconds() -> float:
+        return seconds_before + time.perf_counter() - loop_start - saving
     try:
         with GracefulStop() as stop:
             while trainer.step < config.steps:
@@ -553,6 +560,7 @@ def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict
                     bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{rate:.0f}")
                     window_start, window_steps = time.perf_counter(), 0
                 if stopped_by:  # consistent even mid-streak: bad steps change no weights
+                    trainer.train_seconds = training_seconds()
                     _save(trainer, out_dir)
                     break
                 if save_now and step < config.steps:
@@ -562,6 +570,7 @@ def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict
                                           "step(s) in a row; skipping this checkpoint",
                                           stacklevel=1)
                         continue
+                    trainer.train_seconds = training_seconds()
                     saved = time.perf_counter()
                     _save(trainer, out_dir)
                     window_start += time.perf_counter() - saved  # not training throughput
@@ -569,8 +578,8 @@ def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict
     finally:
         bar.close()
         log.close()
-    train_seconds = time.perf_counter() - loop_start - saving
     if not stopped_by:
+        trainer.train_seconds = training_seconds()
         _save(trainer, out_dir)
     ctx.barrier()  # nobody leaves (and lets torchrun end the others) before the file is written
     if main and log.records:
@@ -582,7 +591,7 @@ def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict
         "checkpoint": str(checkpoint_path(out_dir, trainer.step)),
         "final_loss": log.records[-1]["loss"] if log.records else None,
         "gflops_per_image": gflops,
-        "train_seconds": train_seconds,  # this invocation's steps (a resumed run: since resume)
+        "train_seconds": trainer.train_seconds,  # all steps, across resumes
         "intensity_stats": list(trainer.stats),
     }
     if stopped_by:
