@@ -21,12 +21,11 @@ training GFLOPs per image at ViT-B/16 224 px (analytic) next to the measured ima
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import pytest
 import torch
-from common import RESULTS_DIR, ROWS, device_slug, run
+from common import RESULTS_DIR, ROWS, device_slug, run, torch_threads
 
 from spcl_fast import flops
 from spcl_fast.methods import build_method
@@ -120,13 +119,8 @@ CASES = [(s, m) for s in SETUPS for m in METHODS]
 def test_training_step(benchmark, setup, method):
     if setup.device == "cuda" and not torch.cuda.is_available():
         pytest.skip("GPU row: needs CUDA")
-    threads = torch.get_num_threads()
-    if setup.threads:
-        torch.set_num_threads(setup.threads)
-    try:
+    with torch_threads(setup.threads):
         _bench(benchmark, setup, method)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _bench(benchmark, setup: Setup, method: str) -> None:
@@ -153,12 +147,9 @@ def _bench(benchmark, setup: Setup, method: str) -> None:
             model.after_step(step_count[0])
         step_count[0] += 1
 
-    if setup.cpu_time:
-        benchmark._timer = time.process_time  # pytest-benchmark's timer (--benchmark-timer)
     step_flops = model.train_flops(model.sample_plan(b, torch.Generator().manual_seed(1), "cpu"))
     run(benchmark, step, suite="step", group=setup.group, provider=METHODS[method],
         device=device, flops=step_flops, items=b, item_name="images",
         baseline=method == "spcl", rounds=setup.rounds, warmup=setup.warmup, method=method,
         model=setup.model, img_size=setup.img_size, batch_size=b, dtype=setup.dtype,
-        gflops_per_image=step_flops / b / 1e9,
-        timer="process_time" if setup.cpu_time else "perf_counter")
+        gflops_per_image=step_flops / b / 1e9, cpu_time=setup.cpu_time)

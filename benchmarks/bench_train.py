@@ -18,11 +18,10 @@ TFLOP/s and MFU against the device's dense peak (``spcl_fast.train.monitor.PEAK_
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 import torch
-from common import ROWS, peak_memory_mb, run
+from common import ROWS, peak_memory_mb, run, torch_threads
 
 from spcl_fast.flops import MODEL_LABELS
 from spcl_fast.train.config import TrainConfig
@@ -70,13 +69,10 @@ CASES = [
 def test_train_step(benchmark, case):
     if case.device == "cuda" and not torch.cuda.is_available():
         pytest.skip("GPU row: needs CUDA")
-    threads = torch.get_num_threads()
-    if case.threads:
-        torch.set_num_threads(case.threads)
     try:
-        _bench(benchmark, case)
+        with torch_threads(case.threads):
+            _bench(benchmark, case)
     finally:
-        torch.set_num_threads(threads)
         if case.compile:
             torch._dynamo.reset()
         if case.device == "cuda":
@@ -96,15 +92,12 @@ def _bench(benchmark, case: Case) -> None:
     model = trainer.model
     step_flops = model.train_flops(model.sample_plan(b, torch.Generator().manual_seed(0), "cpu"))
     memory = peak_memory_mb(trainer.train_step, device) if device.type == "cuda" else None
-    if case.cpu_time:
-        benchmark._timer = time.process_time  # pytest-benchmark's timer (--benchmark-timer)
     run(benchmark, trainer.train_step, suite="train", group=case.group, provider=case.provider,
         device=device, flops=step_flops, items=b, item_name="images",
         baseline=not case.compile and case.layout == "packed", rounds=case.rounds,
         warmup=case.warmup, memory_mb=memory, model=case.model, img_size=case.img_size,
         batch_size=b, precision=case.precision, compiled=case.compile, layout=case.layout,
-        gflops_per_image=step_flops / b / 1e9,
-        timer="process_time" if case.cpu_time else "perf_counter")
+        gflops_per_image=step_flops / b / 1e9, cpu_time=case.cpu_time)
     row = ROWS["train"][-1]
     peak = peak_tflops(device, case.precision)
     row["peak_tflops"] = peak

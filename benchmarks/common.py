@@ -8,8 +8,10 @@ per suite and, at the end of the session, ``benchmarks/conftest.py`` prints one 
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import subprocess
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -52,6 +54,18 @@ def env_info() -> dict:
     return info
 
 
+@contextlib.contextmanager
+def torch_threads(count: int | None):
+    """``torch.set_num_threads(count)`` for the block (``None``: unchanged), then restored."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def synchronize(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -85,6 +99,7 @@ def run(
     rounds: int = 10,
     warmup: int = 3,
     memory_mb: float | None = None,
+    cpu_time: bool = False,
     **params,
 ):
     """Time ``fn`` (synchronised) with pytest-benchmark and record one table row.
@@ -92,7 +107,12 @@ def run(
     ``group`` gathers rows that are compared (same shape and dtype); ``provider`` names the
     implementation; rows with ``baseline=True`` are the denominators of the printed ratios.
     ``flops`` is the algorithmic count from ``spcl_fast.flops`` (identical for every provider).
+    ``cpu_time``: time in process CPU seconds instead of wall seconds (CPU rows on a shared
+    machine, where other jobs stretch wall time).
     """
+    if cpu_time:
+        benchmark._timer = time.process_time  # pytest-benchmark's timer (--benchmark-timer)
+    params["timer"] = "process_time" if cpu_time else "perf_counter"
 
     def timed():
         fn()
