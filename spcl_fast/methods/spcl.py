@@ -55,7 +55,8 @@ class SPCL(nn.Module):
             below ``background_std`` times its image's is in neither subset (flat padding,
             collimation, burned-in blocks). Relative to the image, so any per-image or
             dataset-wide standardisation of the input gives the same mask. Plans then depend
-            on the pixels (:meth:`sample_plan` needs ``images``). 0: off.
+            on the pixels (:meth:`sample_plan` takes ``images``), which costs one small
+            device-to-host copy of the ``(B, N)`` mask per step on a GPU. 0: off.
         negatives, symmetric: InfoNCE variant (see :func:`spcl_fast.info_nce`).
         gather_distributed: inside ``torch.distributed``, every process's embeddings are the
             negatives (the loss sees the global batch); the logged numbers too.
