@@ -12,6 +12,9 @@
   ``blocks.{i}.attn.proj.{weight (D, D), bias (D,)}``, ``blocks.{i}.norm2.{weight,bias}``,
   ``blocks.{i}.mlp.fc1.{weight (4D, D), bias}``, ``blocks.{i}.mlp.fc2.{weight (D, 4D), bias}``,
   ``norm.{weight,bias} (D,)``. Nothing else: no ``cls_token``, ``fc_norm`` or ``head``.
+  An encoder trained with ``class_token=True`` adds ``cls_token (1, 1, D)`` and is exported
+  with ``class_token=True, no_embed_class=True, global_pool="token"`` instead (its class token
+  gets no position embedding, so ``pos_embed`` keeps N rows, and it is the pooled output).
 * ``DIR/config.json``: ``timm_model`` and ``timm_kwargs`` (everything ``create_model`` needs),
   the input contract (1 channel in [0, 1], then ``normalize`` with ``mean``/``std``), and the
   run's training config.
@@ -70,9 +73,16 @@ def timm_kwargs(encoder) -> dict:
         "num_classes": 0, "embed_dim": encoder.embed_dim, "depth": len(encoder.blocks),
         "num_heads": encoder.num_heads,
         "mlp_ratio": blk.mlp.fc1.out_features / encoder.embed_dim,
-        "qkv_bias": blk.attn.qkv.bias is not None, "class_token": False,
-        "global_pool": "avg", "fc_norm": False,
+        "qkv_bias": blk.attn.qkv.bias is not None, **_pooling(encoder), "fc_norm": False,
     }
+
+
+def _pooling(encoder) -> dict:
+    """Mean of the patch tokens, or (``class_token=True`` encoders) the class token, which
+    has no position embedding: timm's ``no_embed_class``."""
+    if encoder.num_prefix_tokens:
+        return {"class_token": True, "no_embed_class": True, "global_pool": "token"}
+    return {"class_token": False, "global_pool": "avg"}
 
 
 def _timm_name(encoder, config: dict | None) -> str:
@@ -111,7 +121,7 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path,
     state = {k: v.detach().float().contiguous().clone() for k, v in encoder.state_dict().items()}
     kwargs = timm_kwargs(encoder)
     stats = loaded.stats or (synthetic.MEAN, synthetic.STD)
-    expected = vit_state_keys(kwargs["depth"], kwargs["qkv_bias"])
+    expected = vit_state_keys(kwargs["depth"], kwargs["qkv_bias"], kwargs["class_token"])
     if set(state) != expected:  # the layout promise above, checked on every export
         raise RuntimeError(f"encoder state does not match the timm layout: "
                            f"{sorted(set(state) ^ expected)[:6]}")
@@ -130,8 +140,9 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path,
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt", "layout": "timm.VisionTransformer(class_token=False, "
-                "global_pool='avg', fc_norm=False, num_classes=0, in_chans=1)"}
+    layout = ", ".join(f"{k}={kwargs[k]!r}" for k in _pooling(encoder))
+    metadata = {"format": "pt", "layout": f"timm.VisionTransformer({layout}, fc_norm=False, "
+                "num_classes=0, in_chans=1)"}
     save_file(state, str(out_dir / "model.safetensors"), metadata=metadata)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return config

@@ -1,8 +1,9 @@
-"""Random partitions of each image's patch tokens into two disjoint subsets (S-PCL's two views).
+"""Random partitions of each image's patch tokens into disjoint subsets (S-PCL's views).
 
 A :class:`PartitionPlan` is all the attention kernels and pooling need: which rows of the
-flattened ``(B*N)`` token tensor belong to which segment, in segment order. Segment ``2b`` is
-subset A of image ``b`` and segment ``2b+1`` its subset B.
+flattened ``(B*N)`` token tensor belong to which segment, in segment order. With two subsets
+per image (the default) segment ``2b`` is subset A of image ``b`` and segment ``2b+1`` its
+subset B; with ``K`` subsets, segment ``K*b + k`` is subset ``k`` of image ``b``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ class PartitionPlan:
         token_index: ``(T,)`` int64, rows of the flattened ``(B*N, ...)`` token tensor, grouped by
             segment (segment ``s`` is ``token_index[cu_seqlens[s]:cu_seqlens[s+1]]``) and sorted
             within a segment.
-        cu_seqlens: ``(2B+1,)`` int32 cumulative segment lengths, ``cu_seqlens[0] == 0``.
+        cu_seqlens: ``(KB+1,)`` int32 cumulative segment lengths, ``cu_seqlens[0] == 0``
+            (``K`` subsets per image, 2 unless the plan was drawn with ``num_subsets``).
         max_seqlen: longest segment, as a host int (kernels size their grids with it).
         num_images: ``B``.
         num_tokens: ``N``, tokens per image.
@@ -37,13 +39,18 @@ class PartitionPlan:
         return self.cu_seqlens.numel() - 1
 
     @property
+    def subsets_per_image(self) -> int:
+        """``K``: segments per image (2: subsets A and B)."""
+        return self.num_segments // self.num_images
+
+    @property
     def total_tokens(self) -> int:
         """``T``: tokens in any segment (``B*N`` when every token is kept)."""
         return self.token_index.numel()
 
     @property
     def seqlens(self) -> torch.Tensor:
-        """``(2B,)`` int32 length of each segment."""
+        """``(KB,)`` int32 length of each segment."""
         return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
 
     def segment_ids(self) -> torch.Tensor:
@@ -72,8 +79,9 @@ def sample_partitions(
     device: torch.device | str | None = None,
     block_size: int = 1,
     shared: bool = False,
+    num_subsets: int = 2,
 ) -> PartitionPlan:
-    """Split each image's tokens at random into two disjoint subsets A and B.
+    """Split each image's tokens at random into disjoint subsets: A and B, or ``num_subsets``.
 
     Args:
         batch_size: ``B``, images in the batch.
@@ -97,11 +105,15 @@ def sample_partitions(
             positions of subset A fix those of B (its complement), so an encoder can pair the
             two subsets of an image from their position embeddings alone, without looking at
             the image; a shared split removes that shortcut.
+        num_subsets: ``K >= 2`` subsets per image. With ``K > 2`` the kept tokens are dealt
+            into ``K`` subsets of equal size (sizes differ by at most one), so ``ratio`` and
+            ``ratio_range`` (which size subset A against B) must stay unset.
 
-    Every image with at least two kept tokens gets two non-empty subsets; an image with one valid
-    token puts it in A; an image with none yields two empty segments. Sizes are
-    ``n_keep = max(round(keep * n_valid), min(n_valid, 2))`` and
-    ``n_A = clamp(round(ratio * n_keep), 1, n_keep - 1)``.
+    Every image with at least ``K`` kept tokens gets ``K`` non-empty subsets; an image with
+    fewer valid tokens fills the first subsets with one token each; an image with none yields
+    ``K`` empty segments. Sizes are ``n_keep = max(round(keep * n_valid), min(n_valid, K))``;
+    with two subsets ``n_A = clamp(round(ratio * n_keep), 1, n_keep - 1)``, with more, subset
+    ``k`` holds the kept tokens of random rank ``r`` with ``floor(r K / n_keep) == k``.
 
     Example::
 
@@ -124,6 +136,13 @@ def sample_partitions(
             )
     elif not 0.0 < ratio < 1.0:
         raise ValueError(f"sample_partitions: ratio must be in (0, 1), got {ratio}")
+    if num_subsets < 2:
+        raise ValueError(f"sample_partitions: num_subsets must be >= 2, got {num_subsets}")
+    if num_subsets > 2 and (ratio != 0.5 or ratio_range is not None):
+        raise ValueError(
+            f"sample_partitions: ratio and ratio_range size subset A against B; with "
+            f"num_subsets={num_subsets} the subsets are of equal size, so leave them unset"
+        )
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
     device = torch.device(device)
@@ -150,26 +169,32 @@ def sample_partitions(
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(num_tokens, device=device).expand(batch_size, -1))
 
+    k = num_subsets
     n_valid = valid.sum(dim=1)
-    n_keep = torch.maximum(torch.round(n_valid * keep).long(), n_valid.clamp(max=2))
-    if ratio_range is not None:
-        lo, hi = ratio_range
-        ratios = lo + (hi - lo) * rand(1 if shared else batch_size).expand(batch_size)
+    n_keep = torch.maximum(torch.round(n_valid * keep).long(), n_valid.clamp(max=k))
+    kept = rank < n_keep[:, None]
+    if k == 2:
+        if ratio_range is not None:
+            lo, hi = ratio_range
+            ratios = lo + (hi - lo) * rand(1 if shared else batch_size).expand(batch_size)
+        else:
+            ratios = torch.full((batch_size,), ratio, device=device)
+        n_a = torch.round(ratios * n_keep).long()
+        n_a = torch.minimum(n_a.clamp(min=1), (n_keep - 1).clamp(min=1)).clamp(max=n_keep)
+        subset = (rank >= n_a[:, None]).long()
     else:
-        ratios = torch.full((batch_size,), ratio, device=device)
-    n_a = torch.round(ratios * n_keep).long()
-    n_a = torch.minimum(n_a.clamp(min=1), (n_keep - 1).clamp(min=1)).clamp(max=n_keep)
-
-    # Subset of each token: 0 (A), 1 (B) or -1 (left out); sorting by (segment, token) groups
+        dealt = rank * k // n_keep.clamp(min=1)[:, None]
+        subset = torch.where((n_keep >= k)[:, None], dealt, rank)  # few tokens: one per subset
+    # Subset of each token in [0, K), or -1 (left out); sorting by (segment, token) groups
     # segments and keeps each segment's rows ascending, which helps the in-place gather.
-    subset = torch.where(rank < n_a[:, None], 0, torch.where(rank < n_keep[:, None], 1, -1))
-    segment = 2 * torch.arange(batch_size, device=device)[:, None] + subset
+    subset = torch.where(kept, subset, -1)
+    segment = k * torch.arange(batch_size, device=device)[:, None] + subset
     key = segment * num_tokens + torch.arange(num_tokens, device=device)
-    key = key[subset >= 0].sort().values
-    token_index = (key // (2 * num_tokens)) * num_tokens + key % num_tokens
+    segment, key = segment[kept], key[kept].sort().values
+    token_index = (key // (k * num_tokens)) * num_tokens + key % num_tokens
 
-    seqlens = torch.stack([n_a, n_keep - n_a], dim=1).reshape(-1)
-    cu_seqlens = torch.zeros(2 * batch_size + 1, dtype=torch.int32, device=device)
+    seqlens = torch.bincount(segment, minlength=k * batch_size)
+    cu_seqlens = torch.zeros(k * batch_size + 1, dtype=torch.int32, device=device)
     cu_seqlens[1:] = seqlens.cumsum(0)
     return PartitionPlan(
         token_index=token_index,

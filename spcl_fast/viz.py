@@ -97,6 +97,9 @@ def subset_attention(encoder, image: torch.Tensor, tokens: torch.Tensor) -> torc
     """
     encoder.eval()
     x = encoder.embed(image)[:, tokens]
+    prefix = encoder.num_prefix_tokens
+    if prefix:  # the subset's own class token, as in forward_partitioned
+        x = torch.cat([encoder.cls_token.to(x.dtype), x], dim=1)
     for blk in encoder.blocks[:-1]:
         x = blk(x)
     last = encoder.blocks[-1]
@@ -105,7 +108,8 @@ def subset_attention(encoder, image: torch.Tensor, tokens: torch.Tensor) -> torc
     n = h.shape[1]
     qkv = attn.qkv(h).view(1, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     probs = (qkv[0] @ qkv[1].transpose(-1, -2) * attn.head_dim**-0.5).softmax(-1)
-    return probs[0].mean(dim=(0, 1))
+    received = probs[0].mean(dim=(0, 1))[prefix:]  # by the patch tokens (not the class token)
+    return received / received.sum()
 
 
 def _show(ax, image: torch.Tensor, title: str) -> None:

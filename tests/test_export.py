@@ -57,17 +57,22 @@ def timm_vit_shapes(img_size=224, patch_size=16, in_chans=3, num_classes=1000, e
 
 
 def timm_vit_forward(sd: dict, x: torch.Tensor, num_heads: int, class_token: bool,
-                     global_pool: str = "avg", fc_norm: bool = False) -> torch.Tensor:
+                     global_pool: str = "avg", fc_norm: bool = False,
+                     no_embed_class: bool = False) -> torch.Tensor:
     """timm's VisionTransformer forward (pre_logits, no head) on a state dict: conv patchify,
-    class token concatenated then ``pos_embed`` added, pre-norm blocks (LayerNorm eps 1e-6,
+    class token concatenated then ``pos_embed`` added (or, ``no_embed_class``, ``pos_embed``
+    added to the patches only, then the class token concatenated), pre-norm blocks (LayerNorm eps 1e-6,
     qkv rows q|k|v with heads contiguous, softmax(q k^T / sqrt(Dh)), exact GELU), final norm
     per token (or after pooling when ``fc_norm``), pooling that skips prefix tokens."""
     w = sd["patch_embed.proj.weight"]
     p, d = w.shape[-1], w.shape[0]
     t = F.conv2d(x, w, sd["patch_embed.proj.bias"], stride=p).flatten(2).transpose(1, 2)
+    if no_embed_class:
+        t = t + sd["pos_embed"]
     if class_token:
         t = torch.cat([sd["cls_token"].expand(t.shape[0], -1, -1), t], 1)
-    t = t + sd["pos_embed"]
+    if not no_embed_class:
+        t = t + sd["pos_embed"]
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
 
     def ln(h, name):
@@ -114,6 +119,34 @@ def test_export_matches_timm_layout_and_forward(run, tmp_path):
     assert cfg["normalize"] == "image" and cfg["spcl_config"]["embed_dim"] == 32
     saved = json.loads((tmp_path / "export" / "config.json").read_text())
     assert saved["timm_model"] == "vit_tiny_patch16_224"
+
+
+def test_class_token_encoder_exports_as_timm_token_pooling(tmp_path):
+    path, _, model = write_run(tmp_path / "cls", class_token=True)
+    cfg = export_encoder(path, tmp_path / "export")
+    kwargs = cfg["timm_kwargs"]
+    assert (kwargs["class_token"], kwargs["no_embed_class"], kwargs["global_pool"]) == (
+        True, True, "token")
+    sd = safetensors_torch.load_file(str(tmp_path / "export" / "model.safetensors"))
+    expected = timm_vit_shapes(**{k: v for k, v in kwargs.items() if k != "num_heads"})
+    assert {k: tuple(v.shape) for k, v in sd.items()} == expected
+    assert expected["cls_token"] == (1, 1, 32) and expected["pos_embed"] == (1, 16, 32)
+    x = torch.rand(3, 1, 32, 32)
+    ours = model.encoder.eval()(x)
+    torch.testing.assert_close(
+        timm_vit_forward(sd, x, 2, class_token=True, global_pool="token", no_embed_class=True),
+        ours, rtol=1e-5, atol=1e-5)
+    back = load_encoder(tmp_path / "export")
+    assert back.encoder.num_prefix_tokens == 1
+    assert torch.equal(back.encoder.eval()(x), ours)
+    cfg_file = tmp_path / "export" / "config.json"
+    broken = json.loads(cfg_file.read_text())
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text(json.dumps(broken))
+    safetensors_torch.save_file({k: v for k, v in sd.items() if k != "cls_token"},
+                                str(tmp_path / "broken" / "model.safetensors"))
+    with pytest.raises(EncoderLoadError, match="no cls_token"):
+        load_encoder(tmp_path / "broken")
 
 
 def test_export_round_trip_is_exact(run, tmp_path):

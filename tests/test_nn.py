@@ -66,6 +66,59 @@ def test_packed_and_inplace_layouts_agree_with_grads(keep):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("num_subsets", [2, 3, 5])
+@pytest.mark.parametrize("layout", ["packed", "inplace"])
+@pytest.mark.parametrize("class_token", [False, True])
+def test_each_segment_equals_a_dense_forward_of_its_tokens(num_subsets, layout, class_token):
+    model = _tiny(class_token=class_token)
+    images = torch.rand(3, 1, 32, 32, dtype=torch.float64)
+    plan = sample_partitions(3, model.num_patches, keep=0.8, num_subsets=num_subsets,
+                             generator=torch.Generator().manual_seed(2))
+    pooled = model.forward_partitioned(images, plan, layout)
+    assert pooled.shape == (3 * num_subsets, 32)
+    grads = torch.autograd.grad(pooled.square().sum(), list(model.parameters()))
+    tokens = model.embed(images).reshape(-1, model.embed_dim)
+    cu = plan.cu_seqlens.tolist()
+    dense = []
+    for s in range(plan.num_segments):
+        x = tokens[plan.token_index[cu[s] : cu[s + 1]]][None]  # that subset alone, dense
+        if class_token:
+            x = torch.cat([model.cls_token, x], dim=1)
+        for blk in model.blocks:
+            x = blk(x)
+        x = model.norm(x)[0]
+        dense.append(x[0] if class_token else x.mean(0))
+    torch.testing.assert_close(pooled, torch.stack(dense))
+    dense_grads = torch.autograd.grad(torch.stack(dense).square().sum(), list(model.parameters()))
+    for a, b in zip(grads, dense_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_class_token_pools_dense_forward_and_one_segment_plans():
+    model = _tiny(class_token=True)
+    assert model.num_prefix_tokens == 1 and model.cls_token.requires_grad
+    images = torch.rand(2, 1, 32, 32, dtype=torch.float64)
+    feats = model.forward_features(images)
+    assert feats.shape == (2, 17, 32)
+    torch.testing.assert_close(model(images), feats[:, 0])
+    torch.testing.assert_close(model.patch_tokens(images), feats[:, 1:])
+    # a plan of one segment per image is the dense forward, class token included
+    plan = _full_plan(2, model.num_patches)
+    torch.testing.assert_close(model.forward_partitioned(images, plan), model(images))
+    assert _tiny().num_prefix_tokens == 0 and not hasattr(_tiny(), "cls_token")
+
+
+def test_no_pos_embed_is_zero_frozen_and_position_blind():
+    model = _tiny(pos_embed="none")
+    assert not model.pos_embed.requires_grad and not model.pos_embed.any()
+    images = torch.rand(2, 1, 32, 32, dtype=torch.float64)
+    # swapping two patches of an image permutes its tokens, so the mean-pooled output stays
+    swapped = images.clone()
+    swapped[:, :, :8, :8], swapped[:, :, 8:16, 8:16] = images[:, :, 8:16, 8:16], images[:, :, :8, :8]
+    torch.testing.assert_close(model(images), model(swapped))
+    assert not torch.allclose(_tiny(pos_embed="sincos")(images), _tiny(pos_embed="sincos")(swapped))
+
+
 def test_segment_embeddings_depend_only_on_own_tokens():
     # Changing the pixels of tokens outside subset A leaves A's embedding unchanged.
     model = _tiny()

@@ -126,10 +126,51 @@ def test_segment_ids_and_to():
     assert moved.max_seqlen == plan.max_seqlen and torch.equal(moved.token_index, plan.token_index)
 
 
+@pytest.mark.parametrize("k", [3, 4, 7])
+@pytest.mark.parametrize("b,n,keep", [(1, 3, 1.0), (3, 7, 1.0), (5, 16, 0.5), (4, 64, 0.3)])
+@pytest.mark.parametrize("seed", range(3))
+def test_more_subsets_equal_disjoint_and_nonempty(k, b, n, keep, seed):
+    g = torch.Generator().manual_seed(seed)
+    plan = sample_partitions(b, n, keep=keep, num_subsets=k, generator=g)
+    assert plan.subsets_per_image == k and plan.cu_seqlens.shape == (k * b + 1,)
+    assert plan.cu_seqlens[-1] == plan.token_index.numel() and plan.max_seqlen == plan.seqlens.max()
+    subsets = _subsets(plan)
+    n_keep = max(round(keep * n), min(n, k))
+    for img in range(b):
+        mine = subsets[k * img : k * (img + 1)]
+        rows = [r for sub in mine for r in sub]
+        assert len(rows) == len(set(rows)) == n_keep, "subsets overlap or miss kept tokens"
+        assert all(img * n <= r < (img + 1) * n for r in rows) and all(s == sorted(s) for s in mine)
+        sizes = [len(sub) for sub in mine]
+        if n_keep >= k:
+            assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+        else:  # fewer tokens than subsets: one token each in the first subsets
+            assert sizes == [1] * n_keep + [0] * (k - n_keep)
+
+
+def test_more_subsets_respect_valid_mask_and_two_subsets_are_unchanged():
+    g = torch.Generator().manual_seed(0)
+    valid = torch.rand(6, 25, generator=g) < 0.5
+    valid[0] = False
+    valid[1, :2] = True
+    valid[1, 2:] = False
+    plan = sample_partitions(6, 25, valid_mask=valid, num_subsets=3, generator=g)
+    rows = plan.token_index
+    assert valid.reshape(-1)[rows].all()
+    assert plan.seqlens[:3].tolist() == [0, 0, 0] and plan.seqlens[3:6].tolist() == [1, 1, 0]
+    # num_subsets=2 is the default split, draw for draw
+    a = sample_partitions(4, 30, keep=0.6, generator=torch.Generator().manual_seed(3))
+    b = sample_partitions(4, 30, keep=0.6, num_subsets=2, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.token_index, b.token_index) and torch.equal(a.cu_seqlens, b.cu_seqlens)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
         (dict(batch_size=0, num_tokens=4), "batch_size"),
+        (dict(batch_size=2, num_tokens=4, num_subsets=1), "num_subsets"),
+        (dict(batch_size=2, num_tokens=4, num_subsets=3, ratio=0.3), "equal size"),
+        (dict(batch_size=2, num_tokens=4, num_subsets=3, ratio_range=(0.3, 0.6)), "equal size"),
         (dict(batch_size=2, num_tokens=4, keep=0.0), "keep"),
         (dict(batch_size=2, num_tokens=4, keep=1.5), "keep"),
         (dict(batch_size=2, num_tokens=4, ratio=1.0), "ratio"),

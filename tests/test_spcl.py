@@ -1,4 +1,4 @@
-"""S-PCL method options that change which tokens the subsets hold: background skipping."""
+"""S-PCL method options: background skipping, more than two subsets, a predictor branch."""
 
 import dataclasses
 import math
@@ -8,6 +8,7 @@ import torch
 
 from spcl_fast.methods import SPCL
 from spcl_fast.nn import vit_tiny_patch16
+from spcl_fast.reference import info_nce_ref
 from spcl_fast.train.config import smoke
 from spcl_fast.train.engine import Trainer, train
 
@@ -89,3 +90,91 @@ def test_foreground_of_colour_images_is_per_channel():
     x[:, 0, :8, :8], x[:, 1, :8, :8], x[:, 2, :8, :8] = 0.9, 0.1, 0.5  # flat, but coloured
     valid = model.foreground(x)
     assert not valid[:, 0].any() and valid[:, 1:].all()
+
+
+@pytest.mark.parametrize("num_subsets,predictor", [(2, 0), (3, 0), (4, 24), (2, 24)])
+def test_loss_is_the_mean_pairwise_info_nce_of_the_subsets(num_subsets, predictor):
+    model = _model(background_std=0, num_subsets=num_subsets, predictor_hidden=predictor).double()
+    x = torch.rand(5, 1, 32, 32, dtype=torch.float64)
+    plan = model.sample_plan(5, torch.Generator().manual_seed(0), "cpu")
+    assert plan.subsets_per_image == num_subsets
+    out = model(x, plan=plan)
+    z = model.projector(model.encoder.forward_partitioned(x, plan)).view(5, num_subsets, -1)
+    pred = model.predictor or (lambda v: v)
+    pairs = [(i, j) for i in range(num_subsets) for j in range(i + 1, num_subsets)]
+    expected = sum(info_nce_ref(pred(z[:, i]), z[:, j], 0.1) for i, j in pairs) / len(pairs)
+    torch.testing.assert_close(out["loss"], expected)
+    out["loss"].backward()
+    heads = [model.projector] + ([model.predictor] if predictor else [])
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for h in heads for p in h.parameters())
+    # FLOPs: the loss's logits once per pair, the predictor (16 -> 24 -> 16) once per pair
+    parts = _model(background_std=0, num_subsets=num_subsets)
+    pairs = len(pairs)
+    head = 3 * pairs * 2 * 5 * (16 * 24 + 24 * 16) if predictor else 0
+    assert model.train_flops(plan) - parts.train_flops(plan) == head
+    # and the logits once per pair: "all" negatives (10 x 10 logits) against "cross" (5 x 5)
+    all_neg = _model(background_std=0, num_subsets=num_subsets, negatives="all")
+    assert all_neg.train_flops(plan) - parts.train_flops(plan) == pairs * 3 * 2 * (100 - 25) * 16
+
+
+def test_subset_options_errors_and_plan_mismatch():
+    with pytest.raises(ValueError, match="num_subsets must be >= 2"):
+        _model(num_subsets=1)
+    with pytest.raises(ValueError, match="predictor_hidden"):
+        _model(predictor_hidden=-1)
+    model = _model(background_std=0, num_subsets=3)
+    plan = _model(background_std=0).sample_plan(2, None, "cpu")  # two subsets per image
+    with pytest.raises(ValueError, match="2 subsets per image, the model 3"):
+        model(torch.rand(2, 1, 32, 32), plan=plan)
+
+
+def test_jitter_gives_each_of_several_subsets_its_own_view():
+    model = _model(background_std=0, num_subsets=3, subset_jitter=1.0)
+    x = torch.rand(2, 1, 32, 32)
+    plan = model.sample_plan(2, torch.Generator().manual_seed(0), "cpu")
+    mixed = model._jitter_subsets(x, plan, torch.Generator().manual_seed(1))
+    patches = mixed.unfold(2, 8, 8).unfold(3, 8, 8).reshape(2, 16, 64)
+    orig = x.unfold(2, 8, 8).unfold(3, 8, 8).reshape(2, 16, 64)
+    cu = plan.cu_seqlens.tolist()
+    for img in range(2):
+        # one intensity map per subset: fit c0 + c1 x + c2 x^2 on each subset's pixels
+        coefs = []
+        for k in range(3):
+            rows = plan.token_index[cu[3 * img + k] : cu[3 * img + k + 1]] % 16
+            a, b = orig[img, rows].reshape(-1), patches[img, rows].reshape(-1)
+            design = torch.stack([torch.ones_like(a), a, a * a], 1)
+            coef = torch.linalg.lstsq(design, b[:, None]).solution[:, 0]
+            assert (design @ coef - b).std() < 0.25  # the rest is the jitter's pixel noise
+            coefs.append(coef)
+        for i in range(3):
+            for j in range(i + 1, 3):
+                assert (coefs[i] - coefs[j]).abs().max() > 0.05, "two subsets share a view"
+
+
+@pytest.mark.parametrize("changes", [
+    dict(num_subsets=3, predictor_hidden=16),
+    dict(class_token=True, layout="inplace"),
+    dict(pos_embed="none", normalize="equalize"),
+])
+def test_study_options_train_and_reload(tmp_path, changes):
+    config = dataclasses.replace(smoke(), **changes)
+    summary = train(config, tmp_path / "run")
+    assert summary["steps"] == config.steps and math.isfinite(summary["final_loss"])
+    from spcl_fast.eval import load_encoder
+
+    loaded = load_encoder(tmp_path / "run")
+    assert loaded.encoder.num_prefix_tokens == int(changes.get("class_token", False))
+    x = torch.rand(2, 1, 32, 32)
+    assert loaded.encoder(x).shape == (2, 64)
+
+
+def test_baselines_refuse_a_class_token_encoder():
+    from spcl_fast.methods import DINO, MAE
+
+    encoder = vit_tiny_patch16(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2,
+                               class_token=True)
+    with pytest.raises(ValueError, match="class token"):
+        MAE(encoder, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    with pytest.raises(ValueError, match="class token"):
+        DINO(encoder, out_dim=64)

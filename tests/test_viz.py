@@ -69,3 +69,15 @@ def test_load_image_files(tmp_path):
         img = load_image(str(tmp_path / name), 32)
         assert img.shape == (1, 32, 32) and img.dtype == torch.float32
         assert 0.0 <= img.min() and img.max() <= 1.0 and img.max() > 0.5
+
+
+def test_subset_attention_with_a_class_token(tmp_path):
+    path, _, model = write_run(tmp_path / "cls", class_token=True)
+    enc = model.encoder.eval()
+    x = torch.randn(1, 1, 32, 32)
+    tokens = torch.tensor([0, 3, 5, 9, 12])
+    att = subset_attention(enc, x, tokens)
+    assert att.shape == (5,) and att.sum().item() == pytest.approx(1.0) and torch.all(att > 0)
+    out = main(["attention", "--image", "synthetic:1", "--checkpoint", path,
+                "--out", str(tmp_path / "a.png")])
+    assert out.read_bytes()[:4] == b"\x89PNG"

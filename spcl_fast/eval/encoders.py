@@ -250,6 +250,7 @@ def _vit_from_config(config: dict) -> VisionTransformer:
                  if config.get(k) is not None}
     return create_vit(config.get("model", "vit_tiny_patch16"), img_size=config["image_size"],
                       patch_size=config["patch_size"], pos_embed=config.get("pos_embed", "sincos"),
+                      class_token=config.get("class_token", False),
                       impl=config.get("impl", "auto"), **overrides)
 
 
@@ -267,10 +268,11 @@ def _from_spcl_state(state: dict, path: Path, image_size: int | None) -> LoadedE
     notes = []
     if size != trained_size:
         grid = encoder.patch_embed.grid_size
-        if config.get("pos_embed", "sincos") == "sincos":
+        kind = config.get("pos_embed", "sincos")
+        if kind in ("sincos", "none"):
             # Fixed embeddings: training at this size would have used exactly these.
             enc_state["pos_embed"] = encoder.pos_embed.detach().clone()
-            notes.append(f"sin-cos position embeddings regenerated for a {grid}x{grid} grid")
+            notes.append(f"{kind} position embeddings regenerated for a {grid}x{grid} grid")
         else:
             enc_state["pos_embed"] = resize_pos_embed(enc_state["pos_embed"], grid, str(path))
             notes.append(f"learned position embeddings resized to a {grid}x{grid} grid")
@@ -306,13 +308,22 @@ def _from_external(path: Path, model: str | None, image_size: int | None,
         raise EncoderLoadError(f"{path} is not a ViT state dict (expected tensors by name)")
     if any(k.startswith("decoder_") or k == "mask_token" for k in state):
         kind = "mae"
+    # Our own export of a class-token encoder pools by that token: keep it (any other
+    # checkpoint's class token is dropped and its patch tokens are mean-pooled).
+    class_token = kind == "export" and side.get("timm_kwargs", {}).get("class_token", False)
+    cls_token = state.get("cls_token") if class_token else None
     converted, arch, notes = convert_timm_state(state, str(path))
+    if class_token:
+        if cls_token is None:
+            raise EncoderLoadError(f"{path}: config.json says class_token but there is no "
+                                   f"cls_token tensor")
+        converted["cls_token"] = cls_token
     heads = side.get("timm_kwargs", {}).get("num_heads") or _heads_for(arch["embed_dim"], model)
     size = image_size or side.get("image_size") or arch["grid"] * arch["patch_size"]
     encoder = VisionTransformer(
         img_size=size, patch_size=arch["patch_size"], in_chans=1, embed_dim=arch["embed_dim"],
         depth=arch["depth"], num_heads=heads, mlp_ratio=arch["mlp_ratio"],
-        qkv_bias=arch["qkv_bias"], pos_embed="learned",
+        qkv_bias=arch["qkv_bias"], pos_embed="learned", class_token=class_token,
     )
     grid = encoder.patch_embed.grid_size
     if arch["grid"] != grid:
@@ -426,12 +437,13 @@ def convert_timm_state(state: dict, where: str = "state dict") -> tuple[dict, di
     return state, arch, notes
 
 
-def vit_state_keys(depth: int, qkv_bias: bool = True) -> set[str]:
+def vit_state_keys(depth: int, qkv_bias: bool = True, class_token: bool = False) -> set[str]:
     """Names in the state dict of :class:`~spcl_fast.nn.VisionTransformer` (= timm's
-    ``VisionTransformer(class_token=False, global_pool="avg", fc_norm=False, num_classes=0)``).
+    ``VisionTransformer(class_token=False, global_pool="avg", fc_norm=False, num_classes=0)``,
+    or with ``class_token``: ``class_token=True, no_embed_class=True, global_pool="token"``).
     """
     keys = {"pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
-            "norm.bias"}
+            "norm.bias"} | ({"cls_token"} if class_token else set())
     per_block = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.proj.weight",
                  "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
                  "mlp.fc2.weight", "mlp.fc2.bias"] + (["attn.qkv.bias"] if qkv_bias else [])

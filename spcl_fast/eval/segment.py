@@ -95,7 +95,7 @@ class Segmenter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
-            tokens = self.encoder.forward_features(x)
+            tokens = self.encoder.patch_tokens(x)
         return self.decoder(tokens)
 
 

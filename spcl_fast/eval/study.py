@@ -66,6 +66,7 @@ RECIPES: dict[str, tuple[str, dict[str, str]]] = {
 }
 ABLATIONS: dict[str, tuple[str, dict[str, str]]] = {
     "k05_image": ("keep 0.5 + per-image standardisation", {"normalize": "image"}),
+    "k05_equalize": ("keep 0.5 + per-image histogram equalisation", {"normalize": "equalize"}),
     "k05_blocks": ("keep 0.5 + 2x2 patch blocks", {"block_size": "2"}),
     "k05_shared": ("keep 0.5 + one split per batch", {"shared_split": "true"}),
     "k05_range": ("keep 0.5 + ratio drawn from [0.3, 0.7]", {"ratio_range": "0.3,0.7"}),
@@ -77,6 +78,14 @@ ABLATIONS: dict[str, tuple[str, dict[str, str]]] = {
     "k05_all": ("keep 0.5 + all negatives (NT-Xent)", {"negatives": "all"}),
     "k05_proj2": ("keep 0.5 + 2-layer projector", {"proj_depth": "2"}),
     "k05_learned_pos": ("keep 0.5 + learned position embeddings", {"pos_embed": "learned"}),
+    "k05_no_pos": ("keep 0.5 + no position embeddings (subsets are bags of patches)",
+                   {"pos_embed": "none"}),
+    "k05_subsets4": ("keep 0.5 dealt into four 12.5% subsets (loss over the 6 pairs)",
+                     {"num_subsets": "4"}),
+    "k05_predictor": ("keep 0.5 + a 512-wide MLP predictor on one branch",
+                      {"predictor_hidden": "512"}),
+    "k05_cls": ("keep 0.5 + a [CLS]-like token per subset (and per image when probed)",
+                {"class_token": "true"}),
     "k05_jitter": ("keep 0.5 + intensity jitter per subset", {"subset_jitter": "1"}),
 }
 RECIPES.update({k: (d, {**_HALF, **o}) for k, (d, o) in ABLATIONS.items()})

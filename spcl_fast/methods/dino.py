@@ -255,6 +255,9 @@ class DINO(nn.Module):
         total_steps: int | None = None,
     ):
         super().__init__()
+        if encoder.num_prefix_tokens:
+            raise ValueError("DINO here runs on an encoder without a class token "
+                             "(class_token=False): it mean-pools each crop's patches")
         patch, img = encoder.patch_embed.patch_size, encoder.patch_embed.img_size
         self.global_size = global_size or img
         self.local_size = local_size or max(round(img * LOCAL_TO_GLOBAL / patch), 1) * patch

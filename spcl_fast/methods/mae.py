@@ -119,6 +119,9 @@ class MAE(nn.Module):
         super().__init__()
         if decoder_depth < 1:
             raise ValueError(f"decoder_depth must be >= 1, got {decoder_depth}")
+        if encoder.num_prefix_tokens:
+            raise ValueError("MAE here runs on an encoder without a class token "
+                             "(class_token=False): it mean-pools the visible patches")
         self.encoder = encoder
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss

@@ -1,12 +1,14 @@
 """S-PCL: semantic-partitioned contrastive learning.
 
-The patch tokens of each image are split at random into two disjoint subsets; the same encoder
-embeds each subset on its own (varlen attention inside the subset), a projector maps the pooled
-embeddings, and InfoNCE pulls the two subsets of an image together and pushes other images'
-apart. No augmentations, no decoder, no momentum encoder.
+The patch tokens of each image are split at random into two disjoint subsets (or more); the
+same encoder embeds each subset on its own (varlen attention inside the subset), a projector
+maps the pooled embeddings, and InfoNCE pulls the subsets of an image together and pushes other
+images' apart. No augmentations, no decoder, no momentum encoder.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.distributed as dist
@@ -43,8 +45,13 @@ class SPCL(nn.Module):
         encoder: a :class:`~spcl_fast.nn.VisionTransformer`.
         proj_hidden, proj_dim, proj_depth: projector width, output size and hidden layers.
         temperature: InfoNCE temperature.
-        ratio, ratio_range, keep, block_size, shared_split: subset sizes and shapes (see
-            :func:`spcl_fast.sample_partitions`).
+        ratio, ratio_range, keep, block_size, shared_split, num_subsets: subset sizes, shapes
+            and number per image (see :func:`spcl_fast.sample_partitions`). With
+            ``num_subsets = K > 2`` the loss is the mean InfoNCE over the ``K (K-1) / 2`` pairs
+            of subsets of each image.
+        predictor_hidden: width of a small MLP predictor (``Linear -> LayerNorm -> GELU ->
+            Linear``) on one branch: the first subset of each pair is predicted, the second is
+            the target (0: no predictor). The asymmetry of BYOL / MoCo v3 / SimSiam.
         subset_jitter: strength of an independent random intensity change (contrast,
             brightness, curvature, noise) applied to each subset's pixels while training, so
             the two subsets of an image cannot be paired by acquisition statistics (0: off).
@@ -86,6 +93,8 @@ class SPCL(nn.Module):
         keep: float = 1.0,
         block_size: int = 1,
         shared_split: bool = False,
+        num_subsets: int = 2,
+        predictor_hidden: int = 0,
         subset_jitter: float = 0.0,
         subset_warp: float = 0.0,
         background_std: float = 0.0,
@@ -100,6 +109,13 @@ class SPCL(nn.Module):
         self.temperature = temperature
         self.ratio, self.ratio_range, self.keep = ratio, ratio_range, keep
         self.block_size, self.shared_split = block_size, shared_split
+        if num_subsets < 2:
+            raise ValueError(f"num_subsets must be >= 2, got {num_subsets}")
+        self.num_subsets = num_subsets
+        if predictor_hidden < 0:
+            raise ValueError(f"predictor_hidden must be >= 0 (0: none), got {predictor_hidden}")
+        self.predictor = (Projector(proj_dim, predictor_hidden, proj_dim, depth=1)
+                          if predictor_hidden else None)
         self.subset_jitter, self.subset_warp = subset_jitter, subset_warp
         if background_std < 0:
             raise ValueError(f"background_std must be >= 0, got {background_std}")
@@ -129,6 +145,7 @@ class SPCL(nn.Module):
             device=device,
             block_size=self.block_size,
             shared=self.shared_split,
+            num_subsets=self.num_subsets,
         )
 
     @torch.no_grad()
@@ -164,18 +181,24 @@ class SPCL(nn.Module):
             flops.linear_flops(plan.num_segments, m.in_features, m.out_features) for m in linears
         )
         m, d = plan.num_images, linears[-1].out_features
+        pairs = self.num_subsets * (self.num_subsets - 1) // 2
+        if self.predictor is not None:
+            parts["predictor"] = pairs * sum(
+                flops.linear_flops(m, x.in_features, x.out_features)
+                for x in self.predictor.modules() if isinstance(x, nn.Linear)
+            )
         queries = m if self.negatives == "cross" else 2 * m
-        parts["loss"] = flops.info_nce_flops(queries, queries, d)
+        parts["loss"] = pairs * flops.info_nce_flops(queries, queries, d)
         return flops.training_flops(parts)
 
     def _jitter_subsets(self, images, plan, generator) -> torch.Tensor:
-        """A composite image whose subset-A patches and subset-B patches come from two
-        independently warped and intensity-jittered copies of the image (patch embedding is per
+        """A composite image whose patches of each subset come from that subset's own
+        independently warped and intensity-jittered copy of the image (patch embedding is per
         patch, so this equals transforming each subset's tokens on their own)."""
         b = images.shape[0]
         s, w = self.subset_jitter, self.subset_warp
         views = []
-        for _ in range(2):
+        for _ in range(self.num_subsets):
             u = torch.rand(8, b, 1, 1, 1, generator=generator).to(images.device) * 2 - 1
             x = images
             if w > 0:
@@ -195,12 +218,13 @@ class SPCL(nn.Module):
                 curve, noise = 0.2 * s * u[2], 0.1 * s * (u[3] + 1) * torch.randn_like(x)
                 x = contrast * x + brightness + curve * (x.square() - 1) + noise
             views.append(x)
-        in_b = torch.zeros(b * plan.num_tokens, dtype=torch.bool, device=images.device)
-        in_b[plan.token_index] = plan.segment_ids() % 2 == 1
+        # subset of each patch (patches in no subset take view 0: the encoder never sees them)
+        which = torch.zeros(b * plan.num_tokens, dtype=torch.long, device=images.device)
+        which[plan.token_index] = plan.segment_ids() % self.num_subsets
         grid = self.encoder.patch_embed.grid_size
         patch = self.encoder.patch_embed.patch_size
-        mask = in_b.view(b, 1, grid, grid).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
-        return torch.where(mask, views[1], views[0])
+        which = which.view(b, 1, grid, grid).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+        return torch.stack(views).gather(0, which.expand_as(images)[None])[0]
 
     def _pair_stats(self, z_a: torch.Tensor, z_b: torch.Tensor) -> dict[str, torch.Tensor]:
         """Retrieval accuracy of A -> B and mean positive/negative cosines, over the keys of
@@ -233,13 +257,21 @@ class SPCL(nn.Module):
             plan = self.sample_plan(images.shape[0], generator, images.device, images)
         if (self.subset_jitter > 0 or self.subset_warp > 0) and self.training:
             images = self._jitter_subsets(images, plan, generator)
-        pooled = self.encoder.forward_partitioned(images, plan, self.layout)  # (2B, D)
-        z = self.projector(pooled).view(images.shape[0], 2, -1)
-        # fp32 into the loss: it is tiny next to the encoder and keeps the logged loss exact
-        # under bf16 autocast.
-        z_a, z_b = z[:, 0].float(), z[:, 1].float()
-        loss = info_nce(z_a, z_b, self.temperature, self.symmetric, self.negatives,
-                        gather_distributed=self.gather_distributed)
-        with torch.no_grad():
-            stats = self._pair_stats(z_a, z_b)
-        return {"loss": loss, **stats}
+        if plan.subsets_per_image != self.num_subsets:
+            raise ValueError(f"plan has {plan.subsets_per_image} subsets per image, the model "
+                             f"{self.num_subsets}")
+        pooled = self.encoder.forward_partitioned(images, plan, self.layout)  # (KB, D)
+        # at least fp32 into the loss: it is tiny next to the encoder and keeps the logged loss
+        # exact under bf16 autocast.
+        z = self.projector(pooled).view(images.shape[0], self.num_subsets, -1)
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        z = z.to(dtype)
+        losses, stats = [], None
+        for i, j in itertools.combinations(range(self.num_subsets), 2):
+            query = z[:, i] if self.predictor is None else self.predictor(z[:, i]).to(dtype)
+            losses.append(info_nce(query, z[:, j], self.temperature, self.symmetric,
+                                   self.negatives, gather_distributed=self.gather_distributed))
+            if stats is None:  # logged for the first pair (A, B)
+                with torch.no_grad():
+                    stats = self._pair_stats(query, z[:, j])
+        return {"loss": torch.stack(losses).mean(), **stats}

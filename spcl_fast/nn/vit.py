@@ -2,7 +2,9 @@
 
 Parameter names follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``pos_embed``,
 ``blocks.{i}.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2``, ``norm``) so weights move
-between the two. There is no class token: S-PCL pools each subset by its mean.
+between the two. By default there is no class token: S-PCL pools each subset by its mean;
+``class_token=True`` adds timm's ``cls_token`` (without a position embedding, timm's
+``no_embed_class=True``), one per image and one per subset, whose output is the embedding.
 """
 
 from __future__ import annotations
@@ -109,16 +111,22 @@ class VisionTransformer(nn.Module):
     Args:
         img_size, patch_size, in_chans: input geometry; ``N = (img_size / patch_size) ** 2``.
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the usual ViT width and depth.
-        pos_embed: ``"learned"`` (trunc-normal init) or ``"sincos"`` (fixed, not trained).
+        pos_embed: ``"learned"`` (trunc-normal init), ``"sincos"`` (fixed, not trained) or
+            ``"none"`` (zeros, not trained: the tokens carry no position, so every subset is a
+            bag of patches; the weights still load into timm, whose ``pos_embed`` is then 0).
         drop_path_rate: stochastic depth, linearly increasing over blocks (dense mode only).
         impl: attention implementation for the varlen path (``"auto"|"triton"|"torch"``).
+        class_token: prepend a learned token to every image and every subset; its final output
+            is the pooled embedding instead of the token mean (``num_prefix_tokens`` = 1).
 
     Forward paths:
-        * ``forward_features(images (B,C,S,S)) -> (B, N, D)``: all tokens, final norm applied.
-        * ``forward(images) -> (B, D)``: mean of ``forward_features`` over tokens.
-        * ``forward_partitioned(images, plan, layout) -> (2B, D)``: each segment of ``plan``
-          encoded on its own, final-normed and mean-pooled; row ``2b`` is subset A of image
-          ``b``, row ``2b+1`` its subset B.
+        * ``forward_features(images (B,C,S,S)) -> (B, P + N, D)``: all tokens (the
+          ``P = num_prefix_tokens`` class token first), final norm applied.
+        * ``forward(images) -> (B, D)``: the class token's output, or the mean over tokens.
+        * ``forward_partitioned(images, plan, layout) -> (KB, D)``: each segment of ``plan``
+          (with its own class token) encoded on its own, final-normed and pooled like
+          ``forward``; row ``2b`` is subset A of image ``b``, row ``2b+1`` its subset B (``K``
+          rows per image for a plan of ``K`` subsets).
     """
 
     def __init__(
@@ -134,18 +142,27 @@ class VisionTransformer(nn.Module):
         pos_embed: str = "learned",
         drop_path_rate: float = 0.0,
         impl: str = "auto",
+        class_token: bool = False,
     ):
         super().__init__()
-        if pos_embed not in ("learned", "sincos"):
-            raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
+        if pos_embed not in ("learned", "sincos", "none"):
+            raise ValueError(
+                f"pos_embed must be 'learned', 'sincos' or 'none', got {pos_embed!r}"
+            )
         self.embed_dim = self.num_features = embed_dim
         self.num_heads = num_heads
         self.depth = depth
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
+        self.num_prefix_tokens = int(class_token)
+        if class_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+            nn.init.normal_(self.cls_token, std=0.02)
         if pos_embed == "sincos":
             self.pos_embed.data.copy_(sincos_pos_embed(embed_dim, self.patch_embed.grid_size)[None])
+            self.pos_embed.requires_grad_(False)
+        elif pos_embed == "none":
             self.pos_embed.requires_grad_(False)
         else:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -177,12 +194,19 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         x = self.embed(images)
+        if self.num_prefix_tokens:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(images).mean(dim=1)
+        x = self.forward_features(images)
+        return x[:, 0] if self.num_prefix_tokens else x.mean(dim=1)
+
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, N, D)``: the final-normed outputs of the patch tokens only (dense tasks)."""
+        return self.forward_features(images)[:, self.num_prefix_tokens:]
 
     def forward_partitioned(
         self, images: torch.Tensor, plan: PartitionPlan, layout: str = "packed"
@@ -196,16 +220,43 @@ class VisionTransformer(nn.Module):
                 f"images of {self.num_patches} tokens"
             )
         x = self.embed(images).reshape(b * self.num_patches, self.embed_dim)
+        token_index, cu_seqlens, max_seqlen = plan.token_index, plan.cu_seqlens, plan.max_seqlen
+        if self.num_prefix_tokens:
+            # One class-token row per segment after the B*N patch rows, listed first in its
+            # segment: both layouts then run unchanged on the longer plan.
+            s = plan.num_segments
+            x = torch.cat([x, self.cls_token.reshape(1, -1).expand(s, -1).to(x.dtype)])
+            token_index, cu_seqlens, cls_rows = _with_prefix_rows(plan, b * self.num_patches)
+            max_seqlen += 1
         if layout == "packed":
-            x = x[plan.token_index]  # gather once; every block then works on (T, D)
+            x = x[token_index]  # gather once; every block then works on (T, D)
             index = None
         else:
-            index = plan.token_index
+            index = token_index
         for blk in self.blocks:
-            x = blk(x, plan.cu_seqlens, plan.max_seqlen, index)
+            x = blk(x, cu_seqlens, max_seqlen, index)
         if layout == "inplace":
-            x = x[plan.token_index]
+            x = x[token_index]
+        if self.num_prefix_tokens:
+            return self.norm(x[cls_rows])
         return segment_mean(self.norm(x), plan)
+
+
+def _with_prefix_rows(plan: PartitionPlan, first_row: int):
+    """The plan's ``token_index`` and ``cu_seqlens`` with row ``first_row + s`` put in front of
+    segment ``s``, and where those rows sit in the packed order."""
+    s = plan.num_segments
+    seg = torch.arange(s, device=plan.cu_seqlens.device)
+    starts = plan.cu_seqlens[:-1].long() + seg  # packed position of each prefix row
+    index = torch.empty(plan.total_tokens + s, dtype=plan.token_index.dtype,
+                        device=plan.token_index.device)
+    index[starts] = first_row + seg
+    body = torch.ones_like(index, dtype=torch.bool)
+    body[starts] = False
+    index[body] = plan.token_index
+    cu = plan.cu_seqlens + torch.arange(s + 1, dtype=plan.cu_seqlens.dtype,
+                                        device=plan.cu_seqlens.device)
+    return index, cu, starts
 
 
 def segment_mean(x: torch.Tensor, plan: PartitionPlan) -> torch.Tensor:

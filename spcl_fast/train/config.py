@@ -30,7 +30,8 @@ class TrainConfig:
     embed_dim: int | None = None  # override the preset's width
     depth: int | None = None  # override the preset's number of blocks
     num_heads: int | None = None  # override the preset's number of heads
-    pos_embed: str = "sincos"  # position embeddings: sincos (fixed) | learned
+    pos_embed: str = "sincos"  # position embeddings: sincos (fixed) | learned | none
+    class_token: bool = False  # a learned [CLS]-like token per image/subset pools, not the mean
     # --- method
     method: str = "spcl"  # pre-training method
     ratio: float = 0.5  # fraction of an image's kept tokens in subset A
@@ -38,6 +39,7 @@ class TrainConfig:
     keep: float = 1.0  # fraction of tokens used at all (the rest are in neither subset)
     block_size: int = 1  # assign k x k blocks of patches to subsets together (1: single tokens)
     shared_split: bool = False  # one split for the whole batch (no position-pattern shortcut)
+    num_subsets: int = 2  # subsets per image (>2: equal sizes, loss averaged over all pairs)
     subset_jitter: float = 0.0  # independent intensity jitter per subset while training (0: off)
     subset_warp: float = 0.0  # independent small affine warp per subset while training (0: off)
     background_std: float = 0.0  # skip patches flatter than this x the image's std (0: off)
@@ -46,6 +48,7 @@ class TrainConfig:
     proj_hidden: int = 512  # projector hidden width
     proj_dim: int = 128  # projector output size
     proj_depth: int = 1  # projector hidden layers
+    predictor_hidden: int = 0  # width of an MLP predictor on one branch (0: none)
     layout: str = "packed"  # residual stream layout: packed | inplace
     impl: str = "auto"  # kernel implementation: auto | triton | torch
     mask_ratio: float = 0.75  # mae: fraction of patches hidden from the encoder

@@ -70,6 +70,7 @@ def build_model(config: TrainConfig, global_batch_loss: bool = False) -> torch.n
         img_size=config.image_size,
         patch_size=config.patch_size,
         pos_embed=config.pos_embed,
+        class_token=config.class_token,
         impl=config.impl,
         **overrides,
     )
@@ -106,6 +107,8 @@ def build_model(config: TrainConfig, global_batch_loss: bool = False) -> torch.n
         keep=config.keep,
         block_size=config.block_size,
         shared_split=config.shared_split,
+        num_subsets=config.num_subsets,
+        predictor_hidden=config.predictor_hidden,
         subset_jitter=config.subset_jitter,
         subset_warp=config.subset_warp,
         background_std=config.background_std,
