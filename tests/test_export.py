@@ -61,9 +61,10 @@ def timm_vit_forward(sd: dict, x: torch.Tensor, num_heads: int, class_token: boo
                      no_embed_class: bool = False) -> torch.Tensor:
     """timm's VisionTransformer forward (pre_logits, no head) on a state dict: conv patchify,
     class token concatenated then ``pos_embed`` added (or, ``no_embed_class``, ``pos_embed``
-    added to the patches only, then the class token concatenated), pre-norm blocks (LayerNorm eps 1e-6,
-    qkv rows q|k|v with heads contiguous, softmax(q k^T / sqrt(Dh)), exact GELU), final norm
-    per token (or after pooling when ``fc_norm``), pooling that skips prefix tokens."""
+    added to the patches only, then the class token concatenated), pre-norm blocks (LayerNorm
+    eps 1e-6, qkv rows q|k|v with heads contiguous, softmax(q k^T / sqrt(Dh)), exact GELU),
+    final norm per token (or after pooling when ``fc_norm``), pooling that skips prefix
+    tokens."""
     w = sd["patch_embed.proj.weight"]
     p, d = w.shape[-1], w.shape[0]
     t = F.conv2d(x, w, sd["patch_embed.proj.bias"], stride=p).flatten(2).transpose(1, 2)

@@ -114,7 +114,8 @@ def test_no_pos_embed_is_zero_frozen_and_position_blind():
     images = torch.rand(2, 1, 32, 32, dtype=torch.float64)
     # swapping two patches of an image permutes its tokens, so the mean-pooled output stays
     swapped = images.clone()
-    swapped[:, :, :8, :8], swapped[:, :, 8:16, 8:16] = images[:, :, 8:16, 8:16], images[:, :, :8, :8]
+    corner, centre = images[:, :, :8, :8], images[:, :, 8:16, 8:16]
+    swapped[:, :, :8, :8], swapped[:, :, 8:16, 8:16] = centre, corner
     torch.testing.assert_close(model(images), model(swapped))
     assert not torch.allclose(_tiny(pos_embed="sincos")(images), _tiny(pos_embed="sincos")(swapped))
 

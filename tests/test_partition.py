@@ -160,7 +160,8 @@ def test_more_subsets_respect_valid_mask_and_two_subsets_are_unchanged():
     assert plan.seqlens[:3].tolist() == [0, 0, 0] and plan.seqlens[3:6].tolist() == [1, 1, 0]
     # num_subsets=2 is the default split, draw for draw
     a = sample_partitions(4, 30, keep=0.6, generator=torch.Generator().manual_seed(3))
-    b = sample_partitions(4, 30, keep=0.6, num_subsets=2, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    b = sample_partitions(4, 30, keep=0.6, num_subsets=2, generator=g)
     assert torch.equal(a.token_index, b.token_index) and torch.equal(a.cu_seqlens, b.cu_seqlens)
 
 
