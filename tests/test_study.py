@@ -87,3 +87,16 @@ def test_ablations_expand_to_the_default_and_one_change_each():
 def test_study_rejects_bad_arguments(tiny, tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message):
         study.main(["--out", str(tmp_path), *argv])
+
+
+def test_study_baselines_follow_each_recipes_encoder_and_input(tiny, tmp_path):
+    """A recipe that changes the initial encoder (class token, position embeddings) or its
+    input (normalisation) gets its own init row, and raw pixels get each normalisation used."""
+    result = study.main(["--out", str(tmp_path), "--sets", "synthetic", "--seeds", "0",
+                         "--recipes", "spcl_keep05,k05_equalize,k05_cls,k05_no_pos,k05_predictor",
+                         "--steps", "2"])
+    rows = {t["row"] for t in result["table"]}
+    assert {"init (dataset)", "init (equalize)", "init (dataset, cls token)",
+            "init (dataset, none pos)", "raw pixels (equalize)"} <= rows
+    assert not any("predictor" in r for r in rows if r.startswith("init"))
+    assert sum(r.startswith("init") for r in rows) == 4

@@ -310,16 +310,19 @@ def main(argv: list[str] | None = None) -> dict:
                                 "mean_auroc": probe["pretrained"]["mean_auroc"],
                                 "per_class_auroc": probe["pretrained"]["per_class_auroc"],
                                 "config": dataclasses.asdict(config)})
-                # The same seed's encoder at initialisation, once per input normalisation and
-                # kind of position embedding (what decides the initial encoder and its input).
-                init_key = (config.normalize, config.pos_embed, seed)
+                # The same seed's encoder at initialisation, once per input normalisation, kind
+                # of position embedding and pooling (what decides the initial encoder, its input
+                # and its features).
+                init_key = (config.normalize, config.pos_embed, config.class_token, seed)
                 if config.method == "spcl" and init_key not in init_seen:
                     init_seen.add(init_key)
                     pos = "" if config.pos_embed == "sincos" else f", {config.pos_embed} pos"
-                    records.append({**base, "row": f"init ({config.normalize}{pos})",
+                    cls = ", cls token" if config.class_token else ""
+                    records.append({**base, "row": f"init ({config.normalize}{pos}{cls})",
                                     "mean_auroc": probe["init"]["mean_auroc"],
                                     "per_class_auroc": probe["init"]["per_class_auroc"]})
-        for norm in ("dataset", "image"):
+        used = [run_config(set_over, r, 0, args.steps).normalize for r in recipes]
+        for norm in dict.fromkeys(["dataset", "image", *used]):
             config = apply_overrides(demo(), {**set_over, "normalize": norm})
             raw = raw_pixel_probe(config, config.probe_steps)
             # Deterministic (no seed enters), so one record: its std 0 is no seed spread.
