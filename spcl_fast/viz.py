@@ -1,9 +1,10 @@
 """Pictures of what S-PCL does to an X-ray.
 
 ``python -m spcl_fast.viz partition --image X [--checkpoint C] --out P.png``
-    the image with its two token subsets coloured (A orange, B blue; tokens in neither, when
-    ``keep < 1``, left uncoloured), drawn with the run's partition settings (ratio, keep, block
-    size) or the training defaults.
+    the image with its token subsets coloured (A orange, B blue, further subsets of
+    ``num_subsets > 2`` in other colours; tokens in none, when ``keep < 1``, left uncoloured),
+    drawn with the run's partition settings (ratio, keep, block size, subsets) or the training
+    defaults.
 
 ``python -m spcl_fast.viz attention --checkpoint C --image X --out P.png``
     for each subset, the attention its tokens receive in the encoder's last block when the
@@ -31,7 +32,13 @@ import torch.nn.functional as F
 from .partition import sample_partitions
 from .train.config import TrainConfig
 
-COLOURS = {"A": (1.0, 0.55, 0.0), "B": (0.12, 0.47, 1.0)}
+# subset k's colour and name: A orange, B blue, then green, purple, red, brown, pink, grey
+COLOURS = [(1.0, 0.55, 0.0), (0.12, 0.47, 1.0), (0.17, 0.63, 0.17), (0.58, 0.4, 0.74),
+           (0.84, 0.15, 0.16), (0.55, 0.34, 0.29), (0.89, 0.47, 0.76), (0.5, 0.5, 0.5)]
+
+
+def subset_name(k: int) -> str:
+    return chr(ord("A") + k)
 
 
 def load_image(spec: str, image_size: int) -> torch.Tensor:
@@ -72,17 +79,15 @@ def load_image(spec: str, image_size: int) -> torch.Tensor:
 
 
 def partition_grid(config: TrainConfig, grid: int, seed: int = 0) -> torch.Tensor:
-    """``(grid, grid)`` int64: 1 for subset A, 2 for subset B, 0 for neither, drawn with the
-    partition settings of ``config`` for one image."""
+    """``(grid, grid)`` int64: ``k + 1`` for subset ``k`` (1: A, 2: B, ...), 0 for none, drawn
+    with the partition settings of ``config`` for one image."""
     plan = sample_partitions(
         1, grid * grid, ratio=config.ratio, ratio_range=config.ratio_range, keep=config.keep,
         generator=torch.Generator().manual_seed(seed), block_size=config.block_size,
-        shared=config.shared_split,
+        shared=config.shared_split, num_subsets=config.num_subsets,
     )
     labels = torch.zeros(grid * grid, dtype=torch.int64)
-    cu = plan.cu_seqlens.tolist()
-    labels[plan.token_index[cu[0]:cu[1]]] = 1
-    labels[plan.token_index[cu[1]:cu[2]]] = 2
+    labels[plan.token_index] = plan.segment_ids() + 1
     return labels.reshape(grid, grid)
 
 
@@ -121,9 +126,9 @@ def _show(ax, image: torch.Tensor, title: str) -> None:
 def _overlay(ax, labels: torch.Tensor, size: int, alpha: float = 0.45) -> None:
     grid = labels.shape[0]
     rgba = np.zeros((grid, grid, 4), dtype=np.float32)
-    for value, name in ((1, "A"), (2, "B")):
-        mask = (labels == value).numpy()
-        rgba[mask, :3] = COLOURS[name]
+    for k in range(int(labels.max())):
+        mask = (labels == k + 1).numpy()
+        rgba[mask, :3] = COLOURS[k % len(COLOURS)]
         rgba[mask, 3] = alpha
     ax.imshow(rgba, extent=(-0.5, size - 0.5, size - 0.5, -0.5), interpolation="nearest")
     step = size / grid
@@ -161,11 +166,14 @@ def draw_partition(image_spec: str, out: str | Path, checkpoint: str | None = No
     labels = partition_grid(config, config.image_size // config.patch_size, seed)
     fig, axes = plt.subplots(1, 2, figsize=(7, 3.8), dpi=120)
     _show(axes[0], image, image_spec)
-    _show(axes[1], image, f"subset A ({int((labels == 1).sum())} tokens, orange) / "
-                          f"B ({int((labels == 2).sum())}, blue)")
+    sizes = [int((labels == k + 1).sum()) for k in range(config.num_subsets)]
+    _show(axes[1], image, "tokens per subset: " + ", ".join(
+        f"{subset_name(k)} {n}" for k, n in enumerate(sizes)))
     _overlay(axes[1], labels, config.image_size)
-    fig.suptitle(f"S-PCL partition: {config.patch_size}px patches, ratio {config.ratio}, "
-                 f"keep {config.keep}, block {config.block_size}", fontsize=9)
+    split = (f"{config.num_subsets} subsets" if config.num_subsets > 2
+             else f"ratio {config.ratio}")
+    fig.suptitle(f"S-PCL partition: {config.patch_size}px patches, {split}, keep {config.keep}, "
+                 f"block {config.block_size} (A orange, B blue)", fontsize=9)
     fig.tight_layout()
     return _save(fig, out, plt)
 
@@ -183,10 +191,12 @@ def draw_attention(image_spec: str, checkpoint: str, out: str | Path,
     image = load_image(image_spec, size)
     labels = partition_grid(config, grid, seed).flatten()
     x = transform(image[None])
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.8), dpi=120)
+    k = config.num_subsets
+    fig, axes = plt.subplots(1, 1 + k, figsize=(3.4 * (1 + k), 3.8), dpi=120)
     _show(axes[0], image, image_spec)
     _overlay(axes[0], labels.reshape(grid, grid), size)
-    for ax, (value, name) in zip(axes[1:], ((1, "A"), (2, "B")), strict=True):
+    for ax, value in zip(axes[1:], range(1, k + 1), strict=True):
+        name = subset_name(value - 1)
         tokens = (labels == value).nonzero().flatten()
         heat = torch.zeros(grid * grid)
         heat[tokens] = subset_attention(encoder, x, tokens)
@@ -201,7 +211,7 @@ def draw_attention(image_spec: str, checkpoint: str, out: str | Path,
         ax.imshow(heat.numpy(), cmap="inferno", alpha=0.65, interpolation="nearest")
     fig.suptitle(f"{Path(checkpoint).name}: mean over heads and queries of each subset",
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     return _save(fig, out, plt)
 
 

@@ -37,6 +37,16 @@ def test_partition_grid_follows_config():
     assert torch.equal(labels, partition_grid(TrainConfig(keep=0.5), 8, seed=3))
     blocks = partition_grid(TrainConfig(block_size=2), 8, seed=0)
     assert torch.equal(blocks[::2, ::2], blocks[1::2, 1::2])  # whole 2x2 blocks
+    four = partition_grid(TrainConfig(num_subsets=4, keep=0.5), 8, seed=1)
+    assert [int((four == k).sum()) for k in range(5)] == [32, 8, 8, 8, 8]
+
+
+def test_pictures_of_more_than_two_subsets(tmp_path):
+    path, _, _ = write_run(tmp_path / "k3", num_subsets=3)
+    for kind in ("partition", "attention"):
+        out = main([kind, "--image", "synthetic:1", "--checkpoint", path,
+                    "--out", str(tmp_path / f"{kind}.png")])
+        assert out.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_subset_attention_is_the_training_computation(run):
