@@ -244,15 +244,18 @@ def plot(table: list[dict], sets: list[str], path: Path) -> None:
         ys = [r for r in rows if (s, r) in cell]
         means = [cell[(s, r)]["mean_auroc"] for r in ys]
         stds = [cell[(s, r)]["std"] for r in ys]
-        colors = ["0.6" if r.startswith(("init", "raw")) else "C0" if r.startswith("spcl")
-                  else "C1" for r in ys]
-        ax.barh(range(len(ys)), means, xerr=stds, color=colors, capsize=3)
+        # baselines grey, MAE orange, S-PCL recipes (main and ablations) blue
+        colors = ["0.6" if r.startswith(("init", "raw")) else "C1" if r.startswith("mae")
+                  else "C0" for r in ys]
+        spread = any(cell[(s, r)]["seeds"] > 1 for r in ys)
+        ax.barh(range(len(ys)), means, xerr=stds if spread else None, color=colors, capsize=3)
         ax.set_yticks(range(len(ys)), ys)
         ax.invert_yaxis()
         lo = min(means) - max(stds + [0]) - 0.03
         ax.set_xlim(max(0.0, lo), min(1.0, max(means) + max(stds + [0]) + 0.03))
         ax.axvline(0.5, color="k", lw=0.5)
-        ax.set_xlabel("test mean AUROC (linear probe), mean ± std over seeds")
+        ax.set_xlabel("test mean AUROC (linear probe)"
+                      + (",\nmean ± std over seeds" if spread else ", one seed"))
         ax.set_title(s)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
