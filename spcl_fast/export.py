@@ -19,14 +19,15 @@
   the input contract (1 channel in [0, 1], then ``normalize`` with ``mean``/``std``), and the
   run's training config.
 
-Why these kwargs: the encoder has no class token, and a zero class token would not be neutral
-(every patch attends to it), so the timm model must be built without one
+Why these kwargs: by default the encoder has no class token, and a zero class token would not
+be neutral (every patch attends to it), so the timm model must be built without one
 (``class_token=False``, which also gives ``pos_embed`` exactly N rows). timm's
 ``global_pool="avg"`` on its own turns on ``fc_norm`` (LayerNorm after pooling, weights under
 ``fc_norm.*``); ``fc_norm=False`` keeps the final LayerNorm per token (``norm.*``) before the
 mean, which is this encoder's maths. With these kwargs ``model(x)`` equals
 ``encoder(x)`` (the pooled ``(B, D)`` embedding) and ``model.forward_features(x)`` equals
-``encoder.forward_features(x)`` (``(B, N, D)``).
+``encoder.forward_features(x)`` (``(B, N, D)``; ``(B, 1 + N, D)``, class token first, for a
+class-token encoder, whose ``model(x)`` is the class token's output).
 
 Loading in timm (strict: every tensor must match)::
 

@@ -101,10 +101,10 @@ def sample_partitions(
             contiguous regions (only the block at each size boundary may be split) and the
             two views cannot be matched by local texture alone.
         shared: draw one split for the whole batch: every image puts the same token positions
-            in subset A (up to its own ``valid_mask`` and ratio). With a split per image, the
-            positions of subset A fix those of B (its complement), so an encoder can pair the
-            two subsets of an image from their position embeddings alone, without looking at
-            the image; a shared split removes that shortcut.
+            in subset A (up to its own ``valid_mask`` and ratio). With a split per image of all
+            tokens into two, the positions of subset A fix those of B (its complement), so an
+            encoder can pair the two subsets of an image from their position embeddings alone,
+            without looking at the image; a shared split removes that shortcut.
         num_subsets: ``K >= 2`` subsets per image. With ``K > 2`` the kept tokens are dealt
             into ``K`` subsets of equal size (sizes differ by at most one), so ``ratio`` and
             ``ratio_range`` (which size subset A against B) must stay unset.

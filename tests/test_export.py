@@ -20,6 +20,7 @@ from eval_helpers import write_run
 
 from spcl_fast.eval import EncoderLoadError, load_encoder
 from spcl_fast.export import export_encoder, main
+from spcl_fast.nn import sincos_pos_embed
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
@@ -138,7 +139,7 @@ def test_class_token_encoder_exports_as_timm_token_pooling(tmp_path):
         timm_vit_forward(sd, x, 2, class_token=True, global_pool="token", no_embed_class=True),
         ours, rtol=1e-5, atol=1e-5)
     back = load_encoder(tmp_path / "export")
-    assert back.encoder.num_prefix_tokens == 1
+    assert back.encoder.num_prefix_tokens == 1 and not back.notes  # nothing dropped
     assert torch.equal(back.encoder.eval()(x), ours)
     cfg_file = tmp_path / "export" / "config.json"
     broken = json.loads(cfg_file.read_text())
@@ -148,6 +149,19 @@ def test_class_token_encoder_exports_as_timm_token_pooling(tmp_path):
                                 str(tmp_path / "broken" / "model.safetensors"))
     with pytest.raises(EncoderLoadError, match="no cls_token"):
         load_encoder(tmp_path / "broken")
+
+
+@pytest.mark.parametrize("kind", ["sincos", "none"])
+def test_fixed_position_embeddings_stay_fixed_through_an_export(tmp_path, kind):
+    path, _, model = write_run(tmp_path / kind, pos_embed=kind)
+    export_encoder(path, tmp_path / "e")
+    back = load_encoder(tmp_path / "e").encoder
+    assert not back.pos_embed.requires_grad  # fine-tuning it trains what training trained
+    torch.testing.assert_close(back.pos_embed, model.encoder.pos_embed)
+    bigger = load_encoder(tmp_path / "e", image_size=48)
+    assert bigger.notes == [f"{kind} position embeddings regenerated for a 6x6 grid"]
+    expected = sincos_pos_embed(32, 6)[None] if kind == "sincos" else torch.zeros(1, 36, 32)
+    torch.testing.assert_close(bigger.encoder.pos_embed.detach(), expected)
 
 
 def test_export_round_trip_is_exact(run, tmp_path):
@@ -263,9 +277,10 @@ def test_spcl_checkpoint_at_another_size(run, tmp_path):
                                sincos_model.encoder.blocks[0].attn.qkv.weight)
 
 
-def test_real_timm_loads_export(run, tmp_path):
+@pytest.mark.parametrize("class_token", [False, True])
+def test_real_timm_loads_export(tmp_path, class_token):
     timm = pytest.importorskip("timm")
-    path, _, model = run
+    path, _, model = write_run(tmp_path / "run", pos_embed="learned", class_token=class_token)
     cfg = export_encoder(path, tmp_path / "t")
     net = timm.create_model(cfg["timm_model"], checkpoint_path=str(tmp_path / "t" /
                             "model.safetensors"), **cfg["timm_kwargs"]).eval()

@@ -30,6 +30,22 @@ def test_flop_counter_matches_analytic_training_step(method):
     assert counted == pytest.approx(model.train_flops(plan), rel=0.01)
 
 
+@pytest.mark.parametrize("options", [
+    dict(class_token=True),
+    dict(num_subsets=3, predictor_hidden=24),
+    dict(class_token=True, num_subsets=4, predictor_hidden=8, negatives="all"),
+])
+def test_flop_counter_matches_the_spcl_study_options(options):
+    class_token = options.pop("class_token", False)
+    encoder = vit_tiny_patch16(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                               class_token=class_token)
+    model = build_method("spcl", encoder, proj_hidden=32, proj_dim=16, keep=0.75, **options)
+    x = torch.rand(3, 1, 32, 32)
+    plan = model.sample_plan(3, torch.Generator().manual_seed(0), "cpu")
+    counted = flops.measure_flops(lambda: model(x, plan=plan)["loss"].backward())
+    assert counted == pytest.approx(model.train_flops(plan), rel=0.01)
+
+
 def test_cpu_attention_counts_like_the_cuda_kernels():
     q = torch.randn(2, 3, 10, 8, requires_grad=True)
     fwd = flops.measure_flops(lambda: F.scaled_dot_product_attention(q, q, q))

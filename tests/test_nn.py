@@ -94,6 +94,29 @@ def test_each_segment_equals_a_dense_forward_of_its_tokens(num_subsets, layout, 
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("layout", ["packed", "inplace"])
+def test_class_token_with_empty_segments(layout):
+    # images with fewer valid tokens than subsets: some segments hold only their class token
+    model = _tiny(class_token=True)
+    valid = torch.zeros(3, 16, dtype=torch.bool)
+    valid[0, :2], valid[1, :7], valid[2] = True, True, True
+    plan = sample_partitions(3, 16, valid_mask=valid, num_subsets=3,
+                             generator=torch.Generator().manual_seed(0))
+    assert plan.seqlens[:3].tolist() == [1, 1, 0]
+    images = torch.rand(3, 1, 32, 32, dtype=torch.float64)
+    pooled = model.forward_partitioned(images, plan, layout)
+    alone = model.cls_token
+    for blk in model.blocks:
+        alone = blk(alone)
+    torch.testing.assert_close(pooled[2], model.norm(alone)[0, 0])  # the bare class token
+    torch.testing.assert_close(pooled, model.forward_partitioned(images, plan, "packed"))
+    tokens = model.embed(images).reshape(-1, 32)
+    x = torch.cat([model.cls_token[0], tokens[plan.token_index[:1]]])[None]  # image 0, A
+    for blk in model.blocks:
+        x = blk(x)
+    torch.testing.assert_close(pooled[0], model.norm(x)[0, 0])
+
+
 def test_class_token_pools_dense_forward_and_one_segment_plans():
     model = _tiny(class_token=True)
     assert model.num_prefix_tokens == 1 and model.cls_token.requires_grad

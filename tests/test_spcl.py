@@ -108,10 +108,11 @@ def test_loss_is_the_mean_pairwise_info_nce_of_the_subsets(num_subsets, predicto
     heads = [model.projector] + ([model.predictor] if predictor else [])
     assert all(p.grad is not None and p.grad.abs().sum() > 0
                for h in heads for p in h.parameters())
-    # FLOPs: the loss's logits once per pair, the predictor (16 -> 24 -> 16) once per pair
+    # FLOPs: the loss's logits once per pair, the predictor (16 -> 24 -> 16) once per query
+    # subset (all but the last)
     parts = _model(background_std=0, num_subsets=num_subsets)
     pairs = len(pairs)
-    head = 3 * pairs * 2 * 5 * (16 * 24 + 24 * 16) if predictor else 0
+    head = 3 * (num_subsets - 1) * 2 * 5 * (16 * 24 + 24 * 16) if predictor else 0
     assert model.train_flops(plan) - parts.train_flops(plan) == head
     # and the logits once per pair: "all" negatives (10 x 10 logits) against "cross" (5 x 5)
     all_neg = _model(background_std=0, num_subsets=num_subsets, negatives="all")

@@ -312,21 +312,29 @@ def _from_external(path: Path, model: str | None, image_size: int | None,
     # checkpoint's class token is dropped and its patch tokens are mean-pooled).
     class_token = kind == "export" and side.get("timm_kwargs", {}).get("class_token", False)
     cls_token = state.get("cls_token") if class_token else None
-    converted, arch, notes = convert_timm_state(state, str(path))
     if class_token:
         if cls_token is None:
             raise EncoderLoadError(f"{path}: config.json says class_token but there is no "
                                    f"cls_token tensor")
+        state = {k: v for k, v in state.items() if k != "cls_token"}
+    converted, arch, notes = convert_timm_state(state, str(path))
+    if class_token:
         converted["cls_token"] = cls_token
+    # An export of fixed (sin-cos or no) position embeddings keeps them fixed, as in training.
+    pos_kind = (side.get("spcl_config") or {}).get("pos_embed", "learned")
+    pos_kind = pos_kind if kind == "export" and pos_kind in ("sincos", "none") else "learned"
     heads = side.get("timm_kwargs", {}).get("num_heads") or _heads_for(arch["embed_dim"], model)
     size = image_size or side.get("image_size") or arch["grid"] * arch["patch_size"]
     encoder = VisionTransformer(
         img_size=size, patch_size=arch["patch_size"], in_chans=1, embed_dim=arch["embed_dim"],
         depth=arch["depth"], num_heads=heads, mlp_ratio=arch["mlp_ratio"],
-        qkv_bias=arch["qkv_bias"], pos_embed="learned", class_token=class_token,
+        qkv_bias=arch["qkv_bias"], pos_embed=pos_kind, class_token=class_token,
     )
     grid = encoder.patch_embed.grid_size
-    if arch["grid"] != grid:
+    if arch["grid"] != grid and pos_kind != "learned":
+        converted["pos_embed"] = encoder.pos_embed.detach().clone()
+        notes.append(f"{pos_kind} position embeddings regenerated for a {grid}x{grid} grid")
+    elif arch["grid"] != grid:
         converted["pos_embed"] = resize_pos_embed(converted["pos_embed"], grid, str(path))
         notes.append(f"position embeddings resized from {arch['grid']}x{arch['grid']} to "
                      f"{grid}x{grid}")

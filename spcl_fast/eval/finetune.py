@@ -71,8 +71,8 @@ def layer_id(name: str, depth: int) -> int:
 def param_groups_lrd(model: nn.Module, encoder: nn.Module, weight_decay: float,
                      layer_decay: float) -> list[dict]:
     """AdamW groups with an ``lr_scale`` per layer (see :func:`layer_id`) and no decay for 1-D
-    parameters and position embeddings. Parameters outside ``encoder`` (heads, decoders) get
-    scale 1.
+    parameters, position embeddings and class tokens. Parameters outside ``encoder`` (heads,
+    decoders) get scale 1.
 
     Example::
 
@@ -90,7 +90,7 @@ def param_groups_lrd(model: nn.Module, encoder: nn.Module, weight_decay: float,
             continue
         enc_name = enc_names.get(id(p))
         layer = layer_id(enc_name, depth) if enc_name is not None else depth + 1
-        no_decay = p.ndim < 2 or name.endswith("pos_embed")
+        no_decay = p.ndim < 2 or name.endswith(("pos_embed", "cls_token"))
         key = (layer, no_decay)
         if key not in groups:
             groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,

@@ -39,7 +39,7 @@ class Projector(nn.Module):
 
 
 class SPCL(nn.Module):
-    """Encoder + projector + InfoNCE over the two subsets of each image.
+    """Encoder + projector + InfoNCE over the subsets of each image (two by default).
 
     Args:
         encoder: a :class:`~spcl_fast.nn.VisionTransformer`.
@@ -51,10 +51,12 @@ class SPCL(nn.Module):
             of subsets of each image.
         predictor_hidden: width of a small MLP predictor (``Linear -> LayerNorm -> GELU ->
             Linear``) on one branch: the first subset of each pair is predicted, the second is
-            the target (0: no predictor). The asymmetry of BYOL / MoCo v3 / SimSiam.
+            the target (0: no predictor). MoCo v3 / BYOL's predictor head, without their
+            momentum encoder or stop-gradient: both branches stay the same encoder and both get
+            gradients.
         subset_jitter: strength of an independent random intensity change (contrast,
             brightness, curvature, noise) applied to each subset's pixels while training, so
-            the two subsets of an image cannot be paired by acquisition statistics (0: off).
+            the subsets of an image cannot be paired by acquisition statistics (0: off).
         subset_warp: strength of an independent small random affine warp (shift, scale,
             rotation) of each subset's pixels while training, so the subsets cannot be paired
             by where the anatomy sits in the frame (0: off).
@@ -70,8 +72,9 @@ class SPCL(nn.Module):
         layout: ``"packed"`` or ``"inplace"`` residual-stream layout of the encoder.
 
     ``forward(images, generator=None)`` returns a dict with ``loss`` (scalar, differentiable)
-    and detached numbers worth logging: ``acc`` (how often subset A finds its own subset B
-    among the batch), ``pos_sim`` and ``neg_sim`` (mean cosine of positive and negative pairs).
+    and detached numbers worth logging, on the first pair of subsets (A, B): ``acc`` (how often
+    subset A, predicted when there is a predictor, finds its own subset B among the batch),
+    ``pos_sim`` and ``neg_sim`` (mean cosine of positive and negative pairs).
 
     Example::
 
@@ -111,6 +114,9 @@ class SPCL(nn.Module):
         self.block_size, self.shared_split = block_size, shared_split
         if num_subsets < 2:
             raise ValueError(f"num_subsets must be >= 2, got {num_subsets}")
+        if num_subsets > 2 and (ratio != 0.5 or ratio_range is not None):
+            raise ValueError(f"ratio and ratio_range size subset A against B; with "
+                             f"num_subsets={num_subsets} the subsets are of equal size")
         self.num_subsets = num_subsets
         if predictor_hidden < 0:
             raise ValueError(f"predictor_hidden must be >= 0 (0: none), got {predictor_hidden}")
@@ -151,8 +157,8 @@ class SPCL(nn.Module):
     @torch.no_grad()
     def foreground(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, N)`` bool: patches whose pixel std is at least ``background_std`` times the
-        image's. An image with fewer than two such patches (a blank frame) keeps all of its
-        patches, so both of its subsets stay non-empty."""
+        image's. An image with fewer such patches than subsets (a blank frame) keeps all of its
+        patches, so none of its subsets is empty."""
         p = self.encoder.patch_embed.patch_size
         b, c = images.shape[:2]
         patches = images.float().unfold(2, p, p).unfold(3, p, p)  # (B, C, gh, gw, p, p)
@@ -160,7 +166,7 @@ class SPCL(nn.Module):
         patch_std = patches.reshape(b, c, -1, p * p).std(dim=3).mean(dim=1)  # (B, N)
         image_std = images.float().reshape(b, c, -1).std(dim=2).mean(dim=1, keepdim=True)
         valid = patch_std >= self.background_std * image_std
-        return valid | (valid.sum(dim=1, keepdim=True) < 2)
+        return valid | (valid.sum(dim=1, keepdim=True) < self.num_subsets)
 
     def train_flops(self, plan: PartitionPlan) -> int:
         """Algorithmic FLOPs of one training step on ``plan`` (forward + backward)."""
@@ -168,7 +174,8 @@ class SPCL(nn.Module):
         parts = flops.vit_forward_flops(
             num_images=plan.num_images,
             num_patches=enc.num_patches,
-            seqlens=plan.seqlens.tolist(),
+            # a class token is one more row in every segment
+            seqlens=(plan.seqlens + enc.num_prefix_tokens).tolist(),
             embed_dim=enc.embed_dim,
             depth=enc.depth,
             num_heads=enc.num_heads,
@@ -182,9 +189,10 @@ class SPCL(nn.Module):
         )
         m, d = plan.num_images, linears[-1].out_features
         pairs = self.num_subsets * (self.num_subsets - 1) // 2
-        if self.predictor is not None:
-            parts["predictor"] = pairs * sum(
-                flops.linear_flops(m, x.in_features, x.out_features)
+        if self.predictor is not None:  # once per query subset: all but the last
+            rows = plan.num_images * (self.num_subsets - 1)
+            parts["predictor"] = sum(
+                flops.linear_flops(rows, x.in_features, x.out_features)
                 for x in self.predictor.modules() if isinstance(x, nn.Linear)
             )
         queries = m if self.negatives == "cross" else 2 * m
@@ -266,12 +274,13 @@ class SPCL(nn.Module):
         z = self.projector(pooled).view(images.shape[0], self.num_subsets, -1)
         dtype = torch.promote_types(z.dtype, torch.float32)
         z = z.to(dtype)
+        # subsets 0..K-2 are the queries of the pairs (i, j > i); the last is only a target
+        queries = z[:, :-1] if self.predictor is None else self.predictor(z[:, :-1]).to(dtype)
         losses, stats = [], None
         for i, j in itertools.combinations(range(self.num_subsets), 2):
-            query = z[:, i] if self.predictor is None else self.predictor(z[:, i]).to(dtype)
-            losses.append(info_nce(query, z[:, j], self.temperature, self.symmetric,
+            losses.append(info_nce(queries[:, i], z[:, j], self.temperature, self.symmetric,
                                    self.negatives, gather_distributed=self.gather_distributed))
             if stats is None:  # logged for the first pair (A, B)
                 with torch.no_grad():
-                    stats = self._pair_stats(query, z[:, j])
+                    stats = self._pair_stats(queries[:, i], z[:, j])
         return {"loss": torch.stack(losses).mean(), **stats}

@@ -18,7 +18,8 @@ class VarlenAttention(nn.Module):
       ``(R, D)``: tokens attend only within their segment (see
       :func:`spcl_fast.partition_attention`). With ``token_index=None`` the rows are packed in
       segment order; otherwise ``x`` holds all ``B*N`` tokens in image order (the in-place
-      layout) and rows in no segment come out as ``proj.bias``.
+      layout; a class-token encoder appends one row per segment after them) and rows in no
+      segment come out as ``proj.bias``.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, impl: str = "auto"):

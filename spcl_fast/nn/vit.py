@@ -251,8 +251,8 @@ def _with_prefix_rows(plan: PartitionPlan, first_row: int):
     index = torch.empty(plan.total_tokens + s, dtype=plan.token_index.dtype,
                         device=plan.token_index.device)
     index[starts] = first_row + seg
-    body = torch.ones_like(index, dtype=torch.bool)
-    body[starts] = False
+    # every patch row moves down by its segment's number plus one (index math: no host sync)
+    body = torch.arange(plan.total_tokens, device=index.device) + plan.segment_ids() + 1
     index[body] = plan.token_index
     cu = plan.cu_seqlens + torch.arange(s + 1, dtype=plan.cu_seqlens.dtype,
                                         device=plan.cu_seqlens.device)

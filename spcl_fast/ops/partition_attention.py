@@ -246,8 +246,10 @@ def partition_attention(
         max_seqlen: longest segment as a host int (no device sync inside the op).
         token_index: ``None`` for the packed layout (``R`` packed rows). Otherwise ``(T,)``
             int64: packed row ``t`` is row ``token_index[t]`` of ``q/k/v`` (the in-place layout
-            of a ``(B*N)``-row tensor; rows are gathered inside the kernel and outputs written
-            back to them; rows in no segment get zeros). Rows must not repeat.
+            of a ``(B*N)``-row tensor, or any row tensor such as ``B*N`` patch rows followed by
+            one class-token row per segment; rows are gathered inside the kernel and outputs
+            written back to them; rows in no segment get zeros). Rows must not repeat and need
+            not be sorted.
         softmax_scale: scale of ``q k^T`` before the softmax; default ``Dh ** -0.5``.
         impl: ``"auto"`` (Triton on CUDA, PyTorch otherwise; env ``SPCL_FAST_IMPL`` overrides),
             ``"triton"`` or ``"torch"``.

@@ -119,12 +119,13 @@ def build_model(config: TrainConfig, global_batch_loss: bool = False) -> torch.n
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay for norms, biases and position embeddings (1-D or pos_embed)."""
+    """AdamW groups: no decay for norms, biases, position embeddings and class tokens (1-D,
+    pos_embed or cls_token)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name.endswith("pos_embed") else decay).append(p)
+        (no_decay if p.ndim < 2 or name.endswith(("pos_embed", "cls_token")) else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
