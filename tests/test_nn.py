@@ -109,12 +109,20 @@ def test_class_token_with_empty_segments(layout):
     for blk in model.blocks:
         alone = blk(alone)
     torch.testing.assert_close(pooled[2], model.norm(alone)[0, 0])  # the bare class token
-    torch.testing.assert_close(pooled, model.forward_partitioned(images, plan, "packed"))
     tokens = model.embed(images).reshape(-1, 32)
-    x = torch.cat([model.cls_token[0], tokens[plan.token_index[:1]]])[None]  # image 0, A
-    for blk in model.blocks:
-        x = blk(x)
-    torch.testing.assert_close(pooled[0], model.norm(x)[0, 0])
+    cu = plan.cu_seqlens.tolist()
+    dense = []
+    for s in range(plan.num_segments):  # each segment: its class token + its tokens, dense
+        x = torch.cat([model.cls_token[0], tokens[plan.token_index[cu[s]:cu[s + 1]]]])[None]
+        for blk in model.blocks:
+            x = blk(x)
+        dense.append(model.norm(x)[0, 0])
+    dense = torch.stack(dense)
+    torch.testing.assert_close(pooled, dense)
+    params = list(model.parameters())
+    for got, want in zip(torch.autograd.grad(pooled.square().sum(), params),
+                         torch.autograd.grad(dense.square().sum(), params), strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_class_token_pools_dense_forward_and_one_segment_plans():

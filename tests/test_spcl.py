@@ -104,10 +104,12 @@ def test_loss_is_the_mean_pairwise_info_nce_of_the_subsets(num_subsets, predicto
     pairs = [(i, j) for i in range(num_subsets) for j in range(i + 1, num_subsets)]
     expected = sum(info_nce_ref(pred(z[:, i]), z[:, j], 0.1) for i, j in pairs) / len(pairs)
     torch.testing.assert_close(out["loss"], expected)
-    out["loss"].backward()
-    heads = [model.projector] + ([model.predictor] if predictor else [])
-    assert all(p.grad is not None and p.grad.abs().sum() > 0
-               for h in heads for p in h.parameters())
+    # gradients of every parameter (encoder, projector, predictor) against the reference's
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out["loss"], params)
+    for got, want in zip(grads, torch.autograd.grad(expected, params), strict=True):
+        torch.testing.assert_close(got, want)
+        assert got.abs().sum() > 0, "a parameter the loss does not reach"
     # FLOPs: the loss's logits once per pair, the predictor (16 -> 24 -> 16) once per query
     # subset (all but the last)
     parts = _model(background_std=0, num_subsets=num_subsets)
