@@ -111,8 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"preset {preset}; writing to {out}")
         started = time.perf_counter()
         summary = train(config, out, resume=(resume or out) if resume is not None else None)
-    finally:
+    except BaseException:
         teardown(ctx)
+        raise
+    teardown(ctx, clean=True)
     if ctx.is_main:
         _report(summary, out, (time.perf_counter() - started) / 60)
     if "exit_code" in summary:

@@ -121,10 +121,15 @@ def setup(device: str) -> DistContext:
     return ctx
 
 
-def teardown(ctx: DistContext) -> None:
-    """Destroy the process group if ``ctx`` created it."""
+def teardown(ctx: DistContext, clean: bool = False) -> None:
+    """Destroy the process group if ``ctx`` created it. ``clean``: every rank got here without
+    an error, so wait for all of them first (a gloo rank whose peer destroys the group while it
+    is still shutting its connections down can abort at exit); after an error there is no
+    barrier, since a crashed peer would never reach it."""
     global _ACTIVE
     if ctx.owns:
+        if clean:
+            ctx.barrier()
         _ACTIVE = None
         dist.destroy_process_group()
 

@@ -502,10 +502,14 @@ def train(config: TrainConfig, out_dir: str | Path, resume: str | Path | None = 
     threads = torch.get_num_threads()
     try:
         with _determinism(config.deterministic, ctx.device):
-            return _train(config, Path(out_dir), resume, ctx)
+            summary = _train(config, Path(out_dir), resume, ctx)
+    except BaseException:
+        teardown(ctx)
+        raise
     finally:
         torch.set_num_threads(threads)
-        teardown(ctx)
+    teardown(ctx, clean=True)
+    return summary
 
 
 def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict:
