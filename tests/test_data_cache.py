@@ -96,7 +96,8 @@ def test_unreadable_files_are_skipped_and_reported(tmp_path):
     assert json.load(open(tmp_path / "c" / "report.json")) == report
     with pytest.warns(UserWarning, match="1 listed files are absent"):
         RSNAPneumonia(root, "all", S)  # the raw path sees the absent file at construction
-    cached = RSNAPneumonia(root, "all", S, cache=str(tmp_path / "c"))
+    with pytest.warns(UserWarning, match="2 files the cache could not read were skipped"):
+        cached = RSNAPneumonia(root, "all", S, cache=str(tmp_path / "c"))
     assert len(cached) == 10 and set(cached.skipped) == {bad, gone}
     assert cached.labels.shape == (10, 1) and bad not in cached.ids
     assert [cached[j]["id"] for j in range(len(cached))] == cached.ids

@@ -128,6 +128,51 @@ def test_cli_errors(argv, message):
         cli.main(args)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["linear-probe", "--label-fraction", "0"], "--label-fraction must be in \\(0, 1\\], got 0.0"),
+    (["linear-probe", "--label-fraction", "1.5"], "--label-fraction must be in"),
+    (["linear-probe", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["linear-probe", "--max-images", "0"], "--max-images must be >= 1"),
+    (["linear-probe", "--workers", "-1"], "--workers must be >= 0"),
+    (["linear-probe", "--probe-steps", "0"], "--probe-steps must be >= 1"),
+    (["linear-probe", "--l2-grid", "0.1", "-1"], "--l2-grid must be a list of values >= 0"),
+    (["finetune", "--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["finetune", "--amp", "garbage"], "--amp must be one of auto, bf16, fp16, off"),
+    (["finetune", "--lr", "-1"], "--lr must be > 0"),
+    (["finetune", "--layer-decay", "0"], "--layer-decay must be in \\(0, 1\\]"),
+    (["segment", "--decoder", "garbage"], "--decoder must be one of progressive, linear"),
+    (["segment", "--threshold", "1"], "--threshold must be in \\(0, 1\\)"),
+])
+def test_cli_rejects_bad_values_before_loading_anything(argv, message):
+    # a checkpoint that does not exist: the flags must be rejected first
+    with pytest.raises(SystemExit, match=f"^error: {message}"):
+        cli.main([*argv, "--checkpoint", "/nonexistent/ckpt.pt"])
+
+
+def test_cli_bad_files_are_one_line_errors(run, tmp_path):
+    from spcl_fast.data.fixtures import make_chestxray14
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match="error: --out .*afile is a file, not a folder"):
+        cli.main(["linear-probe", "--checkpoint", run[0], "--out", str(tmp_path / "afile")])
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "ckpt-00000004.pt").write_bytes(b"torn")
+    with pytest.raises(SystemExit, match="error: no readable checkpoint in .*torn: "
+                                         "ckpt-00000004.pt: not a readable torch checkpoint"):
+        cli.main(["linear-probe", "--checkpoint", str(torn)])
+    root = make_chestxray14(tmp_path / "cx", n=24, size=32)
+    with pytest.raises(SystemExit, match="error: linear-probe needs labels; dataset 'folder'"):
+        cli.main(["linear-probe", "--checkpoint", run[0], "--dataset", "folder", "--root",
+                  str(tmp_path / "cx" / "images")])
+    with open(sorted((tmp_path / "cx" / "images").iterdir())[0], "r+b") as f:
+        f.truncate(60)  # a torn PNG: evaluation must not score another image in its place
+    with pytest.raises(SystemExit, match=r"error: .*\.png: .*Every listed image must be "
+                                         r"readable.*spcl_fast.data.prepare"):
+        cli.main(["linear-probe", "--checkpoint", run[0], "--dataset", "chestxray14", "--root",
+                  root, "--probe-steps", "5"])
+
+
 def test_cli_wrong_kind_and_segment_without_masks(run, tmp_path):
     torch.save({"weight": torch.zeros(2)}, tmp_path / "x.pt")
     with pytest.raises(SystemExit, match="not a ViT checkpoint"):

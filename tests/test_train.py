@@ -2,15 +2,22 @@
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
 from spcl_fast.train import config as cfgmod
 from spcl_fast.train.__main__ import parse_args
-from spcl_fast.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from spcl_fast.train.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from spcl_fast.train.config import TrainConfig, apply_overrides, smoke
 from spcl_fast.train.engine import lr_at, param_groups, train
 
@@ -103,6 +110,27 @@ def test_cli_runs_and_writes_outputs(tmp_path):
     assert state["step"] == 3
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--normalize", "bogus"], "normalize must be one of dataset, image, equalize, none"),
+        (["--dataset", "chestxray14", "--data-root", "{tmp}/nowhere"], "nowhere"),
+        (["--resume", "{tmp}/torn"], r"no readable checkpoint in .*torn.*ckpt-00000001.pt"),
+    ],
+    ids=["setting", "data_root", "checkpoint"],
+)
+def test_cli_reports_a_run_that_cannot_start_in_one_line(tmp_path, args, message):
+    from spcl_fast.train.__main__ import main
+
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "ckpt-00000001.pt").write_bytes(b"torn")
+    args = [a.format(tmp=tmp_path) for a in args]
+    with pytest.raises(SystemExit) as info, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main(["--preset", "smoke", "--out", str(tmp_path / "run"), *args])
+    assert re.match(r"error: .*" + message, str(info.value), re.S), info.value
+
+
 def test_cli_rejects_unknown_option(tmp_path):
     proc = subprocess.run(
         [
@@ -152,6 +180,11 @@ def test_checkpoints_keep_last_and_fall_back_when_corrupt(tmp_path):
     assert state["step"] == 2 and path.name == "ckpt-00000002.pt"
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "empty")
+    list_checkpoints(tmp_path)[0].write_bytes(b"")
+    with pytest.warns(UserWarning, match="trying ckpt-00000002.pt"):
+        with pytest.raises(CheckpointError, match=r"no readable checkpoint in .*ckpt-00000003.pt: "
+                           r"not a readable torch checkpoint .*ckpt-00000002.pt"):
+            load_checkpoint(tmp_path)
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):

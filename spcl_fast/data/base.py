@@ -146,6 +146,10 @@ class CXRDataset(Dataset):
                 if not ok[pos[j]]:
                     keep[j] = False
                     self.skipped[index.ids[j]] = self.cache.error(pos[j])
+            if self.skipped:
+                warnings.warn(f"{type(self).__name__}({self.root!r}, {split!r}): "
+                              f"{len(self.skipped)} files the cache could not read were skipped "
+                              f"(see .skipped)", stacklevel=2)
         elif missing != "keep":
             for j in np.flatnonzero(keep):
                 if not os.path.isfile(index.paths[j]):

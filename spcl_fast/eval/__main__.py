@@ -43,6 +43,7 @@ from .report import (
 from .segment import SegmentSettings, has_masks, segment
 
 TASKS = ("linear-probe", "finetune", "segment")
+DEFAULT_BATCH = {"linear-probe": 256, "finetune": 64, "segment": 32}
 
 
 def _add_settings(parser: argparse.ArgumentParser, settings_cls, skip=()) -> None:
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="use only the first N items of each split (smoke runs)")
         p.add_argument("--out", default=None, help="folder for results.json and plots")
         p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
-        p.add_argument("--batch-size", type=int, default=None)
+        p.add_argument("--batch-size", type=int, default=None,
+                       help=f"images per batch (default {DEFAULT_BATCH[task]})")
         p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
         if task == "linear-probe":
             p.add_argument("--l2-grid", type=float, nargs="+", default=list(L2_GRID))
@@ -108,6 +110,38 @@ class EvalError(Exception):
     """A user error: reported as one line, no traceback."""
 
 
+def check_args(args) -> None:
+    """Reject flag values no evaluation can use, before anything is loaded."""
+    rules = [
+        ("--label-fraction", args.label_fraction, 0 < args.label_fraction <= 1, "in (0, 1]"),
+        ("--batch-size", args.batch_size, args.batch_size is None or args.batch_size >= 1,
+         ">= 1"),
+        ("--max-images", args.max_images, args.max_images is None or args.max_images >= 1,
+         ">= 1"),
+        ("--workers", args.workers, args.workers >= 0, ">= 0"),
+    ]
+    if args.task == "linear-probe":
+        rules += [("--probe-steps", args.probe_steps, args.probe_steps >= 1, ">= 1"),
+                  ("--l2-grid", args.l2_grid, min(args.l2_grid) >= 0, "a list of values >= 0")]
+    for flag, value, ok, want in rules:
+        if not ok:
+            raise EvalError(f"{flag} must be {want}, got {value}")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise EvalError(f"--out {args.out} is a file, not a folder")
+
+
+def task_settings(args):
+    """The fine-tuning / segmentation settings of the flags (``None`` for the linear probe)."""
+    cls = {"finetune": FinetuneSettings, "segment": SegmentSettings}.get(args.task)
+    if cls is None:
+        return None
+    try:
+        return _settings(cls, args, batch_size=args.batch_size or DEFAULT_BATCH[args.task])
+    except ValueError as exc:  # the message starts with the field; the flag is its dashed form
+        field_name, rest = str(exc).split(" ", 1)
+        raise EvalError(f"--{field_name.replace('_', '-')} {rest}") from exc
+
+
 def build_splits(args, image_size: int) -> dict:
     """train/val/test of ``args.dataset`` at ``image_size``, the label fraction applied to
     train by patient, ``--max-images`` to every split."""
@@ -120,17 +154,23 @@ def build_splits(args, image_size: int) -> dict:
         if not Path(args.root).exists():
             raise EvalError(f"dataset root not found: {args.root}")
     kwargs = {"cache": args.cache} if args.cache else {}
-    splits = {}
+    splits, skipped = {}, {}
     for split in ("train", "val", "test"):
         try:
             ds = data_lib.build_dataset(args.dataset, args.root, split, image_size, **kwargs)
         except (FileNotFoundError, ValueError) as exc:
             raise EvalError(f"cannot build {args.dataset}/{split}: {exc}") from exc
+        skipped[split] = dict(getattr(ds, "skipped", {}))  # absent, or unreadable in the cache
         if args.max_images is not None:
             ds = DatasetView(ds, range(min(args.max_images, len(ds))))
         if len(ds) == 0:
-            raise EvalError(f"the {split} split of {args.dataset} ({args.root}) is empty")
+            raise EvalError(f"the {split} split of {args.dataset} ({args.root}) is empty"
+                            + (" (--max-images)" if args.max_images is not None else ""))
         splits[split] = ds
+    if args.task != "segment" and not len(splits["test"].class_names):
+        raise EvalError(f"{args.task} needs labels; dataset {args.dataset!r} has none (it is "
+                        "for pre-training only)")
+    splits["_skipped"] = skipped
     full_train = splits["full_train"] = splits["train"]
     splits["train"] = label_fraction_view(full_train, args.label_fraction, args.fraction_seed)
     splits["_train_patients"] = (len(set(patient_ids_of(full_train))),
@@ -146,6 +186,7 @@ def _dataset_info(args, splits, image_size) -> dict:
         "class_names": list(splits["test"].class_names),
         "label_fraction": args.label_fraction, "fraction_seed": args.fraction_seed,
         "train_patients": used, "train_patients_total": total,
+        "skipped": splits["_skipped"],  # id -> reason, per split: listed but not evaluated
     }
 
 
@@ -159,6 +200,8 @@ def _settings(cls, args, **fixed):
 def run(args) -> dict:
     """Run one evaluation task from parsed arguments; returns the results dict."""
     started = time.perf_counter()
+    check_args(args)
+    settings = task_settings(args)
     try:
         device = resolve_device(args.device)
     except (RuntimeError, ValueError) as exc:
@@ -185,20 +228,30 @@ def run(args) -> dict:
     print(f"{args.task}: encoder {loaded.kind} ({loaded.source}), {image_size}px, normalize "
           f"{loaded.normalize}; {args.dataset} train {len(train)} / val {len(val)} / test "
           f"{len(test)}, label fraction {args.label_fraction}; device {device}")
+    for note in loaded.notes:
+        print(f"  note: {note}")
+    if any(splits["_skipped"].values()):
+        counts = ", ".join(f"{k} {len(v)}" for k, v in splits["_skipped"].items() if v)
+        print(f"  note: listed files not evaluated (absent or unreadable): {counts}; ids and "
+              "reasons in results.json")
 
-    if args.task == "linear-probe":
-        bs = args.batch_size or 256
-        feats = {name: extract_dataset_features(encoder, ds, bs, device, transform, args.workers,
-                                                 desc=f"features {name}")
-                 for name, ds in (("train", train), ("val", val), ("test", test))}
-        result = linear_probe(feats["train"], feats["val"], feats["test"], args.l2_grid,
-                              args.probe_steps, class_names, return_scores=True)
-    elif args.task == "finetune":
-        settings = _settings(FinetuneSettings, args, batch_size=args.batch_size or 64)
-        result = finetune(encoder, train, val, test, settings, device, transform, out)
-    else:
-        settings = _settings(SegmentSettings, args, batch_size=args.batch_size or 32)
-        result = segment(encoder, train, val, test, settings, device, transform, out)
+    try:
+        if args.task == "linear-probe":
+            bs = args.batch_size or DEFAULT_BATCH[args.task]
+            feats = {name: extract_dataset_features(encoder, ds, bs, device, transform,
+                                                     args.workers, desc=f"features {name}")
+                     for name, ds in (("train", train), ("val", val), ("test", test))}
+            result = linear_probe(feats["train"], feats["val"], feats["test"], args.l2_grid,
+                                  args.probe_steps, class_names, return_scores=True)
+        elif args.task == "finetune":
+            result = finetune(encoder, train, val, test, settings, device, transform, out)
+        else:
+            result = segment(encoder, train, val, test, settings, device, transform, out)
+    except data_lib.ImageReadError as exc:
+        # Evaluation never swaps a bad image for another: that would score the wrong labels.
+        raise EvalError(f"{exc}. Every listed image must be readable for an evaluation; "
+                        "python -m spcl_fast.data.prepare builds a cache without the unreadable "
+                        "files (listed in its report.json) for --cache") from exc
 
     scores = result.pop("test_scores", None)
     model = result.pop("model", None)

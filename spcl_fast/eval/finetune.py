@@ -110,8 +110,8 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float = 0.0) ->
 def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     """``amp``: ``"auto"`` (bf16 on GPUs that support it, else fp16; none on CPU), ``"bf16"``,
     ``"fp16"`` or ``"off"``."""
-    if amp not in ("auto", "bf16", "fp16", "off"):
-        raise ValueError(f"amp must be auto, bf16, fp16 or off, got {amp!r}")
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "auto":
@@ -155,6 +155,34 @@ class FinetuneSettings:
     amp: str = "auto"  # auto | bf16 | fp16 | off
     seed: int = 0  # head init, data order, drop-path draws
     num_workers: int = 0  # DataLoader workers
+
+    def __post_init__(self):
+        check_fit_settings(self)
+
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+def check_fit_settings(settings) -> None:
+    """Reject values no supervised run can use, naming the setting (fine-tuning and
+    segmentation share these fields)."""
+    rules = {
+        "epochs": (settings.epochs >= 1, ">= 1"),
+        "batch_size": (settings.batch_size >= 1, ">= 1"),
+        "lr": (settings.lr > 0, "> 0"),
+        "min_lr": (0 <= settings.min_lr <= settings.lr, "in [0, lr]"),
+        "layer_decay": (0 < settings.layer_decay <= 1, "in (0, 1]"),
+        "weight_decay": (settings.weight_decay >= 0, ">= 0"),
+        "warmup_epochs": (settings.warmup_epochs >= 0, ">= 0"),
+        "drop_path": (0 <= settings.drop_path < 1, "in [0, 1)"),
+        "num_workers": (settings.num_workers >= 0, ">= 0"),
+        "amp": (settings.amp in AMP_MODES, f"one of {', '.join(AMP_MODES)}"),
+    }
+    if hasattr(settings, "grad_clip"):
+        rules["grad_clip"] = (settings.grad_clip >= 0, ">= 0 (0: off)")
+    for name, (ok, want) in rules.items():
+        if not ok:
+            raise ValueError(f"{name} must be {want}, got {getattr(settings, name)!r}")
 
 
 def _save_atomic(state: dict, path: Path) -> None:

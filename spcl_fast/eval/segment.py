@@ -32,7 +32,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .encoders import set_drop_path
-from .finetune import autocast, autocast_dtype, fit_keep_best, param_groups_lrd
+from .finetune import (
+    autocast,
+    autocast_dtype,
+    check_fit_settings,
+    fit_keep_best,
+    param_groups_lrd,
+)
 from .linear_probe import data_loader
 from .metrics import dice_per_image, dice_summary
 
@@ -153,6 +159,16 @@ class SegmentSettings:
     amp: str = "auto"  # auto | bf16 | fp16 | off
     seed: int = 0  # decoder init, data order
     num_workers: int = 0  # DataLoader workers
+
+    def __post_init__(self):
+        check_fit_settings(self)
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got "
+                             f"{self.decoder!r}")
+        if self.encoder_lr_scale < 0:
+            raise ValueError(f"encoder_lr_scale must be >= 0, got {self.encoder_lr_scale!r}")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold!r}")
 
 
 def has_masks(dataset) -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .config import PRESETS, TrainConfig, apply_overrides
 from .distributed import setup, teardown
-from .engine import train
+from .engine import SetupError, train
 
 USAGE = """usage: python -m spcl_fast.train [--preset NAME] [--out DIR] [--steps N] [--save-every N]
                                 [--resume [RUN_DIR_OR_CKPT]] [--device DEV] [--KEY VALUE ...]
@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"preset {preset}; writing to {out}")
         started = time.perf_counter()
         summary = train(config, out, resume=(resume or out) if resume is not None else None)
+    except SetupError as exc:
+        teardown(ctx)
+        raise SystemExit(f"error: {exc}") from None
     except BaseException:
         teardown(ctx)
         raise

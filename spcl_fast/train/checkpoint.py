@@ -61,10 +61,21 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+class CheckpointError(ValueError):
+    """Nothing readable where a checkpoint should be (every candidate file is torn or not a
+    checkpoint)."""
+
+
+def _reason(exc: Exception) -> str:
+    # torch.load's own messages can be empty or a bare byte value ("101"): say what failed
+    return f"not a readable torch checkpoint ({type(exc).__name__}: {exc})"
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, Path]:
     """Load a checkpoint file, or the newest readable one of a run folder.
 
-    Returns ``(state, path)``. Raises ``FileNotFoundError`` when there is nothing to load.
+    Returns ``(state, path)``. Raises ``FileNotFoundError`` when there is nothing to load and
+    :class:`CheckpointError` when nothing there can be read.
     """
     path = Path(path)
     if not path.exists():
@@ -73,14 +84,14 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, Path]:
     if not candidates:
         raise FileNotFoundError(f"no checkpoint (ckpt-*.pt) in {path}")
     errors = []
-    for candidate in candidates:
+    for i, candidate in enumerate(candidates):
         try:
             state = torch.load(candidate, map_location=map_location, weights_only=True)
         except Exception as exc:  # a torn or corrupt file: fall back to the previous one
-            errors.append(f"{candidate.name}: {exc}")
-            warnings.warn(
-                f"could not read checkpoint {candidate}: {exc}; trying an older one", stacklevel=2
-            )
+            errors.append(f"{candidate.name}: {_reason(exc)}")
+            if i + 1 < len(candidates):
+                warnings.warn(f"could not read checkpoint {candidate} ({_reason(exc)}); trying "
+                              f"{candidates[i + 1].name}", stacklevel=2)
             continue
         return state, candidate
-    raise RuntimeError("no readable checkpoint:\n" + "\n".join(errors))
+    raise CheckpointError(f"no readable checkpoint in {path}: " + "; ".join(errors))

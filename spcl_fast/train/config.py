@@ -23,7 +23,7 @@ class TrainConfig:
     data_cache: str | None = None  # cache folder (python -m spcl_fast.data.prepare); pool: a,b
     num_images: int | None = None  # use only the first N training images (None: all)
     num_workers: int = 2  # DataLoader worker processes for real datasets
-    normalize: str = "dataset"  # input intensity normalisation: dataset | image | none
+    normalize: str = "dataset"  # input intensity normalisation: dataset | image | equalize | none
     # --- model
     model: str = "vit_tiny_patch16"  # encoder preset from spcl_fast.nn.PRESETS
     patch_size: int = 8  # patch side in pixels; tokens per image = (image_size / patch_size)^2

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data import CXRPool, build_dataset, normalize_images
+from ..data import NORMALIZE_MODES, CXRPool, build_dataset, normalize_images
 from ..data import synthetic as synthetic_data
 from ..methods import DINO, MAE, SPCL
 from ..nn import create_vit
@@ -247,9 +247,17 @@ def probe_encoders(config: TrainConfig, model: torch.nn.Module, device: torch.de
     return results
 
 
+class SetupError(ValueError):
+    """A run that cannot start: a bad setting, dataset, cache or checkpoint (the message names
+    it; the CLI prints it as one line)."""
+
+
 def check_config(config: TrainConfig) -> None:
     """Reject settings no run can use (the sharding classes check the batch arithmetic)."""
     check_precision(config.precision)
+    if config.normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {', '.join(NORMALIZE_MODES)}, got "
+                         f"{config.normalize!r}")
     if config.method not in METHOD_NAMES:
         raise ValueError(f"unknown method {config.method!r}; available: {', '.join(METHOD_NAMES)}")
     for key in ("accum_steps", "keep_last", "log_every"):
@@ -519,8 +527,11 @@ def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict
         write_text_atomic(out_dir / "config.json", config.to_json())
     if config.threads:
         torch.set_num_threads(config.threads)
-    state, path = _resume_state(resume, ctx) if resume is not None else (None, None)
-    trainer = Trainer(config, ctx, state=state)
+    try:
+        state, path = _resume_state(resume, ctx) if resume is not None else (None, None)
+        trainer = Trainer(config, ctx, state=state)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SetupError(str(exc)) from exc
     del state
     if main and path is not None:
         print(f"resumed from {path} at step {trainer.step}")
