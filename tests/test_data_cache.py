@@ -78,8 +78,25 @@ def test_resume_after_interruption_is_byte_identical(nih, tmp_path):
     assert _files(out) == _files(ref)
     for f in _files(ref):
         assert filecmp.cmp(out / f, ref / f, shallow=False), f
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=f"other settings: image_size {S} \\(now {S * 2}\\)"):
         prepare("chestxray14", nih, out, S * 2, workers=0, shard_size=8, progress=False)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-shards", "-1"], "max_shards must be >= 1, got -1"),
+    (["--workers", "-1"], "workers must be >= 0"),
+    (["--shard-size", "0"], "shard_size must be >= 1"),
+    (["--size", "4"], "image_size must be an int >= 8"),
+    (["--root", "/nonexistent/nih"], "dataset root is not a folder"),
+    (["--out", "{file}"], "is a file, not a cache folder"),
+])
+def test_prepare_cli_reports_bad_input_in_one_line(nih, tmp_path, flags, message):
+    (tmp_path / "afile").write_text("")
+    argv = ["--dataset", "chestxray14", "--root", nih, "--out", str(tmp_path / "c"),
+            "--workers", "0", "--quiet", *flags]
+    argv = [a.replace("{file}", str(tmp_path / "afile")) for a in argv]
+    with pytest.raises(SystemExit, match=f"^error: .*{message}"):
+        main(argv)
 
 
 def test_unreadable_files_are_skipped_and_reported(tmp_path):

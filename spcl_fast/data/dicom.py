@@ -85,10 +85,25 @@ def _int(ds, keyword, default=None):
     return int(value)
 
 
-def _check_geometry(ds, name: str, max_pixels: int) -> tuple[int, int, int]:
+def _pixel_tag_in(path) -> bool:
+    """Whether the bytes of ``path`` hold a (7FE0,0010) Pixel Data tag (either byte order)."""
+    if isinstance(path, (str, os.PathLike)):
+        with open(path, "rb") as f:
+            data = f.read()
+    else:
+        path.seek(0)
+        data = path.read()
+    return b"\xe0\x7f\x10\x00" in data or b"\x7f\xe0\x00\x10" in data
+
+
+def _check_geometry(ds, name: str, max_pixels: int, path) -> tuple[int, int, int]:
     if "PixelData" not in ds:
-        what = "float pixel data (not a radiograph)" if (
-            "FloatPixelData" in ds or "DoubleFloatPixelData" in ds) else "no pixel data"
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            what = "float pixel data (not a radiograph)"
+        elif _pixel_tag_in(path):  # force=True parsing drops an element cut off by EOF
+            what = "truncated (the pixel data element ends early)"
+        else:
+            what = "no pixel data"
         raise ImageReadError(f"{name}: {what}")
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
     if rows is None or cols is None:
@@ -196,7 +211,7 @@ def read_dicom(path, frame: int = 0, max_pixels: int = MAX_PIXELS, plugin: str =
     except Exception as exc:  # any parser failure is "not a readable DICOM"
         raise ImageReadError(f"{name}: not a readable DICOM file ({_describe(exc)})") from exc
     try:
-        frames, stored, samples = _check_geometry(ds, name, max_pixels)
+        frames, stored, samples = _check_geometry(ds, name, max_pixels, path)
         if not 0 <= frame < frames:
             raise ImageReadError(f"{name}: frame {frame} out of range ({frames} frames)")
         with warnings.catch_warnings():
@@ -212,4 +227,19 @@ def read_dicom(path, frame: int = 0, max_pixels: int = MAX_PIXELS, plugin: str =
     except ImageReadError:
         raise
     except Exception as exc:  # codec errors, truncated data, missing plugins, bad LUTs
-        raise ImageReadError(f"{name}: cannot decode pixel data ({_describe(exc)})") from exc
+        what = "truncated (fewer pixel bytes than the image needs)" if _short_pixels(ds) \
+            else "cannot decode pixel data"
+        raise ImageReadError(f"{name}: {what} ({_describe(exc)})") from exc
+
+
+def _short_pixels(ds) -> bool:
+    """Whether uncompressed pixel data holds fewer bytes than Rows x Columns x samples x frames
+    at the allocated depth (a file cut off inside the element)."""
+    try:
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            return False
+        need = (_int(ds, "Rows") * _int(ds, "Columns") * _int(ds, "SamplesPerPixel", 1)
+                * _int(ds, "NumberOfFrames", 1) * _int(ds, "BitsAllocated") // 8)
+        return len(ds.PixelData) < need
+    except Exception:  # a header too broken to tell: the decoder's message stands
+        return False

@@ -23,6 +23,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
 
 import numpy as np
@@ -36,6 +37,12 @@ _DATASET = None  # the dataset of a worker process (set once by the pool initial
 def _init_worker(dataset) -> None:
     global _DATASET
     _DATASET = dataset
+
+
+def _init_pool_worker(dataset) -> None:
+    # Ctrl-C is the parent's to handle (it stops the pool): no traceback from every worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(dataset)
 
 
 def _write_shard(args) -> tuple[int, int]:
@@ -97,6 +104,12 @@ def prepare(dataset: str, root: str, out: str, size: int = 256, workers: int | N
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if max_shards is not None and max_shards < 1:
+        raise ValueError(f"max_shards must be >= 1, got {max_shards}")
+    if workers is not None and workers < 0:
+        raise ValueError(f"workers must be >= 0 (0: decode in this process), got {workers}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{out} is a file, not a cache folder")
     ds = build_dataset(dataset, root, "all", size, missing="keep", **dataset_kwargs)
     n = len(ds)
     os.makedirs(out, exist_ok=True)
@@ -109,9 +122,11 @@ def prepare(dataset: str, root: str, out: str, size: int = 256, workers: int | N
     if os.path.isfile(index_path):
         with open(index_path) as f:
             old = json.load(f)
-        if {k: old.get(k) for k in meta} != meta:
-            raise ValueError(f"{out} holds a cache built with other settings or another file "
-                             f"list; use a new --out (or delete it) to start over")
+        differ = [f"{k} {old.get(k)!r} (now {v!r})" for k, v in meta.items() if old.get(k) != v]
+        if differ:
+            what = ["the file list" if d.startswith("ids_sha256") else d for d in differ]
+            raise ValueError(f"{out} holds a cache built with other settings: {'; '.join(what)}"
+                             "; use a new --out (or delete it) to start over")
     else:
         write_json(index_path, {**meta, "ids": ds.ids, "complete": False})
     np.save(os.path.join(out, "labels.npy"), ds.labels.numpy())
@@ -138,7 +153,7 @@ def prepare(dataset: str, root: str, out: str, size: int = 256, workers: int | N
             # fork: workers inherit the dataset instead of unpickling it and importing torch.
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             with multiprocessing.get_context(method).Pool(
-                    min(workers, len(tasks)), _init_worker, (ds,)) as pool:
+                    min(workers, len(tasks)), _init_pool_worker, (ds,)) as pool:
                 for _, count in pool.imap_unordered(_write_shard, tasks):
                     bar.update(count)
     return _finish(out, ds, shards, meta)
@@ -189,8 +204,15 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     kwargs = {"frontal_only": False} if a.all_views and a.dataset == "chexpert" else {}
-    report = prepare(a.dataset, a.root, a.out, a.size, a.workers, a.dtype, a.shard_size,
-                     a.max_shards, progress=not a.quiet, **kwargs)
+    try:
+        report = prepare(a.dataset, a.root, a.out, a.size, a.workers, a.dtype, a.shard_size,
+                         a.max_shards, progress=not a.quiet, **kwargs)
+    except ValueError as exc:  # bad flags, a malformed dataset, a cache of other settings
+        raise SystemExit(f"error: {exc}") from None
+    except KeyboardInterrupt:
+        # finished shards are marked done; the ones being written are redone on the next run
+        print(f"interrupted: run the same command again to resume {a.out}", file=sys.stderr)
+        return 130
     state = "complete" if report["complete"] else "incomplete (run again to resume)"
     print(f"{a.out}: {report['num_done']}/{report['num_items']} images, "
           f"{report['num_failed']} unreadable (listed in report.json); cache {state}")

@@ -9,8 +9,9 @@ Examples::
     python -m spcl_fast.eval segment --checkpoint runs/x --dataset siim --root R --out ev/seg
 
 Every run writes ``results.json`` (all numbers, the exact arguments, dataset sizes, the label
-fraction and the encoder's source) and, for the classification tasks, ``roc_curves.png`` into
-``--out``, and prints a table.
+fraction, the encoder's source and any listed files not evaluated) and, for the classification
+tasks, ``roc_curves.png`` (``segment``: ``segment_examples.png``) into ``--out``, and prints a
+table. Bad flags, checkpoints and data files end the run with one ``error:`` line.
 """
 
 from __future__ import annotations
