@@ -161,6 +161,12 @@ def test_cli_bad_files_are_one_line_errors(run, tmp_path):
     with pytest.raises(SystemExit, match="error: no readable checkpoint in .*torn: "
                                          "ckpt-00000004.pt: not a readable torch checkpoint"):
         cli.main(["linear-probe", "--checkpoint", str(torn)])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"empty.pt .*\(EOFError: the file is empty or cut off\)$"):
+        cli.main(["linear-probe", "--checkpoint", str(tmp_path / "empty.pt")])
+    (tmp_path / "garbage.pt").write_bytes(bytes(range(7, 250)))
+    with pytest.raises(SystemExit, match=r"garbage.pt .*\(UnpicklingError: [^\n]*\)$"):
+        cli.main(["linear-probe", "--checkpoint", str(tmp_path / "garbage.pt")])
     root = make_chestxray14(tmp_path / "cx", n=24, size=32)
     with pytest.raises(SystemExit, match="error: linear-probe needs labels; dataset 'folder'"):
         cli.main(["linear-probe", "--checkpoint", run[0], "--dataset", "folder", "--root",

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
         p.add_argument("--batch-size", type=int, default=None,
                        help=f"images per batch (default {DEFAULT_BATCH[task]})")
-        p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+        p.add_argument("--workers", "--num-workers", type=int, default=0,
+                       help="DataLoader workers")
         if task == "linear-probe":
             p.add_argument("--l2-grid", type=float, nargs="+", default=list(L2_GRID))
             p.add_argument("--probe-steps", type=int, default=300,

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from ..data import normalize_images, synthetic
 from ..nn import PRESETS, VisionTransformer, create_vit
-from ..train.checkpoint import list_checkpoints, load_checkpoint
+from ..train.checkpoint import list_checkpoints, load_checkpoint, load_error
 from ..train.config import TrainConfig
 
 EXTERNAL_NORMALIZE = "image"
@@ -240,8 +240,8 @@ def _torch_load(path: Path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise EncoderLoadError(f"cannot read {path} as a weights-only torch checkpoint: {exc}") \
-            from exc
+        raise EncoderLoadError(f"cannot read {path} as a weights-only torch checkpoint "
+                               f"({load_error(exc)})") from exc
 
 
 def _vit_from_config(config: dict) -> VisionTransformer:

@@ -66,9 +66,21 @@ class CheckpointError(ValueError):
     checkpoint)."""
 
 
+def load_error(exc: Exception) -> str:
+    """What ``torch.load`` objected to, in one line: its messages can be empty (an empty file),
+    a bare byte value, or paragraphs of advice before the actual ``WeightsUnpickler`` error."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return f"{type(exc).__name__}: the file is empty or cut off" if isinstance(
+            exc, EOFError) else type(exc).__name__
+    return f"{type(exc).__name__}: {lines[0][:200]}"
+
+
 def _reason(exc: Exception) -> str:
-    # torch.load's own messages can be empty or a bare byte value ("101"): say what failed
-    return f"not a readable torch checkpoint ({type(exc).__name__}: {exc})"
+    return f"not a readable torch checkpoint ({load_error(exc)})"
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, Path]:
