@@ -52,7 +52,7 @@ import sys
 from pathlib import Path
 
 from .data import synthetic
-from .eval.encoders import EncoderLoadError, load_encoder, vit_state_keys
+from .eval.encoders import load_encoder, vit_state_keys
 
 # timm's registered name for each preset (at its default 224 px; the kwargs set the real size).
 TIMM_NAMES = {
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = export_encoder(args.checkpoint, args.out, args.image_size)
-    except (EncoderLoadError, FileNotFoundError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # EncoderLoadError, CheckpointError too
         raise SystemExit(f"error: {exc}") from None
     kw = ", ".join(f"{k}={v!r}" for k, v in config["timm_kwargs"].items())
     print(f"wrote {args.out}/model.safetensors and config.json\n"

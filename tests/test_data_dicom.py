@@ -286,6 +286,10 @@ def test_bad_files_raise_the_documented_error(tmp_path, ramp12):
         "garbage": (bad("garbage.dcm", os.urandom(3000)), ""),
         "empty": (bad("empty.dcm", b""), ""),
     }
+    rle = open(write_dicom(tmp_path / "rle.dcm", phantoms(1, 32)[0],
+                           transfer_syntax=uid.RLELossless), "rb").read()
+    cases["truncated_encapsulated"] = (bad("trunc_rle.dcm", rle[: len(rle) * 2 // 3]),
+                                       "truncated")
     ds = pydicom.dcmread(good)
     del ds.PixelData
     ds.save_as(tmp_path / "nopix.dcm")

@@ -286,3 +286,11 @@ def test_real_timm_loads_export(tmp_path, class_token):
                             "model.safetensors"), **cfg["timm_kwargs"]).eval()
     x = torch.rand(2, 1, 32, 32)
     torch.testing.assert_close(net(x), model.encoder.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_cli_reports_unreadable_checkpoints_in_one_line(tmp_path):
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "ckpt-00000002.pt").write_bytes(b"torn")
+    with pytest.raises(SystemExit, match=r"^error: no readable checkpoint in .*torn: "
+                                         r"ckpt-00000002.pt: not a readable torch checkpoint"):
+        main(["--checkpoint", str(tmp_path / "torn"), "--out", str(tmp_path / "x")])

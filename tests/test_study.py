@@ -100,3 +100,21 @@ def test_study_baselines_follow_each_recipes_encoder_and_input(tiny, tmp_path):
             "init (dataset, none pos)", "raw pixels (equalize)"} <= rows
     assert not any("predictor" in r for r in rows if r.startswith("init"))
     assert sum(r.startswith("init") for r in rows) == 4
+
+
+def test_cxr_cache_is_marked_done_only_when_complete(tmp_path, monkeypatch):
+    from spcl_fast.data import prepare as prepare_mod
+    from spcl_fast.data.fixtures import make_chestxray14
+
+    root = make_chestxray14(tmp_path / "nih", n=12, size=32)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_mod, "prepare", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        study._cxr_cache(root, tmp_path / "cache")
+    assert not (tmp_path / "cache" / "chestxray14-64" / "done").exists()
+    monkeypatch.undo()
+    out = study._cxr_cache(root, tmp_path / "cache")
+    assert (out / "done").exists() and json.loads((out / "report.json").read_text())["complete"]

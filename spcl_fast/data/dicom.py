@@ -85,23 +85,12 @@ def _int(ds, keyword, default=None):
     return int(value)
 
 
-def _pixel_tag_in(path) -> bool:
-    """Whether the bytes of ``path`` hold a (7FE0,0010) Pixel Data tag (either byte order)."""
-    if isinstance(path, (str, os.PathLike)):
-        with open(path, "rb") as f:
-            data = f.read()
-    else:
-        path.seek(0)
-        data = path.read()
-    return b"\xe0\x7f\x10\x00" in data or b"\x7f\xe0\x00\x10" in data
-
-
-def _check_geometry(ds, name: str, max_pixels: int, path) -> tuple[int, int, int]:
+def _check_geometry(ds, name: str, max_pixels: int, cut_off: bool) -> tuple[int, int, int]:
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             what = "float pixel data (not a radiograph)"
-        elif _pixel_tag_in(path):  # force=True parsing drops an element cut off by EOF
-            what = "truncated (the pixel data element ends early)"
+        elif cut_off:  # force=True parsing drops an element that the end of the file cuts off
+            what = "truncated (the file ends inside the pixel data)"
         else:
             what = "no pixel data"
         raise ImageReadError(f"{name}: {what}")
@@ -198,8 +187,8 @@ def read_dicom(path, frame: int = 0, max_pixels: int = MAX_PIXELS, plugin: str =
     if isinstance(path, (str, os.PathLike)) and not os.path.isfile(path):
         raise ImageReadError(f"{name}: file not found")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pydicom warns on oddities we check ourselves
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # pydicom warns on oddities we check ourselves
             ds = pydicom.dcmread(path, force=True, specific_tags=_PIXEL_TAGS)
             if "PixelData" in ds and "TransferSyntaxUID" not in ds.file_meta:
                 # No file meta (old files, force=True): use the encoding the parser found.
@@ -211,7 +200,8 @@ def read_dicom(path, frame: int = 0, max_pixels: int = MAX_PIXELS, plugin: str =
     except Exception as exc:  # any parser failure is "not a readable DICOM"
         raise ImageReadError(f"{name}: not a readable DICOM file ({_describe(exc)})") from exc
     try:
-        frames, stored, samples = _check_geometry(ds, name, max_pixels, path)
+        cut_off = any("End of file" in str(w.message) for w in caught)
+        frames, stored, samples = _check_geometry(ds, name, max_pixels, cut_off)
         if not 0 <= frame < frames:
             raise ImageReadError(f"{name}: frame {frame} out of range ({frames} frames)")
         with warnings.catch_warnings():
@@ -227,7 +217,8 @@ def read_dicom(path, frame: int = 0, max_pixels: int = MAX_PIXELS, plugin: str =
     except ImageReadError:
         raise
     except Exception as exc:  # codec errors, truncated data, missing plugins, bad LUTs
-        what = "truncated (fewer pixel bytes than the image needs)" if _short_pixels(ds) \
+        short = cut_off or _short_pixels(ds)
+        what = "truncated (fewer pixel bytes than the image needs)" if short \
             else "cannot decode pixel data"
         raise ImageReadError(f"{name}: {what} ({_describe(exc)})") from exc
 

@@ -237,23 +237,17 @@ def run(args) -> dict:
         print(f"  note: listed files not evaluated (absent or unreadable): {counts}; ids and "
               "reasons in results.json")
 
-    try:
-        if args.task == "linear-probe":
-            bs = args.batch_size or DEFAULT_BATCH[args.task]
-            feats = {name: extract_dataset_features(encoder, ds, bs, device, transform,
-                                                     args.workers, desc=f"features {name}")
-                     for name, ds in (("train", train), ("val", val), ("test", test))}
-            result = linear_probe(feats["train"], feats["val"], feats["test"], args.l2_grid,
-                                  args.probe_steps, class_names, return_scores=True)
-        elif args.task == "finetune":
-            result = finetune(encoder, train, val, test, settings, device, transform, out)
-        else:
-            result = segment(encoder, train, val, test, settings, device, transform, out)
-    except data_lib.ImageReadError as exc:
-        # Evaluation never swaps a bad image for another: that would score the wrong labels.
-        raise EvalError(f"{exc}. Every listed image must be readable for an evaluation; "
-                        "python -m spcl_fast.data.prepare builds a cache without the unreadable "
-                        "files (listed in its report.json) for --cache") from exc
+    if args.task == "linear-probe":
+        bs = args.batch_size or DEFAULT_BATCH[args.task]
+        feats = {name: extract_dataset_features(encoder, ds, bs, device, transform,
+                                                 args.workers, desc=f"features {name}")
+                 for name, ds in (("train", train), ("val", val), ("test", test))}
+        result = linear_probe(feats["train"], feats["val"], feats["test"], args.l2_grid,
+                              args.probe_steps, class_names, return_scores=True)
+    elif args.task == "finetune":
+        result = finetune(encoder, train, val, test, settings, device, transform, out)
+    else:
+        result = segment(encoder, train, val, test, settings, device, transform, out)
 
     scores = result.pop("test_scores", None)
     model = result.pop("model", None)
@@ -287,6 +281,13 @@ def main(argv: list[str] | None = None) -> dict:
         return run(args)
     except EvalError as exc:
         raise SystemExit(f"error: {exc}") from None
+    except data_lib.ImageReadError as exc:
+        # Evaluation never swaps a bad image for another: that would score the wrong labels.
+        # From a DataLoader worker the message holds the worker's traceback: keep its last line.
+        problem = str(exc).strip().splitlines()[-1].split("ImageReadError: ")[-1]
+        raise SystemExit(f"error: {problem}. Every listed image must be readable for an "
+                         "evaluation; python -m spcl_fast.data.prepare builds a cache without "
+                         "the unreadable files (listed in its report.json) for --cache") from None
 
 
 if __name__ == "__main__":

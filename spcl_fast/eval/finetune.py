@@ -170,7 +170,7 @@ def check_fit_settings(settings) -> None:
         "epochs": (settings.epochs >= 1, ">= 1"),
         "batch_size": (settings.batch_size >= 1, ">= 1"),
         "lr": (settings.lr > 0, "> 0"),
-        "min_lr": (0 <= settings.min_lr <= settings.lr, "in [0, lr]"),
+        "min_lr": (settings.min_lr >= 0, ">= 0"),
         "layer_decay": (0 < settings.layer_decay <= 1, "in (0, 1]"),
         "weight_decay": (settings.weight_decay >= 0, ">= 0"),
         "warmup_epochs": (settings.warmup_epochs >= 0, ">= 0"),

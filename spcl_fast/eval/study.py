@@ -105,12 +105,16 @@ def set_overrides(name: str, cxr_root: str | None, cache_root: Path) -> dict[str
 
 def _cxr_cache(root: str, cache_root: Path) -> Path:
     """Decode the ChestX-ray14 folder once at the demo's 64 px (resumes if interrupted)."""
-    from ..data.prepare import main as prepare
+    from ..data.prepare import prepare
 
     out = cache_root / f"chestxray14-{demo().image_size}"
     if not (out / "done").exists():
-        prepare(["--dataset", "chestxray14", "--root", root, "--out", str(out),
-                 "--size", str(demo().image_size), "--workers", "2"])
+        try:
+            report = prepare("chestxray14", root, str(out), demo().image_size, workers=2)
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        if not report["complete"]:
+            raise SystemExit(f"error: the cache {out} is incomplete; run again to resume")
         (out / "done").touch()
     return out
 

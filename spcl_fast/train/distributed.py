@@ -16,6 +16,7 @@ the whole batch.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import inspect
 import os
 import warnings
@@ -92,6 +93,7 @@ class DistContext:
 
 
 _ACTIVE: DistContext | None = None
+TEARDOWN_WAIT = datetime.timedelta(hours=24)
 
 
 def setup(device: str) -> DistContext:
@@ -128,10 +130,14 @@ def teardown(ctx: DistContext, clean: bool = False) -> None:
     barrier, since a crashed peer would never reach it."""
     global _ACTIVE
     if ctx.owns:
-        if clean:
-            ctx.barrier()
-        _ACTIVE = None
-        dist.destroy_process_group()
+        try:
+            if clean and ctx.world > 1:
+                # Rank 0 may still be probing the encoder (minutes to hours on a large set):
+                # wait for it far longer than gloo's default 30-minute collective timeout.
+                dist.monitored_barrier(group=ctx.control, timeout=TEARDOWN_WAIT)
+        finally:
+            _ACTIVE = None
+            dist.destroy_process_group()
 
 
 def wrap_model(model: nn.Module, config, ctx: DistContext) -> tuple[nn.Module, nn.Module | None]:
