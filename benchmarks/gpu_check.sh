@@ -10,6 +10,9 @@ OUT=${OUT:-benchmarks/results/gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 SPCL_FAST_CHECKS=0
 
+# Without a GPU every step below would only skip and "pass": stop here instead.
+python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" ||
+  { echo "!! no CUDA device visible to torch: nothing to check" >&2; exit 2; }
 # The image has torch, triton, pytest and pytest-benchmark; install this checkout without deps.
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
   ln -sfn ../kernels spcl_fast/kernels  # fallback: make spcl_fast.kernels importable in place
@@ -38,4 +41,6 @@ step bench-train 150 python3 -m pytest benchmarks/bench_train.py --benchmark-onl
   -p no:cacheprovider -k cuda
 find benchmarks/results -maxdepth 1 -name "*.json" -newer "$OUT/device.txt" -exec cp {} "$OUT"/ \;
 ls -l "$OUT"
+# A benchmark step that ran but wrote no JSON measured nothing (e.g. every row skipped).
+ls "$OUT"/*.json >/dev/null 2>&1 || { echo "!! no benchmark JSON was written" >&2; status=1; }
 exit $status

@@ -36,6 +36,8 @@ def resolve_impl(impl: str, tensor: torch.Tensor, op: str) -> str:
     """
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+    if not isinstance(tensor, torch.Tensor):  # the op's own checks then name the argument
+        return "torch"
     if impl == "auto":
         env = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
         if env not in IMPLS:

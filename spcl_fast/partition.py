@@ -8,6 +8,7 @@ subset B; with ``K`` subsets, segment ``K*b + k`` is subset ``k`` of image ``b``
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +122,12 @@ def sample_partitions(
         >>> plan.cu_seqlens.tolist()[:3], plan.max_seqlen
         ([0, 98, 196], 98)
     """
+    for name, value in (("batch_size", batch_size), ("num_tokens", num_tokens),
+                        ("num_subsets", num_subsets), ("block_size", block_size)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise TypeError(f"sample_partitions: {name} must be an int, got {value!r}")
+    batch_size, num_tokens, num_subsets, block_size = (
+        int(batch_size), int(num_tokens), int(num_subsets), int(block_size))
     if batch_size < 1 or num_tokens < 1:
         raise ValueError(
             f"sample_partitions: batch_size and num_tokens must be >= 1, "

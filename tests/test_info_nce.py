@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import doctest
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -163,9 +164,16 @@ def test_validation_errors():
     for bad in (0, 0.0, -0.1, float("nan"), float("inf"), "0.1", None, True):
         with pytest.raises(ValueError, match="temperature"):
             info_nce(za, zb, temperature=bad, impl="torch")
+    with pytest.raises(ValueError, match="host number .*got Tensor"):
+        info_nce(za, zb, temperature=torch.tensor(0.1), impl="torch")
+    torch.testing.assert_close(info_nce(za, zb, temperature=np.float32(0.1), impl="torch"),
+                               info_nce(za, zb, temperature=0.1, impl="torch"))
     for bad in ("none", "ALL", None):
         with pytest.raises(ValueError, match="negatives"):
             info_nce(za, zb, negatives=bad, impl="torch")
+    for bad in ("no", 0, None):
+        with pytest.raises(ValueError, match="symmetric must be True or False"):
+            info_nce(za, zb, symmetric=bad, impl="torch")
     with pytest.raises(ValueError, match="impl"):
         info_nce(za, zb, impl="cuda")
 

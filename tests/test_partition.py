@@ -1,5 +1,6 @@
 """Invariants of sample_partitions over many seeds and shapes."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -186,3 +187,14 @@ def test_more_subsets_respect_valid_mask_and_two_subsets_are_unchanged():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sample_partitions(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["batch_size", "num_tokens", "num_subsets", "block_size"])
+@pytest.mark.parametrize("value", [2.0, "2", True])
+def test_counts_must_be_ints(name, value):
+    kwargs = dict(batch_size=2, num_tokens=4, num_subsets=2, block_size=1)
+    kwargs[name] = value
+    with pytest.raises(TypeError, match=f"{name} must be an int"):
+        sample_partitions(**kwargs)
+    kwargs[name] = np.int64(2 if name != "block_size" else 1)  # numpy ints are fine
+    sample_partitions(**kwargs)

@@ -130,6 +130,33 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(compiled(qkv), f(qkv))
 
 
+def test_torch_compile_fullgraph_across_plans_of_other_lengths():
+    """Plans whose max_seqlen and token count change per step (ratio_range, keep) recompile
+    with symbolic sizes: the checks must not break the graph (their messages are built only on
+    failure)."""
+    torch._dynamo.reset()
+    qkv = torch.randn(32, 3, 2, 8, requires_grad=True)
+
+    def f(qkv, cu_seqlens, max_seqlen, token_index):
+        q, k, v = qkv.unbind(1)
+        return partition_attention(q, k, v, cu_seqlens, max_seqlen, token_index)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    lengths = set()
+    for seed in range(4):
+        plan = sample_partitions(2, 16, ratio_range=(0.2, 0.8), keep=0.75,
+                                 generator=torch.Generator().manual_seed(seed))
+        lengths.add((plan.max_seqlen, plan.token_index.numel()))
+        args = (plan.cu_seqlens, plan.max_seqlen, plan.token_index)
+        out = compiled(qkv, *args)
+        (grad,) = torch.autograd.grad(out.square().sum(), qkv)
+        want = f(qkv, *args)
+        (want_grad,) = torch.autograd.grad(want.square().sum(), qkv)
+        torch.testing.assert_close(out, want)
+        torch.testing.assert_close(grad, want_grad)
+    assert len(lengths) > 1  # the plans did differ
+
+
 def test_impl_switch(monkeypatch):
     qkv = torch.randn(4, 3, 1, 8)
     cu = _cu([4])
@@ -175,6 +202,10 @@ def _bad_inputs():
     yield dict(token_index=torch.tensor([0, 1, 2, 3, 4, 6])), ValueError, "token_index values"
     yield dict(token_index=torch.tensor([0, 1, 2, 3, 4, 4])), ValueError, "repeat"
     yield dict(softmax_scale=-1.0), ValueError, "softmax_scale"
+    yield dict(softmax_scale=float("inf")), ValueError, "softmax_scale must be positive and finite"
+    z = torch.randn(6, 2, 0)
+    yield dict(q=z, k=z, v=z), ValueError, "head_dim"
+    yield dict(q=q.numpy()), ValueError, "q must be a \\(rows, heads, head_dim\\) tensor"
     # Another device (meta stands in for a GPU here): named, before any kernel launch.
     yield dict(k=torch.randn(6, 2, 8, device="meta")), ValueError, "one device"
     yield dict(cu_seqlens=_cu([4, 2]).to("meta")), ValueError, "one device"

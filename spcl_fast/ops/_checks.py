@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -20,9 +21,12 @@ def check_values(t: torch.Tensor) -> bool:
     return not t.is_cuda or os.environ.get("SPCL_FAST_CHECKS", "0") not in ("", "0")
 
 
-def require(cond: bool, op: str, message: str) -> None:
+def require(cond: bool, op: str, message: str | Callable[[], str]) -> None:
+    """Raise ``ValueError("<op>: <message>")`` unless ``cond``. Give the message as a callable
+    when it formats sizes: under ``torch.compile`` those can be symbolic, and formatting them
+    on every call (not only on failure) would break the graph."""
     if not cond:
-        raise ValueError(f"{op}: {message}")
+        raise ValueError(f"{op}: {message() if callable(message) else message}")
 
 
 def require_dtype(t: torch.Tensor, name: str, op: str, allowed: tuple[torch.dtype, ...]) -> None:

@@ -16,6 +16,7 @@ PyTorch ops on ``O(M)`` vectors around the same two ops.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
@@ -187,24 +188,29 @@ def _gather(x: torch.Tensor, world: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _validate(z_a, z_b, temperature, negatives, impl) -> None:
+def _validate(z_a, z_b, temperature, symmetric, negatives, impl) -> None:
     for name, z in (("z_a", z_a), ("z_b", z_b)):
         if not isinstance(z, torch.Tensor) or z.dim() != 2:
             raise ValueError(f"{OP}: {name} must be an (M, d) tensor, got "
                              f"{getattr(z, 'shape', type(z))}")
-    require(z_a.shape == z_b.shape, OP,
-            f"z_a and z_b must have the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
+    require(z_a.shape == z_b.shape, OP, lambda: f"z_a and z_b must have the same shape, got "
+            f"{tuple(z_a.shape)} and {tuple(z_b.shape)}")
     require(z_a.shape[0] >= 1 and z_a.shape[1] >= 1, OP,
-            f"need at least one row and one feature, got {tuple(z_a.shape)}")
+            lambda: f"need at least one row and one feature, got {tuple(z_a.shape)}")
     allowed = FLOAT_DTYPES if impl == "triton" else FLOAT_DTYPES + (torch.float64,)
     require_dtype(z_a, "z_a", OP, allowed)
-    require(z_a.dtype == z_b.dtype, OP, f"z_a and z_b must share a dtype, got {z_a.dtype} and "
-            f"{z_b.dtype}")
+    require(z_a.dtype == z_b.dtype, OP,
+            lambda: f"z_a and z_b must share a dtype, got {z_a.dtype} and {z_b.dtype}")
     require_same_device(OP, z_a=z_a, z_b=z_b)
-    require(isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-            and math.isfinite(temperature) and temperature > 0, OP,
-            f"temperature must be a positive number, got {temperature!r}")
-    require(negatives in NEGATIVES, OP, f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+    require(isinstance(temperature, numbers.Real) and not isinstance(temperature, bool), OP,
+            lambda: "temperature must be a host number (a Python or NumPy float, not a tensor), "
+            f"got {type(temperature).__name__}")
+    require(math.isfinite(temperature) and temperature > 0, OP,
+            lambda: f"temperature must be positive and finite, got {temperature!r}")
+    require(isinstance(symmetric, bool), OP,
+            lambda: f"symmetric must be True or False, got {symmetric!r}")
+    require(negatives in NEGATIVES, OP,
+            lambda: f"negatives must be one of {NEGATIVES}, got {negatives!r}")
 
 
 def _loss(z_a, z_b, temperature, symmetric, negatives, gather_distributed, impl, chunk=0):
@@ -294,5 +300,5 @@ def info_nce(
         torch.Size([8, 32])
     """
     impl = resolve_impl(impl, z_a, OP)
-    _validate(z_a, z_b, temperature, negatives, impl)
+    _validate(z_a, z_b, temperature, symmetric, negatives, impl)
     return _loss(z_a, z_b, temperature, symmetric, negatives, gather_distributed, impl)

@@ -9,6 +9,8 @@ formula is registered on the forward op; :func:`partition_attention` validates a
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
@@ -151,7 +153,7 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, token_index, impl) -> None:
     require(
         q.shape == k.shape == v.shape,
         OP,
-        f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
+        lambda: f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
         f"{tuple(v.shape)}",
     )
     if impl == "triton":
@@ -159,7 +161,7 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, token_index, impl) -> None:
         require(
             16 <= head_dim <= 128,
             OP,
-            f"impl='triton' supports head_dim (Dh) from 16 to 128, got Dh={head_dim} "
+            lambda: f"impl='triton' supports head_dim (Dh) from 16 to 128, got Dh={head_dim} "
             f"(use impl='torch' for other head dims)",
         )
     allowed = FLOAT_DTYPES if impl == "triton" else FLOAT_DTYPES + (torch.float64,)
@@ -167,7 +169,7 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, token_index, impl) -> None:
     require(
         q.dtype == k.dtype == v.dtype,
         OP,
-        f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}",
+        lambda: f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}",
     )
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{OP}: cu_seqlens must be a 1-D tensor of num_segments + 1 >= 2 offsets")
@@ -175,7 +177,7 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, token_index, impl) -> None:
     require(
         isinstance(max_seqlen, int) and max_seqlen >= 0,
         OP,
-        f"max_seqlen must be a non-negative host int, got {max_seqlen!r}",
+        lambda: f"max_seqlen must be a non-negative host int, got {max_seqlen!r}",
     )
     tensors = {"q": q, "k": k, "v": v, "cu_seqlens": cu_seqlens}
     if token_index is not None:
@@ -193,25 +195,25 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, token_index, impl) -> None:
     total = rows if token_index is None else token_index.numel()
     cu = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
-    require(cu[0] == 0, OP, f"cu_seqlens must start at 0, got {cu[0]}")
+    require(cu[0] == 0, OP, lambda: f"cu_seqlens must start at 0, got {cu[0]}")
     require(min(lengths) >= 0, OP, "cu_seqlens must be non-decreasing")
     require(
         cu[-1] == total,
         OP,
-        f"cu_seqlens[-1] = {cu[-1]} must equal the number of "
+        lambda: f"cu_seqlens[-1] = {cu[-1]} must equal the number of "
         f"{'token_index entries' if token_index is not None else 'rows of q'} ({total})",
     )
     require(
         max(lengths) <= max_seqlen,
         OP,
-        f"max_seqlen = {max_seqlen} is smaller than the longest segment ({max(lengths)})",
+        lambda: f"max_seqlen = {max_seqlen} is smaller than the longest segment ({max(lengths)})",
     )
     if token_index is not None and total > 0:
         lo, hi = int(token_index.min()), int(token_index.max())
         require(
             lo >= 0 and hi < rows,
             OP,
-            f"token_index values must lie in [0, {rows}), got min {lo}, max {hi}",
+            lambda: f"token_index values must lie in [0, {rows}), got min {lo}, max {hi}",
         )
         require(
             token_index.unique().numel() == total,
@@ -272,7 +274,9 @@ def partition_attention(
     """
     impl = resolve_impl(impl, q, OP)
     _validate(q, k, v, cu_seqlens, max_seqlen, token_index, impl)
+    require(q.shape[-1] >= 1, OP, "head_dim (Dh) must be at least 1")
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
-    require(scale > 0, OP, f"softmax_scale must be positive, got {scale}")
+    require(math.isfinite(scale) and scale > 0, OP,
+            lambda: f"softmax_scale must be positive and finite, got {scale}")
     out, _ = _fwd(q, k, v, cu_seqlens, token_index, max_seqlen, scale, impl)
     return out
