@@ -1,5 +1,7 @@
-"""Modules: partition-aware attention, transformer block, Vision Transformer."""
+"""Modules: partition-aware attention, transformer block, Vision Transformer, and an adapter
+that gives another codebase's ViT (timm's) partition-aware attention."""
 
+from .adapter import PartitionAdapter, pool_segments
 from .attention import VarlenAttention
 from .vit import (
     PRESETS,
@@ -17,9 +19,11 @@ from .vit import (
 __all__ = [
     "PRESETS",
     "Block",
+    "PartitionAdapter",
     "VarlenAttention",
     "VisionTransformer",
     "create_vit",
+    "pool_segments",
     "segment_mean",
     "sincos_pos_embed",
     "vit_base_patch16",

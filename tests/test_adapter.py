@@ -1,0 +1,197 @@
+"""PartitionAdapter: another codebase's ViT (timm's code, written down here so the test runs
+without timm; the real timm model when it imports) attends within the plan's segments, on
+values and gradients, and runs unchanged outside a plan block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spcl_fast import sample_partitions
+from spcl_fast.nn import PartitionAdapter, pool_segments, vit_tiny_patch16
+
+D, H, DEPTH, IMG, PATCH = 32, 2, 2, 16, 4
+N = (IMG // PATCH) ** 2
+
+
+class TimmAttention(nn.Module):
+    """timm.layers.Attention's forward (fused path), with its optional norms."""
+
+    def __init__(self, dim, num_heads, qk_norm=False, scale_norm=False, attn_drop=0.0):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = nn.LayerNorm(dim) if scale_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x, attn_mask=None):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = self.norm(x.transpose(1, 2).reshape(b, n, c))
+        return self.proj_drop(self.proj(x))
+
+
+class TimmBlock(nn.Module):
+    def __init__(self, dim, num_heads, **attn_kwargs):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = TimmAttention(dim, num_heads, **attn_kwargs)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x, attn_mask=None):
+        x = x + self.attn(self.norm1(x), attn_mask=attn_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class TimmViT(nn.Module):
+    """timm's VisionTransformer.forward_features: class token, learned positions, blocks."""
+
+    num_prefix_tokens = 1
+
+    def __init__(self, **attn_kwargs):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(1, D, PATCH, PATCH)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, D) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + N, D) * 0.02)
+        self.blocks = nn.Sequential(*[TimmBlock(D, H, **attn_kwargs) for _ in range(DEPTH)])
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+
+    def embed(self, images):
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        return torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+
+    def forward_features(self, images):
+        return self.norm(self.blocks(self.embed(images)))
+
+
+def _zero_context_block(block, x):
+    """A block for a row that attends to nothing: its attention context is zero."""
+    attn = block.attn
+    x = x + attn.proj(attn.norm(torch.zeros_like(x)))
+    return x + block.mlp(block.norm2(x))
+
+
+def _reference(model, images, plan):
+    """Segment by segment: the model's own dense forward on only that segment's patch tokens;
+    every other row (the class token, patches in no segment) with a zero attention context."""
+    x0 = model.embed(images)
+    b, seq_len, _ = x0.shape
+    out = x0.new_zeros(b * seq_len, D)
+    flat = x0.reshape(b * seq_len, D)
+    rows = plan.token_index // N * seq_len + 1 + plan.token_index % N
+    cu = plan.cu_seqlens.tolist()
+    for s in range(plan.num_segments):
+        seg = rows[cu[s]:cu[s + 1]]
+        if len(seg):
+            out = out.index_put((seg,), model.norm(model.blocks(flat[seg][None]))[0])
+    others = torch.ones(b * seq_len, dtype=torch.bool)
+    others[rows] = False
+    x = flat[others]
+    for block in model.blocks:
+        x = _zero_context_block(block, x)
+    out = out.index_put((others.nonzero()[:, 0],), model.norm(x))
+    return out.reshape(b, seq_len, D)
+
+
+@pytest.mark.parametrize("norms", [{}, {"qk_norm": True, "scale_norm": True}],
+                         ids=["plain", "norms"])
+@pytest.mark.parametrize("plan_kwargs", [{}, {"keep": 0.75, "ratio_range": (0.2, 0.8)},
+                                         {"num_subsets": 3}], ids=["all", "keep", "three"])
+def test_adapted_timm_vit_matches_per_segment_dense_forward(norms, plan_kwargs):
+    torch.manual_seed(0)
+    model = TimmViT(**norms).double()
+    images = torch.randn(3, 1, IMG, IMG, dtype=torch.float64)
+    plan = sample_partitions(3, N, generator=torch.Generator().manual_seed(1), **plan_kwargs)
+    adapter = PartitionAdapter(model, impl="torch")
+    assert adapter.num_prefix_tokens == 1
+    with adapter.plan(plan):
+        got = model.forward_features(images)
+    grads = torch.autograd.grad(pool_segments(got, plan, 1).square().sum() + got[:, 0].sum(),
+                                list(model.parameters()))
+    want = _reference(model, images, plan)
+    want_grads = torch.autograd.grad(pool_segments(want, plan, 1).square().sum()
+                                     + want[:, 0].sum(), list(model.parameters()))
+    torch.testing.assert_close(got, want)
+    for (name, _), g, w in zip(model.named_parameters(), grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, msg=name)
+
+
+def test_outside_a_plan_the_model_is_unchanged():
+    torch.manual_seed(0)
+    model = TimmViT(qk_norm=True)
+    images = torch.randn(2, 1, IMG, IMG)
+    before, keys = model.forward_features(images), list(model.state_dict())
+    adapter = PartitionAdapter(model)
+    assert torch.equal(model.forward_features(images), before)
+    assert list(model.state_dict()) == keys  # checkpoints load as before
+    mask = torch.zeros(1 + N, 1 + N, dtype=torch.bool)
+    mask[:, :5] = True  # masks still reach the model's own attention outside plan()
+    model.blocks[0].attn(model.embed(images), attn_mask=mask)
+    plan = sample_partitions(2, N, generator=torch.Generator().manual_seed(0))
+    with adapter.plan(plan):
+        with pytest.raises(ValueError, match="masks"):
+            model.blocks[0].attn(model.embed(images), attn_mask=mask)
+        with pytest.raises(RuntimeError, match="already inside"), adapter.plan(plan):
+            pass
+    assert torch.equal(model.forward_features(images), before)
+
+
+def test_our_vit_through_the_adapter_equals_its_in_place_forward():
+    vit = vit_tiny_patch16(img_size=IMG, patch_size=PATCH, depth=2, impl="torch")
+    images = torch.rand(2, 1, IMG, IMG)
+    plan = sample_partitions(2, N, keep=0.5, generator=torch.Generator().manual_seed(3))
+    want = vit.forward_partitioned(images, plan, layout="inplace")
+    with PartitionAdapter(vit).plan(plan):
+        got = pool_segments(vit.forward_features(images), plan)
+    torch.testing.assert_close(got, want)
+
+
+def test_adapter_errors_name_the_problem():
+    with pytest.raises(ValueError, match="no 'blocks'"):
+        PartitionAdapter(nn.Linear(2, 2))
+    no_attention = nn.Module()
+    no_attention.blocks = nn.ModuleList([nn.Identity()])
+    with pytest.raises(ValueError, match=r"blocks\[0\]\.attn needs qkv, proj and num_heads"):
+        PartitionAdapter(no_attention)
+    with pytest.raises(ValueError, match="attention dropout"):
+        PartitionAdapter(TimmViT(attn_drop=0.1))
+    model = TimmViT()
+    images = torch.randn(2, 1, IMG, IMG)
+    wrong_prefix = PartitionAdapter(model, num_prefix_tokens=0)
+    plan = sample_partitions(2, N, generator=torch.Generator().manual_seed(0))
+    with wrong_prefix.plan(plan), pytest.raises(ValueError, match="0 prefix tokens"):
+        model.forward_features(images)
+    other = TimmViT()
+    with PartitionAdapter(other).plan(plan), pytest.raises(ValueError, match="for 2 images"):
+        other.forward_features(images[:1])
+    with pytest.raises(ValueError, match="pool_segments"):
+        pool_segments(torch.zeros(2, N, D), plan, 1)
+
+
+def test_real_timm_vision_transformer():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG,
+                              patch_size=PATCH, in_chans=1, num_classes=0).double()
+    images = torch.randn(2, 1, IMG, IMG, dtype=torch.float64)
+    plan = sample_partitions(2, N, generator=torch.Generator().manual_seed(0))
+    with PartitionAdapter(model, impl="torch").plan(plan):
+        got = pool_segments(model.forward_features(images), plan, model.num_prefix_tokens)
+    # each subset alone through timm's own code: its patch tokens and no class token
+    x = model.patch_embed(images) + model.pos_embed[:, model.num_prefix_tokens:]
+    flat = x.reshape(-1, x.shape[-1])
+    cu = plan.cu_seqlens.tolist()
+    for s in range(plan.num_segments):
+        seg = flat[plan.token_index[cu[s]:cu[s + 1]]][None]
+        want = model.norm(model.blocks(seg)).mean(1)[0]
+        torch.testing.assert_close(got[s], want)
