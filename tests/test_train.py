@@ -116,19 +116,67 @@ def test_cli_runs_and_writes_outputs(tmp_path):
         (["--normalize", "bogus"], "normalize must be one of dataset, image, equalize, none"),
         (["--dataset", "chestxray14", "--data-root", "{tmp}/nowhere"], "nowhere"),
         (["--resume", "{tmp}/torn"], r"no readable checkpoint in .*torn.*ckpt-00000001.pt"),
+        (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+        (["--keep", "1.5"], r"keep must be in \(0, 1\]"),
+        (["--ratio-range", "0.5"], "--ratio-range takes 2 values"),
+        (["--ratio-range", "0.7,0.3"], "ratio_range must be"),
+        (["--temperature", "0"], "temperature must be positive"),
+        (["--negatives", "foo"], "negatives must be cross or all"),
+        (["--depth", "0"], "depth must be >= 1"),
+        (["--steps", "0"], "steps must be >= 1"),
+        (["--save-every", "-1"], "save_every must be >= 0"),
+        (["--lr", "inf"], "lr must be positive and finite"),
+        (["--num-subsets", "64"], "num_subsets must be from 2 to the number of patches"),
+        (["--device", "tpu"], "device 'tpu'"),
+        (["--out", "{tmp}/afile"], "afile"),
     ],
-    ids=["setting", "data_root", "checkpoint"],
+    ids=["setting", "data_root", "checkpoint", "batch", "keep", "range_len", "range",
+         "temperature", "negatives", "depth", "steps", "save_every", "lr", "subsets", "device",
+         "out_file"],
 )
 def test_cli_reports_a_run_that_cannot_start_in_one_line(tmp_path, args, message):
     from spcl_fast.train.__main__ import main
 
     (tmp_path / "torn").mkdir()
     (tmp_path / "torn" / "ckpt-00000001.pt").write_bytes(b"torn")
+    (tmp_path / "afile").write_text("")
     args = [a.format(tmp=tmp_path) for a in args]
     with pytest.raises(SystemExit) as info, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         main(["--preset", "smoke", "--out", str(tmp_path / "run"), *args])
-    assert re.match(r"error: .*" + message, str(info.value), re.S), info.value
+    assert re.match(r"error: [^\n]*" + message + r"[^\n]*$", str(info.value)), info.value
+    assert not (tmp_path / "run" / "config.json").exists()  # nothing written for a bad run
+
+
+def test_cli_never_overwrites_or_prunes_another_run(tmp_path, monkeypatch):
+    from spcl_fast.train.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="--resume needs a run folder"):
+        main(["--preset", "smoke", "--resume"])
+    assert not list(tmp_path.iterdir())  # nothing trained into the working folder
+    run = ["--preset", "smoke", "--steps", "4", "--save-every", "2", "--keep-last", "1"]
+    main([*run, "--out", "a"])
+    files = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()}
+    with pytest.raises(SystemExit, match=r"a already holds a run \(ckpt-00000004.pt"):
+        main([*run, "--out", "a"])  # the same --out again, without --resume
+    with pytest.raises(SystemExit, match="built with other settings: depth 2 \\(now 3\\)"):
+        main(["--resume", "a", "--depth", "3", "--steps", "6"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()} == files
+    # a run folder that does not exist yet is that run's folder, not its parent
+    main([*run, "--out", "b", "--steps", "2"])
+    main([*run, "--resume", "runs/new", "--steps", "2"])
+    assert (tmp_path / "runs" / "new" / "ckpt-00000002.pt").exists()
+    assert not (tmp_path / "runs" / "config.json").exists()
+    # an older checkpoint is not continued where a newer one of its run lives
+    main([*run, "--out", "c", "--steps", "2"])
+    older = tmp_path / "c" / "ckpt-00000002.pt"
+    (tmp_path / "c2").mkdir()
+    main([*run, "--out", "c2", "--steps", "4"])
+    target = tmp_path / "c2" / "ckpt-00000002.pt"
+    target.write_bytes(older.read_bytes())
+    with pytest.raises(SystemExit, match="ckpt-00000002.pt is older than ckpt-00000004.pt"):
+        main(["--resume", str(target), "--steps", "6"])
 
 
 def test_cli_rejects_unknown_option(tmp_path):
@@ -205,6 +253,9 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     monkeypatch.setattr(spcl, "info_nce", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.raises(RuntimeError, match="non-finite"):
         train(dataclasses.replace(smoke(), steps=20, max_bad_steps=3), tmp_path / "b")
+    text = (tmp_path / "b" / "metrics.jsonl").read_text()  # strict JSON: null, not NaN
+    assert "NaN" not in text and "Infinity" not in text
+    assert any(json.loads(line)["loss"] is None for line in text.splitlines())
 
     # A good run's checkpoints survive a resumed run that goes bad: no checkpoint is written
     # while non-finite steps are in a row, and the stop writes none.

@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -153,7 +154,8 @@ def seconds_per_step(config: TrainConfig, out: Path, steps: int = 12) -> float:
     metrics, done = out / "metrics.jsonl", out / "summary.json"
     complete = (done.exists() and "interrupted" not in json.loads(done.read_text())
                 and len(metrics.read_text().splitlines()) >= 3 + steps)
-    if not complete:
+    if not complete:  # timings are only taken from one uninterrupted run: start it over
+        shutil.rmtree(out, ignore_errors=True)
         summary = train(dataclasses.replace(config, probe=False, log_every=1, steps=3 + steps,
                                             warmup_steps=1), out)
         if "interrupted" in summary:

@@ -1,7 +1,7 @@
 """``python -m spcl_fast.train``: S-PCL pre-training from the command line.
 
 With no arguments it runs the demo preset: a small ViT on built-in synthetic chest X-rays, about
-two minutes on a laptop CPU, then a linear probe of the encoder against its initialisation.
+70 s on two CPU cores, then a linear probe of the encoder against its initialisation.
 
 Several GPUs or nodes: ``torchrun --nproc_per_node=8 -m spcl_fast.train --preset vit_base_224
 ...`` (every process runs this module; the first writes the files). Exit status: 0 when the run
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import json
 import re
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from .config import PRESETS, TrainConfig, apply_overrides
 from .distributed import setup, teardown
-from .engine import SetupError, train
+from .engine import NonFiniteStop, SetupError, train
 
 USAGE = """usage: python -m spcl_fast.train [--preset NAME] [--out DIR] [--steps N] [--save-every N]
                                 [--resume [RUN_DIR_OR_CKPT]] [--device DEV] [--KEY VALUE ...]
@@ -33,15 +34,17 @@ using the run's saved config; --KEY VALUE options given with it override that co
 Yes/no options may stand alone (--compile means --compile true). SIGTERM or Ctrl-C: the step
 finishes, a checkpoint is written, exit status 128 + signal; Ctrl-C twice aborts.
 
-Options (every config field; dashes or underscores):
+Options (every config field; dashes or underscores; defaults as in the demo preset, which other
+presets change in part):
 {fields}"""
 
 
 def _field_help() -> str:
     comments = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(TrainConfig), re.M))
+    demo = PRESETS["demo"]()  # what a plain run uses
     lines = []
     for f in dataclasses.fields(TrainConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = getattr(demo, f.name)
         lines.append(
             f"  --{f.name.replace('_', '-'):<16} {comments.get(f.name, '')} [default: {default!r}]"
         )
@@ -91,27 +94,31 @@ def main(argv: list[str] | None = None) -> dict:
     preset, overrides, resume = parse_args(sys.argv[1:] if argv is None else argv)
     config = PRESETS[preset]()
     if resume is not None:
-        run_dir = Path(resume or overrides.get("out", ""))
-        if not str(run_dir):
+        target = resume or overrides.get("out", "")
+        if not target:
             raise SystemExit("error: --resume needs a run folder or checkpoint (or --out)")
-        config_path = (run_dir if run_dir.is_dir() else run_dir.parent) / "config.json"
-        if config_path.exists():
-            config = TrainConfig.from_dict(json.loads(config_path.read_text()))
-        overrides.setdefault("out", str(run_dir if run_dir.is_dir() else run_dir.parent))
+        # a checkpoint file names its folder; anything else is the run folder (new or not)
+        run_dir = Path(target).parent if Path(target).suffix == ".pt" else Path(target)
+        if (run_dir / "config.json").exists():
+            config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        overrides.setdefault("out", str(run_dir))
     try:
         config = apply_overrides(config, overrides)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
-    ctx = setup(config.device)  # under torchrun: the process group, for the next line
+    try:
+        ctx = setup(config.device)  # under torchrun: the process group, for the next line
+    except (RuntimeError, ValueError) as exc:
+        raise SystemExit(f"error: device {config.device!r}: {exc}") from None
     try:
         # One folder for all processes: the main one's clock names it.
-        out = ctx.broadcast(config.out or f"runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        out = ctx.broadcast(config.out or _new_run_dir(preset) if ctx.is_main else None)
         config = dataclasses.replace(config, out=out)
         if ctx.is_main:
             print(f"preset {preset}; writing to {out}")
         started = time.perf_counter()
         summary = train(config, out, resume=(resume or out) if resume is not None else None)
-    except SetupError as exc:
+    except (SetupError, NonFiniteStop) as exc:
         teardown(ctx)
         raise SystemExit(f"error: {exc}") from None
     except BaseException:
@@ -123,6 +130,20 @@ def main(argv: list[str] | None = None) -> dict:
     if "exit_code" in summary:
         raise SystemExit(summary["exit_code"])
     return summary
+
+
+def _new_run_dir(preset: str) -> str:
+    """``runs/<preset>-<time>``, created here (atomically), numbered when a run started in the
+    same second took that name."""
+    base = f"runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    Path("runs").mkdir(exist_ok=True)
+    for n in itertools.count(1):
+        path = base if n == 1 else f"{base}-{n}"
+        try:
+            Path(path).mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def _report(summary: dict, out: str, minutes: float) -> None:

@@ -29,7 +29,8 @@ def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep_last: int 
     os.replace(tmp, path)
     _fsync_dir(path.parent)  # ... and the rename itself, before older files go
     for old in list_checkpoints(out_dir)[:-keep_last]:
-        old.unlink(missing_ok=True)
+        if old != path:  # never the file just written, whatever else the folder holds
+            old.unlink(missing_ok=True)
     for stale in path.parent.glob("ckpt-*.pt.tmp"):
         stale.unlink(missing_ok=True)
     return path
@@ -50,6 +51,14 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step in a ``ckpt-<step>.pt`` name."""
+    m = PATTERN.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path} is not named ckpt-<step>.pt")
+    return int(m.group(1))
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:

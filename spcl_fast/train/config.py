@@ -271,12 +271,17 @@ def parse_value(key: str, text: str, tp):
             raise ValueError(text)
         if typing.get_origin(base) is tuple:
             parts = [p for p in text.replace(",", " ").split() if p]
-            elem = typing.get_args(base)[0]
-            return tuple(elem(p) for p in parts)
+            elems = typing.get_args(base)
+            if len(parts) != len(elems):
+                raise ValueError(f"--{key.replace('_', '-')} takes {len(elems)} values "
+                                 f"(e.g. 'a,b'), got {text!r}")
+            return tuple(elem(p) for elem, p in zip(elems, parts, strict=True))
         if base is dict:
             return json.loads(text)
         return base(text)
     except ValueError as exc:
+        if str(exc).startswith("--"):
+            raise
         raise ValueError(f"--{key.replace('_', '-')}: cannot parse {text!r} as {tp}") from exc
 
 

@@ -30,7 +30,15 @@ from ..data import NORMALIZE_MODES, CXRPool, build_dataset, normalize_images
 from ..data import synthetic as synthetic_data
 from ..methods import DINO, MAE, SPCL
 from ..nn import create_vit
-from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, write_text_atomic
+from .checkpoint import (
+    PATTERN,
+    checkpoint_path,
+    checkpoint_step,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    write_text_atomic,
+)
 from .config import TrainConfig
 from .distributed import (
     DistContext,
@@ -247,9 +255,39 @@ def probe_encoders(config: TrainConfig, model: torch.nn.Module, device: torch.de
     return results
 
 
+class NonFiniteStop(RuntimeError):
+    """``max_bad_steps`` non-finite steps in a row: the run stops, its checkpoints untouched."""
+
+
 class SetupError(ValueError):
     """A run that cannot start: a bad setting, dataset, cache or checkpoint (the message names
     it; the CLI prints it as one line)."""
+
+
+def _mismatch(saved: dict, config: TrainConfig, exc: Exception) -> str:
+    """Why a checkpoint's weights do not load into this config's model, in one line."""
+    differ = [f"{f.name} {saved[f.name]!r} (now {getattr(config, f.name)!r})"
+              for f in dataclasses.fields(config)
+              if f.name in saved and f.name != "extra" and saved[f.name] != getattr(config, f.name)
+              and f.name in _ARCHITECTURE]
+    if differ:
+        return ("the checkpoint's model was built with other settings: " + "; ".join(differ)
+                + ". Resume without changing them, or start a new run")
+    return "the checkpoint's weights do not fit this model: " + str(exc).splitlines()[0]
+
+
+# Config fields that shape the model's parameters (a resumed run must keep them).
+_ARCHITECTURE = {"model", "image_size", "patch_size", "embed_dim", "depth", "num_heads",
+                 "pos_embed", "class_token", "method", "proj_hidden", "proj_dim", "proj_depth",
+                 "predictor_hidden", "decoder_dim", "decoder_depth", "decoder_heads",
+                 "dino_out_dim"}
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message; from a DataLoader worker, only its last line (the worker's
+    traceback comes along in the message)."""
+    text = str(exc).strip()
+    return text.splitlines()[-1] if "Original Traceback" in text else text
 
 
 def check_config(config: TrainConfig) -> None:
@@ -260,11 +298,47 @@ def check_config(config: TrainConfig) -> None:
                          f"{config.normalize!r}")
     if config.method not in METHOD_NAMES:
         raise ValueError(f"unknown method {config.method!r}; available: {', '.join(METHOD_NAMES)}")
-    for key in ("accum_steps", "keep_last", "log_every"):
-        if getattr(config, key) < 1:
-            raise ValueError(f"{key} must be >= 1, got {getattr(config, key)}")
-    if config.lr_base_batch < 0 or config.plan_shards < 0:
-        raise ValueError("lr_base_batch and plan_shards must be >= 0")
+    c = config
+    rules = {  # name: (ok, what it must be)
+        "steps": (c.steps >= 1, ">= 1"),
+        "batch_size": (c.batch_size >= 1, ">= 1"),
+        "image_size": (c.image_size >= 1, ">= 1"),
+        "patch_size": (c.patch_size >= 1, ">= 1"),
+        "embed_dim": (c.embed_dim is None or c.embed_dim >= 1, ">= 1"),
+        "depth": (c.depth is None or c.depth >= 1, ">= 1"),
+        "num_heads": (c.num_heads is None or c.num_heads >= 1, ">= 1"),
+        "proj_hidden": (c.proj_hidden >= 1, ">= 1"),
+        "proj_dim": (c.proj_dim >= 1, ">= 1"),
+        "proj_depth": (c.proj_depth >= 0, ">= 0"),
+        "predictor_hidden": (c.predictor_hidden >= 0, ">= 0 (0: none)"),
+        "keep": (0 < c.keep <= 1, "in (0, 1]"),
+        "ratio": (0 < c.ratio < 1, "in (0, 1)"),
+        "ratio_range": (c.ratio_range is None or 0 < c.ratio_range[0] <= c.ratio_range[1] < 1,
+                        "(lo, hi) with 0 < lo <= hi < 1"),
+        "block_size": (c.block_size >= 1, ">= 1"),
+        "num_subsets": (2 <= c.num_subsets <= max(1, c.image_size // max(c.patch_size, 1)) ** 2,
+                        "from 2 to the number of patches"),
+        "temperature": (math.isfinite(c.temperature) and c.temperature > 0, "positive"),
+        "negatives": (c.negatives in ("cross", "all"), "cross or all"),
+        "layout": (c.layout in ("packed", "inplace"), "packed or inplace"),
+        "impl": (c.impl in ("auto", "triton", "torch"), "auto, triton or torch"),
+        "lr": (math.isfinite(c.lr) and c.lr > 0, "positive and finite"),
+        "min_lr": (math.isfinite(c.min_lr) and c.min_lr >= 0, ">= 0 and finite"),
+        "warmup_steps": (c.warmup_steps >= 0, ">= 0"),
+        "weight_decay": (math.isfinite(c.weight_decay) and c.weight_decay >= 0, ">= 0"),
+        "grad_clip": (c.grad_clip >= 0, ">= 0 (0: off)"),
+        "num_workers": (c.num_workers >= 0, ">= 0"),
+        "save_every": (c.save_every >= 0, ">= 0 (0: only at the end)"),
+        "max_bad_steps": (c.max_bad_steps >= 1, ">= 1"),
+        "accum_steps": (c.accum_steps >= 1, ">= 1"),
+        "keep_last": (c.keep_last >= 1, ">= 1"),
+        "log_every": (c.log_every >= 1, ">= 1"),
+        "lr_base_batch": (c.lr_base_batch >= 0, ">= 0"),
+        "plan_shards": (c.plan_shards >= 0, ">= 0"),
+    }
+    for name, (ok, want) in rules.items():
+        if not ok:
+            raise ValueError(f"{name} must be {want}, got {getattr(config, name)!r}")
 
 
 class Trainer:
@@ -295,7 +369,10 @@ class Trainer:
         if ctx.world > 1:  # own streams per rank for whatever draws from the global RNGs
             torch.manual_seed(config.seed + 100_003 * (ctx.rank + 1))
         if state is not None:  # before wrapping: DDP and FSDP take the weights from here
-            self.model.load_state_dict(state["model"])
+            try:
+                self.model.load_state_dict(state["model"])
+            except RuntimeError as exc:
+                raise ValueError(_mismatch(state.get("config", {}), config, exc)) from exc
         self.net, self.ddp = wrap_model(self.model, config, ctx)
         lr, _ = peak_lrs(config)
         # Fused AdamW: one kernel per step, and it honours found_inf (see _optimizer_step).
@@ -454,11 +531,26 @@ class Trainer:
         self.train_seconds = float(state.get("train_seconds", 0.0))
 
 
-def _resume_state(resume: str | Path, ctx: DistContext) -> tuple[dict | None, Path | None]:
-    """The main process picks the newest readable checkpoint (falling back past corrupt ones);
-    the others load the same file. A run folder without checkpoints yet (a run killed before
-    its first save) means starting from step 0, so one command line starts or continues a run;
-    a named checkpoint file must exist."""
+def _claim_out_dir(out_dir: Path, resume) -> None:
+    """Create ``out_dir``; without ``--resume`` refuse a folder that holds a run already (its
+    checkpoints would be pruned and its metrics overwritten)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if resume is None:
+        held = [p.name for p in (*list_checkpoints(out_dir)[-1:], out_dir / "metrics.jsonl")
+                if p.exists()]
+        if held:
+            raise ValueError(f"{out_dir} already holds a run ({', '.join(held)}): --resume "
+                             "continues it; choose another --out to start a new one")
+
+
+def _resume_state(resume: str | Path, out_dir: Path,
+                  ctx: DistContext) -> tuple[dict | None, Path | None]:
+    """The main process picks the newest readable checkpoint (falling back past corrupt ones,
+    which it sets aside as ``*.corrupt``); the others load the same file. A run folder without
+    checkpoints yet (a run killed before its first save) means starting from step 0, so one
+    command line starts or continues a run; a named checkpoint file must exist, and must not be
+    older than a checkpoint in ``out_dir`` (continuing it there would prune that run's later
+    checkpoints)."""
     state, path = None, None
     if ctx.is_main:
         try:
@@ -467,6 +559,16 @@ def _resume_state(resume: str | Path, ctx: DistContext) -> tuple[dict | None, Pa
             if Path(resume).suffix == ".pt":
                 raise
             print(f"no checkpoint in {resume} yet: starting from step 0")
+        if path is not None and PATTERN.match(path.name):
+            later = [p for p in list_checkpoints(out_dir)
+                     if checkpoint_step(p) > checkpoint_step(path)]
+            if later and Path(resume).suffix == ".pt":
+                raise ValueError(f"{path.name} is older than {later[-1].name} in {out_dir}: "
+                                 "continuing it there would replace that run's later steps; "
+                                 "resume it with another --out")
+            for p in later:  # unreadable, or load_checkpoint would have returned it
+                p.rename(p.with_name(p.name + ".corrupt"))
+                warnings.warn(f"set aside unreadable {p.name} as {p.name}.corrupt", stacklevel=2)
     path = ctx.broadcast(None if path is None else str(path))
     if path is not None and not ctx.is_main:
         state, _ = load_checkpoint(path)
@@ -522,22 +624,25 @@ def train(config: TrainConfig, out_dir: str | Path, resume: str | Path | None = 
 
 def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict:
     main = ctx.is_main
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out_dir / "config.json", config.to_json())
     if config.threads:
         torch.set_num_threads(config.threads)
+    # Everything that can reject the run happens before anything is written to out_dir.
     try:
-        state, path = _resume_state(resume, ctx) if resume is not None else (None, None)
+        check_config(config)
+        if main:
+            _claim_out_dir(out_dir, resume)
+        state, path = _resume_state(resume, out_dir, ctx) if resume is not None else (None, None)
         trainer = Trainer(config, ctx, state=state)
-    except (ValueError, FileNotFoundError) as exc:
-        raise SetupError(str(exc)) from exc
+        model = trainer.model
+        plan = model.sample_plan(config.batch_size // config.accum_steps,
+                                 torch.Generator().manual_seed(0), "cpu")
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise SetupError(_one_line(exc)) from exc
     del state
-    if main and path is not None:
-        print(f"resumed from {path} at step {trainer.step}")
-    model = trainer.model
-    plan = model.sample_plan(config.batch_size // config.accum_steps,
-                             torch.Generator().manual_seed(0), "cpu")
+    if main:
+        write_text_atomic(out_dir / "config.json", config.to_json())
+        if path is not None:
+            print(f"resumed from {path} at step {trainer.step}")
     # Per image of the loss's batch (every process's micro-batch: the negatives it sees).
     gflops = model.train_flops(plan) / plan.num_images / 1e9
     peak = peak_tflops(ctx.device, config.precision, config.peak_tflops)
@@ -567,7 +672,7 @@ def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict
                 if log_now or save_now or stopped_by:
                     counters = trainer.counters()  # the host sync of this step
                     if counters["peak_streak"] >= config.max_bad_steps:
-                        raise RuntimeError(
+                        raise NonFiniteStop(
                             f"{counters['peak_streak']} non-finite steps in a row by step {step} "
                             f"(loss {float(out['loss'])}); stopping without overwriting the "
                             f"checkpoints in {out_dir}"

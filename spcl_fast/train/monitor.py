@@ -9,6 +9,7 @@ tensor-core number for the run's precision (no 2:4 sparsity).
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -76,6 +77,13 @@ def read_metrics(path: Path, upto_step: int) -> list[dict]:
     return records
 
 
+def _json_line(record: dict) -> str:
+    """One strict-JSON line: a non-finite number (a skipped step's loss) is written as null."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+             for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
 class MetricsLog:
     """``metrics.jsonl`` (one JSON object per log step), optional TensorBoard scalars under
     ``tensorboard/``. On resume it first rewrites the file with the records up to the resumed
@@ -89,7 +97,7 @@ class MetricsLog:
         self._writer = None
         if not enabled:
             return
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        write_text_atomic(self.path, "".join(_json_line(r) for r in self.records))
         self._file = open(self.path, "a")  # closed by close()
         if tensorboard:
             try:
@@ -103,7 +111,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(_json_line(record))
         self._file.flush()
         self.records.append(record)
         if self._writer is not None:
@@ -126,7 +134,8 @@ def plot_losses(records: list[dict], path: Path, method: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.5)
+    losses = [math.nan if r["loss"] is None else r["loss"] for r in records]  # null: skipped
+    ax.plot([r["step"] for r in records], losses, lw=1.5)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(f"{method} pre-training")
