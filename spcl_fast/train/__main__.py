@@ -121,6 +121,12 @@ def main(argv: list[str] | None = None) -> dict:
     except (SetupError, NonFiniteStop) as exc:
         teardown(ctx)
         raise SystemExit(f"error: {exc}") from None
+    except KeyboardInterrupt:  # Ctrl-C twice, or during setup: no new checkpoint
+        teardown(ctx)
+        where = f"; --resume {config.out} continues from its newest checkpoint" if config.out \
+            else ""
+        print(f"\naborted{where}", file=sys.stderr)
+        raise SystemExit(130) from None
     except BaseException:
         teardown(ctx)
         raise

@@ -202,15 +202,24 @@ def as_tensor(source, batch_size: int = 256, num_workers: int = 0) -> torch.Tens
 
 def materialize(source, labels: torch.Tensor | None, batch_size: int = 256,
                 num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Images and labels of a split as tensors (for probing). From a dataset the labels are the
-    items' own: a dataset that skips an unreadable file returns the next item in its place,
-    whose labels then come with it."""
+    """Images and labels of a split as tensors (for probing). A dataset that skips an unreadable
+    file returns the next item in its place: such stand-ins are left out (a probe must not count
+    one image twice), with a warning."""
     if isinstance(source, torch.Tensor):
         return source, labels
     loader = torch.utils.data.DataLoader(source, batch_size=batch_size, num_workers=num_workers)
     batches = list(loader)
-    return (torch.cat([b["image"] for b in batches]),
-            torch.cat([b["labels"] for b in batches]) if labels is not None else None)
+    images = torch.cat([b["image"] for b in batches])
+    labels = torch.cat([b["labels"] for b in batches]) if labels is not None else None
+    expected = getattr(source, "ids", None)
+    if expected is not None:
+        got = [i for b in batches for i in b["id"]]
+        own = torch.tensor([a == b for a, b in zip(got, expected, strict=True)])
+        if not own.all():
+            warnings.warn(f"{int((~own).sum())} unreadable images left out of the probe",
+                          stacklevel=2)
+            images, labels = images[own], None if labels is None else labels[own]
+    return images, labels
 
 
 def intensity_stats(config: TrainConfig, source) -> tuple[float, float]:
