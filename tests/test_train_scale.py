@@ -182,9 +182,12 @@ def test_corrupt_latest_checkpoint_falls_back_and_continues_exactly(tmp_path):
     (tmp_path / "full" / "ckpt-00000006.pt").write_bytes(b"torn")
     with open(tmp_path / "full" / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "lo')  # and a torn metrics line, as a kill -9 leaves
-    with pytest.warns(UserWarning, match="could not read"):
+    with pytest.warns(UserWarning) as caught:
         summary = train(config, tmp_path / "full", resume=tmp_path / "full")
+    messages = " ".join(str(w.message) for w in caught)
+    assert "could not read" in messages and "set aside unreadable ckpt-00000006.pt" in messages
     assert summary["steps"] == 6 and _records(tmp_path / "full") == reference
+    assert (tmp_path / "full" / "ckpt-00000006.pt.corrupt").read_bytes() == b"torn"
 
 
 def test_nan_batch_is_skipped_and_the_run_continues(tmp_path, monkeypatch):
