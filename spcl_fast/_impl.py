@@ -28,8 +28,12 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_impl(impl: str, tensor: torch.Tensor, op: str) -> str:
+def resolve_impl(impl: str, tensor: torch.Tensor, op: str, triton_fits: bool = True) -> str:
     """Return ``"triton"`` or ``"torch"`` for running ``op`` on ``tensor``'s device.
+
+    ``triton_fits=False`` says the kernel does not cover these inputs (e.g. a head dim outside
+    its range): ``"auto"`` then picks the PyTorch path, while an explicit ``"triton"`` goes on
+    to the op's own check, which names the limit.
 
     Raises ``ValueError`` for an unknown name and ``RuntimeError`` when ``"triton"`` is asked for
     explicitly (argument or environment) but cannot run here.
@@ -57,4 +61,4 @@ def resolve_impl(impl: str, tensor: torch.Tensor, op: str) -> str:
                 f"triton is imported to run the kernels on {tensor.device} tensors (slow)"
             )
         return "triton"
-    return "triton" if (can_run and tensor.is_cuda) else "torch"
+    return "triton" if (can_run and tensor.is_cuda and triton_fits) else "torch"

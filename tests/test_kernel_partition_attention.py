@@ -403,6 +403,20 @@ def test_gpu_fp32_odd_head_dims(head_dim):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [8, 160])
+def test_gpu_auto_runs_head_dims_outside_the_kernel_in_pytorch(head_dim):
+    plan = sample_partitions(4, 49, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    q, k, v = torch.randn(3, 4 * 49, 2, head_dim, device=DEVICE).unbind(0)
+    out = partition_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, plan.token_index)
+    want = partition_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, plan.token_index,
+                               impl="torch")
+    torch.testing.assert_close(out, want)
+    with pytest.raises(ValueError, match="supports head_dim"):
+        partition_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, plan.token_index,
+                            impl="triton")
+
+
+@pytest.mark.gpu
 def test_gpu_long_segment():
     _check([1100, 3, 700], 2, 64, torch.bfloat16)
 

@@ -138,6 +138,9 @@ def _bwd_flops(
     return flops.attention_bwd_flops(lengths, q.shape[1], q.shape[2])
 
 
+TRITON_HEAD_DIMS = (16, 128)  # head dims the kernel's tiles cover; "auto" uses PyTorch outside
+
+
 def _validate(q, k, v, cu_seqlens, max_seqlen, token_index, impl) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
@@ -158,11 +161,12 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, token_index, impl) -> None:
     )
     if impl == "triton":
         head_dim = q.shape[-1]
+        lo, hi = TRITON_HEAD_DIMS
         require(
-            16 <= head_dim <= 128,
+            lo <= head_dim <= hi,
             OP,
-            lambda: f"impl='triton' supports head_dim (Dh) from 16 to 128, got Dh={head_dim} "
-            f"(use impl='torch' for other head dims)",
+            lambda: f"impl='triton' supports head_dim (Dh) from {lo} to {hi}, got Dh={head_dim} "
+            f"(impl='auto' or 'torch' runs other head dims in PyTorch)",
         )
     allowed = FLOAT_DTYPES if impl == "triton" else FLOAT_DTYPES + (torch.float64,)
     require_dtype(q, "q", OP, allowed)
@@ -253,7 +257,8 @@ def partition_attention(
             written back to them; rows in no segment get zeros). Rows must not repeat and need
             not be sorted.
         softmax_scale: scale of ``q k^T`` before the softmax; default ``Dh ** -0.5``.
-        impl: ``"auto"`` (Triton on CUDA, PyTorch otherwise; env ``SPCL_FAST_IMPL`` overrides),
+        impl: ``"auto"`` (Triton on CUDA for head dims 16 to 128, PyTorch otherwise; env
+            ``SPCL_FAST_IMPL`` overrides),
             ``"triton"`` or ``"torch"``.
 
     Returns:
@@ -272,7 +277,9 @@ def partition_attention(
         torch.Size([32, 4, 32])
         >>> out.sum().backward()
     """
-    impl = resolve_impl(impl, q, OP)
+    lo, hi = TRITON_HEAD_DIMS
+    fits = not isinstance(q, torch.Tensor) or lo <= q.shape[-1] <= hi
+    impl = resolve_impl(impl, q, OP, triton_fits=fits)
     _validate(q, k, v, cu_seqlens, max_seqlen, token_index, impl)
     require(q.shape[-1] >= 1, OP, "head_dim (Dh) must be at least 1")
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
