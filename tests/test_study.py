@@ -39,6 +39,8 @@ def test_study_table_resume_and_plot(tiny, tmp_path, monkeypatch):
     assert (tmp_path / "synthetic" / "timing-mae" / "metrics.jsonl").exists()
     saved = json.loads((tmp_path / "study.json").read_text())
     assert saved["markdown"] == result["markdown"]
+    env = saved["environment"]  # where the times were taken
+    assert env["torch"] and env["cpu_count"] >= 1 and env["torch_threads"] >= 1 and env["device"]
     assert "| spcl | " in result["markdown"] and "raw pixels (image)" in result["markdown"]
     assert (tmp_path / "study.png").stat().st_size > 0
 

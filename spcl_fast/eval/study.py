@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shutil
 import statistics
 import time
@@ -343,11 +344,30 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     result = {"sets": sets, "seeds": seeds, "recipes": {r: RECIPES[r][0] for r in recipes},
               "table": table, "markdown": text, "runs": records,
-              "seconds": time.time() - started}
+              "seconds": time.time() - started, "environment": _environment()}
     write_results(out / "study.json", result)
     plot(table, sets, out / "study.png")
     print(f"wrote {out / 'study.json'} and {out / 'study.png'}")
     return result
+
+
+def _environment() -> dict:
+    """Where the times of a study were taken: versions, machine, threads, commit."""
+    import platform
+    import subprocess
+
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    cuda = torch.cuda.is_available()
+    return {"torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if cuda else "cpu", "commit": commit}
 
 
 if __name__ == "__main__":
