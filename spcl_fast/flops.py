@@ -24,23 +24,54 @@ ATTENTION_BWD_FACTOR = 2.5  # backward: 5 matmuls (S, dV, dP, dQ, dK) vs the for
 
 
 def linear_flops(rows: int, in_features: int, out_features: int) -> int:
-    """Forward FLOPs of ``rows`` tokens through a Linear layer (bias adds ignored)."""
+    """Forward FLOPs of ``rows`` tokens through a Linear layer (bias adds ignored):
+    ``2 * rows * in_features * out_features``, a host int.
+
+    Example::
+
+        >>> linear_flops(4, 8, 16)
+        1024
+    """
     return 2 * rows * in_features * out_features
 
 
 def attention_flops(seqlens: Sequence[int], num_heads: int, head_dim: int) -> int:
     """Forward FLOPs of non-causal attention inside segments of the given lengths:
-    ``4 * sum(L^2) * H * Dh`` (``Q K^T`` and ``P V``)."""
+    ``4 * sum(L^2) * H * Dh`` (``Q K^T`` and ``P V``), a host int.
+
+    Args:
+        seqlens: length ``L`` of each segment (ints, or a ``(S,)`` int tensor).
+        num_heads: ``H``.
+        head_dim: ``Dh``.
+
+    Example::
+
+        >>> attention_flops([3, 5], num_heads=2, head_dim=4)  # 4 * (9 + 25) * 2 * 4
+        1088
+    """
     return 4 * sum(int(n) * int(n) for n in seqlens) * num_heads * head_dim
 
 
 def attention_bwd_flops(seqlens: Sequence[int], num_heads: int, head_dim: int) -> int:
-    """Backward FLOPs of :func:`attention_flops` (2.5x the forward)."""
+    """Backward FLOPs of :func:`attention_flops` (2.5x the forward), same arguments; a host int.
+
+    Example::
+
+        >>> attention_bwd_flops([3, 5], num_heads=2, head_dim=4)
+        2720
+    """
     return int(ATTENTION_BWD_FACTOR * attention_flops(seqlens, num_heads, head_dim))
 
 
 def info_nce_flops(num_queries: int, num_keys: int, dim: int) -> int:
-    """Forward FLOPs of the similarity logits of an InfoNCE loss (one ``M x d @ d x M`` matmul)."""
+    """Forward FLOPs of the similarity logits of an InfoNCE loss (one ``M x d @ d x M`` matmul):
+    ``2 * num_queries * num_keys * dim``, a host int.
+
+    Example::
+
+        >>> info_nce_flops(4, 4, 8)
+        256
+    """
     return 2 * num_queries * num_keys * dim
 
 
@@ -62,6 +93,22 @@ def vit_forward_flops(
     ``sum(seqlens)`` tokens in segments (a dense forward is one segment of ``num_patches`` per
     image). Returns the parts: ``patch_embed``, ``linear`` (qkv, proj, MLP of all blocks) and
     ``attention``.
+
+    Args:
+        num_images, num_patches: ``B`` and ``N`` for the patch embedding.
+        seqlens: length of each segment the blocks run on (ints).
+        embed_dim, depth, num_heads, mlp_hidden: the encoder's ``D``, blocks, heads and MLP
+            width.
+        patch_size, in_chans: the patch embedding's kernel (``in_chans * patch_size**2`` inputs).
+
+    Returns:
+        ``{"patch_embed": int, "linear": int, "attention": int}`` forward FLOPs.
+
+    Example::
+
+        >>> vit_forward_flops(num_images=2, num_patches=4, seqlens=[2, 2, 2, 2], embed_dim=8,
+        ...                   depth=1, num_heads=2, mlp_hidden=32, patch_size=2)
+        {'patch_embed': 512, 'linear': 12288, 'attention': 512}
     """
     tokens = sum(int(n) for n in seqlens)
     d = embed_dim
@@ -79,6 +126,17 @@ def training_flops(forward: dict[str, int]) -> int:
 
     Linear layers cost 3x their forward (forward, input grad, weight grad); the patch
     embedding 2x (images need no grad); attention 1 + 2.5x; any other part 3x.
+
+    Args:
+        forward: ``{part: forward FLOPs}``, e.g. from :func:`vit_forward_flops`.
+
+    Returns:
+        total training FLOPs, a host int.
+
+    Example::
+
+        >>> training_flops({"patch_embed": 512, "linear": 12288, "attention": 512})
+        39680
     """
     factors = {"patch_embed": 2.0, "attention": 1.0 + ATTENTION_BWD_FACTOR}
     return int(sum(v * factors.get(k, 3.0) for k, v in forward.items()))
@@ -88,7 +146,14 @@ INFO_NCE_BWD_FACTOR = 2  # backward: the two gradient matmuls (G @ B, G^T @ A) v
 
 
 def info_nce_bwd_flops(num_queries: int, num_keys: int, dim: int) -> int:
-    """Backward FLOPs of :func:`info_nce_flops` (2x the forward: the gradients of both sides)."""
+    """Backward FLOPs of :func:`info_nce_flops` (2x the forward: the gradients of both sides),
+    same arguments; a host int.
+
+    Example::
+
+        >>> info_nce_bwd_flops(4, 4, 8)
+        512
+    """
     return INFO_NCE_BWD_FACTOR * info_nce_flops(num_queries, num_keys, dim)
 
 
@@ -97,7 +162,16 @@ def transformer_blocks_flops(
 ) -> dict[str, int]:
     """Forward FLOPs of ``depth`` pre-norm transformer blocks on segments of the given lengths
     (a dense ``(B, N, D)`` batch is ``[N] * B``): parts ``linear`` and ``attention``, as in
-    :func:`vit_forward_flops` without the patch embedding (e.g. MAE's decoder)."""
+    :func:`vit_forward_flops` without the patch embedding (e.g. MAE's decoder).
+
+    Returns:
+        ``{"linear": int, "attention": int}`` forward FLOPs.
+
+    Example::
+
+        >>> transformer_blocks_flops([4, 4], embed_dim=8, depth=1, num_heads=2, mlp_hidden=32)
+        {'linear': 12288, 'attention': 1024}
+    """
     parts = vit_forward_flops(
         num_images=0, num_patches=0, seqlens=seqlens, embed_dim=embed_dim, depth=depth,
         num_heads=num_heads, mlp_hidden=mlp_hidden, patch_size=1,
@@ -106,7 +180,19 @@ def transformer_blocks_flops(
 
 
 def add_parts(*parts: dict[str, int]) -> dict[str, int]:
-    """Sum FLOP breakdowns key by key (``training_flops`` weighs each key by its own factor)."""
+    """Sum FLOP breakdowns key by key (``training_flops`` weighs each key by its own factor).
+
+    Args:
+        *parts: ``{part: FLOPs}`` dicts.
+
+    Returns:
+        one ``{part: FLOPs}`` dict with the union of the keys.
+
+    Example::
+
+        >>> add_parts({"linear": 1, "attention": 2}, {"linear": 10, "patch_embed": 5})
+        {'linear': 11, 'attention': 2, 'patch_embed': 5}
+    """
     total: dict[str, int] = {}
     for p in parts:
         for k, v in p.items():
@@ -127,7 +213,16 @@ def add_parts(*parts: dict[str, int]) -> dict[str, int]:
 
 
 def register_cpu_sdpa_flop_formulas() -> None:
-    """Teach ``FlopCounterMode`` the CPU flash-attention ops (idempotent)."""
+    """Teach ``FlopCounterMode`` the CPU flash-attention ops (idempotent; runs at import).
+
+    Example::
+
+        >>> register_cpu_sdpa_flop_formulas()  # a no-op the second time
+        >>> q = torch.randn(1, 2, 4, 8)  # (B, H, L, Dh)
+        >>> sdpa = torch.nn.functional.scaled_dot_product_attention
+        >>> measure_flops(lambda: sdpa(q, q, q)) == attention_flops([4], 2, 8)
+        True
+    """
     aten = torch.ops.aten
     fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -151,6 +246,12 @@ register_cpu_sdpa_flop_formulas()  # at import, like the custom ops register the
 def measure_flops(fn) -> int:
     """FLOPs ``FlopCounterMode`` counts while ``fn()`` runs (forward, and backward if ``fn``
     calls it).
+
+    Args:
+        fn: a callable taking no arguments; its return value is discarded.
+
+    Returns:
+        FLOPs counted (matmuls, convolutions, attention), a host int.
 
     Example::
 
@@ -201,6 +302,17 @@ def method_train_flops(
     matmuls. Built on the meta device (no memory, no init cost) and counted by the method's own
     ``train_flops``; random token counts (``ratio_range``) average over ``batch_size`` images.
 
+    Args:
+        method: ``"spcl"``, ``"mae"`` or ``"dino"``.
+        model: a ``spcl_fast.nn`` preset name.
+        img_size, patch_size: encoder geometry.
+        batch_size: images in the step the plan is drawn for.
+        seed: seed of the plan's generator.
+        **kwargs: the method's keyword arguments (e.g. ``keep=0.5``, ``ratio_range=(lo, hi)``).
+
+    Returns:
+        training FLOPs per image, a float.
+
     Example::
 
         >>> round(method_train_flops("spcl", "vit_base_patch16") / 1e9, 1)
@@ -224,7 +336,20 @@ def flops_table(
 ) -> list[dict]:
     """One record per (variant, model): ``method``, ``variant``, ``model``, ``model_name``,
     ``img_size``, ``gflops`` (2 x MAC), ``gmacs`` and ``vs_spcl`` (ratio to the first S-PCL
-    variant of the same model)."""
+    variant of the same model).
+
+    Args:
+        models: ``spcl_fast.nn`` preset names (patch 16).
+        img_size: image side in pixels.
+        variants: ``(method, label, method kwargs)`` triples, as in :data:`VARIANTS`.
+
+    Example::
+
+        >>> recs = flops_table(["vit_small_patch16"], img_size=64,
+        ...                    variants=[VARIANTS[0], VARIANTS[2]])
+        >>> [(r["variant"], r["gflops"], r["vs_spcl"]) for r in recs]
+        [('50/50 split', 2.056, 1.0), ('keep 0.5 (two 25% subsets)', 1.031, 0.501)]
+    """
     records = []
     for model in models:
         base = None
@@ -241,7 +366,24 @@ def flops_table(
 
 
 def format_table(records: list[dict]) -> str:
-    """Rows = method variants, columns = models, cells = ``GFLOPs (GMACs)`` per image."""
+    """Rows = method variants, columns = models, cells = ``GFLOPs (GMACs) xRatio`` per image.
+
+    Args:
+        records: dicts with ``method``, ``variant``, ``model``, ``gflops``, ``gmacs`` and
+            ``vs_spcl``, as :func:`flops_table` returns.
+
+    Returns:
+        the table as one string.
+
+    Example::
+
+        >>> recs = [dict(method="spcl", variant="50/50 split", model="ViT-S/16", gflops=26.3,
+        ...              gmacs=13.15, vs_spcl=1.0)]
+        >>> print(format_table(recs))
+        method  variant                                   ViT-S/16
+        ----------------------------------------------------------
+        spcl    50/50 split                      26.3 (13.2) x1.00
+    """
     models = list(dict.fromkeys(r["model"] for r in records))
     rows = list(dict.fromkeys((r["method"], r["variant"]) for r in records))
     cell = {(r["method"], r["variant"], r["model"]): r for r in records}
@@ -258,7 +400,22 @@ def format_table(records: list[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    """``python -m spcl_fast.flops [--json] [--img-size S] [--models NAME ...]``."""
+    """``python -m spcl_fast.flops [--json] [--img-size S] [--models NAME ...]``.
+
+    Args:
+        argv: command-line arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        the records of :func:`flops_table`, also printed (a table, or JSON with ``--json``).
+
+    Example::
+
+        >>> import contextlib, io
+        >>> with contextlib.redirect_stdout(io.StringIO()) as out:
+        ...     recs = main(["--json", "--img-size", "64", "--models", "vit_small_patch16"])
+        >>> len(recs), recs[0]["gflops"], json.loads(out.getvalue()) == recs
+        (6, 2.056, True)
+    """
     parser = argparse.ArgumentParser(
         prog="python -m spcl_fast.flops",
         description="Training FLOPs per image of S-PCL (and variants), MAE and DINO.",

@@ -27,6 +27,23 @@ class PartitionPlan:
         max_seqlen: longest segment, as a host int (kernels size their grids with it).
         num_images: ``B``.
         num_tokens: ``N``, tokens per image.
+
+    Plans come from :func:`sample_partitions`; built by hand, a plan must keep segments in
+    order (``K`` consecutive segments per image) and never repeat a row.
+
+    Example::
+
+        >>> # image 0 (rows 0-3): A = {0, 3}, B = {1, 2}; image 1 (rows 4-7): A = {5}, B = rest
+        >>> plan = PartitionPlan(
+        ...     token_index=torch.tensor([0, 3, 1, 2, 5, 4, 6, 7]),
+        ...     cu_seqlens=torch.tensor([0, 2, 4, 5, 8], dtype=torch.int32),
+        ...     max_seqlen=3, num_images=2, num_tokens=4)
+        >>> plan.num_segments, plan.subsets_per_image, plan.total_tokens
+        (4, 2, 8)
+        >>> plan.seqlens.tolist(), plan.segment_ids().tolist()
+        ([2, 2, 1, 3], [0, 0, 1, 1, 2, 3, 3, 3])
+        >>> sample_partitions(2, 4, generator=torch.Generator().manual_seed(0)).cu_seqlens
+        tensor([0, 2, 4, 6, 8], dtype=torch.int32)
     """
 
     token_index: torch.Tensor
@@ -37,6 +54,7 @@ class PartitionPlan:
 
     @property
     def num_segments(self) -> int:
+        """``KB``: segments in the plan (``K`` per image)."""
         return self.cu_seqlens.numel() - 1
 
     @property
@@ -60,6 +78,7 @@ class PartitionPlan:
         return torch.repeat_interleave(seg, self.seqlens.long(), output_size=self.total_tokens)
 
     def to(self, device: torch.device | str) -> PartitionPlan:
+        """The same plan with its tensors on ``device`` (non-blocking copies)."""
         return PartitionPlan(
             self.token_index.to(device, non_blocking=True),
             self.cu_seqlens.to(device, non_blocking=True),

@@ -42,7 +42,30 @@ def build_dataset(name: str, root: str | None = None, split: str = "train", imag
                   **kwargs):
     """Build a dataset by name (one of :data:`DATASETS`) for a split
     (``train``/``val``/``test``/``all``); ``root`` is ignored for ``synthetic``. ``kwargs`` go
-    to the class (e.g. ``cache=``, ``on_error="skip"``, ``seed=``, ``uncertain=``)."""
+    to the class (e.g. ``cache=``, ``on_error="skip"``, ``seed=``, ``uncertain=``).
+
+    Args:
+        name: ``"synthetic"``, ``"chestxray14"``, ``"chexpert"``, ``"rsna"``, ``"siim"`` or
+            ``"folder"``.
+        root: the dataset's folder in its official layout (required except for ``synthetic``).
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"`` (patient-disjoint).
+        image_size: side ``S`` of the square images.
+        **kwargs: passed to the dataset class (``num_images=`` for ``synthetic``).
+
+    Returns:
+        a map-style dataset whose items are ``{"image": float32 (1, S, S) in [0, 1],
+        "labels": float32 (C,) (NaN = unknown), "id": str}`` (plus ``"mask"`` for SIIM), with
+        ``labels`` float32 ``(n, C)``, ``ids`` and ``class_names``.
+
+    Example::
+
+        >>> ds = build_dataset("synthetic", split="val", image_size=32, num_images=4)
+        >>> item = ds[0]
+        >>> len(ds), item["image"].shape, item["image"].dtype, item["labels"].shape, item["id"]
+        (4, torch.Size([1, 32, 32]), torch.float32, torch.Size([5]), 'synthetic-val-000000')
+        >>> ds.labels.shape, ds.class_names[:2]
+        (torch.Size([4, 5]), ('cardiomegaly', 'effusion'))
+    """
     if name == "synthetic":
         return SyntheticCXR(split=split, image_size=image_size, **kwargs)
     if name in _CLASSES:

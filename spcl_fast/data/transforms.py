@@ -17,6 +17,26 @@ def normalize_images(
     an image); ``"equalize"``: per-image histogram equalisation (each pixel replaced by its
     intensity rank, scaled to zero mean and unit variance), which undoes any monotone change of
     window, exposure or gamma; ``"none"``: unchanged.
+
+    Args:
+        x: ``(B, C, S, S)`` float images in ``[0, 1]`` (any ``(B, ...)`` shape works: per-image
+            statistics are over all non-batch dimensions).
+        mode: one of :data:`NORMALIZE_MODES`.
+        mean, std: the dataset constants of ``"dataset"`` mode.
+
+    Returns:
+        ``x``'s shape and dtype (``x`` itself for ``"none"``).
+
+    Example::
+
+        >>> x = torch.tensor([0.0, 0.25, 0.5, 1.0]).view(1, 1, 2, 2)
+        >>> normalize_images(x, "dataset").flatten().tolist()  # (x - 0.5) / 0.25
+        [-2.0, -1.0, 0.0, 2.0]
+        >>> y = normalize_images(x, "image")
+        >>> abs(y.mean().item()) < 1e-6, round(y.std().item(), 4)  # per image
+        (True, 1.0)
+        >>> normalize_images(x, "equalize").flatten().mul(1000).round().tolist()  # ranks only
+        [-1299.0, -433.0, 433.0, 1299.0]
     """
     if mode == "dataset":
         return (x - mean) / std

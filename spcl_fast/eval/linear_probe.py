@@ -142,6 +142,29 @@ def linear_probe(
     result holds ``mean_auroc``, ``per_class_auroc`` (test), ``val_mean_auroc``,
     ``val_per_class_auroc``, ``l2`` (chosen), ``l2_grid_val`` (val mean AUROC per strength) and,
     with ``return_scores``, ``test_scores`` (``(n, C)`` logits, a tensor).
+
+    Args:
+        train, val, test: ``(features (n, D) float32, labels (n, C) float32 of 0/1/NaN)``.
+        l2_grid: L2 strengths tried on the training split.
+        steps: L-BFGS iterations per fit.
+        class_names: ``C`` names keying the per-class results (default ``"0"``, ``"1"``, ...).
+        return_scores: also return the test logits.
+
+    Returns:
+        a dict of floats (AUROCs, ``l2``), ``{name: float}`` dicts and, optionally, a tensor.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> def split(n):  # D = 4 features; label c is the sign of feature c (C = 2)
+        ...     x = torch.randn(n, 4, generator=g)
+        ...     return x, (x[:, :2] > 0).float()
+        >>> res = linear_probe(split(64), split(32), split(32), l2_grid=(1e-3, 1e-1), steps=20,
+        ...                    class_names=["a", "b"], return_scores=True)
+        >>> res["l2"] in (1e-3, 1e-1), res["mean_auroc"] > 0.9, list(res["per_class_auroc"])
+        (True, True, ['a', 'b'])
+        >>> res["test_scores"].shape
+        torch.Size([32, 2])
     """
     mean = train[0].mean(0)
     std = train[0].std(0).clamp(min=1e-6)

@@ -20,6 +20,30 @@ class VarlenAttention(nn.Module):
       segment order; otherwise ``x`` holds all ``B*N`` tokens in image order (the in-place
       layout; a class-token encoder appends one row per segment after them) and rows in no
       segment come out as ``proj.bias``.
+
+    Args:
+        dim: ``D = H * Dh``, the token width.
+        num_heads: ``H`` (``D % H == 0``).
+        qkv_bias: bias in ``qkv`` (``Linear(D, 3D)``).
+        impl: varlen kernel choice passed to :func:`spcl_fast.partition_attention`.
+
+    ``cu_seqlens`` is ``(S+1,)`` int32, ``max_seqlen`` a host int and ``token_index`` ``(T,)``
+    int64, as a :class:`~spcl_fast.partition.PartitionPlan` holds them. The output has ``x``'s
+    shape and dtype.
+
+    Example::
+
+        >>> from spcl_fast import sample_partitions
+        >>> attn = VarlenAttention(64, num_heads=2)
+        >>> x = torch.randn(2, 16, 64)
+        >>> attn(x).shape  # dense
+        torch.Size([2, 16, 64])
+        >>> plan = sample_partitions(2, 16, generator=torch.Generator().manual_seed(0))
+        >>> rows = x.reshape(32, 64)
+        >>> packed = attn(rows[plan.token_index], plan.cu_seqlens, plan.max_seqlen)
+        >>> inplace = attn(rows, plan.cu_seqlens, plan.max_seqlen, plan.token_index)
+        >>> packed.shape, torch.allclose(packed, inplace[plan.token_index], atol=1e-5)
+        (torch.Size([32, 64]), True)
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, impl: str = "auto"):

@@ -67,7 +67,31 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
+
+    Args:
+        dim: ``D``, the token width.
+        num_heads: ``H`` attention heads (``D % H == 0``).
+        mlp_ratio: MLP hidden width as a multiple of ``D``.
+        qkv_bias: bias in the ``qkv`` projection.
+        drop_path: stochastic-depth rate (dense mode only).
+        impl: varlen attention implementation (``"auto"|"triton"|"torch"``).
+
+    ``forward(x, cu_seqlens=None, max_seqlen=None, token_index=None)`` returns ``x``'s shape
+    and dtype: dense ``x (B, N, D)``, or ``x (R, D)`` rows that attend within the segments of
+    ``cu_seqlens`` (``(S+1,)`` int32), packed or in place (see :class:`VarlenAttention`).
+
+    Example::
+
+        >>> from spcl_fast import sample_partitions
+        >>> blk = Block(64, num_heads=2)
+        >>> blk(torch.randn(2, 16, 64)).shape  # dense
+        torch.Size([2, 16, 64])
+        >>> plan = sample_partitions(2, 16, generator=torch.Generator().manual_seed(0))
+        >>> rows = torch.randn(2 * 16, 64)[plan.token_index]  # packed: (T, D) in segment order
+        >>> blk(rows, plan.cu_seqlens, plan.max_seqlen).shape
+        torch.Size([32, 64])
+    """
 
     def __init__(
         self,
@@ -92,7 +116,24 @@ class Block(nn.Module):
 
 
 def sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embeddings (MAE's), ``(grid_size**2, embed_dim)``."""
+    """Fixed 2-D sine-cosine position embeddings (MAE's), ``(grid_size**2, embed_dim)``.
+
+    Args:
+        embed_dim: ``D``, a multiple of 4: the first half of the channels encodes the column,
+            the second half the row, each as ``D/4`` sines then ``D/4`` cosines.
+        grid_size: ``G``, patches per side; row ``i`` is the patch at ``(i // G, i % G)``.
+
+    Returns:
+        ``(G*G, D)`` float32 (computed in float64).
+
+    Example::
+
+        >>> pe = sincos_pos_embed(8, grid_size=4)
+        >>> pe.shape, pe.dtype
+        (torch.Size([16, 8]), torch.float32)
+        >>> pe[0].tolist()  # patch (0, 0): sin 0 and cos 0 for every frequency
+        [0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    """
     if embed_dim % 4:
         raise ValueError(f"sin-cos position embeddings need embed_dim % 4 == 0, got {embed_dim}")
     coords = torch.arange(grid_size, dtype=torch.float64)
@@ -109,7 +150,8 @@ class VisionTransformer(nn.Module):
     """ViT encoder for 1-channel radiographs (any size that is a multiple of the patch).
 
     Args:
-        img_size, patch_size, in_chans: input geometry; ``N = (img_size / patch_size) ** 2``.
+        img_size, patch_size, in_chans: input geometry, images ``(B, in_chans, S, S)`` float
+            with ``S = img_size``; ``N = (img_size / patch_size) ** 2`` patch tokens per image.
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the usual ViT width and depth.
         pos_embed: ``"learned"`` (trunc-normal init), ``"sincos"`` (fixed, not trained) or
             ``"none"`` (zeros, not trained: the tokens carry no position, so every subset is a
@@ -127,6 +169,25 @@ class VisionTransformer(nn.Module):
           (with its own class token) encoded on its own, final-normed and pooled like
           ``forward``; row ``2b`` is subset A of image ``b``, row ``2b+1`` its subset B (``K``
           rows per image for a plan of ``K`` subsets).
+        * ``patch_tokens(images) -> (B, N, D)``: the patch tokens of ``forward_features``.
+
+    Outputs are in the parameters' dtype (the autocast dtype under autocast).
+
+    Example::
+
+        >>> from spcl_fast import sample_partitions
+        >>> vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+        >>> images = torch.rand(2, 1, 32, 32)  # B = 2, N = (32 / 8) ** 2 = 16
+        >>> vit(images).shape, vit.forward_features(images).shape, vit.patch_tokens(images).shape
+        (torch.Size([2, 64]), torch.Size([2, 16, 64]), torch.Size([2, 16, 64]))
+        >>> plan = sample_partitions(2, 16, generator=torch.Generator().manual_seed(0))
+        >>> z = vit.forward_partitioned(images, plan)  # rows 2b, 2b+1: subsets A, B of image b
+        >>> z.shape, torch.allclose(z, vit.forward_partitioned(images, plan, "inplace"), atol=1e-5)
+        (torch.Size([4, 64]), True)
+        >>> cls_vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2,
+        ...                             num_heads=2, class_token=True)
+        >>> cls_vit.forward_features(images).shape, cls_vit.forward_partitioned(images, plan).shape
+        (torch.Size([2, 17, 64]), torch.Size([4, 64]))
     """
 
     def __init__(
@@ -193,6 +254,8 @@ class VisionTransformer(nn.Module):
         return self.patch_embed(images) + self.pos_embed
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``images (B, C, S, S)`` -> ``(B, P + N, D)``: every token's final-normed output, the
+        class token first when there is one (``P = num_prefix_tokens``)."""
         x = self.embed(images)
         if self.num_prefix_tokens:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
@@ -201,6 +264,8 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``images (B, C, S, S)`` -> ``(B, D)``: the class token's output, else the mean of
+        the patch tokens of :meth:`forward_features`."""
         x = self.forward_features(images)
         return x[:, 0] if self.num_prefix_tokens else x.mean(dim=1)
 
@@ -211,6 +276,20 @@ class VisionTransformer(nn.Module):
     def forward_partitioned(
         self, images: torch.Tensor, plan: PartitionPlan, layout: str = "packed"
     ) -> torch.Tensor:
+        """Encode each segment of ``plan`` on its own; one pooled, final-normed row per segment.
+
+        Args:
+            images: ``(B, C, S, S)`` float.
+            plan: a :class:`~spcl_fast.partition.PartitionPlan` for ``B`` images of
+                ``N = num_patches`` tokens, on the images' device.
+            layout: ``"packed"`` gathers the plan's ``T`` rows once and every block works on
+                ``(T, D)``; ``"inplace"`` keeps all ``B*N`` rows in image order and gathers
+                inside the attention kernel. Same result.
+
+        Returns:
+            ``(KB, D)``: row ``s`` pools segment ``s`` (its class token, else the mean of its
+            tokens; an empty segment without a class token gives zeros).
+        """
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         b = images.shape[0]
@@ -260,8 +339,22 @@ def _with_prefix_rows(plan: PartitionPlan, first_row: int):
 
 
 def segment_mean(x: torch.Tensor, plan: PartitionPlan) -> torch.Tensor:
-    """Mean of the packed rows ``x (T, D)`` of each segment, ``(num_segments, D)``; an empty
-    segment pools to zeros."""
+    """Mean of the packed rows of each segment; an empty segment pools to zeros.
+
+    Args:
+        x: ``(T, D)`` float, rows in the plan's packed (segment) order.
+        plan: the :class:`~spcl_fast.partition.PartitionPlan` that defines the segments.
+
+    Returns:
+        ``(num_segments, D)`` in ``x``'s dtype.
+
+    Example::
+
+        >>> plan = PartitionPlan(torch.tensor([0, 3, 1, 2]),  # segments {0}, {3, 1, 2}, {}
+        ...                      torch.tensor([0, 1, 4, 4], dtype=torch.int32), 3, 1, 4)
+        >>> segment_mean(torch.tensor([[1.0], [2.0], [3.0], [7.0]]), plan).tolist()
+        [[1.0], [4.0], [0.0]]
+    """
     sums = x.new_zeros(plan.num_segments, x.shape[1]).index_add_(0, plan.segment_ids(), x)
     counts = plan.seqlens.clamp(min=1).to(x.dtype)[:, None]
     return sums / counts
@@ -276,7 +369,23 @@ PRESETS = {
 
 
 def create_vit(name: str, img_size: int = 224, patch_size: int = 16, **kwargs) -> VisionTransformer:
-    """Build a preset by name; keyword arguments override any ``VisionTransformer`` argument."""
+    """Build a preset by name; keyword arguments override any ``VisionTransformer`` argument.
+
+    Args:
+        name: a key of :data:`PRESETS` (``vit_{tiny,small,base,large}_patch16``): width, depth
+            and heads.
+        img_size, patch_size: input geometry (the names say "patch16"; ``patch_size`` wins).
+        **kwargs: any other :class:`VisionTransformer` argument, preset values included.
+
+    Returns:
+        a freshly initialised float32 :class:`VisionTransformer`.
+
+    Example::
+
+        >>> vit = create_vit("vit_small_patch16", img_size=32, patch_size=8, depth=2)
+        >>> vit.embed_dim, vit.num_heads, vit.depth, vit.num_patches
+        (384, 6, 2, 16)
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(PRESETS)}")
     return VisionTransformer(
@@ -285,7 +394,16 @@ def create_vit(name: str, img_size: int = 224, patch_size: int = 16, **kwargs) -
 
 
 def vit_tiny_patch16(**kwargs) -> VisionTransformer:
-    """ViT-Ti/16: width 192, depth 12, 3 heads."""
+    """ViT-Ti/16: width 192, depth 12, 3 heads; ``kwargs`` as in :func:`create_vit`.
+
+    Example::
+
+        >>> vit = vit_tiny_patch16(img_size=64)
+        >>> vit.embed_dim, vit.depth, vit.num_heads, vit.num_patches
+        (192, 12, 3, 16)
+        >>> vit(torch.rand(2, 1, 64, 64)).shape
+        torch.Size([2, 192])
+    """
     return create_vit("vit_tiny_patch16", **kwargs)
 
 

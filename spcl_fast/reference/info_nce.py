@@ -50,6 +50,28 @@ def info_nce_ref(
     the loss averages this with the ``z_b -> z_a`` direction. ``negatives="all"``: SimCLR's
     NT-Xent over the 2M x 2M matrix of ``cat(z_a, z_b)`` without self-similarities; with
     ``symmetric`` every one of the 2M rows is a query, without it only ``z_a``'s M rows.
+
+    Args:
+        z_a, z_b: ``(M, d)`` float, row ``i`` of each a positive pair; un-normalised.
+        temperature: logits are cosine similarities divided by it.
+        symmetric: average both directions (``"cross"``) or use all 2M queries (``"all"``).
+        negatives: ``"cross"`` (CLIP) or ``"all"`` (SimCLR NT-Xent).
+
+    Returns:
+        scalar ``()`` tensor in the input dtype, differentiable (autograd).
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> z_a = torch.randn(8, 16, generator=g)
+        >>> z_b = z_a + 0.1 * torch.randn(8, 16, generator=g)  # positives close to their pair
+        >>> loss = info_nce_ref(z_a, z_b)
+        >>> loss.shape, loss.dtype
+        (torch.Size([]), torch.float32)
+        >>> bool(loss < info_nce_ref(z_a, torch.randn(8, 16, generator=g)))  # vs random pairs
+        True
+        >>> info_nce_ref(z_a, z_b, negatives="all").shape
+        torch.Size([])
     """
     if negatives not in NEGATIVES:
         raise ValueError(f"info_nce_ref: negatives must be one of {NEGATIVES}, got {negatives!r}")
@@ -77,7 +99,20 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def default_chunk(num_queries: int, num_keys: int) -> int:
-    """Columns per block: about 4M logits per ``(Mq, chunk)`` temporary, at least 16."""
+    """Columns per block: about 4M logits per ``(Mq, chunk)`` temporary, at least 16.
+
+    Args:
+        num_queries: ``Mq``.
+        num_keys: ``Mk``.
+
+    Returns:
+        a host int in ``[16, max(Mk, 16)]``.
+
+    Example::
+
+        >>> default_chunk(8, 100), default_chunk(1000, 10 ** 6), default_chunk(10 ** 6, 10 ** 6)
+        (100, 4194, 16)
+    """
     return max(16, min(max(num_keys, 1), _CHUNK_ELEMENTS // max(num_queries, 1)))
 
 
@@ -104,8 +139,31 @@ def info_nce_chunked_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Statistics of one query/key problem (module docstring), streamed over key blocks.
 
-    Returns ``(row_lse (Mq,), pos (Mq,), col_lse (Mk,) or (0,), inv_q (Mq,), inv_k (Mk,))``.
-    Peak extra memory is a few ``(Mq, chunk)`` blocks plus ``O((Mq + Mk) d)``.
+    Args:
+        zq: ``(Mq, d)`` float query rows; ``zk``: ``(Mk, d)`` key rows, same dtype.
+        scale: logit scale (``1 / temperature``).
+        key_offset, pos_shift, pos_mod: the positive key of query ``i`` is
+            ``(i + pos_shift) % pos_mod + key_offset`` (``pos_mod`` defaults to ``Mq``).
+        self_mask: exclude key ``i + key_offset`` from query ``i``'s candidates (NT-Xent).
+        col_lse: also return the column log-sum-exps (not with ``self_mask``).
+        chunk: key columns per block (default :func:`default_chunk`).
+
+    Returns ``(row_lse (Mq,), pos (Mq,), col_lse (Mk,) or (0,), inv_q (Mq,), inv_k (Mk,))``,
+    fp32 (fp64 for fp64 inputs). Peak extra memory is a few ``(Mq, chunk)`` blocks plus
+    ``O((Mq + Mk) d)``.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> z_a = torch.randn(8, 16, generator=g)
+        >>> z_b = z_a + torch.randn(8, 16, generator=g)
+        >>> row, pos, col, inv_a, inv_b = info_nce_chunked_fwd(z_a, z_b, 10.0, col_lse=True,
+        ...                                                    chunk=3)
+        >>> row.shape, col.shape, inv_a.shape
+        (torch.Size([8]), torch.Size([8]), torch.Size([8]))
+        >>> loss = 0.5 * ((row - pos).mean() + (col - pos).mean())  # CLIP: both directions
+        >>> torch.allclose(loss, info_nce_ref(z_a, z_b, temperature=0.1), atol=1e-5)
+        True
     """
     mq, mk = zq.shape[0], zk.shape[0]
     pos_mod = mq if pos_mod is None else pos_mod
@@ -160,6 +218,33 @@ def info_nce_chunked_bwd(
     ``g_q = scale * G @ n_k`` (all blocks) and ``g_k = scale * G^T @ n_q`` (this block), then
     applies the normalisation's backward ``dz = inv * (g - n <n, g>)`` where
     ``<n_i, g_i> = sum_j G[i, j] L[i, j]`` comes from the same blocks.
+
+    Args:
+        zq, zk, scale, key_offset, pos_shift, pos_mod, self_mask, chunk: as given to
+            :func:`info_nce_chunked_fwd`.
+        inv_q, inv_k, row_lse, col_lse: its outputs, ``(Mq,)``, ``(Mk,)``, ``(Mq,)`` and
+            ``(Mk,)`` or ``(0,)``.
+        d_row: ``(Mq,)`` gradient of ``row_lse``; ``d_col``: ``(Mk,)`` of ``col_lse``, or empty;
+            ``d_pos``: ``(Mq,)`` of ``pos``.
+
+    Returns:
+        ``(dzq (Mq, d), dzk (Mk, d))`` in the input dtype.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> z_a = torch.randn(8, 16, generator=g)
+        >>> z_b = z_a + torch.randn(8, 16, generator=g)
+        >>> row, pos, col, inv_a, inv_b = info_nce_chunked_fwd(z_a, z_b, 10.0, chunk=3)
+        >>> d_row, d_pos = torch.full((8,), 1 / 8), torch.full((8,), -1 / 8)  # mean(row - pos)
+        >>> dz_a, dz_b = info_nce_chunked_bwd(z_a, z_b, inv_a, inv_b, row, col, d_row,
+        ...                                   torch.empty(0), d_pos, 10.0, chunk=3)
+        >>> leaves = [z.clone().requires_grad_() for z in (z_a, z_b)]
+        >>> info_nce_ref(*leaves, temperature=0.1, symmetric=False).backward()
+        >>> dz_a.shape, dz_b.shape
+        (torch.Size([8, 16]), torch.Size([8, 16]))
+        >>> all(torch.allclose(t.grad, d, atol=1e-5) for t, d in zip(leaves, (dz_a, dz_b)))
+        True
     """
     mq, mk = zq.shape[0], zk.shape[0]
     pos_mod = mq if pos_mod is None else pos_mod

@@ -42,6 +42,33 @@ def partition_attention_ref(
 
     With ``upcast`` the maths runs in fp32 (fp64 stays fp64), as the kernels do; without it the
     maths runs in the input dtype, which is what DESIGN.md §5 calls ``ref_lp``.
+
+    Args:
+        q, k, v: ``(R, H, Dh)`` float, any float dtype.
+        cu_seqlens: ``(S+1,)`` int32 (or int64) segment offsets into the packed order.
+        token_index: ``(T,)`` int64 rows of ``q/k/v`` in segment order, or ``None`` when the
+            rows are already packed (``R == T``).
+        softmax_scale: scale of ``q k^T``; default ``Dh ** -0.5``.
+        upcast: compute in fp32 (fp64 for fp64 inputs) instead of the input dtype.
+
+    Returns:
+        ``(R, H, Dh)`` in ``q.dtype``, zeros in rows of no segment; differentiable (autograd).
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> q, k, v = torch.randn(3, 8, 2, 4, generator=g).unbind(0)  # R = 8, H = 2, Dh = 4
+        >>> cu_seqlens = torch.tensor([0, 3, 8], dtype=torch.int32)  # segments of 3 and 5 rows
+        >>> out = partition_attention_ref(q, k, v, cu_seqlens)
+        >>> out.shape, out.dtype
+        (torch.Size([8, 2, 4]), torch.float32)
+        >>> first = partition_attention_ref(q[:3], k[:3], v[:3], cu_seqlens[:2])
+        >>> torch.allclose(out[:3], first)  # a segment never sees another
+        True
+        >>> token_index = torch.tensor([5, 0, 2, 7])  # in place: rows 1, 3, 4, 6 in no segment
+        >>> out = partition_attention_ref(q, k, v, torch.tensor([0, 2, 4]), token_index)
+        >>> out[[1, 3, 4, 6]].abs().sum().item()
+        0.0
     """
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     rows = _packed_rows(q, token_index)
@@ -110,7 +137,30 @@ def partition_attention_torch_fwd(
     token_index: torch.Tensor | None,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded-batch forward; returns ``(out (R, H, Dh), lse (H, T))``."""
+    """Padded-batch forward; returns ``(out (R, H, Dh), lse (H, T))``.
+
+    Args:
+        q, k, v: ``(R, H, Dh)`` float.
+        cu_seqlens: ``(S+1,)`` int32 segment offsets into the packed order.
+        max_seqlen: longest segment, a host int (the padded length).
+        token_index: ``(T,)`` int64 rows in segment order, or ``None`` (packed, ``R == T``).
+        softmax_scale: scale of ``q k^T`` (no default, as in the Triton launcher).
+
+    Returns:
+        ``out`` ``(R, H, Dh)`` in ``q.dtype`` (zeros in rows of no segment) and the
+        log-sum-exp of each packed query row ``(H, T)``, fp32 (fp64 for fp64 inputs).
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> q, k, v = torch.randn(3, 8, 2, 4, generator=g).unbind(0)
+        >>> cu_seqlens = torch.tensor([0, 3, 8], dtype=torch.int32)
+        >>> out, lse = partition_attention_torch_fwd(q, k, v, cu_seqlens, 5, None, 4 ** -0.5)
+        >>> out.shape, lse.shape, lse.dtype
+        (torch.Size([8, 2, 4]), torch.Size([2, 8]), torch.float32)
+        >>> torch.allclose(out, partition_attention_ref(q, k, v, cu_seqlens), atol=1e-6)
+        True
+    """
     dtype = _compute_dtype(q.dtype)
     pad = _Padded(cu_seqlens, max_seqlen, _packed_rows(q, token_index))
     qp, kp, vp = (pad.gather(t, dtype) for t in (q, k, v))
@@ -134,7 +184,30 @@ def partition_attention_torch_bwd(
     token_index: torch.Tensor | None,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward from the saved ``lse``; returns ``(dq, dk, dv)``, each ``(R, H, Dh)``."""
+    """Backward from the saved ``lse``; returns ``(dq, dk, dv)``, each ``(R, H, Dh)``.
+
+    Args:
+        dout: ``(R, H, Dh)`` gradient of ``out``.
+        q, k, v, cu_seqlens, max_seqlen, token_index, softmax_scale: as given to
+            :func:`partition_attention_torch_fwd`.
+        out, lse: its outputs, ``(R, H, Dh)`` and ``(H, T)``.
+
+    Returns:
+        ``(dq, dk, dv)``, each ``(R, H, Dh)`` in ``q.dtype``, zeros in rows of no segment.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> q, k, v = torch.randn(3, 8, 2, 4, generator=g).unbind(0)
+        >>> cu_seqlens, scale = torch.tensor([0, 3, 8], dtype=torch.int32), 4 ** -0.5
+        >>> out, lse = partition_attention_torch_fwd(q, k, v, cu_seqlens, 5, None, scale)
+        >>> grads = partition_attention_torch_bwd(torch.ones_like(out), q, k, v, out, lse,
+        ...                                       cu_seqlens, 5, None, scale)
+        >>> leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        >>> partition_attention_ref(*leaves, cu_seqlens).sum().backward()
+        >>> all(torch.allclose(t.grad, d, atol=1e-5) for t, d in zip(leaves, grads))
+        True
+    """
     dtype = _compute_dtype(q.dtype)
     pad = _Padded(cu_seqlens, max_seqlen, _packed_rows(q, token_index))
     qp, kp, vp, op, dop = (pad.gather(t, dtype) for t in (q, k, v, out, dout))

@@ -16,6 +16,26 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Every setting of a training run: frozen, JSON round-trippable, one ``--key`` per field.
+
+    Fields (each documented by its comment below) group into data, model, method (S-PCL's
+    partitions and loss; ``mae_*``/``dino_*`` settings for the baselines), optimisation and run.
+    Presets (:data:`PRESETS`: ``demo``, ``smoke``, ``vit_{tiny,small,base,large}_{224,448,512}``)
+    are functions returning a ``TrainConfig``; :func:`apply_overrides` applies ``--key value``
+    strings; ``to_json()`` and ``from_dict(json.loads(...))`` save and load one.
+
+    Example::
+
+        >>> cfg = demo()
+        >>> cfg.model, cfg.embed_dim, cfg.depth, cfg.batch_size, cfg.steps, cfg.keep
+        ('vit_tiny_patch16', 192, 6, 64, 180, 0.5)
+        >>> cfg = apply_overrides(cfg, {"steps": "10", "ratio-range": "0.3,0.7"})
+        >>> cfg.steps, cfg.ratio_range
+        (10, (0.3, 0.7))
+        >>> TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
+        True
+    """
+
     # --- data
     dataset: str = "synthetic"  # synthetic, a dataset of spcl_fast.data, or a pool: name+name
     data_root: str | None = None  # dataset folder (real datasets); a pool: one per dataset, a,b
@@ -94,10 +114,13 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)  # free-form notes saved with the config
 
     def to_json(self) -> str:
+        """All fields as an indented JSON object (tuples become lists)."""
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
+        """A config from a dict of field values (e.g. a loaded ``to_json()``); unknown keys
+        raise ``ValueError``, lists become tuples where the field is a tuple."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -286,7 +309,27 @@ def parse_value(key: str, text: str, tp):
 
 
 def apply_overrides(config: TrainConfig, overrides: dict[str, str]) -> TrainConfig:
-    """Return ``config`` with string overrides parsed and applied; unknown keys raise."""
+    """Return ``config`` with string overrides parsed and applied; unknown keys raise.
+
+    Args:
+        config: the config to start from (not modified: it is frozen).
+        overrides: ``{key: text}``; keys are field names with dashes or underscores, texts are
+            parsed into the field's type (``"none"`` for optional fields, ``"yes"``/``"no"``
+            for booleans, ``"a,b"`` for pairs, JSON for ``extra``).
+
+    Returns:
+        a new :class:`TrainConfig`.
+
+    Example::
+
+        >>> cfg = apply_overrides(smoke(), {"lr": "3e-4", "class-token": "yes", "depth": "none"})
+        >>> cfg.lr, cfg.class_token, cfg.depth
+        (0.0003, True, None)
+        >>> apply_overrides(smoke(), {"step": "5"})
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown option --step; did you mean --steps?
+    """
     hints = typing.get_type_hints(TrainConfig)
     changes = {}
     for raw_key, text in overrides.items():
