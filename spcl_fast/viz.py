@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .partition import sample_partitions
-from .train.config import TrainConfig
+from .train.config import TrainConfig, demo
 
 # subset k's colour and name: A orange, B blue, then green, purple, red, brown, pink, grey
 COLOURS = [(1.0, 0.55, 0.0), (0.12, 0.47, 1.0), (0.17, 0.63, 0.17), (0.58, 0.4, 0.74),
@@ -140,10 +140,16 @@ def _overlay(ax, labels: torch.Tensor, size: int, alpha: float = 0.45) -> None:
 def _settings(checkpoint: str | None, image_size: int | None, patch_size: int | None):
     """(encoder or None, train config, normaliser) for the command line's choices."""
     if checkpoint is None:
-        config = TrainConfig()
         changes = {k: v for k, v in (("image_size", image_size), ("patch_size", patch_size))
                    if v is not None}
-        return None, dataclasses.replace(config, **changes), None
+        config = dataclasses.replace(demo(), **changes)  # what a plain training run uses
+        if config.patch_size < 1 or config.image_size % config.patch_size:
+            raise ValueError(f"image size {config.image_size} is not a multiple of the patch "
+                             f"size {config.patch_size}")
+        return None, config, None
+    if patch_size is not None:
+        raise ValueError("--patch-size comes from the checkpoint; leave it out with "
+                         "--checkpoint")
     from .eval.encoders import load_encoder, train_config
 
     loaded = load_encoder(checkpoint, image_size=image_size)
@@ -165,7 +171,7 @@ def draw_partition(image_spec: str, out: str | Path, checkpoint: str | None = No
     image = load_image(image_spec, config.image_size)
     labels = partition_grid(config, config.image_size // config.patch_size, seed)
     fig, axes = plt.subplots(1, 2, figsize=(7, 3.8), dpi=120)
-    _show(axes[0], image, image_spec)
+    _show(axes[0], image, Path(image_spec).name)
     sizes = [int((labels == k + 1).sum()) for k in range(config.num_subsets)]
     _show(axes[1], image, "tokens per subset: " + ", ".join(
         f"{subset_name(k)} {n}" for k, n in enumerate(sizes)))
@@ -193,7 +199,7 @@ def draw_attention(image_spec: str, checkpoint: str, out: str | Path,
     x = transform(image[None])
     k = config.num_subsets
     fig, axes = plt.subplots(1, 1 + k, figsize=(3.4 * (1 + k), 3.8), dpi=120)
-    _show(axes[0], image, image_spec)
+    _show(axes[0], image, Path(image_spec).name)
     _overlay(axes[0], labels.reshape(grid, grid), size)
     for ax, value in zip(axes[1:], range(1, k + 1), strict=True):
         name = subset_name(value - 1)
@@ -217,9 +223,18 @@ def draw_attention(image_spec: str, checkpoint: str, out: str | Path,
 
 def _save(fig, out, plt) -> Path:
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    if out.is_dir():
+        plt.close(fig)
+        raise ValueError(f"--out {out} is a folder; name the PNG to write")
+    if out.suffix.lower() != ".png":
+        out = out.with_name(out.name + ".png")  # what matplotlib would write anyway
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out)
+    except OSError as exc:
+        raise ValueError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    finally:
+        plt.close(fig)
     return out
 
 

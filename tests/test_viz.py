@@ -91,3 +91,19 @@ def test_subset_attention_with_a_class_token(tmp_path):
     out = main(["attention", "--image", "synthetic:1", "--checkpoint", path,
                 "--out", str(tmp_path / "a.png")])
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_reports_bad_choices_in_one_line(run, tmp_path):
+    path = main(["partition", "--image", "synthetic:2", "--out", str(tmp_path / "noext")])
+    assert path == tmp_path / "noext.png" and path.exists()  # the path it prints is the file
+    (tmp_path / "afile").write_text("")
+    for argv, message in (
+        (["--out", str(tmp_path)], "is a folder"),
+        (["--out", str(tmp_path / "afile" / "x.png")], "cannot write"),
+        (["--image-size", "60"], "60 is not a multiple of the patch size 8"),
+        (["--patch-size", "0"], "not a multiple of the patch size 0"),
+        (["--checkpoint", run[0], "--patch-size", "4"], "--patch-size comes from the checkpoint"),
+    ):
+        argv = ["partition", "--image", "synthetic:2", "--out", str(tmp_path / "p.png"), *argv]
+        with pytest.raises(SystemExit, match=f"^error: [^\\n]*{message}"):
+            main(argv)
