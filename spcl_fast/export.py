@@ -53,6 +53,7 @@ from pathlib import Path
 
 from .data import synthetic
 from .eval.encoders import load_encoder, vit_state_keys
+from .train.checkpoint import list_checkpoints
 
 # timm's registered name for each preset (at its default 224 px; the kwargs set the real size).
 TIMM_NAMES = {
@@ -117,6 +118,14 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path,
     except ImportError as exc:
         raise RuntimeError("export needs the safetensors package (pip install safetensors)") \
             from exc
+    out_dir = Path(out_dir)
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, not a folder")
+    if list_checkpoints(out_dir) or (out_dir / "metrics.jsonl").exists():
+        raise ValueError(f"{out_dir} holds a training run: exporting into it would replace its "
+                         "config.json; choose another folder")
     loaded = load_encoder(checkpoint, image_size=image_size)
     encoder = loaded.encoder
     state = {k: v.detach().float().contiguous().clone() for k, v in encoder.state_dict().items()}
@@ -139,7 +148,6 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path,
         "source": {"kind": loaded.kind, "path": loaded.source, "notes": loaded.notes},
         "spcl_config": loaded.config,
     }
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     layout = ", ".join(f"{k}={kwargs[k]!r}" for k in _pooling(encoder))
     metadata = {"format": "pt", "layout": f"timm.VisionTransformer({layout}, fc_norm=False, "
@@ -161,12 +169,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = export_encoder(args.checkpoint, args.out, args.image_size)
-    except (FileNotFoundError, ValueError) as exc:  # EncoderLoadError, CheckpointError too
+    except (OSError, ValueError) as exc:  # EncoderLoadError, CheckpointError too
         raise SystemExit(f"error: {exc}") from None
     kw = ", ".join(f"{k}={v!r}" for k, v in config["timm_kwargs"].items())
-    print(f"wrote {args.out}/model.safetensors and config.json\n"
+    weights = str(Path(args.out) / "model.safetensors")
+    print(f"wrote {weights} and config.json\n"
           f"load in timm:\n  timm.create_model({config['timm_model']!r}, "
-          f"checkpoint_path={args.out + '/model.safetensors'!r}, {kw})\n"
+          f"checkpoint_path={weights!r}, {kw})\n"
           f"inputs: 1 channel in [0, 1], normalize={config['normalize']!r}")
     return config
 

@@ -294,3 +294,16 @@ def test_export_cli_reports_unreadable_checkpoints_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: no readable checkpoint in .*torn: "
                                          r"ckpt-00000002.pt: not a readable torch checkpoint"):
         main(["--checkpoint", str(tmp_path / "torn"), "--out", str(tmp_path / "x")])
+
+
+def test_export_never_writes_into_a_run_and_checks_its_arguments(tmp_path):
+    folder, _, _ = write_run(tmp_path / "run")
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    with pytest.raises(SystemExit, match="^error: .*run holds a training run"):
+        main(["--checkpoint", folder, "--out", folder])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match="^error: .*afile is a file, not a folder"):
+        main(["--checkpoint", folder, "--out", str(tmp_path / "afile")])
+    with pytest.raises(SystemExit, match="^error: image_size must be >= 1, got -8"):
+        main(["--checkpoint", folder, "--out", str(tmp_path / "x"), "--image-size", "-8"])

@@ -100,7 +100,11 @@ def main(argv: list[str] | None = None) -> dict:
         # a checkpoint file names its folder; anything else is the run folder (new or not)
         run_dir = Path(target).parent if Path(target).suffix == ".pt" else Path(target)
         if (run_dir / "config.json").exists():
-            config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+            try:
+                config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+            except ValueError as exc:  # malformed JSON too
+                raise SystemExit(f"error: {run_dir / 'config.json'} is not the config of a "
+                                 f"training run ({exc})") from None
         overrides.setdefault("out", str(run_dir))
     try:
         config = apply_overrides(config, overrides)
