@@ -120,3 +120,20 @@ def test_cxr_cache_is_marked_done_only_when_complete(tmp_path, monkeypatch):
     monkeypatch.undo()
     out = study._cxr_cache(root, tmp_path / "cache")
     assert (out / "done").exists() and json.loads((out / "report.json").read_text())["complete"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sets", "synthetic,bogus"], "unknown set 'bogus'"),
+    (["--sets", "chestxray14"], "needs --cxr-root"),
+    (["--seeds", "a"], "--seeds takes integers"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--recipes", "nope"], "unknown recipe 'nope'"),
+    (["--out", "{file}"], "cannot use --out"),
+])
+def test_study_rejects_bad_choices_before_any_run(tmp_path, argv, message):
+    (tmp_path / "afile").write_text("")
+    argv = [a.replace("{file}", str(tmp_path / "afile")) for a in argv]
+    out = ["--out", str(tmp_path / "study")] if "--out" not in argv else []
+    with pytest.raises(SystemExit, match=f"^error: [^\\n]*{message}"):
+        study.main([*out, "--sets", "synthetic", *argv])
+    assert not (tmp_path / "study").exists()  # nothing trained, nothing written

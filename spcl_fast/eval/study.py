@@ -99,10 +99,11 @@ def set_overrides(name: str, cxr_root: str | None, cache_root: Path) -> dict[str
         return {}
     if name == "chestxray14":
         if not cxr_root:
-            raise SystemExit("--sets chestxray14 needs --cxr-root (an official-layout folder)")
+            raise SystemExit("error: --sets chestxray14 needs --cxr-root (an official-layout "
+                             "folder)")
         return {"dataset": "chestxray14", "data_root": cxr_root, "num_workers": "0",
                 "data_cache": str(_cxr_cache(cxr_root, cache_root))}
-    raise SystemExit(f"unknown set {name!r}; choose from {', '.join(SETS)}")
+    raise SystemExit(f"error: unknown set {name!r}; choose from {', '.join(SETS)}")
 
 
 def _cxr_cache(root: str, cache_root: Path) -> Path:
@@ -129,19 +130,22 @@ def run_config(set_over: dict, recipe: str, seed: int, steps: int) -> TrainConfi
 def _train(config: TrainConfig, out: Path) -> dict:
     """Train (or read back, or continue) one run; returns its summary. A folder holding a run
     of other settings is an error, not something to reuse or overwrite."""
-    from ..train.engine import train
+    from ..train.engine import SetupError, train
 
     saved = out / "config.json"
     # from_dict fills settings added since the run was made with their defaults
     if saved.exists() and TrainConfig.from_dict(json.loads(saved.read_text())) != config:
-        raise SystemExit(f"{out} holds a run with other settings than this study asks for "
+        raise SystemExit(f"error: {out} holds a run with other settings than this study asks for "
                          f"(another --steps or recipe?): use another --out or remove it")
     done = out / "summary.json"
     if done.exists():
         summary = json.loads(done.read_text())
         if "probe" in summary:
             return summary
-    summary = train(config, out, resume=out if out.exists() else None)
+    try:
+        summary = train(config, out, resume=out if out.exists() else None)
+    except SetupError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if "interrupted" in summary:  # Ctrl-C / SIGTERM: the run is checkpointed, stop here
         raise SystemExit(summary["exit_code"])
     return summary
@@ -231,9 +235,10 @@ def expand_recipes(text: str) -> list[str]:
         recipes = ["spcl_keep05", *ABLATIONS]
     for r in recipes:
         if r not in RECIPES:
-            raise SystemExit(f"unknown recipe {r!r}; choose from {', '.join(RECIPES)}")
+            raise SystemExit(f"error: unknown recipe {r!r}; choose from {', '.join(RECIPES)}")
     if not recipes or recipes[0] == "mae":
-        raise SystemExit("--recipes must start with an S-PCL recipe (it sets MAE's time budget)")
+        raise SystemExit("error: --recipes must start with an S-PCL recipe (it sets MAE's time "
+                         "budget)")
     return recipes
 
 
@@ -290,9 +295,25 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     recipes = expand_recipes(args.recipes)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    # Every choice is checked before the first run: a study takes hours.
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --seeds takes integers like 0,1,2, got {args.seeds!r}") from None
+    unknown = [s for s in sets if s not in SETS]
+    if unknown or not sets:
+        named = f"unknown set {', '.join(map(repr, unknown))}" if unknown else "no set named"
+        raise SystemExit(f"error: {named}; choose from {', '.join(SETS)}")
+    if "chestxray14" in sets and not args.cxr_root:
+        raise SystemExit("error: --sets chestxray14 needs --cxr-root (an official-layout "
+                         "folder)")
+    if args.steps < 1:
+        raise SystemExit(f"error: --steps must be >= 1, got {args.steps}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"error: cannot use --out {out}: {exc.strerror or exc}") from None
     records, started = [], time.time()
     for set_name in sets:
         set_over = set_overrides(set_name, args.cxr_root, out / "cache")
