@@ -89,8 +89,18 @@ def test_cli_json_parses():
                            "vit_small_patch16", "vit_base_patch16"],
                           capture_output=True, text=True, timeout=120, check=True)
     records = json.loads(proc.stdout)
+    assert "Warning" not in proc.stderr, proc.stderr
     assert len(records) == 2 * len(flops.VARIANTS)
     for r in records:
         assert {"method", "model", "img_size", "gflops", "gmacs"} <= set(r)
         assert r["gmacs"] == pytest.approx(r["gflops"] / 2, abs=1e-3)
     assert {r["model"] for r in records} == {"ViT-S/16", "ViT-B/16"}
+
+
+@pytest.mark.parametrize("size", ["225", "0", "-16"])
+def test_cli_rejects_sizes_off_the_patch_grid(size, capsys):
+    with pytest.raises(SystemExit) as info:
+        flops.main(["--img-size", size])
+    assert info.value.code == 2
+    assert f"--img-size must be a positive multiple of the patch size 16, got {size}" in \
+        capsys.readouterr().err

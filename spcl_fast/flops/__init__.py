@@ -319,8 +319,8 @@ def method_train_flops(
         102.5
     """
     # Imported here: ops (and so nn and methods) import this module.
-    from .methods import build_method
-    from .nn import create_vit
+    from ..methods import build_method
+    from ..nn import create_vit
 
     with torch.device("meta"):
         encoder = create_vit(model, img_size=img_size, patch_size=patch_size)
@@ -421,10 +421,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         description="Training FLOPs per image of S-PCL (and variants), MAE and DINO.",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON list of records")
-    parser.add_argument("--img-size", type=int, default=224, help="image side in pixels")
+    parser.add_argument("--img-size", type=int, default=224,
+                        help="image side in pixels, a multiple of the patch size 16")
     parser.add_argument("--models", nargs="+", default=list(TABLE_MODELS),
                         choices=sorted(MODEL_LABELS), help="encoder presets (patch 16)")
     args = parser.parse_args(argv)
+    if args.img_size < 16 or args.img_size % 16:
+        parser.error(f"--img-size must be a positive multiple of the patch size 16, got "
+                     f"{args.img_size}")
     records = flops_table(args.models, args.img_size)
     if args.json:
         print(json.dumps(records, indent=2))
@@ -436,6 +440,3 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         print(format_table(records))
     return records
 
-
-if __name__ == "__main__":
-    main()
