@@ -88,8 +88,12 @@ def load_error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[0][:200]}"
 
 
-def _reason(exc: Exception) -> str:
-    return f"not a readable torch checkpoint ({load_error(exc)})"
+def _reason(path: Path, exc: Exception) -> str:
+    try:  # the size tells a torn write (a few bytes) from a foreign file at a glance
+        size = f"{path.stat().st_size} bytes, "
+    except OSError:
+        size = ""
+    return f"not a readable torch checkpoint ({size}{load_error(exc)})"
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, Path]:
@@ -109,9 +113,10 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, Path]:
         try:
             state = torch.load(candidate, map_location=map_location, weights_only=True)
         except Exception as exc:  # a torn or corrupt file: fall back to the previous one
-            errors.append(f"{candidate.name}: {_reason(exc)}")
+            reason = _reason(candidate, exc)
+            errors.append(f"{candidate.name}: {reason}")
             if i + 1 < len(candidates):
-                warnings.warn(f"could not read checkpoint {candidate} ({_reason(exc)}); trying "
+                warnings.warn(f"could not read checkpoint {candidate} ({reason}); trying "
                               f"{candidates[i + 1].name}", stacklevel=2)
             continue
         return state, candidate
