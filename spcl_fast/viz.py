@@ -35,10 +35,17 @@ from .train.config import TrainConfig, demo
 # subset k's colour and name: A orange, B blue, then green, purple, red, brown, pink, grey
 COLOURS = [(1.0, 0.55, 0.0), (0.12, 0.47, 1.0), (0.17, 0.63, 0.17), (0.58, 0.4, 0.74),
            (0.84, 0.15, 0.16), (0.55, 0.34, 0.29), (0.89, 0.47, 0.76), (0.5, 0.5, 0.5)]
+COLOUR_NAMES = ["orange", "blue", "green", "purple", "red", "brown", "pink", "grey"]
 
 
 def subset_name(k: int) -> str:
     return chr(ord("A") + k)
+
+
+def _legend(num_subsets: int) -> str:
+    """Which colour is which subset, as the overlay draws them."""
+    return ", ".join(f"{subset_name(k)} {COLOUR_NAMES[k % len(COLOUR_NAMES)]}"
+                     for k in range(num_subsets))
 
 
 def load_image(spec: str, image_size: int) -> torch.Tensor:
@@ -179,7 +186,7 @@ def draw_partition(image_spec: str, out: str | Path, checkpoint: str | None = No
     split = (f"{config.num_subsets} subsets" if config.num_subsets > 2
              else f"ratio {config.ratio}")
     fig.suptitle(f"S-PCL partition: {config.patch_size}px patches, {split}, keep {config.keep}, "
-                 f"block {config.block_size} (A orange, B blue)", fontsize=9)
+                 f"block {config.block_size} ({_legend(config.num_subsets)})", fontsize=9)
     fig.tight_layout()
     return _save(fig, out, plt)
 
