@@ -33,3 +33,20 @@ def test_public_api_is_documented(name):
     obj = getattr(spcl_fast, name)
     if name != "__version__":
         assert obj.__doc__ and len(obj.__doc__) > 80, f"{name} needs a shape-contract docstring"
+
+
+def test_every_subpackage_is_in_the_wheel():
+    """pyproject lists packages explicitly (kernels/ is mapped in): a new subpackage must be
+    added there, or an installed (non-editable) spcl_fast lacks it."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(spcl_fast.__file__).parent
+    if not (root.parent / "pyproject.toml").exists():
+        pytest.skip("spcl_fast is not imported from a source checkout")
+    listed = set(tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = {"spcl_fast." + ".".join(p.parent.relative_to(root).parts)
+             for p in root.rglob("__init__.py")} | {"spcl_fast.kernels"}
+    found = {name.rstrip(".") for name in found}
+    assert found == listed
