@@ -233,13 +233,15 @@ def _save(fig, out, plt) -> Path:
     if out.is_dir():
         plt.close(fig)
         raise ValueError(f"--out {out} is a folder; name the PNG to write")
-    if out.suffix.lower() != ".png":
+    if not out.suffix:
         out = out.with_name(out.name + ".png")  # what matplotlib would write anyway
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out)
     except OSError as exc:
         raise ValueError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # matplotlib: a format it does not know
+        raise ValueError(f"cannot write {out}: {exc}") from exc
     finally:
         plt.close(fig)
     return out
@@ -254,7 +256,8 @@ def main(argv: list[str] | None = None) -> Path:
         p.add_argument("--image", required=True, help="image file or synthetic:<index>")
         p.add_argument("--checkpoint", required=what == "attention",
                        help="run folder or checkpoint (partition settings, encoder)")
-        p.add_argument("--out", required=True, help="PNG to write")
+        p.add_argument("--out", required=True,
+                       help="picture to write (.png unless another matplotlib format is named)")
         p.add_argument("--image-size", type=int, default=None)
         p.add_argument("--seed", type=int, default=0, help="seed of the partition draw")
         if what == "partition":

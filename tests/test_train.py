@@ -177,6 +177,15 @@ def test_cli_never_overwrites_or_prunes_another_run(tmp_path, monkeypatch):
     target.write_bytes(older.read_bytes())
     with pytest.raises(SystemExit, match="ckpt-00000002.pt is older than ckpt-00000004.pt"):
         main(["--resume", str(target), "--steps", "6"])
+    # continuing one run into another run's folder is refused; that run is left as it was
+    files = {p.name: p.read_bytes() for p in (tmp_path / "c2").iterdir() if p.is_file()}
+    with pytest.raises(SystemExit, match="c2 already holds a run"):
+        main(["--resume", "a", "--out", "c2", "--steps", "6"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "c2").iterdir() if p.is_file()} == files
+    # a checkpoint under another name resumes in its own folder
+    (tmp_path / "a" / "final.pth").write_bytes((tmp_path / "a" / "ckpt-00000004.pt").read_bytes())
+    summary = main(["--resume", "a/final.pth", "--steps", "6"])
+    assert summary["steps"] == 6 and (tmp_path / "a" / "ckpt-00000006.pt").exists()
 
 
 def test_cli_rejects_unknown_option(tmp_path):

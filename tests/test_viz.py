@@ -96,6 +96,8 @@ def test_subset_attention_with_a_class_token(tmp_path):
 def test_cli_reports_bad_choices_in_one_line(run, tmp_path):
     path = main(["partition", "--image", "synthetic:2", "--out", str(tmp_path / "noext")])
     assert path == tmp_path / "noext.png" and path.exists()  # the path it prints is the file
+    pdf = main(["partition", "--image", "synthetic:2", "--out", str(tmp_path / "p.pdf")])
+    assert pdf == tmp_path / "p.pdf" and pdf.read_bytes()[:4] == b"%PDF"
     (tmp_path / "afile").write_text("")
     for argv, message in (
         (["--out", str(tmp_path)], "is a folder"),

@@ -11,6 +11,7 @@ writing its checkpoint (``--resume`` continues it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import itertools
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
         if not target:
             raise SystemExit("error: --resume needs a run folder or checkpoint (or --out)")
         # a checkpoint file names its folder; anything else is the run folder (new or not)
-        run_dir = Path(target).parent if Path(target).suffix == ".pt" else Path(target)
+        target = Path(target)
+        run_dir = target.parent if target.suffix == ".pt" or target.is_file() else target
         if (run_dir / "config.json").exists():
             try:
                 config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
@@ -114,16 +116,21 @@ def main(argv: list[str] | None = None) -> dict:
         ctx = setup(config.device)  # under torchrun: the process group, for the next line
     except (RuntimeError, ValueError) as exc:
         raise SystemExit(f"error: device {config.device!r}: {exc}") from None
+    auto_out = not config.out
     try:
         # One folder for all processes: the main one's clock names it.
         out = ctx.broadcast(config.out or _new_run_dir(preset) if ctx.is_main else None)
         config = dataclasses.replace(config, out=out)
         if ctx.is_main:
-            print(f"preset {preset}; writing to {out}")
+            what = f"resuming {resume or out}" if resume is not None else f"preset {preset}"
+            print(f"{what}; writing to {out}")
         started = time.perf_counter()
         summary = train(config, out, resume=(resume or out) if resume is not None else None)
     except (SetupError, NonFiniteStop) as exc:
         teardown(ctx)
+        if auto_out and ctx.is_main:  # the folder _new_run_dir made, if still empty
+            with contextlib.suppress(OSError, NameError):
+                Path(out).rmdir()
         raise SystemExit(f"error: {exc}") from None
     except KeyboardInterrupt:  # Ctrl-C twice, or during setup: no new checkpoint
         teardown(ctx)
@@ -164,9 +171,11 @@ def _report(summary: dict, out: str, minutes: float) -> None:
             f"--resume {out}"
         )
         return
+    loss = summary["final_loss"]
     print(
         f"\nfinished {summary['steps']} steps in {minutes:.1f} min; final loss "
-        f"{summary['final_loss']:.4f}; checkpoint {summary['checkpoint']}"
+        f"{'n/a (non-finite)' if loss is None else f'{loss:.4f}'}; checkpoint "
+        f"{summary['checkpoint']}"
     )
     if "probe" in summary:
         pre, init = summary["probe"]["pretrained"], summary["probe"]["init"]

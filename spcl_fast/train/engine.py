@@ -212,6 +212,9 @@ def materialize(source, labels: torch.Tensor | None, batch_size: int = 256,
     images = torch.cat([b["image"] for b in batches])
     labels = torch.cat([b["labels"] for b in batches]) if labels is not None else None
     expected = getattr(source, "ids", None)
+    if expected is None and isinstance(source, torch.utils.data.Subset):  # --num-images
+        ids = getattr(source.dataset, "ids", None)
+        expected = None if ids is None else [ids[i] for i in source.indices]
     if expected is not None:
         got = [i for b in batches for i in b["id"]]
         own = torch.tensor([a == b for a, b in zip(got, expected, strict=True)])
@@ -290,6 +293,11 @@ _ARCHITECTURE = {"model", "image_size", "patch_size", "embed_dim", "depth", "num
                  "pos_embed", "class_token", "method", "proj_hidden", "proj_dim", "proj_depth",
                  "predictor_hidden", "decoder_dim", "decoder_depth", "decoder_heads",
                  "dino_out_dim"}
+
+
+def _finite_or_none(value):
+    """Strict JSON has no NaN: a non-finite number is recorded as null."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -541,10 +549,14 @@ class Trainer:
 
 
 def _claim_out_dir(out_dir: Path, resume) -> None:
-    """Create ``out_dir``; without ``--resume`` refuse a folder that holds a run already (its
-    checkpoints would be pruned and its metrics overwritten)."""
+    """Create ``out_dir``; unless the run resumes from ``out_dir`` itself (its folder or one of
+    its checkpoints), refuse a folder that holds a run already (its checkpoints would be pruned
+    and its metrics overwritten)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if resume is None:
+    source = None if resume is None else Path(resume)
+    if source is not None and source.is_file():
+        source = source.parent
+    if source is None or source.resolve() != out_dir.resolve():
         held = [p.name for p in (*list_checkpoints(out_dir)[-1:], out_dir / "metrics.jsonl")
                 if p.exists()]
         if held:
@@ -575,7 +587,7 @@ def _resume_state(resume: str | Path, out_dir: Path,
                 raise ValueError(f"{path.name} is older than {later[-1].name} in {out_dir}: "
                                  "continuing it there would replace that run's later steps; "
                                  "resume it with another --out")
-            for p in later:  # unreadable, or load_checkpoint would have returned it
+            for p in later:  # the same folder (_claim_out_dir): unreadable, or it would load
                 p.rename(p.with_name(p.name + ".corrupt"))
                 warnings.warn(f"set aside unreadable {p.name} as {p.name}.corrupt", stacklevel=2)
     path = ctx.broadcast(None if path is None else str(path))
@@ -636,6 +648,7 @@ def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict
     if config.threads:
         torch.set_num_threads(config.threads)
     # Everything that can reject the run happens before anything is written to out_dir.
+    created = not out_dir.exists()
     try:
         check_config(config)
         if main:
@@ -646,6 +659,9 @@ def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict
         plan = model.sample_plan(config.batch_size // config.accum_steps,
                                  torch.Generator().manual_seed(0), "cpu")
     except (ValueError, OSError, RuntimeError) as exc:
+        if main and created:
+            with contextlib.suppress(OSError):  # only if still empty: nothing else to undo
+                out_dir.rmdir()
         raise SetupError(_one_line(exc)) from exc
     del state
     if main:
@@ -722,7 +738,7 @@ def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict
         "steps": trainer.step,
         "skipped_steps": trainer.counters()["skipped_steps"],
         "checkpoint": str(checkpoint_path(out_dir, trainer.step)),
-        "final_loss": log.records[-1]["loss"] if log.records else None,
+        "final_loss": _finite_or_none(log.records[-1]["loss"]) if log.records else None,
         "gflops_per_image": gflops,
         "train_seconds": trainer.train_seconds,  # all steps, across resumes
         "intensity_stats": list(trainer.stats),
