@@ -195,3 +195,38 @@ def test_real_timm_vision_transformer():
         seg = flat[plan.token_index[cu[s]:cu[s + 1]]][None]
         want = model.norm(model.blocks(seg)).mean(1)[0]
         torch.testing.assert_close(got[s], want)
+
+
+def test_copies_pickles_removal_and_checkpointing():
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = TimmViT()
+    images = torch.randn(2, 1, IMG, IMG)
+    dense = model.forward_features(images)
+    adapter = PartitionAdapter(model, impl="torch")
+    plan = sample_partitions(2, N, generator=torch.Generator().manual_seed(0))
+    teacher = copy.deepcopy(model)  # an EMA teacher: its own weights, its own (inactive) plan
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(0.5)
+    with adapter.plan(plan):
+        adapted = model.forward_features(images)
+        assert torch.equal(teacher.forward_features(images),
+                           TimmViT.forward_features(teacher, images))  # dense, own weights
+        with pytest.raises(ValueError, match="sequences of 9 tokens"):  # rows re-checked
+            model.blocks(model.embed(images)[:, :9])
+    assert not torch.allclose(adapted, dense)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # a pickled model loads back unadapted
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded.forward_features(images), dense)
+    adapter.remove()
+    assert "forward" not in vars(model.blocks[0].attn)
+    assert torch.equal(model.forward_features(images), dense)
+    model.grad_checkpointing = True  # timm's set_grad_checkpointing flag
+    with pytest.raises(RuntimeError, match="activation checkpointing"), \
+            PartitionAdapter(model).plan(plan):
+        pass

@@ -19,6 +19,7 @@ segment's patch tokens with :func:`pool_segments`. Rows in no segment still pay 
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Iterator
 
 import torch
@@ -42,6 +43,13 @@ class PartitionAdapter:
             model's ``num_prefix_tokens``, else 0).
         impl: kernel choice passed to :func:`~spcl_fast.ops.partition_attention`.
 
+    Each attention module's ``forward`` is replaced on the instance (its class, parameters and
+    state-dict keys stay). A deep copy of the model (an EMA teacher) gets its own, inactive
+    plan state: it runs densely with its own weights until adapted itself. A pickled model
+    loads back unadapted. Backward must run inside :meth:`plan` without activation
+    checkpointing (a recomputation outside the block would attend densely), so ``plan``
+    refuses a model with ``grad_checkpointing`` set. :meth:`remove` restores the model.
+
     Example::
 
         >>> from spcl_fast import sample_partitions
@@ -63,57 +71,73 @@ class PartitionAdapter:
         self.attentions = [_checked_attention(block, i) for i, block in enumerate(blocks)]
         if not self.attentions:
             raise ValueError("PartitionAdapter: the model's 'blocks' are empty")
+        self.model = model
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0)
                                      if num_prefix_tokens is None else num_prefix_tokens)
-        self.impl = impl
-        self._active: tuple | None = None
+        self._state = _PlanState(self.num_prefix_tokens, impl)
         for attn in self.attentions:
-            dense = attn.forward  # the model's own attention, used outside plan()
-            attn.forward = self._forward_for(attn, dense)
+            attn._partition_state = self._state
+            attn.forward = types.MethodType(forward, attn)
 
     @contextlib.contextmanager
     def plan(self, plan: PartitionPlan) -> Iterator[None]:
         """Inside this block every adapted attention layer attends within ``plan``'s segments;
         inputs must be ``(plan.num_images, num_prefix_tokens + plan.num_tokens, D)``."""
-        if self._active is not None:
+        if self._state.plan is not None:
             raise RuntimeError("PartitionAdapter.plan: already inside a plan block")
-        self._active = (plan, None)
+        if getattr(self.model, "grad_checkpointing", False):
+            raise RuntimeError("PartitionAdapter.plan: the model uses activation checkpointing, "
+                               "whose recomputation would run outside the plan; turn it off")
+        self._state.plan, self._state.rows = plan, None
         try:
             yield
         finally:
-            self._active = None
+            self._state.plan = self._state.rows = None
 
-    def _rows(self, plan: PartitionPlan, seq_len: int) -> torch.Tensor:
+    def remove(self) -> None:
+        """Give the attention modules back their own ``forward``."""
+        for attn in self.attentions:
+            del attn.forward, attn._partition_state
+
+
+class _PlanState:
+    """What the adapted attention layers of one model share: the active plan and its rows in
+    the ``(B * L)`` stream (for one sequence length)."""
+
+    def __init__(self, num_prefix_tokens: int, impl: str):
+        self.num_prefix_tokens, self.impl = num_prefix_tokens, impl
+        self.plan: PartitionPlan | None = None
+        self.rows: tuple[int, torch.Tensor] | None = None  # (sequence length, rows)
+
+    def rows_for(self, seq_len: int) -> torch.Tensor:
         """The plan's token_index in rows of the ``(B * L)`` stream (prefix tokens skipped)."""
-        n, p = plan.num_tokens, self.num_prefix_tokens
-        if seq_len != p + n:
-            raise ValueError(
-                f"PartitionAdapter: the plan is for {n} patch tokens and the adapter expects "
-                f"{p} prefix tokens, but the blocks see sequences of {seq_len} tokens"
-            )
-        index = plan.token_index
-        return index if p == 0 else index // n * seq_len + p + index % n
+        if self.rows is None or self.rows[0] != seq_len:
+            plan, n, p = self.plan, self.plan.num_tokens, self.num_prefix_tokens
+            if seq_len != p + n:
+                raise ValueError(
+                    f"PartitionAdapter: the plan is for {n} patch tokens and the adapter "
+                    f"expects {p} prefix tokens, but the blocks see sequences of {seq_len} tokens"
+                )
+            index = plan.token_index
+            self.rows = (seq_len, index if p == 0 else index // n * seq_len + p + index % n)
+        return self.rows[1]
 
-    def _forward_for(self, attn: nn.Module, dense):
-        def forward(x, *args, **kwargs):
-            if self._active is None:
-                return dense(x, *args, **kwargs)
-            # timm passes attn_mask=None (and is_causal=False); a real mask would be ignored
-            if any(a is not None and a is not False for a in (*args, *kwargs.values())):
-                raise ValueError("PartitionAdapter: attention masks and extra attention "
-                                 "arguments do not combine with a plan (its segments are the "
-                                 "mask)")
-            plan, rows = self._active
-            b, seq_len, _ = x.shape
-            if b != plan.num_images:
-                raise ValueError(f"PartitionAdapter: the plan is for {plan.num_images} images, "
-                                 f"the input has {b}")
-            if rows is None:  # computed once per forward pass, shared by every block
-                rows = self._rows(plan, seq_len)
-                self._active = (plan, rows)
-            return _partition_forward(attn, x, plan, rows, self.impl)
 
-        return forward
+def forward(self, x, *args, **kwargs):
+    """The adapted ``forward`` of an attention module (bound to it; named ``forward`` so that
+    a pickled model restores the module's own)."""
+    state = self._partition_state
+    if state.plan is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    # timm passes attn_mask=None (and is_causal=False); a real mask would be ignored
+    if any(a is not None and a is not False for a in (*args, *kwargs.values())):
+        raise ValueError("PartitionAdapter: attention masks and extra attention arguments do "
+                         "not combine with a plan (its segments are the mask)")
+    b, seq_len, _ = x.shape
+    if b != state.plan.num_images:
+        raise ValueError(f"PartitionAdapter: the plan is for {state.plan.num_images} images, "
+                         f"the input has {b}")
+    return _partition_forward(self, x, state.plan, state.rows_for(seq_len), state.impl)
 
 
 def _checked_attention(block: nn.Module, i: int) -> nn.Module:
