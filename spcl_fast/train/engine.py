@@ -564,36 +564,51 @@ def _claim_out_dir(out_dir: Path, resume) -> None:
                              "continues it; choose another --out to start a new one")
 
 
-def _resume_state(resume: str | Path, out_dir: Path,
-                  ctx: DistContext) -> tuple[dict | None, Path | None]:
-    """The main process picks the newest readable checkpoint (falling back past corrupt ones,
-    which it sets aside as ``*.corrupt``); the others load the same file. A run folder without
-    checkpoints yet (a run killed before its first save) means starting from step 0, so one
-    command line starts or continues a run; a named checkpoint file must exist, and must not be
-    older than a checkpoint in ``out_dir`` (continuing it there would prune that run's later
-    checkpoints)."""
-    state, path = None, None
+def _claim_and_resume(resume, out_dir: Path, ctx: DistContext):
+    """The main process claims ``out_dir`` and (with ``resume``) picks the checkpoint; every
+    process then gets the checkpoint, or the main process's reason to refuse the run, so no
+    process is left waiting for a peer that has stopped. Returns ``(state, path)``."""
+    state, path, problem = None, None, None
     if ctx.is_main:
         try:
-            state, path = load_checkpoint(resume)
-        except FileNotFoundError:
-            if Path(resume).suffix == ".pt":
-                raise
-            print(f"no checkpoint in {resume} yet: starting from step 0")
-        if path is not None and PATTERN.match(path.name):
-            later = [p for p in list_checkpoints(out_dir)
-                     if checkpoint_step(p) > checkpoint_step(path)]
-            if later and Path(resume).suffix == ".pt":
-                raise ValueError(f"{path.name} is older than {later[-1].name} in {out_dir}: "
-                                 "continuing it there would replace that run's later steps; "
-                                 "resume it with another --out")
-            for p in later:  # the same folder (_claim_out_dir): unreadable, or it would load
-                p.rename(p.with_name(p.name + ".corrupt"))
-                warnings.warn(f"set aside unreadable {p.name} as {p.name}.corrupt", stacklevel=2)
-    path = ctx.broadcast(None if path is None else str(path))
+            _claim_out_dir(out_dir, resume)
+            if resume is not None:
+                state, path = _pick_checkpoint(resume, out_dir)
+        except (ValueError, OSError) as exc:
+            problem = _one_line(exc)
+    path, problem = ctx.broadcast((None if path is None else str(path), problem))
+    if problem is not None:
+        raise ValueError(problem)
     if path is not None and not ctx.is_main:
         state, _ = load_checkpoint(path)
     return state, None if path is None else Path(path)
+
+
+def _pick_checkpoint(resume: str | Path, out_dir: Path) -> tuple[dict | None, Path | None]:
+    """The newest readable checkpoint of ``resume`` (falling back past corrupt ones, which are
+    set aside as ``*.corrupt``). A run folder without checkpoints yet (a run killed before its
+    first save) means starting from step 0, so one command line starts or continues a run; a
+    named checkpoint file must exist, and must not be older than a checkpoint in ``out_dir``
+    (continuing it there would prune that run's later checkpoints)."""
+    state, path = None, None
+    named = Path(resume).is_file() or Path(resume).suffix == ".pt"
+    try:
+        state, path = load_checkpoint(resume)
+    except FileNotFoundError:
+        if named:
+            raise
+        print(f"no checkpoint in {resume} yet: starting from step 0")
+    if path is not None and PATTERN.match(path.name):
+        later = [p for p in list_checkpoints(out_dir)
+                 if checkpoint_step(p) > checkpoint_step(path)]
+        if later and named:
+            raise ValueError(f"{path.name} is older than {later[-1].name} in {out_dir}: "
+                             "continuing it there would replace that run's later steps; "
+                             "resume it with another --out")
+        for p in later:  # the same folder (_claim_out_dir): unreadable, or it would load
+            p.rename(p.with_name(p.name + ".corrupt"))
+            warnings.warn(f"set aside unreadable {p.name} as {p.name}.corrupt", stacklevel=2)
+    return state, path
 
 
 def _full_model(trainer: Trainer) -> torch.nn.Module | None:
@@ -651,9 +666,7 @@ def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict
     created = not out_dir.exists()
     try:
         check_config(config)
-        if main:
-            _claim_out_dir(out_dir, resume)
-        state, path = _resume_state(resume, out_dir, ctx) if resume is not None else (None, None)
+        state, path = _claim_and_resume(resume, out_dir, ctx)
         trainer = Trainer(config, ctx, state=state)
         model = trainer.model
         plan = model.sample_plan(config.batch_size // config.accum_steps,
