@@ -135,16 +135,16 @@ def test_torchrun_two_gloo_processes_match_one_process_on_the_global_batch(tmp_p
     _close(_records(tmp_path / "continued"), _records(tmp_path / "one")[2:])
 
 
-@pytest.mark.slow
 def test_torchrun_refused_by_the_main_process_stops_every_process(tmp_path):
     train(dataclasses.replace(smoke(), steps=2), tmp_path / "held")  # a run already there
     started = time.monotonic()
     proc = _torchrun("--steps", 2, "--out", tmp_path / "held")
     assert proc.returncode != 0 and "already holds a run" in proc.stderr, proc.stderr[-2000:]
     assert time.monotonic() - started < 120  # nobody waited for a peer that had stopped
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.count("already holds a run") >= 2  # each process says why, in one line
 
 
+@pytest.mark.slow
 def test_torchrun_fsdp_matches_one_process_and_resumes_exactly(tmp_path):
     proc = _torchrun("--steps", 4, "--save-every", 2, "--fsdp", "--out", tmp_path / "fsdp")
     assert proc.returncode == 0, proc.stderr[-3000:]
