@@ -127,6 +127,36 @@ def test_adapted_timm_vit_matches_per_segment_dense_forward(norms, plan_kwargs):
         torch.testing.assert_close(g, w, msg=name)
 
 
+def test_empty_and_one_token_segments():
+    """A hand-made plan of three subsets per image, with one-token and empty subsets (and
+    tokens in none): empty subsets pool to zeros, every row matches the reference."""
+    from spcl_fast.partition import PartitionPlan
+
+    torch.manual_seed(0)
+    model = TimmViT(qk_norm=True).double()
+    images = torch.randn(2, 1, IMG, IMG, dtype=torch.float64)
+    index = torch.cat([torch.tensor([5]), torch.arange(8, 16),  # image 0: {5}, {}, {8..15}
+                       torch.tensor([N + 3]), torch.arange(N + 4, 2 * N)])  # 1: {3}, {4..15}, {}
+    lengths = [1, 0, 8, 1, 12, 0]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    plan = PartitionPlan(index, cu, max_seqlen=12, num_images=2, num_tokens=N)
+    with PartitionAdapter(model, impl="torch").plan(plan):
+        got = model.forward_features(images)
+    pooled = pool_segments(got, plan, 1)
+    grads = torch.autograd.grad(pooled.square().sum(), list(model.parameters()),
+                                allow_unused=True)
+    want = _reference(model, images, plan)
+    want_grads = torch.autograd.grad(pool_segments(want, plan, 1).square().sum(),
+                                     list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(pooled[1], torch.zeros(D, dtype=torch.float64))
+    for g, w in zip(grads, want_grads, strict=True):
+        if w is None:
+            assert g is None or torch.count_nonzero(g) == 0
+        else:
+            torch.testing.assert_close(g, w)
+
+
 def test_outside_a_plan_the_model_is_unchanged():
     torch.manual_seed(0)
     model = TimmViT(qk_norm=True)

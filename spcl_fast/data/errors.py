@@ -15,3 +15,13 @@ class ImageReadError(ValueError):
 class DataFormatError(ValueError):
     """A dataset's metadata is malformed: a CSV without a required column, an unparseable row,
     a path that escapes the dataset root, a required list file that is absent."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message in one line. Raised in a DataLoader worker, the message carries
+    the worker's traceback: keep its last line, without the exception's class name."""
+    text = str(exc).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last

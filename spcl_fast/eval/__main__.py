@@ -29,6 +29,7 @@ import torch
 from .. import __version__
 from .. import data as data_lib
 from ..data import NORMALIZE_MODES
+from ..data.errors import one_line
 from ..train.engine import resolve_device
 from .encoders import EncoderLoadError, dataset_stats, load_encoder
 from .finetune import FinetuneSettings, finetune
@@ -283,8 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {exc}") from None
     except data_lib.ImageReadError as exc:
         # Evaluation never swaps a bad image for another: that would score the wrong labels.
-        # From a DataLoader worker the message holds the worker's traceback: keep its last line.
-        problem = str(exc).strip().splitlines()[-1].split("ImageReadError: ")[-1]
+        problem = one_line(exc)
         raise SystemExit(f"error: {problem}. Every listed image must be readable for an "
                          "evaluation; python -m spcl_fast.data.prepare builds a cache without "
                          "the unreadable files (listed in its report.json) for --cache") from None

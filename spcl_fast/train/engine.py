@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..data import NORMALIZE_MODES, CXRPool, build_dataset, normalize_images
 from ..data import synthetic as synthetic_data
+from ..data.errors import one_line
 from ..methods import DINO, MAE, SPCL
 from ..nn import create_vit
 from .checkpoint import (
@@ -300,13 +301,6 @@ def _finite_or_none(value):
     return value if value is not None and math.isfinite(value) else None
 
 
-def _one_line(exc: BaseException) -> str:
-    """An exception's message; from a DataLoader worker, only its last line (the worker's
-    traceback comes along in the message)."""
-    text = str(exc).strip()
-    return text.splitlines()[-1] if "Original Traceback" in text else text
-
-
 def check_config(config: TrainConfig) -> None:
     """Reject settings no run can use (the sharding classes check the batch arithmetic)."""
     check_precision(config.precision)
@@ -575,7 +569,7 @@ def _claim_and_resume(resume, out_dir: Path, ctx: DistContext):
             if resume is not None:
                 state, path = _pick_checkpoint(resume, out_dir)
         except (ValueError, OSError) as exc:
-            problem = _one_line(exc)
+            problem = one_line(exc)
     path, problem = ctx.broadcast((None if path is None else str(path), problem))
     if problem is not None:
         raise ValueError(problem)
@@ -675,7 +669,7 @@ def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict
         if main and created:
             with contextlib.suppress(OSError):  # only if still empty: nothing else to undo
                 out_dir.rmdir()
-        raise SetupError(_one_line(exc)) from exc
+        raise SetupError(one_line(exc)) from exc
     del state
     if main:
         write_text_atomic(out_dir / "config.json", config.to_json())
