@@ -15,6 +15,16 @@ if not HAS_CUDA and HAS_TRITON:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Property tests (hypothesis): a bounded profile by default so CI stays fast; `--hypothesis-profile
+# thorough` searches longer. print_blob makes every failure print the @reproduce_failure line.
+settings.register_profile(
+    "ci", max_examples=25, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("thorough", max_examples=500, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_collection_modifyitems(config, items):
