@@ -13,12 +13,14 @@ import time
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom import uid  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 
-from spcl_fast.data import ImageReadError, read_dicom  # noqa: E402
+from spcl_fast.data import CXRFolder, ImageReadError, read_dicom  # noqa: E402
 from spcl_fast.data.fixtures import FAKE_PHI, phantoms, write_dicom  # noqa: E402
 
 HAS_PYDICOM_DATA = importlib.util.find_spec("data_store") is not None
@@ -313,6 +315,50 @@ def test_bad_files_raise_the_documented_error(tmp_path, ramp12):
         msg = str(info.value)
         assert str(path) in msg and fragment in msg, (name, msg)
         _no_phi(msg)
+
+
+def _panicking_rle(path) -> str:
+    """A 16-bit RLE DICOM whose first segment opens with a one-byte literal run: the segments
+    then decode to unequal lengths and pylibjpeg-rle's Rust code panics (index out of
+    bounds), raising pyo3's PanicException, a BaseException that ``except Exception`` misses."""
+    image = phantoms(1, 32)[0].astype(np.uint16) * 257
+    ds = pydicom.dcmread(write_dicom(path, image, transfer_syntax=uid.RLELossless))
+    data = bytearray(ds.PixelData)
+    fragment = data.index(b"\xfe\xff\x00\xe0", 8) + 8  # the item after the offset table
+    data[fragment + 64] = 0  # past the 64-byte RLE header: segment 1's first byte
+    ds.PixelData = bytes(data)
+    ds.save_as(path)
+    return os.fspath(path)
+
+
+@needs_data_extra
+def test_decoder_panic_is_an_image_read_error(tmp_path, monkeypatch):
+    path = _panicking_rle(tmp_path / "panic.dcm")
+    try:
+        pydicom.dcmread(path).pixel_array
+    except Exception:
+        pytest.skip("this pylibjpeg-rle raises an Exception here, no longer panics")
+    except BaseException as exc:
+        assert type(exc).__name__ == "PanicException"
+    else:
+        pytest.skip("this pylibjpeg-rle decodes the file")
+    with pytest.raises(ImageReadError, match="panic.dcm: cannot decode pixel data "
+                                             r"\(PanicException"):
+        read_dicom(path)
+
+    # In a DataLoader worker, with on_error="skip": the next readable item stands in.
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(tmp_path / "z.png")
+    ds = CXRFolder(tmp_path, image_size=16, on_error="skip")
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1)
+    assert [b["id"] for b in loader] == [["z.png", "z.png"]]
+
+    # Interrupts are not decoder failures: they pass through.
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        read_dicom(path)
 
 
 def _mutate(data: bytes, rng: np.random.Generator) -> bytes:

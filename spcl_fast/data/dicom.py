@@ -24,7 +24,7 @@ Privacy: only the pixel-module tags are parsed (``dcmread(specific_tags=...)``),
 ids, dates and institutions never reach memory, and error messages never quote header values.
 
 Every failure (missing file, not DICOM, truncated, no pixel data, absurd dimensions, a codec
-error, a missing decoder plugin) raises :class:`~spcl_fast.data.errors.ImageReadError` whose
+error or a decoder's panic, a missing decoder plugin) raises :class:`~spcl_fast.data.errors.ImageReadError` whose
 message names the file and the problem.
 """
 
@@ -35,7 +35,7 @@ import warnings
 
 import numpy as np
 
-from .errors import ImageReadError
+from .errors import ImageReadError, is_decoder_failure
 
 # Largest accepted frame: 8192 x 8192 (radiographs are at most ~4300 x 4300). A corrupt header
 # claiming more would otherwise make the decoder allocate gigabytes.
@@ -216,7 +216,9 @@ def read_dicom(path, frame: int = 0, max_pixels: int = MAX_PIXELS, plugin: str =
         return _grayscale(arr, ds, stored)
     except ImageReadError:
         raise
-    except Exception as exc:  # codec errors, truncated data, missing plugins, bad LUTs
+    except BaseException as exc:  # codec errors and panics, truncated data, plugins, bad LUTs
+        if not is_decoder_failure(exc):
+            raise
         short = cut_off or _short_pixels(ds)
         what = "truncated (fewer pixel bytes than the image needs)" if short \
             else "cannot decode pixel data"

@@ -6,6 +6,16 @@ their messages name the file and the problem.
 from __future__ import annotations
 
 
+def is_decoder_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, raised while decoding a file, says that the file is bad: any
+    ``Exception``, and the panic of a Rust extension built with pyo3 (``PanicException``, a
+    ``BaseException``; pylibjpeg-rle panics on some corrupt RLE streams). Never
+    KeyboardInterrupt, SystemExit or asyncio's CancelledError: those must stop the caller."""
+    kind = type(exc)
+    return isinstance(exc, Exception) or (
+        kind.__module__ == "pyo3_runtime" and kind.__name__ == "PanicException")
+
+
 class ImageReadError(ValueError):
     """An image file (PNG, JPEG, DICOM) is missing, truncated, corrupt, has no pixel data or
     absurd dimensions. The message is ``"<path>: <problem>"`` and never holds DICOM header
