@@ -28,17 +28,43 @@ Extra memory is ``O(Mq + Mk)`` fp32 on top of the gradients: never ``O(Mq * Mk)`
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import DOT_PRECISION, INTERPRET, configs, launch, new_output
 
 NORM_EPS = 1e-12  # F.normalize's default
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # Rows whose norm was clamped to eps (inv == 1/eps) take no projection term in the backward.
 INV_EPS_HALF = tl.constexpr(0.5 / NORM_EPS)
+
+
+# Row blocks per program (the autotuner picks: small batches want more, smaller programs so every
+# SM has work). Feature chunks are the launcher's: they follow d and the dtype.
+_FWD_CONFIGS = configs(
+    [({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3),
+     ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3),
+     ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 3)],
+    {"BLOCK_M": 32, "BLOCK_N": 32},
+)
+_GRAD_CONFIGS = configs(
+    [({"BLOCK_OWN": 64, "BLOCK_OTHER": 64}, 8, 2),
+     ({"BLOCK_OWN": 32, "BLOCK_OTHER": 64}, 8, 2),
+     ({"BLOCK_OWN": 16, "BLOCK_OTHER": 64}, 4, 2)],
+    {"BLOCK_OWN": 32, "BLOCK_OTHER": 32},
+)
+# Tuned once per problem size (a training run has one) and variant; the autotuner adds dtypes.
+_FWD_KEY = ["Mq", "Mk", "D", "SELF_MASK", "WRITE_POS"]
+_GRAD_KEY = ["M_own", "M_other", "D", "KEY_SIDE", "HAS_COL", "SELF_MASK"]
+
+
+def _prune_grad(configs, named_args, **kwargs):
+    # fp32's 64-row blocks spill at any output width (tests/test_aot.py).
+    if named_args["OWN"].dtype != torch.float32:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_OWN"] <= 32] or configs[-1:]
 
 
 @triton.jit
@@ -58,8 +84,7 @@ def _inv_norm_kernel(Z, INV, M, D, stride_z, eps, BLOCK_M: tl.constexpr, BLOCK_D
 
 @triton.jit
 def _dot_tile(A, B, a_rows, b_rows, a_ok, b_ok, D, stride_a, stride_b,
-              BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     """``A[a_rows] @ B[b_rows]^T`` as a ``(BLOCK_A, BLOCK_B)`` fp32 tile, ``d`` in chunks."""
     offs_d = tl.arange(0, BLOCK_D)
     a_base = A + a_rows.to(tl.int64)[:, None] * stride_a
@@ -70,17 +95,18 @@ def _dot_tile(A, B, a_rows, b_rows, a_ok, b_ok, D, stride_a, stride_b,
         d_ok = dd < D
         a = tl.load(a_base + dd[None, :], mask=a_ok[:, None] & d_ok[None, :], other=0.0)
         bt = tl.load(b_base + dd[:, None], mask=d_ok[:, None] & b_ok[None, :], other=0.0)
-        acc = tl.dot(a, bt, acc, input_precision=DOT_PREC)
+        acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION)
     return acc
 
 
+@triton.autotune(configs=_FWD_CONFIGS, key=_FWD_KEY)
 @triton.jit
 def _lse_fwd_kernel(
     Q, K, INV_Q, INV_K, LSE, POS,
     Mq, Mk, D, stride_q, stride_k, scale,
     key_offset, pos_shift, pos_mod,
     SELF_MASK: tl.constexpr, WRITE_POS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Mq
@@ -95,7 +121,7 @@ def _lse_fwd_kernel(
         col_ok = cols < Mk
         inv_k = tl.load(INV_K + cols, mask=col_ok, other=0.0)
         logits = _dot_tile(Q, K, rows, cols, row_ok, col_ok, D, stride_q, stride_k,
-                           BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC)
+                           BLOCK_M, BLOCK_N, BLOCK_D)
         logits = logits * q_scale[:, None] * inv_k[None, :]
         keep = col_ok[None, :]
         if SELF_MASK:
@@ -115,6 +141,8 @@ def _lse_fwd_kernel(
         tl.store(POS + rows, p_i, mask=row_ok)
 
 
+@triton.autotune(configs=_GRAD_CONFIGS, key=_GRAD_KEY,
+                 prune_configs_by={"early_config_prune": _prune_grad})
 @triton.jit
 def _grad_kernel(
     OWN, OTHER, INV_OWN, INV_OTHER, LSE_R, LSE_C, D_ROW, D_COL, D_POS, GSCALE, DZ,
@@ -122,7 +150,7 @@ def _grad_kernel(
     key_offset, pos_shift, pos_mod,
     KEY_SIDE: tl.constexpr, HAS_COL: tl.constexpr, SELF_MASK: tl.constexpr, LOWP: tl.constexpr,
     BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
 ):
     own = tl.program_id(0) * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
     own_ok = own < M_own
@@ -153,7 +181,7 @@ def _grad_kernel(
         oth_ok = oth < M_other
         inv_oth = tl.load(INV_OTHER + oth, mask=oth_ok, other=0.0)
         logits = _dot_tile(OWN, OTHER, own, oth, own_ok, oth_ok, D, stride_own, stride_other,
-                           BLOCK_OWN, BLOCK_OTHER, BLOCK_D, DOT_PREC)
+                           BLOCK_OWN, BLOCK_OTHER, BLOCK_D)
         logits = logits * own_scale[:, None] * inv_oth[None, :]
         # G[own, other] = alpha_q P + beta_k Q + gamma_q [k == pos(q)], in (own, other) layout.
         if KEY_SIDE:
@@ -189,7 +217,7 @@ def _grad_kernel(
             n_oth = (x.to(tl.float32) * inv_oth[:, None]).to(x.dtype)
             acc = tl.dot((grad * gscale).to(x.dtype), n_oth, acc)
         else:
-            acc = tl.dot(grad, x * inv_oth[:, None], acc, input_precision=DOT_PREC)
+            acc = tl.dot(grad, x * inv_oth[:, None], acc, input_precision=DOT_PRECISION)
     if LOWP:
         acc = acc / gscale
     z_own = tl.load(OWN + own.to(tl.int64)[:, None] * stride_own + dd_out[None, :],
@@ -209,78 +237,40 @@ def _rows(z: torch.Tensor) -> torch.Tensor:
     return z if z.stride(-1) == 1 else z.contiguous()
 
 
-# Tests set this (or SPCL_FAST_POISON=1): outputs start as NaN, so a row a kernel forgets to
-# write fails loudly instead of passing by luck.
-POISON_OUTPUTS = os.environ.get("SPCL_FAST_POISON", "0") not in ("", "0")
-
-
-def _alloc(shape, like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: three tf32 products (~fp32 accuracy on tensor cores); plain tf32 would give
-    # ~1e-3 relative logits, i.e. 0.1 absolute at temperature 0.01. Ignored for fp16/bf16.
-    return "tf32x3" if dtype == torch.float32 else "tf32"
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _rows_per_program(m: int, device: torch.device, choices: tuple[int, ...]) -> int:
-    """The largest row block that still gives every SM a program (small M: more, smaller
-    programs rather than a few SMs doing all the work)."""
-    sms = _num_sms(device)
-    for block in choices:
-        if triton.cdiv(m, block) >= sms:
-            return block
-    return choices[-1]
-
-
 def _block_d(d: int, dtype: torch.dtype) -> int:
-    # fp32 operands take twice the shared memory and registers (and tf32x3 splits each in
-    # two): half the feature chunk keeps them from spilling (checked with ptxas for sm_90).
+    # Feature chunk of the logits' dots: fp32 operands take twice the shared memory and
+    # registers, so half the chunk keeps them from spilling (tests/test_aot.py). The
+    # interpreter's 32 makes the tests' small d span several chunks.
+    if INTERPRET:
+        return 32
     return min(32 if dtype == torch.float32 else 64, max(16, triton.next_power_of_2(d)))
 
 
-def _fwd_config(mq: int, d: int, dtype: torch.dtype, device: torch.device) -> dict:
-    if device.type != "cuda":  # interpreter: few, larger programs; small enough to loop on d
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=32, num_warps=4, num_stages=1)
-    block_d = _block_d(d, dtype)
-    block_m = _rows_per_program(mq, device, (128, 64, 32, 16))
-    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d,
-                num_warps=8 if block_m == 128 else 4, num_stages=3)
-
-
-def _bwd_config(m_own: int, d: int, dtype: torch.dtype, device: torch.device) -> dict:
-    if device.type != "cuda":
-        return dict(BLOCK_OWN=32, BLOCK_OTHER=32, BLOCK_D=32, BLOCK_DO=32, num_warps=4,
-                    num_stages=1)
-    block_d = _block_d(d, dtype)
+def _block_do(d: int, dtype: torch.dtype) -> int:
     # The whole output row block in registers when d <= 256 (one pass over the other side);
     # larger d splits the output over a second grid axis, each part recomputing the logits.
-    block_do = min(256 if dtype != torch.float32 else 64, max(16, triton.next_power_of_2(d)))
-    # Row blocks and warps without register spills on sm_90 (ptxas -v with Triton 3.6):
-    # 32 rows spill with 4 warps, and fp32's 64-row blocks spill at any width.
-    choices = (32, 16) if dtype == torch.float32 else (64, 32, 16)
-    block_own = _rows_per_program(m_own, device, choices)
-    return dict(BLOCK_OWN=block_own, BLOCK_OTHER=64, BLOCK_D=block_d, BLOCK_DO=block_do,
-                num_warps=4 if block_own == 16 else 8, num_stages=2)
+    if INTERPRET:
+        return 32
+    return min(256 if dtype != torch.float32 else 64, max(16, triton.next_power_of_2(d)))
 
 
 def inv_norms(z: torch.Tensor) -> torch.Tensor:
     """``1 / max(|z_i|, eps)`` per row, fp32, computed in fp32 from any input dtype."""
     m, d = z.shape
-    inv = _alloc((m,), z)
+    inv = new_output((m,), z, torch.float32)
     block_d = min(256, max(16, triton.next_power_of_2(d)))
-    _inv_norm_kernel[(triton.cdiv(m, 32),)](z, inv, m, d, z.stride(0), NORM_EPS,
-                                           BLOCK_M=32, BLOCK_D=block_d)
+    launch(_inv_norm_kernel, (triton.cdiv(m, 32),), z, inv, m, d, z.stride(0), NORM_EPS,
+           BLOCK_M=32, BLOCK_D=block_d)
     return inv
+
+
+def _lse(zq, zk, inv_q, inv_k, lse, pos, scale, key_offset, pos_shift, pos_mod, self_mask,
+         write_pos):
+    mq, d = zq.shape
+    launch(_lse_fwd_kernel, lambda meta: (triton.cdiv(mq, meta["BLOCK_M"]),),
+           zq, zk, inv_q, inv_k, lse, pos, mq, zk.shape[0], d, zq.stride(0), zk.stride(0),
+           float(scale), key_offset, pos_shift, pos_mod, SELF_MASK=self_mask,
+           WRITE_POS=write_pos, BLOCK_D=_block_d(d, zq.dtype))
 
 
 def info_nce_fwd(zq, zk, scale, key_offset=0, pos_shift=0, pos_mod=None, self_mask=False,
@@ -289,22 +279,14 @@ def info_nce_fwd(zq, zk, scale, key_offset=0, pos_shift=0, pos_mod=None, self_ma
     ``spcl_fast.reference.info_nce.info_nce_chunked_fwd``: returns fp32
     ``(row_lse (Mq,), pos (Mq,), col_lse (Mk,) or (0,), inv_q (Mq,), inv_k (Mk,))``."""
     zq, zk = _rows(zq), _rows(zk)
-    mq, d = zq.shape
-    mk = zk.shape[0]
+    mq, mk = zq.shape[0], zk.shape[0]
     pos_mod = mq if pos_mod is None else pos_mod
     inv_q, inv_k = inv_norms(zq), inv_norms(zk)
-    row, pos = _alloc((mq,), zq), _alloc((mq,), zq)
-    col = _alloc((mk if col_lse else 0,), zq)
-    prec = _dot_precision(zq.dtype)
-    cfg = _fwd_config(mq, d, zq.dtype, zq.device)
-    _lse_fwd_kernel[(triton.cdiv(mq, cfg["BLOCK_M"]),)](
-        zq, zk, inv_q, inv_k, row, pos, mq, mk, d, zq.stride(0), zk.stride(0), float(scale),
-        key_offset, pos_shift, pos_mod, SELF_MASK=self_mask, WRITE_POS=True, DOT_PREC=prec, **cfg)
+    row, pos = new_output((mq,), zq, torch.float32), new_output((mq,), zq, torch.float32)
+    col = new_output((mk if col_lse else 0,), zq, torch.float32)
+    _lse(zq, zk, inv_q, inv_k, row, pos, scale, key_offset, pos_shift, pos_mod, self_mask, True)
     if col_lse:  # the b -> a direction: the same kernel with the roles swapped
-        cfg = _fwd_config(mk, d, zq.dtype, zq.device)
-        _lse_fwd_kernel[(triton.cdiv(mk, cfg["BLOCK_M"]),)](
-            zk, zq, inv_k, inv_q, col, pos, mk, mq, d, zk.stride(0), zq.stride(0), float(scale),
-            0, 0, 1, SELF_MASK=False, WRITE_POS=False, DOT_PREC=prec, **cfg)
+        _lse(zk, zq, inv_k, inv_q, col, pos, scale, 0, 0, 1, False, False)
     return row, pos, col, inv_q, inv_k
 
 
@@ -319,19 +301,20 @@ def info_nce_bwd(zq, zk, inv_q, inv_k, row_lse, col_lse, d_row, d_col, d_pos, sc
     d_row, d_pos = d_row.float().contiguous(), d_pos.float().contiguous()
     d_col = d_col.float().contiguous() if has_col else d_row
     col_lse = col_lse if has_col else row_lse
-    lowp = zq.dtype != torch.float32
     # |G| <= |d_row| + |d_col| + |d_pos|: a device scalar, no host sync.
     weights = [d_row.abs().amax(), d_pos.abs().amax()] + ([d_col.abs().amax()] if has_col else [])
     gscale = (1.0 / torch.stack(weights).amax().clamp_min(1e-30)).reshape(1)
-    dzq, dzk = _alloc(zq.shape, zq, zq.dtype), _alloc(zk.shape, zk, zk.dtype)
-    prec = _dot_precision(zq.dtype)
+    dzq, dzk = new_output(zq.shape, zq, zq.dtype), new_output(zk.shape, zk, zk.dtype)
+    block_do = _block_do(d, zq.dtype)
     for own, other, inv_own, inv_other, dz, key_side in ((zq, zk, inv_q, inv_k, dzq, False),
                                                          (zk, zq, inv_k, inv_q, dzk, True)):
-        cfg = _bwd_config(own.shape[0], d, zq.dtype, zq.device)
-        grid = (triton.cdiv(own.shape[0], cfg["BLOCK_OWN"]), triton.cdiv(d, cfg["BLOCK_DO"]))
-        _grad_kernel[grid](
+        m_own = own.shape[0]
+        launch(
+            _grad_kernel, lambda meta, m=m_own: (triton.cdiv(m, meta["BLOCK_OWN"]),
+                                                 triton.cdiv(d, block_do)),
             own, other, inv_own, inv_other, row_lse, col_lse, d_row, d_col, d_pos, gscale, dz,
-            own.shape[0], other.shape[0], d, own.stride(0), other.stride(0), dz.stride(0),
+            m_own, other.shape[0], d, own.stride(0), other.stride(0), dz.stride(0),
             float(scale), key_offset, pos_shift, pos_mod, KEY_SIDE=key_side, HAS_COL=has_col,
-            SELF_MASK=self_mask, LOWP=lowp, DOT_PREC=prec, **cfg)
+            SELF_MASK=self_mask, LOWP=zq.dtype != torch.float32,
+            BLOCK_D=_block_d(d, zq.dtype), BLOCK_DO=block_do)
     return dzq, dzk

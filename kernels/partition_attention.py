@@ -24,67 +24,65 @@ allocated with ``torch.zeros``, every other output with ``torch.empty``.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
+from ._common import DOT_PRECISION, INTERPRET, configs, launch, new_output
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-# Tests flip this to fill every torch.empty output with NaN, so a row a kernel forgets to write
-# fails loudly instead of passing with whatever the allocator left there.
-POISON_OUTPUTS = False
+LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 
-
-# SPCL_FAST_ATTN_AUTOTUNE=0 skips autotuning and runs each kernel's first (default) config:
-# quicker first calls, and no benchmarking inside e.g. CUDA-graph capture.
-AUTOTUNE = os.environ.get("SPCL_FAST_ATTN_AUTOTUNE", "1") not in ("", "0")
-
-
-def _configs(gpu_configs, interpret_config):
-    # The interpreter runs each program as Python: one small config keeps tests fast and still
-    # spans several blocks per segment at the tests' lengths (<= 40).
-    if INTERPRET:
-        return [triton.Config(interpret_config, num_warps=1, num_stages=1)]
-    configs = [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in gpu_configs]
-    return configs if AUTOTUNE else configs[:1]
-
-
-# Small candidate lists for H100-class GPUs, tuned once per (head dim, max_seqlen power-of-two
-# bucket, dtypes); all compile for sm_90 without spills at Dh = 64 (checked with ptxas -v).
-_FWD_CONFIGS = _configs(
+# Candidates for sm_80/sm_90 (16-bit inputs at head dims 32-128); every one compiles for both
+# without register spills and within shared memory (tests/test_aot.py, README "Kernels on GPU
+# targets"). fp32 operands take twice the registers and shared memory: _prune drops the
+# configs that spill or overflow for them.
+_FWD_CONFIGS = configs(
     [
-        ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3),
         ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3),
-        ({"BLOCK_M": 128, "BLOCK_N": 32}, 4, 2),
-        ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2),
+        ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3),
+        ({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 2),
+        ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 4),
     ],
     {"BLOCK_M": 16, "BLOCK_N": 16},
 )
-_DKDV_CONFIGS = _configs(
+_DKDV_CONFIGS = configs(
     [
         ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 3),
         ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2),
         ({"BLOCK_M": 32, "BLOCK_N": 128}, 8, 3),
-        ({"BLOCK_M": 64, "BLOCK_N": 128}, 8, 2),
     ],
     {"BLOCK_M": 16, "BLOCK_N": 16},
 )
-_DQ_CONFIGS = _configs(
+_DQ_CONFIGS = configs(
     [
         ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 3),
         ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2),
         ({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 3),
-        ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 2),
     ],
     {"BLOCK_M": 16, "BLOCK_N": 16},
 )
 _PRE_BLOCK = 16 if INTERPRET else 64
-_TUNE_KEY = ["HEAD_DIM", "SEQ_BUCKET"]  # the autotuner adds the tensors' dtypes itself
+# One tuning per head dim, max_seqlen bucket and layout; the autotuner adds the tensors' dtypes.
+_TUNE_KEY = ["HEAD_DIM", "SEQ_BUCKET", "HAS_INDEX"]
+
+
+def _fits(config: triton.Config, dtype: torch.dtype, block_d: int) -> bool:
+    """Whether a candidate compiles without spills for these operands (see _FWD_CONFIGS)."""
+    if dtype != torch.float32:
+        return True
+    tile = max(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"])
+    return tile * block_d <= FP32_MAX_TILE
+
+
+def _prune(configs, named_args, **kwargs):
+    fitting = [c for c in configs if _fits(c, named_args["Q"].dtype, kwargs["BLOCK_D"])]
+    return fitting or configs[-1:]
+
+
+FP32_MAX_TILE = 64 * 64
+_TUNE = dict(key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
 
 
 @triton.jit
@@ -97,27 +95,30 @@ def _rows(token_index, seq_start, offs, mask, HAS_INDEX: tl.constexpr):
 
 
 @triton.jit
-def _segment(cu_seqlens, num_heads):
-    """(segment start as int64, segment length, head) of this program."""
-    pid = tl.program_id(0)
-    seg = pid // num_heads
+def _segment(cu_seqlens):
+    """(segment start as int64, segment length, head) of this program.
+
+    The grid is (blocks, heads, segments): the block index is the fastest axis, so the programs
+    of one (segment, head) run together and share its K/V in L2 (the tutorial's and FA2's order).
+    """
+    seg = tl.program_id(2)
     start = tl.load(cu_seqlens + seg)
     seqlen = tl.load(cu_seqlens + seg + 1) - start
-    return start.to(tl.int64), seqlen, (pid % num_heads).to(tl.int64)
+    return start.to(tl.int64), seqlen, tl.program_id(1).to(tl.int64)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_FWD_CONFIGS, **_TUNE)
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Out, Lse, cu_seqlens, token_index,
     stride_qr, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_or, stride_oh,
-    stride_lh, num_heads, HEAD_DIM: tl.constexpr, qk_scale,
+    stride_lh, HEAD_DIM: tl.constexpr, qk_scale,
     SEQ_BUCKET,  # autotuning key only
-    HAS_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    seq_start, seqlen, head = _segment(cu_seqlens, num_heads)
-    start_m = tl.program_id(1) * BLOCK_M
+    seq_start, seqlen, head = _segment(cu_seqlens)
+    start_m = tl.program_id(0) * BLOCK_M
     if start_m >= seqlen:  # the grid is sized for max_seqlen; shorter segments stop here
         return
 
@@ -183,20 +184,20 @@ def _bwd_preprocess_kernel(
     tl.store(Delta + head * stride_deltah + offs_t, tl.sum(o * do, 1), mask=mask_t)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_DKDV_CONFIGS, **_TUNE)
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DOut, DK, DV, Lse, Delta, cu_seqlens, token_index,
     stride_qr, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_dor, stride_doh,
-    stride_gr, stride_gh, stride_lh, num_heads, HEAD_DIM: tl.constexpr, softmax_scale, qk_scale,
+    stride_gr, stride_gh, stride_lh, HEAD_DIM: tl.constexpr, softmax_scale, qk_scale,
     SEQ_BUCKET,
-    HAS_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Transposed formulation (keys on the rows) so dK and dV accumulate without reshuffles:
     # P^T = exp(K Q^T * scale - lse), dV = P^T dO, dS^T = P^T * (V dO^T - delta), dK = dS^T Q.
-    seq_start, seqlen, head = _segment(cu_seqlens, num_heads)
-    start_n = tl.program_id(1) * BLOCK_N
+    seq_start, seqlen, head = _segment(cu_seqlens)
+    start_n = tl.program_id(0) * BLOCK_N
     if start_n >= seqlen:
         return
 
@@ -244,19 +245,19 @@ def _bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=mask_nd)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_DQ_CONFIGS, **_TUNE)
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DOut, DQ, Lse, Delta, cu_seqlens, token_index,
     stride_qr, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_dor, stride_doh,
-    stride_gr, stride_gh, stride_lh, num_heads, HEAD_DIM: tl.constexpr, softmax_scale, qk_scale,
+    stride_gr, stride_gh, stride_lh, HEAD_DIM: tl.constexpr, softmax_scale, qk_scale,
     SEQ_BUCKET,
-    HAS_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # dQ = (P * (dO V^T - delta)) K * scale, one query block against all key blocks.
-    seq_start, seqlen, head = _segment(cu_seqlens, num_heads)
-    start_m = tl.program_id(1) * BLOCK_M
+    seq_start, seqlen, head = _segment(cu_seqlens)
+    start_m = tl.program_id(0) * BLOCK_M
     if start_m >= seqlen:
         return
 
@@ -314,23 +315,6 @@ def _seq_bucket(max_seqlen: int) -> int:
     return min(max(triton.next_power_of_2(max_seqlen), 16), 4096)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's matmul setting: TF32 only where the user allowed it, otherwise
-    # 3xTF32 (fp32-level accuracy on tensor cores; "ieee" runs on FMAs and spills badly).
-    # 16-bit inputs ignore this.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "tf32x3"
-    return "tf32"
-
-
-def _new(shape, like: torch.Tensor, dtype: torch.dtype, zero: bool) -> torch.Tensor:
-    if zero:
-        return torch.zeros(shape, dtype=dtype, device=like.device)
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
-
-
 def _layout(q: torch.Tensor, cu_seqlens: torch.Tensor, token_index: torch.Tensor | None):
     """(total packed rows, segments, whether rows outside every segment need zeros, index arg)."""
     rows = q.shape[0]
@@ -341,16 +325,8 @@ def _layout(q: torch.Tensor, cu_seqlens: torch.Tensor, token_index: torch.Tensor
     return total, cu_seqlens.numel() - 1, need_zeros, index
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+def _grid(max_seqlen: int, heads: int, num_segments: int, block: str):
+    return lambda meta: (triton.cdiv(max_seqlen, meta[block]), heads, num_segments)
 
 
 def partition_attention_fwd(
@@ -367,23 +343,18 @@ def partition_attention_fwd(
     block_d = _block_d(head_dim)
     total, num_segments, need_zeros, index = _layout(q, cu_seqlens, token_index)
     cu_seqlens = cu_seqlens.contiguous()
-    out = _new((rows, heads, head_dim), q, q.dtype, need_zeros)
-    lse = _new((heads, total), q, torch.float32, False)
+    out = new_output((rows, heads, head_dim), q, q.dtype, need_zeros)
+    lse = new_output((heads, total), q, torch.float32)
     if total == 0 or num_segments == 0 or max_seqlen == 0 or heads == 0:
         return out, lse
-
-    def grid(meta):
-        return (num_segments * heads, triton.cdiv(max_seqlen, meta["BLOCK_M"]))
-
-    with _device_guard(q):
-        _fwd_kernel[grid](
-            q, k, v, out, lse, cu_seqlens, index,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0),
-            heads, head_dim, softmax_scale * LOG2E, _seq_bucket(max_seqlen),
-            HAS_INDEX=token_index is not None, DOT_PRECISION=_dot_precision(q.dtype),
-            BLOCK_D=block_d,
-        )
+    launch(
+        _fwd_kernel, _grid(max_seqlen, heads, num_segments, "BLOCK_M"),
+        q, k, v, out, lse, cu_seqlens, index,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0),
+        head_dim, softmax_scale * LOG2E, _seq_bucket(max_seqlen),
+        HAS_INDEX=token_index is not None, BLOCK_D=block_d,
+    )
     return out, lse
 
 
@@ -405,34 +376,32 @@ def partition_attention_bwd(
     total, num_segments, need_zeros, index = _layout(q, cu_seqlens, token_index)
     cu_seqlens = cu_seqlens.contiguous()
     lse = lse.contiguous()
-    dq, dk, dv = (_new((rows, heads, head_dim), q, q.dtype, need_zeros) for _ in range(3))
+    dq, dk, dv = (new_output((rows, heads, head_dim), q, q.dtype, need_zeros) for _ in range(3))
     if total == 0 or num_segments == 0 or max_seqlen == 0 or heads == 0:
         return dq, dk, dv
     has_index = token_index is not None
-    precision = _dot_precision(q.dtype)
-    bucket = _seq_bucket(max_seqlen)
-    delta = torch.empty_like(lse)
+    delta = new_output(lse.shape, q, torch.float32)
 
-    with _device_guard(q):
-        _bwd_preprocess_kernel[(triton.cdiv(total, _PRE_BLOCK), heads)](
-            out, dout, delta, index,
-            out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
-            total, head_dim,
-            HAS_INDEX=has_index, BLOCK_M=_PRE_BLOCK, BLOCK_D=block_d,
-        )
-        common = (
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
-            heads, head_dim, softmax_scale, softmax_scale * LOG2E, bucket,
-        )
-        _bwd_dkdv_kernel[lambda meta: (num_segments * heads,
-                                       triton.cdiv(max_seqlen, meta["BLOCK_N"]))](
-            q, k, v, dout, dk, dv, lse, delta, cu_seqlens, index, *common,
-            HAS_INDEX=has_index, DOT_PRECISION=precision, BLOCK_D=block_d,
-        )
-        _bwd_dq_kernel[lambda meta: (num_segments * heads,
-                                     triton.cdiv(max_seqlen, meta["BLOCK_M"]))](
-            q, k, v, dout, dq, lse, delta, cu_seqlens, index, *common,
-            HAS_INDEX=has_index, DOT_PRECISION=precision, BLOCK_D=block_d,
-        )
+    launch(
+        _bwd_preprocess_kernel, (triton.cdiv(total, _PRE_BLOCK), heads),
+        out, dout, delta, index,
+        out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
+        total, head_dim,
+        HAS_INDEX=has_index, BLOCK_M=_PRE_BLOCK, BLOCK_D=block_d,
+    )
+    common = (
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
+        head_dim, softmax_scale, softmax_scale * LOG2E, _seq_bucket(max_seqlen),
+    )
+    launch(
+        _bwd_dkdv_kernel, _grid(max_seqlen, heads, num_segments, "BLOCK_N"),
+        q, k, v, dout, dk, dv, lse, delta, cu_seqlens, index, *common,
+        HAS_INDEX=has_index, BLOCK_D=block_d,
+    )
+    launch(
+        _bwd_dq_kernel, _grid(max_seqlen, heads, num_segments, "BLOCK_M"),
+        q, k, v, dout, dq, lse, delta, cu_seqlens, index, *common,
+        HAS_INDEX=has_index, BLOCK_D=block_d,
+    )
     return dq, dk, dv

@@ -15,36 +15,26 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_helpers import (  # noqa: F401 (poison_outputs is a fixture)
+    DEVICE,
+    max_err,
+    needs_kernel,
+    poison_outputs,
+    reference_precision,
+)
 
 from spcl_fast import info_nce
-from spcl_fast._impl import triton_interpreting
 from spcl_fast.reference.info_nce import (
     info_nce_chunked_bwd,
     info_nce_chunked_fwd,
     info_nce_ref,
 )
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 MODES = [("cross", True), ("cross", False), ("all", True), ("all", False)]
 MODE_IDS = [f"{n}-{'sym' if s else 'asym'}" for n, s in MODES]
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
-needs_kernel = pytest.mark.skipif(
-    not HAS_CUDA and not triton_interpreting(),
-    reason="needs CUDA or TRITON_INTERPRET=1 set before triton is imported",
-)
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    # Every launcher output starts as NaN: a row or feature a kernel forgets to write shows up
-    # as NaN in the comparisons instead of passing by luck.
-    try:
-        from spcl_fast.kernels import info_nce as kernels
-    except ImportError:  # no triton: the tests skip anyway
-        return
-    monkeypatch.setattr(kernels, "POISON_OUTPUTS", True)
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
 def _inputs(m, d, dtype, seed=0, scale=1.0, device=DEVICE):
@@ -68,12 +58,12 @@ def _check(za, zb, temperature, symmetric, negatives, dtype, kernel=None):
     got = _run(kernel, za, zb)
     gt = _run(lambda a, b: info_nce_ref(a, b, temperature, symmetric, negatives),
               za.double(), zb.double())
-    ref_lp = _run(lambda a, b: info_nce_ref(a, b, temperature, symmetric, negatives), za, zb)
+    with reference_precision(dtype):
+        ref_lp = _run(lambda a, b: info_nce_ref(a, b, temperature, symmetric, negatives), za, zb)
     for name, g, w, lp in zip(("loss", "dz_a", "dz_b"), got, gt, ref_lp, strict=True):
         assert g.dtype == dtype and g.shape == w.shape, name
         assert torch.isfinite(g).all(), f"{name}: non-finite values"
-        err = (g.double() - w).abs().max().item()
-        err_lp = (lp.double() - w).abs().max().item()
+        err, err_lp = max_err(g, w), max_err(lp, w)
         tol = TOL[dtype] * max(1.0, w.abs().max().item())
         assert err <= 2 * err_lp + tol, f"{name}: err {err:.3g} vs ref_lp {err_lp:.3g}"
     return got

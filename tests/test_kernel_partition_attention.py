@@ -14,33 +14,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_helpers import (  # noqa: F401 (poison_outputs is a fixture)
+    DEVICE,
+    HAS_CUDA,
+    max_err,
+    needs_kernel,
+    poison_outputs,
+    reference_precision,
+)
 
 from spcl_fast import partition_attention, sample_partitions
-from spcl_fast._impl import triton_interpreting
 from spcl_fast.reference.partition_attention import (
     partition_attention_ref,
     partition_attention_torch_bwd,
     partition_attention_torch_fwd,
 )
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-
-needs_kernel = pytest.mark.skipif(
-    not HAS_CUDA and not triton_interpreting(),
-    reason="needs CUDA or TRITON_INTERPRET=1 set before triton is imported",
-)
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    # Every torch.empty output of the launchers starts as NaN: a row a kernel forgets to write
-    # shows up as NaN in the comparisons below instead of passing by luck.
-    try:
-        from spcl_fast.kernels import partition_attention as kernels
-    except ImportError:  # no triton: the tests skip anyway
-        return
-    monkeypatch.setattr(kernels, "POISON_OUTPUTS", True)
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,10 +86,6 @@ def _reference(q, k, v, dout, cu_seqlens, token_index, scale, dtype, upcast, chu
     return results
 
 
-def _err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
@@ -121,7 +107,8 @@ def _check(lengths_or_cu, heads, head_dim, dtype, token_index=None, rows=None, l
     scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
     args = (q, k, v, dout, cu_seqlens, token_index, scale)
     gt = _reference(*args, torch.float64, True, chunk_segments)
-    ref_lp = _reference(*args, dtype, False, chunk_segments)
+    with reference_precision(dtype):
+        ref_lp = _reference(*args, dtype, False, chunk_segments)
 
     missing = torch.ones(rows, dtype=torch.bool, device=DEVICE)
     missing[token_index if token_index is not None else slice(None)] = False
@@ -130,7 +117,7 @@ def _check(lengths_or_cu, heads, head_dim, dtype, token_index=None, rows=None, l
         assert got.dtype == dtype and got.shape == (rows, heads, head_dim), name
         assert not got.isnan().any(), f"{name} has NaN (a row the kernel did not write?)"
         assert (got[missing] == 0).all(), f"{name} is not zero in rows of no segment"
-        err, err_lp = _err(got, want), _err(low, want)
+        err, err_lp = max_err(got, want), max_err(low, want)
         bound = 2 * err_lp + TOL[dtype]
         assert err <= bound, f"{name}: err {err:.3g} > 2 * {err_lp:.3g} + {TOL[dtype]:g}"
     return out, grads
@@ -246,7 +233,7 @@ def test_launchers_match_torch_fallback(token_layout):
     out_t, lse_t = partition_attention_torch_fwd(q, k, v, cu_seqlens, max_seqlen, token_index,
                                                  scale)
     assert lse.dtype == torch.float32 and lse.shape == (3, total)
-    tol = 1e-4 if HAS_CUDA else 1e-5  # 3xTF32 dots on a GPU, exact fp32 in the interpreter
+    tol = 1e-2 if HAS_CUDA else 1e-5  # TF32 dots on a GPU, exact fp32 in the interpreter
     torch.testing.assert_close(out, out_t, atol=tol, rtol=tol)
     torch.testing.assert_close(lse, lse_t, atol=tol, rtol=tol)
     grads = partition_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, token_index,
@@ -293,12 +280,11 @@ def test_very_negative_scores(token_layout):
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     gt = _reference(q, k, v, dout, cu, token_index, 0.25, torch.float64, True)
-    ref_lp = _reference(q, k, v, dout, cu, token_index, 0.25, torch.float32, False)
+    with reference_precision(torch.float32):
+        ref_lp = _reference(q, k, v, dout, cu, token_index, 0.25, torch.float32, False)
     for got, want, low in zip((out, *grads), gt, ref_lp, strict=True):
         assert got.isfinite().all()
-        # |scores| ~ 400 amplify rounding; a GPU's 3xTF32 dots round a little coarser than fp32.
-        tol = 1e-3 * want.abs().max().item() if HAS_CUDA else TOL[torch.float32]
-        assert _err(got, want) <= 2 * _err(low, want) + tol
+        assert max_err(got, want) <= 2 * max_err(low, want) + TOL[torch.float32]
 
 
 @pytest.mark.interpret
