@@ -1,5 +1,6 @@
 """Test tiers (DESIGN.md §5): CPU always; ``interpret`` runs the Triton kernels on CPU tensors
-through the Triton interpreter when there is no GPU; ``gpu`` needs CUDA.
+through the Triton interpreter when there is no GPU; ``aot`` compiles them for GPU targets
+without a GPU (tests/test_aot.py); ``gpu`` needs CUDA.
 
 The interpreter must be switched on before anything imports triton, hence at conftest import.
 """
@@ -33,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
-        if ("interpret" in item.keywords or "gpu" in item.keywords) and not HAS_TRITON:
+        if not HAS_TRITON and any(m in item.keywords for m in ("interpret", "aot", "gpu")):
             item.add_marker(skip_triton)
 
 

@@ -1,0 +1,101 @@
+"""The ``aot`` tier: every kernel config the launchers can choose, compiled for sm_80 and sm_90
+on this (GPU-less) machine by ``python -m spcl_fast.kernels.aot --quick`` (see its docstring).
+
+It runs in a subprocess because the interpreter (``TRITON_INTERPRET=1``, which tests/conftest.py
+sets without CUDA) replaces Triton's compiler at decoration time. The saved measurements
+(``benchmarks/results/aot-<triton version>.json``, the full matrix) must agree with what this
+Triton compiles, and the README's table must be the one those measurements give.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import astuple
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOT_KERNELS = {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_lse_fwd_kernel",
+               "_grad_kernel"}
+ALL_KERNELS = DOT_KERNELS | {"_bwd_preprocess_kernel", "_inv_norm_kernel"}
+
+pytestmark = pytest.mark.aot
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """Rows of the CI subset, compiled from a cold cache with both cores."""
+    out = tmp_path_factory.mktemp("aot") / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "spcl_fast.kernels.aot", "--quick", "--jobs", "2",
+         "--json", str(out)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def _aot():
+    # Imported for its pure helpers (key, table, cases): no kernel is compiled here.
+    from spcl_fast.kernels import aot
+
+    return aot
+
+
+def test_every_config_compiles_for_both_targets(compiled):
+    rows = compiled["rows"]
+    aot = _aot()
+    assert {r["kernel"] for r in rows} == ALL_KERNELS
+    by_target = {t: {aot.key({**r, "target": None}) for r in rows if r["target"] == t}
+                 for t in aot.TARGETS}
+    assert by_target["sm_80"] == by_target["sm_90"]
+    # Every case of the subset launched its kernels: 4 for attention, 3 kinds for InfoNCE.
+    for case in aot.cases(quick=True):
+        kernels = {r["kernel"] for r in rows
+                   if (r["op"], r["dtype"], r["size"], r["variant"]) == astuple(case)}
+        assert len(kernels) == (4 if case.op == "partition_attention" else 3), case
+
+
+def test_tensor_cores_in_every_dot_kernel(compiled):
+    for row in compiled["rows"]:
+        if row["kernel"] in DOT_KERNELS:
+            instr = "wgmma" if row["target"] == "sm_90" else "mma"
+            assert row[instr] > 0, f"no {instr} in {row}"
+
+
+def test_no_config_spills(compiled):
+    spilling = [r for r in compiled["rows"] if r["spill_stores"] or r["spill_loads"]]
+    assert not spilling, "\n".join(map(str, spilling))
+
+
+def test_shared_memory_within_the_targets_limit(compiled):
+    for row in compiled["rows"]:
+        assert row["shared_bytes"] <= row["shared_limit"], row
+
+
+def test_saved_measurements_match_this_triton(compiled):
+    saved = RESULTS / f"aot-{compiled['triton']}.json"
+    if not saved.exists():
+        pytest.skip(f"no saved measurements for triton {compiled['triton']} ({saved.name})")
+    aot = _aot()
+    want = {aot.key(r): r for r in json.loads(saved.read_text())["rows"]}
+    for row in compiled["rows"]:
+        assert aot.key(row) in want, f"{aot.key(row)} missing from {saved.name}: regenerate it"
+        for field in aot.MEASURED:
+            assert row[field] == want[aot.key(row)][field], (field, row)
+
+
+def test_readme_table_is_the_saved_one():
+    # No compile: the README names its JSON file, whose rows give the table it must show.
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"benchmarks/results/(aot-[\w.+-]+\.json)", readme)
+    assert match, "the README does not name its aot-<version>.json"
+    rows = json.loads((RESULTS / match.group(1)).read_text())["rows"]
+    assert _aot().table(rows) in readme
