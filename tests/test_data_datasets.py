@@ -170,6 +170,33 @@ def test_chestxray14_bad_metadata(roots, tmp_path):
     assert len(ChestXray14(root, "all", S)) == 24
 
 
+def test_metadata_that_is_not_utf8_or_not_csv(roots, tmp_path):
+    """Found by the fuzz campaign: non-UTF-8 bytes raised UnicodeDecodeError (no file named)."""
+    root = _copy(roots["chestxray14"], tmp_path)
+    csv = os.path.join(root, "Data_Entry_2017.csv")
+    text = open(csv, "rb").read()
+    for name, data, message in [
+        ("Data_Entry_2017.csv", text.replace(b"No Finding", b"No Find\xe9ng", 1),
+         r"Data_Entry_2017.csv: not UTF-8 text \(byte \d+ is b'\\xe9'\)"),
+        ("Data_Entry_2017.csv", text.replace(b"No Finding", b"x" * 200_000, 1),
+         r"Data_Entry_2017.csv: line \d+: field larger than field limit"),
+        ("test_list.txt", b"\xff\xfe" + open(os.path.join(root, "test_list.txt"), "rb").read(),
+         r"test_list.txt: not UTF-8 text \(byte 0"),
+    ]:
+        path = os.path.join(root, name)
+        original = open(path, "rb").read()
+        with open(path, "wb") as f:
+            f.write(data)
+        with pytest.raises(DataFormatError, match=message):
+            ChestXray14(root, "all" if name.endswith(".csv") else "train", S)
+        with open(path, "wb") as f:
+            f.write(original)
+    # What every CSV reader accepts still reads the same: a BOM, CRLF line ends, quoting.
+    with open(csv, "wb") as f:
+        f.write(b"\xef\xbb\xbf" + text.replace(b"\n", b"\r\n"))
+    assert ChestXray14(root, "all", S).ids == ChestXray14(roots["chestxray14"], "all", S).ids
+
+
 # ---------------------------------------------------------------- CheXpert
 
 
@@ -220,6 +247,17 @@ def test_chexpert_paths_escaping_root(roots, tmp_path):
         f.write("\n".join(lines))
     with pytest.raises(DataFormatError, match="valid.csv: line 2"):
         CheXpert(root, "test", S, classes="all")
+
+
+def test_chexpert_duplicate_paths(roots, tmp_path):
+    """Found by the fuzz campaign: a repeated Path row gave two items with one id."""
+    root = _copy(roots["chexpert"], tmp_path)
+    csv = os.path.join(root, "valid.csv")
+    lines = open(csv).read().splitlines()
+    with open(csv, "w") as f:
+        f.write("\n".join(lines + [lines[1]]) + "\n")
+    with pytest.raises(DataFormatError, match=f"valid.csv: line {len(lines) + 1}: duplicate Path"):
+        CheXpert(root, "test", S)
 
 
 # ---------------------------------------------------------------- RSNA

@@ -104,6 +104,17 @@ def test_invalid_window_falls_back_to_stored_range(tmp_path, ramp12):
     np.testing.assert_allclose(out, ramp12 / 4095, atol=1e-6)
 
 
+def test_non_finite_window_is_ignored_and_non_finite_rescale_rejected(tmp_path, ramp12):
+    """Found by the fuzz campaign: a NaN rescale or window gave a NaN image, returned."""
+    for window in [("NaN", 100), (2000, "inf"), (["NaN", "1"], [1, 2])]:
+        out = read_dicom(write_dicom(tmp_path / "w.dcm", ramp12, bits_stored=12, window=window))
+        np.testing.assert_allclose(out, ramp12 / 4095, atol=1e-6)
+    for rescale in [("NaN", 0), (1, "-inf"), ("1e308", 0)]:
+        path = write_dicom(tmp_path / "r.dcm", ramp12, bits_stored=12, rescale=rescale)
+        with pytest.raises(ImageReadError, match="r.dcm: non-finite rescale"):
+            read_dicom(path)
+
+
 def test_voi_lut_sequence_wins_over_window(tmp_path):
     v = np.array([[0, 1, 2, 3, 10]], np.uint16)
     lut = [255, 200, 100, 0]  # an inverting LUT, 8-bit output; inputs past the end clamp

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import operator
 import os
 import warnings
@@ -51,19 +52,33 @@ class Index:
     extra: dict[str, list] = dataclasses.field(default_factory=dict)  # more per-row attributes
 
 
+def read_text(path: str) -> str:
+    """A metadata file's text: UTF-8, a byte-order mark allowed. Raises
+    :class:`DataFormatError` naming the file when it is absent or not UTF-8."""
+    if not os.path.isfile(path):
+        raise DataFormatError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"{path}: not UTF-8 text (byte {exc.start} is "
+                              f"{data[exc.start:exc.start + 1]!r})") from exc
+
+
 def read_csv(path: str, required: Sequence[str], optional: Sequence[str] = ()
              ) -> dict[str, list[str]]:
     """Columns ``required`` (and ``optional``, "" where absent) of a CSV as lists of stripped
     strings.
 
     Header names are stripped (SIIM writes ``" EncodedPixels"``); extra columns, including empty
-    trailing ones and headers that a comma inside brackets splits in two (NIH), are ignored.
-    Raises :class:`DataFormatError` naming the file and the column or line at fault.
+    trailing ones and headers that a comma inside brackets splits in two (NIH), are ignored;
+    CRLF line ends, quoting and a byte-order mark are read as any CSV reader reads them.
+    Raises :class:`DataFormatError` naming the file and the column or line at fault (also for
+    text that is not UTF-8 and rows that the csv module cannot parse).
     """
-    if not os.path.isfile(path):
-        raise DataFormatError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    try:
         header = [h.strip() for h in next(reader, [])]
         where = {}
         for name in required:
@@ -74,14 +89,16 @@ def read_csv(path: str, required: Sequence[str], optional: Sequence[str] = ()
         where.update({name: header.index(name) for name in optional if name in header})
         need = max(where.values()) + 1
         out = {name: [] for name in where}
-        for line, row in enumerate(reader, start=2):
+        for row in reader:
             if not row or not any(cell.strip() for cell in row):
                 continue
             if len(row) < need:
-                raise DataFormatError(f"{path}: line {line} has {len(row)} cells, "
+                raise DataFormatError(f"{path}: line {reader.line_num} has {len(row)} cells, "
                                       f"expected at least {need}")
             for name, k in where.items():
                 out[name].append(row[k].strip())
+    except csv.Error as exc:  # a NUL byte, an unterminated quote, a field over csv's limit
+        raise DataFormatError(f"{path}: line {reader.line_num}: {exc}") from exc
     n = len(out[required[0]]) if required else 0
     out.update({name: [""] * n for name in optional if name not in out})
     return out

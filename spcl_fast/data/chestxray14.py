@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 
-from .base import CXRDataset, Index, read_csv
+from .base import CXRDataset, Index, read_csv, read_text
 from .errors import DataFormatError
 from .splits import assign_groups
 
@@ -39,8 +39,7 @@ CSV_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 
 
 def _read_list(path: str) -> set[str]:
-    with open(path) as f:
-        return {line.strip() for line in f if line.strip()}
+    return {line.strip() for line in read_text(path).splitlines() if line.strip()}
 
 
 class ChestXray14(CXRDataset):

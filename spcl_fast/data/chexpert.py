@@ -96,7 +96,7 @@ class CheXpert(CXRDataset):
         value = {"1.0": 1.0, "1": 1.0, "0.0": 0.0, "0": 0.0, "": 0.0,
                  "-1.0": -1.0, "-1": -1.0}
         unc = {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}[self.uncertain]
-        ids, paths, rows, patients, views, split = [], [], [], [], [], []
+        ids, paths, rows, patients, views, split, seen = [], [], [], [], [], [], set()
         for csv_name, part in (("train.csv", "train"), ("valid.csv", "test")):
             csv_path = os.path.join(self.root, csv_name)
             if not os.path.isfile(csv_path):
@@ -113,6 +113,9 @@ class CheXpert(CXRDataset):
                 source = f"{csv_path}: line {k + 2}"
                 parts = path.replace("\\", "/").split("/")
                 rel = "/".join(parts[1:]) if parts[0] in _RELEASES else path
+                if rel in seen:
+                    raise DataFormatError(f"{source}: duplicate Path {path!r}")
+                seen.add(rel)
                 paths.append(safe_join(self.root, rel, source))
                 row = []
                 for c in self.class_names:

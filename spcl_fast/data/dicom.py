@@ -9,7 +9,8 @@ Pipeline (DICOM PS3.3 C.11 grayscale pipeline, through pydicom's own functions):
    extra: ``pylibjpeg``, ``pylibjpeg-libjpeg``, ``pylibjpeg-openjpeg``, ``pylibjpeg-rle``);
 2. modality LUT: Modality LUT Sequence, or Rescale Slope/Intercept (``apply_modality_lut``);
 3. VOI: the VOI LUT Sequence if present, else the first Window Center/Width, with its VOI LUT
-   Function (``apply_voi`` / ``apply_windowing``); an invalid window (width < 1) is ignored;
+   Function (``apply_voi`` / ``apply_windowing``); an invalid window (width < 1, NaN or
+   infinite values) is ignored;
 4. normalise by the output range of the last step: the VOI LUT's bit depth, or else the range
    of the stored bit depth (``BitsStored``, signed or not) carried through the modality step,
    the range pydicom's windowing writes into; then clip to ``[0, 1]``;
@@ -24,12 +25,13 @@ Privacy: only the pixel-module tags are parsed (``dcmread(specific_tags=...)``),
 ids, dates and institutions never reach memory, and error messages never quote header values.
 
 Every failure (missing file, not DICOM, truncated, no pixel data, absurd dimensions, a codec
-error or a decoder's panic, a missing decoder plugin) raises :class:`~spcl_fast.data.errors.ImageReadError` whose
+error or a decoder's panic, a missing decoder plugin, a NaN or infinite rescale) raises :class:`~spcl_fast.data.errors.ImageReadError` whose
 message names the file and the problem.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -133,20 +135,39 @@ def _modality_range(ds, stored: int) -> tuple[float, float]:
     return lo, hi
 
 
-def _grayscale(arr: np.ndarray, ds, stored: int) -> np.ndarray:
+def _finite_window(ds) -> bool:
+    """Whether the first Window Center/Width pair is there and finite (a NaN or infinite one
+    is ignored, as a width < 1 is)."""
+    from pydicom.multival import MultiValue
+
+    for keyword in ("WindowCenter", "WindowWidth"):
+        value = ds.get(keyword)
+        value = value[0] if isinstance(value, MultiValue) and len(value) else value
+        try:
+            if not math.isfinite(float(value)):
+                return False
+        except (TypeError, ValueError):  # absent, empty or not a number
+            return False
+    return True
+
+
+def _grayscale(arr: np.ndarray, ds, stored: int, name: str) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 
     # Without a modality transform keep the integer array (fast path for 8-bit files).
     if ds.get("ModalityLUTSequence") or ("RescaleSlope" in ds and "RescaleIntercept" in ds):
         arr = apply_modality_lut(arr, ds)
     lo, hi = _modality_range(ds, stored)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ImageReadError(f"{name}: non-finite rescale (a NaN or infinite slope or "
+                             "intercept, or one that overflows)")
     voi = ds.get("VOILUTSequence")
     if voi and "LUTDescriptor" in voi[0] and "LUTData" in voi[0]:
         if not np.issubdtype(arr.dtype, np.integer):
             arr = np.rint(arr).astype(np.int64)  # LUT input must be integral (PS3.3 C.11.2.1.1)
         arr = apply_voi(arr, ds, 0)
         lo, hi = 0.0, float(2 ** int(voi[0].LUTDescriptor[2]) - 1)
-    elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+    elif _finite_window(ds):
         try:
             arr = apply_windowing(arr, ds, 0)
         except ValueError:
@@ -213,7 +234,7 @@ def read_dicom(path, frame: int = 0, max_pixels: int = MAX_PIXELS, plugin: str =
             rgb = arr.astype(np.float32) * np.float32(1.0 / (2**stored - 1))
             out = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
             return np.clip(out, 0.0, 1.0, out=out)
-        return _grayscale(arr, ds, stored)
+        return _grayscale(arr, ds, stored, name)
     except ImageReadError:
         raise
     except BaseException as exc:  # codec errors and panics, truncated data, plugins, bad LUTs
