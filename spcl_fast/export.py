@@ -53,7 +53,7 @@ from pathlib import Path
 
 from .data import synthetic
 from .eval.encoders import load_encoder, vit_state_keys
-from .train.checkpoint import list_checkpoints
+from .run.checkpoint import list_checkpoints
 
 # timm's registered name for each preset (at its default 224 px; the kwargs set the real size).
 TIMM_NAMES = {
@@ -87,8 +87,8 @@ def _pooling(encoder) -> dict:
     return {"class_token": False, "global_pool": "avg"}
 
 
-def _timm_name(encoder, config: dict | None) -> str:
-    name = TIMM_NAMES.get((config or {}).get("model", ""))
+def _timm_name(encoder, config) -> str:
+    name = TIMM_NAMES.get(config.model.name) if config is not None else None
     if name is None:
         by_width = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit_large"}
         name = by_width.get(encoder.embed_dim, "vit_base") + "_patch16_224"
@@ -146,7 +146,7 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path,
         "mean": stats[0] if loaded.normalize == "dataset" else None,
         "std": stats[1] if loaded.normalize == "dataset" else None,
         "source": {"kind": loaded.kind, "path": loaded.source, "notes": loaded.notes},
-        "spcl_config": loaded.config,
+        "spcl_config": None if loaded.config is None else json.loads(loaded.config.to_json()),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     layout = ", ".join(f"{k}={kwargs[k]!r}" for k in _pooling(encoder))

@@ -9,6 +9,7 @@ subset B; with ``K`` subsets, segment ``K*b + k`` is subset ``k`` of image ``b``
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,29 @@ class PartitionPlan:
         """``(T,)`` int64 segment of each packed row."""
         seg = torch.arange(self.num_segments, device=self.cu_seqlens.device)
         return torch.repeat_interleave(seg, self.seqlens.long(), output_size=self.total_tokens)
+
+    @classmethod
+    def concat(cls, plans: Sequence[PartitionPlan]) -> PartitionPlan:
+        """Plans of consecutive image ranges as one plan of all their images, in order.
+
+        Example::
+
+            >>> a = sample_partitions(1, 4, generator=torch.Generator().manual_seed(0))
+            >>> b = sample_partitions(2, 4, generator=torch.Generator().manual_seed(1))
+            >>> ab = PartitionPlan.concat([a, b])
+            >>> ab.num_images, ab.total_tokens, torch.equal(ab.token_index[4:], b.token_index + 4)
+            (3, 12, True)
+        """
+        if len(plans) == 1:
+            return plans[0]
+        n = plans[0].num_tokens
+        token_index, cu_seqlens, images, rows = [], [plans[0].cu_seqlens[:1]], 0, 0
+        for p in plans:
+            token_index.append(p.token_index + images * n)
+            cu_seqlens.append(p.cu_seqlens[1:] + rows)
+            images, rows = images + p.num_images, rows + p.total_tokens
+        return cls(torch.cat(token_index), torch.cat(cu_seqlens),
+                   max(p.max_seqlen for p in plans), images, n)
 
     def to(self, device: torch.device | str) -> PartitionPlan:
         """The same plan with its tensors on ``device`` (non-blocking copies)."""

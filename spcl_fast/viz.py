@@ -21,7 +21,6 @@ image of the built-in synthetic test split).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -30,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from .partition import sample_partitions
-from .train.config import TrainConfig, demo
+from .run.config import TrainConfig
+from .run.presets import demo
 
 # subset k's colour and name: A orange, B blue, then green, purple, red, brown, pink, grey
 COLOURS = [(1.0, 0.55, 0.0), (0.12, 0.47, 1.0), (0.17, 0.63, 0.17), (0.58, 0.4, 0.74),
@@ -88,10 +88,11 @@ def load_image(spec: str, image_size: int) -> torch.Tensor:
 def partition_grid(config: TrainConfig, grid: int, seed: int = 0) -> torch.Tensor:
     """``(grid, grid)`` int64: ``k + 1`` for subset ``k`` (1: A, 2: B, ...), 0 for none, drawn
     with the partition settings of ``config`` for one image."""
+    spcl = config.spcl
     plan = sample_partitions(
-        1, grid * grid, ratio=config.ratio, ratio_range=config.ratio_range, keep=config.keep,
-        generator=torch.Generator().manual_seed(seed), block_size=config.block_size,
-        shared=config.shared_split, num_subsets=config.num_subsets,
+        1, grid * grid, ratio=spcl.ratio, ratio_range=spcl.ratio_range, keep=spcl.keep,
+        generator=torch.Generator().manual_seed(seed), block_size=spcl.block_size,
+        shared=spcl.shared_split, num_subsets=spcl.num_subsets,
     )
     labels = torch.zeros(grid * grid, dtype=torch.int64)
     labels[plan.token_index] = plan.segment_ids() + 1
@@ -149,19 +150,19 @@ def _settings(checkpoint: str | None, image_size: int | None, patch_size: int | 
     if checkpoint is None:
         changes = {k: v for k, v in (("image_size", image_size), ("patch_size", patch_size))
                    if v is not None}
-        config = dataclasses.replace(demo(), **changes)  # what a plain training run uses
-        if config.patch_size < 1 or config.image_size % config.patch_size:
-            raise ValueError(f"image size {config.image_size} is not a multiple of the patch "
-                             f"size {config.patch_size}")
+        config = demo().replace(**changes)  # what a plain training run uses
+        size, patch = config.data.image_size, config.model.patch_size
+        if patch < 1 or size % patch:
+            raise ValueError(f"image size {size} is not a multiple of the patch size {patch}")
         return None, config, None
     if patch_size is not None:
         raise ValueError("--patch-size comes from the checkpoint; leave it out with "
                          "--checkpoint")
-    from .eval.encoders import load_encoder, train_config
+    from .eval.encoders import load_encoder
 
     loaded = load_encoder(checkpoint, image_size=image_size)
-    config = train_config(loaded.config or {}, image_size=loaded.image_size,
-                           patch_size=loaded.encoder.patch_embed.patch_size)
+    config = (loaded.config or TrainConfig()).replace(
+        image_size=loaded.image_size, patch_size=loaded.encoder.patch_embed.patch_size)
     return loaded.encoder, config, loaded.transform()
 
 
@@ -175,18 +176,19 @@ def draw_partition(image_spec: str, out: str | Path, checkpoint: str | None = No
     import matplotlib.pyplot as plt
 
     _, config, _ = _settings(checkpoint, image_size, patch_size)
-    image = load_image(image_spec, config.image_size)
-    labels = partition_grid(config, config.image_size // config.patch_size, seed)
+    size, spcl = config.data.image_size, config.spcl
+    image = load_image(image_spec, size)
+    labels = partition_grid(config, size // config.model.patch_size, seed)
     fig, axes = plt.subplots(1, 2, figsize=(7, 3.8), dpi=120)
     _show(axes[0], image, Path(image_spec).name)
-    sizes = [int((labels == k + 1).sum()) for k in range(config.num_subsets)]
+    sizes = [int((labels == k + 1).sum()) for k in range(spcl.num_subsets)]
     _show(axes[1], image, "tokens per subset: " + ", ".join(
         f"{subset_name(k)} {n}" for k, n in enumerate(sizes)))
-    _overlay(axes[1], labels, config.image_size)
-    split = (f"{config.num_subsets} subsets" if config.num_subsets > 2
-             else f"ratio {config.ratio}")
-    fig.suptitle(f"S-PCL partition: {config.patch_size}px patches, {split}, keep {config.keep}, "
-                 f"block {config.block_size} ({_legend(config.num_subsets)})", fontsize=9)
+    _overlay(axes[1], labels, size)
+    split = f"{spcl.num_subsets} subsets" if spcl.num_subsets > 2 else f"ratio {spcl.ratio}"
+    fig.suptitle(f"S-PCL partition: {config.model.patch_size}px patches, {split}, keep "
+                 f"{spcl.keep}, block {spcl.block_size} ({_legend(spcl.num_subsets)})",
+                 fontsize=9)
     fig.tight_layout()
     return _save(fig, out, plt)
 
@@ -200,11 +202,12 @@ def draw_attention(image_spec: str, checkpoint: str, out: str | Path,
     import matplotlib.pyplot as plt
 
     encoder, config, transform = _settings(checkpoint, image_size, None)
-    size, grid = config.image_size, config.image_size // config.patch_size
+    size = config.data.image_size
+    grid = size // config.model.patch_size
     image = load_image(image_spec, size)
     labels = partition_grid(config, grid, seed).flatten()
     x = transform(image[None])
-    k = config.num_subsets
+    k = config.spcl.num_subsets
     fig, axes = plt.subplots(1, 1 + k, figsize=(3.4 * (1 + k), 3.8), dpi=120)
     _show(axes[0], image, Path(image_spec).name)
     _overlay(axes[0], labels.reshape(grid, grid), size)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import json
 import re
 import sys
 import time
@@ -30,8 +31,9 @@ from .. import __version__
 from .. import data as data_lib
 from ..data import NORMALIZE_MODES
 from ..data.errors import one_line
-from ..train.engine import resolve_device
-from .encoders import EncoderLoadError, dataset_stats, load_encoder
+from ..run.data import intensity_stats
+from ..run.device import resolve_device
+from .encoders import EncoderLoadError, load_encoder
 from .finetune import FinetuneSettings, finetune
 from .label_fraction import DEFAULT_SEED, DatasetView, label_fraction_view, patient_ids_of
 from .linear_probe import L2_GRID, extract_dataset_features, linear_probe
@@ -223,7 +225,7 @@ def run(args) -> dict:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     if loaded.stats is None and loaded.normalize == "dataset":
-        loaded.stats = dataset_stats(args.dataset, splits["full_train"])
+        loaded.stats = intensity_stats(args.dataset, splits["full_train"])
         loaded.notes.append("intensity mean/std measured on the evaluated training split")
     encoder, transform = loaded.encoder.to(device), loaded.transform()
     train, val, test = splits["train"], splits["val"], splits["test"]
@@ -256,7 +258,7 @@ def run(args) -> dict:
         "task": args.task, **result,
         "dataset": _dataset_info(args, splits, image_size),
         "encoder": loaded.describe(),
-        "encoder_config": loaded.config,
+        "encoder_config": None if loaded.config is None else json.loads(loaded.config.to_json()),
         "args": vars(args),
         "versions": {"spcl_fast": __version__, "torch": torch.__version__},
         "device": str(device),

@@ -30,25 +30,26 @@ the export's ``mean``/``std``) for spcl_fast checkpoints and exports, the traini
 (``"dataset"``) for random presets, and ``"image"`` (each image to zero mean, unit variance) for
 external weights, whose pixel statistics this package cannot know. Where ``"dataset"`` mode has
 no recorded statistics they are measured as the training engine measures them (fixed constants
-for the synthetic set, the first 256 training images of a real one): see :func:`dataset_stats`.
+for the synthetic set, the first 256 training images of a real one): see
+:func:`spcl_fast.run.data.intensity_stats`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from ..data import normalize_images, synthetic
-from ..nn import PRESETS, VisionTransformer, create_vit
-from ..train.checkpoint import list_checkpoints, load_checkpoint, load_error
-from ..train.config import TrainConfig
+from ..data import synthetic
+from ..nn import PRESETS, VisionTransformer, create_vit, resize_pos_embed
+from ..run.checkpoint import list_checkpoints, load_checkpoint, load_error
+from ..run.config import TrainConfig
+from ..run.data import normalizer
+from ..run.model import build_encoder
 
 EXTERNAL_NORMALIZE = "image"
 # Heads of the standard ViT widths (timm / MAE presets); other widths need a ``model`` preset.
@@ -74,9 +75,10 @@ class LoadedEncoder:
             file actually read.
         normalize: input normalisation mode (see :func:`spcl_fast.data.normalize_images`).
         stats: ``(mean, std)`` of the ``"dataset"`` mode as training used them, or ``None``
-            when not recorded (then :func:`dataset_stats` of the evaluated data).
-        config: the training config dict of the run (spcl checkpoints, exports with one, and
-            ``none`` built like a run), else ``None``.
+            when not recorded (then :func:`~spcl_fast.run.data.intensity_stats` of the
+            evaluated data).
+        config: the run's :class:`~spcl_fast.run.config.TrainConfig` (spcl checkpoints,
+            exports with one, and ``none`` built like a run), else ``None``.
         notes: what the conversion dropped or changed, for the results file.
     """
 
@@ -84,7 +86,7 @@ class LoadedEncoder:
     kind: str
     source: str
     normalize: str
-    config: dict | None = None
+    config: TrainConfig | None = None
     notes: list[str] = field(default_factory=list)
     stats: tuple[float, float] | None = None
 
@@ -95,9 +97,8 @@ class LoadedEncoder:
     def transform(self, fallback_stats: tuple[float, float] | None = None):
         """The input transform ``(B, 1, S, S) in [0, 1] -> normalised`` with this encoder's mode
         and statistics (``fallback_stats`` where none were recorded), as training applied it."""
-        mean, std = self.stats or fallback_stats or (synthetic.MEAN, synthetic.STD)
-        mode = self.normalize
-        return lambda x: normalize_images(x, mode, mean, std)
+        return normalizer(self.normalize,
+                          self.stats or fallback_stats or (synthetic.MEAN, synthetic.STD))
 
     def describe(self) -> dict:
         enc = self.encoder
@@ -108,14 +109,6 @@ class LoadedEncoder:
             "embed_dim": enc.embed_dim, "depth": enc.depth, "num_heads": enc.num_heads,
             "parameters": sum(p.numel() for p in enc.parameters()), "notes": list(self.notes),
         }
-
-
-def train_config(config: dict, **changes) -> TrainConfig:
-    """A ``TrainConfig`` from a saved dict, ignoring keys this version does not know."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return dataclasses.replace(
-        TrainConfig.from_dict({k: v for k, v in config.items() if k in known}), **changes
-    )
 
 
 def load_encoder(
@@ -166,7 +159,7 @@ def _random_encoder(model: str | None, image_size: int | None, patch_size: int |
     if model in PRESETS:
         size = image_size or 224
         encoder = create_vit(model, img_size=size, patch_size=patch_size or 16)
-        normalize = TrainConfig().normalize
+        normalize = TrainConfig().data.normalize
         return LoadedEncoder(encoder, "none", "none", normalize,
                              notes=[f"random init of preset {model}"])
     path = Path(model)
@@ -177,46 +170,45 @@ def _random_encoder(model: str | None, image_size: int | None, patch_size: int |
         )
     config, stats = _config_of(path)
     if image_size is not None:
-        config = {**config, "image_size": image_size}
-    # Seeded exactly like the training engine's build_model: the same init it probes against.
-    torch.manual_seed(int(config.get("seed", 0)))
-    encoder = _vit_from_config(config)
-    return LoadedEncoder(encoder, "none", "none", config.get("normalize", "dataset"), config,
+        config = config.replace(image_size=image_size)
+    # Seeded exactly like the run's build_model: the same init its probe compares against.
+    torch.manual_seed(config.run.seed)
+    encoder = build_encoder(config.model, config.data.image_size)
+    return LoadedEncoder(encoder, "none", "none", config.data.normalize, config,
                          [f"random init of the architecture of {path}"], stats)
 
 
-def _config_of(path: Path) -> tuple[dict, tuple[float, float] | None]:
+def run_config(saved: dict, where: str | Path) -> TrainConfig:
+    """The :class:`TrainConfig` of a saved config dict (any version's: keys this version does
+    not know are ignored)."""
+    try:
+        return TrainConfig.from_dict(saved, strict=False)
+    except (TypeError, ValueError) as exc:
+        raise EncoderLoadError(f"{where}: not a training config ({exc})") from None
+
+
+def _config_of(path: Path) -> tuple[TrainConfig, tuple[float, float] | None]:
     """The training config of a run folder, checkpoint or config.json, and the run's intensity
     statistics where recorded."""
     if path.is_file() and path.suffix == ".json":
-        return json.loads(path.read_text()), None
+        return run_config(json.loads(path.read_text()), path), None
     if path.is_dir() and not list_checkpoints(path):
         if not (path / "config.json").exists():
             raise EncoderLoadError(f"{path} holds no spcl_fast run (no ckpt-*.pt, config.json)")
         summary = path / "summary.json"
         stats = json.loads(summary.read_text()).get("intensity_stats") if summary.exists() \
             else None
-        return json.loads((path / "config.json").read_text()), _stats(stats)
+        return run_config(json.loads((path / "config.json").read_text()), path), _stats(stats)
     state, _ = load_checkpoint(path)
     if not isinstance(state, dict) or "config" not in state:
         raise EncoderLoadError(f"{path} holds no spcl_fast training config")
     # Before checkpoints recorded their statistics the engine always used the synthetic ones.
-    return state["config"], _stats(state.get("intensity_stats")) or (synthetic.MEAN,
-                                                                      synthetic.STD)
+    return run_config(state["config"], path), _stats(state.get("intensity_stats")) or (
+        synthetic.MEAN, synthetic.STD)
 
 
 def _stats(value) -> tuple[float, float] | None:
     return (float(value[0]), float(value[1])) if value else None
-
-
-def dataset_stats(dataset_name: str, train, count: int = 256) -> tuple[float, float]:
-    """Intensity mean and std for ``normalize="dataset"`` where a checkpoint recorded none, by
-    the training engine's rule: the fixed constants for the synthetic set, else measured on the
-    first ``count`` training images."""
-    if dataset_name == "synthetic":
-        return synthetic.MEAN, synthetic.STD
-    images = torch.stack([train[i]["image"] for i in range(min(count, len(train)))])
-    return images.mean().item(), images.std().item()
 
 
 def _load_path(path: Path, model: str | None, image_size: int | None) -> LoadedEncoder:
@@ -244,16 +236,6 @@ def _torch_load(path: Path):
                                f"({load_error(exc)})") from exc
 
 
-def _vit_from_config(config: dict) -> VisionTransformer:
-    """The encoder a training config describes (same arguments as the engine's build_model)."""
-    overrides = {k: config[k] for k in ("embed_dim", "depth", "num_heads")
-                 if config.get(k) is not None}
-    return create_vit(config.get("model", "vit_tiny_patch16"), img_size=config["image_size"],
-                      patch_size=config["patch_size"], pos_embed=config.get("pos_embed", "sincos"),
-                      class_token=config.get("class_token", False),
-                      impl=config.get("impl", "auto"), **overrides)
-
-
 def _from_spcl_state(state: dict, path: Path, image_size: int | None) -> LoadedEncoder:
     config = state.get("config")
     weights = state.get("model")
@@ -262,25 +244,26 @@ def _from_spcl_state(state: dict, path: Path, image_size: int | None) -> LoadedE
     enc_state = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
     if "patch_embed.proj.weight" not in enc_state:
         raise EncoderLoadError(f"{path}: the checkpoint's model has no encoder.* weights")
-    trained_size = int(config["image_size"])
+    config = run_config(config, path)
+    trained_size = config.data.image_size
     size = image_size or trained_size
-    encoder = _vit_from_config({**config, "image_size": size})
+    encoder = build_encoder(config.model, size)
     notes = []
     if size != trained_size:
         grid = encoder.patch_embed.grid_size
-        kind = config.get("pos_embed", "sincos")
+        kind = config.model.pos_embed
         if kind in ("sincos", "none"):
             # Fixed embeddings: training at this size would have used exactly these.
             enc_state["pos_embed"] = encoder.pos_embed.detach().clone()
             notes.append(f"{kind} position embeddings regenerated for a {grid}x{grid} grid")
         else:
-            enc_state["pos_embed"] = resize_pos_embed(enc_state["pos_embed"], grid, str(path))
+            enc_state["pos_embed"] = _resized(enc_state["pos_embed"], grid, path)
             notes.append(f"learned position embeddings resized to a {grid}x{grid} grid")
     encoder.load_state_dict(enc_state)
     # Before checkpoints recorded their statistics the engine always used the synthetic ones.
     stats = _stats(state.get("intensity_stats")) or (synthetic.MEAN, synthetic.STD)
-    return LoadedEncoder(encoder, "spcl", str(path), config.get("normalize", "dataset"),
-                         config, notes, stats)
+    return LoadedEncoder(encoder, "spcl", str(path), config.data.normalize, config, notes,
+                         stats)
 
 
 # --------------------------------------------------------------------------- external weights
@@ -321,7 +304,9 @@ def _from_external(path: Path, model: str | None, image_size: int | None,
     if class_token:
         converted["cls_token"] = cls_token
     # An export of fixed (sin-cos or no) position embeddings keeps them fixed, as in training.
-    pos_kind = (side.get("spcl_config") or {}).get("pos_embed", "learned")
+    spcl_config = run_config(side["spcl_config"], config_json) if side.get("spcl_config") \
+        else None
+    pos_kind = spcl_config.model.pos_embed if spcl_config is not None else "learned"
     pos_kind = pos_kind if kind == "export" and pos_kind in ("sincos", "none") else "learned"
     heads = side.get("timm_kwargs", {}).get("num_heads") or _heads_for(arch["embed_dim"], model)
     size = image_size or side.get("image_size") or arch["grid"] * arch["patch_size"]
@@ -335,14 +320,20 @@ def _from_external(path: Path, model: str | None, image_size: int | None,
         converted["pos_embed"] = encoder.pos_embed.detach().clone()
         notes.append(f"{pos_kind} position embeddings regenerated for a {grid}x{grid} grid")
     elif arch["grid"] != grid:
-        converted["pos_embed"] = resize_pos_embed(converted["pos_embed"], grid, str(path))
+        converted["pos_embed"] = _resized(converted["pos_embed"], grid, path)
         notes.append(f"position embeddings resized from {arch['grid']}x{arch['grid']} to "
                      f"{grid}x{grid}")
     encoder.load_state_dict(converted)
     normalize = side.get("normalize", EXTERNAL_NORMALIZE)
     stats = _stats([side["mean"], side["std"]]) if side.get("mean") is not None else None
-    return LoadedEncoder(encoder, kind, str(path), normalize, side.get("spcl_config"), notes,
-                         stats)
+    return LoadedEncoder(encoder, kind, str(path), normalize, spcl_config, notes, stats)
+
+
+def _resized(pos: torch.Tensor, grid: int, path: Path) -> torch.Tensor:
+    try:
+        return resize_pos_embed(pos, grid, str(path))
+    except ValueError as exc:
+        raise EncoderLoadError(str(exc)) from None
 
 
 def _heads_for(embed_dim: int, model: str | None) -> int:
@@ -460,26 +451,6 @@ def vit_state_keys(depth: int, qkv_bias: bool = True, class_token: bool = False)
 
 def _is_square(n: int) -> bool:
     return n > 0 and math.isqrt(n) ** 2 == n
-
-
-def resize_pos_embed(pos: torch.Tensor, grid: int, where: str = "pos_embed") -> torch.Tensor:
-    """Resize ``(1, g*g, D)`` position embeddings to ``(1, grid*grid, D)`` bicubically.
-
-    Example::
-
-        >>> resize_pos_embed(torch.randn(1, 16, 8), 6).shape
-        torch.Size([1, 36, 8])
-    """
-    rows = pos.shape[1]
-    if not _is_square(rows):
-        raise EncoderLoadError(f"{where}: {rows} position embeddings are not a square grid")
-    old = math.isqrt(rows)
-    if old == grid:
-        return pos
-    d = pos.shape[-1]
-    img = pos.reshape(1, old, old, d).permute(0, 3, 1, 2).float()
-    img = F.interpolate(img, size=(grid, grid), mode="bicubic", align_corners=False)
-    return img.permute(0, 2, 3, 1).reshape(1, grid * grid, d).to(pos.dtype)
 
 
 def set_drop_path(encoder: VisionTransformer, rate: float) -> None:

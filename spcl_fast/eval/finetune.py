@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..run.checkpoint import save_atomic
+from ..run.precision import PRECISIONS, autocast, resolve_precision
+from ..run.schedule import lr_at
 from .encoders import set_drop_path
 from .linear_probe import data_loader
 from .metrics import multilabel_auroc
@@ -99,33 +100,9 @@ def param_groups_lrd(model: nn.Module, encoder: nn.Module, weight_decay: float,
     return list(groups.values())
 
 
-def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float = 0.0) -> float:
-    """Linear warmup over ``warmup`` steps to ``lr``, then cosine decay to ``min_lr``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
-    """``amp``: ``"auto"`` (bf16 on GPUs that support it, else fp16; none on CPU), ``"bf16"``,
-    ``"fp16"`` or ``"off"``."""
-    if amp not in AMP_MODES:
-        raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if amp == "bf16" else torch.float16
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
 @torch.no_grad()
 def predict(model: nn.Module, dataset, batch_size: int, device: torch.device, transform=None,
-            amp_dtype: torch.dtype | None = None, num_workers: int = 0,
+            precision: str = "fp32", num_workers: int = 0,
             desc: str = "predict") -> torch.Tensor:
     """Logits ``(n, C)`` (fp32, CPU) of ``model`` on every item of ``dataset``."""
     was_training = model.training
@@ -135,7 +112,7 @@ def predict(model: nn.Module, dataset, batch_size: int, device: torch.device, tr
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True):
         x = batch["image"].to(device, non_blocking=True)
         x = transform(x) if transform is not None else x
-        with autocast(device, amp_dtype):
+        with autocast(precision, device):
             out.append(model(x).float().cpu())
     model.train(was_training)
     return torch.cat(out)
@@ -152,7 +129,7 @@ class FinetuneSettings:
     warmup_epochs: float = 1.0  # linear warmup length
     drop_path: float = 0.1  # stochastic depth of the last block (linear in depth)
     grad_clip: float = 1.0  # clip the global gradient norm (0: off)
-    amp: str = "auto"  # auto | bf16 | fp16 | off
+    precision: str = "auto"  # auto (bf16/fp16 on a GPU, fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0  # head init, data order, drop-path draws
     num_workers: int = 0  # DataLoader workers
 
@@ -160,7 +137,7 @@ class FinetuneSettings:
         check_fit_settings(self)
 
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")
+PRECISION_MODES = ("auto", *PRECISIONS)
 
 
 def check_fit_settings(settings) -> None:
@@ -176,7 +153,8 @@ def check_fit_settings(settings) -> None:
         "warmup_epochs": (settings.warmup_epochs >= 0, ">= 0"),
         "drop_path": (0 <= settings.drop_path < 1, "in [0, 1)"),
         "num_workers": (settings.num_workers >= 0, ">= 0"),
-        "amp": (settings.amp in AMP_MODES, f"one of {', '.join(AMP_MODES)}"),
+        "precision": (settings.precision in PRECISION_MODES,
+                      f"one of {', '.join(PRECISION_MODES)}"),
     }
     if hasattr(settings, "grad_clip"):
         rules["grad_clip"] = (settings.grad_clip >= 0, ">= 0 (0: off)")
@@ -185,15 +163,9 @@ def check_fit_settings(settings) -> None:
             raise ValueError(f"{name} must be {want}, got {getattr(settings, name)!r}")
 
 
-def _save_atomic(state: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def fit_keep_best(model: nn.Module, optimizer: torch.optim.Optimizer, loader, loss_of,
                   validate, *, epochs: int, lr: float, min_lr: float, warmup_epochs: float,
-                  grad_clip: float, device: torch.device, amp_dtype: torch.dtype | None,
+                  grad_clip: float, device: torch.device, precision: str,
                   transform=None, desc: str = "train", best_path: Path | None = None,
                   best_extra: dict | None = None) -> dict:
     """The supervised loop that fine-tuning and segmentation share: per step the warmup +
@@ -204,7 +176,7 @@ def fit_keep_best(model: nn.Module, optimizer: torch.optim.Optimizer, loader, lo
 
     Returns ``best_epoch``, ``best_score``, ``best_record``, ``history`` (per epoch: mean train
     loss and the record) and ``steps``."""
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     total, warmup = epochs * len(loader), round(warmup_epochs * len(loader))
     best, history, step = None, [], 0
     for epoch in range(1, epochs + 1):
@@ -218,7 +190,7 @@ def fit_keep_best(model: nn.Module, optimizer: torch.optim.Optimizer, loader, lo
                 g["lr"] = step_lr * g["lr_scale"]
             x = batch["image"].to(device, non_blocking=True)
             x = transform(x) if transform is not None else x
-            with autocast(device, amp_dtype):
+            with autocast(precision, device):
                 output = model(x)
             loss = loss_of(output, batch)
             optimizer.zero_grad(set_to_none=True)
@@ -239,7 +211,7 @@ def fit_keep_best(model: nn.Module, optimizer: torch.optim.Optimizer, loader, lo
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             best = (score, epoch, state, record)
             if best_path is not None:
-                _save_atomic({"model": state, "epoch": epoch, **record, **(best_extra or {})},
+                save_atomic({"model": state, "epoch": epoch, **record, **(best_extra or {})},
                              best_path)
     score, epoch, state, record = best
     model.load_state_dict(state)
@@ -276,13 +248,13 @@ def finetune(encoder: nn.Module, train, val, test, settings: FinetuneSettings,
     model = Classifier(encoder, len(class_names)).to(device)
     groups = param_groups_lrd(model, model.encoder, s.weight_decay, s.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999))
-    amp_dtype = autocast_dtype(device, s.amp)
+    precision = resolve_precision(s.precision, device)
     loader = data_loader(train, s.batch_size, shuffle=True, num_workers=s.num_workers,
                          seed=s.seed, drop_last=len(train) > s.batch_size)
     val_labels = torch.as_tensor(val.labels)
 
     def validate(model):
-        scores = predict(model, val, s.batch_size, device, transform, amp_dtype,
+        scores = predict(model, val, s.batch_size, device, transform, precision,
                          s.num_workers, desc="val")
         per_class, auc = multilabel_auroc(scores, val_labels)
         return auc, {"val_mean_auroc": auc, "val_per_class": per_class}, \
@@ -292,12 +264,12 @@ def finetune(encoder: nn.Module, train, val, test, settings: FinetuneSettings,
         model, optimizer, loader, lambda logits, batch: masked_bce(logits,
                                                                    batch["labels"].to(device)),
         validate, epochs=s.epochs, lr=s.lr, min_lr=s.min_lr, warmup_epochs=s.warmup_epochs,
-        grad_clip=s.grad_clip, device=device, amp_dtype=amp_dtype, transform=transform,
+        grad_clip=s.grad_clip, device=device, precision=precision, transform=transform,
         desc="finetune", best_path=None if out_dir is None else Path(out_dir) / "finetune_best.pt",
         best_extra={"class_names": class_names, "settings": asdict(s)})
     val_auc, val_per_class = fit["best_score"], fit["best_record"]["val_per_class"]
     history = [{k: v for k, v in h.items() if k != "val_per_class"} for h in fit["history"]]
-    scores = predict(model, test, s.batch_size, device, transform, amp_dtype, s.num_workers,
+    scores = predict(model, test, s.batch_size, device, transform, precision, s.num_workers,
                      desc="test")
     per_class, mean_auc = multilabel_auroc(scores, torch.as_tensor(test.labels))
     return {

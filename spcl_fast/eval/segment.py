@@ -31,10 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..run.precision import autocast, resolve_precision
 from .encoders import set_drop_path
 from .finetune import (
-    autocast,
-    autocast_dtype,
     check_fit_settings,
     fit_keep_best,
     param_groups_lrd,
@@ -123,7 +122,7 @@ def masks_of(batch: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_dice(model: nn.Module, dataset, batch_size: int, device: torch.device,
-                  transform=None, amp_dtype=None, num_workers: int = 0, threshold: float = 0.5,
+                  transform=None, precision="fp32", num_workers: int = 0, threshold: float = 0.5,
                   desc: str = "dice") -> dict:
     """Per-image Dice of ``model`` on ``dataset`` (see the module docstring) and its summary."""
     was_training = model.training
@@ -133,7 +132,7 @@ def evaluate_dice(model: nn.Module, dataset, batch_size: int, device: torch.devi
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True):
         x = batch["image"].to(device, non_blocking=True)
         x = transform(x) if transform is not None else x
-        with autocast(device, amp_dtype):
+        with autocast(precision, device):
             prob = model(x).float().sigmoid().cpu()
         target = masks_of(batch) > 0.5
         dice.append(dice_per_image(prob > threshold, target))
@@ -156,7 +155,7 @@ class SegmentSettings:
     decoder: str = "progressive"  # progressive | linear
     finetune_encoder: bool = False  # train the encoder too (default: frozen)
     threshold: float = 0.5  # probability threshold of a foreground pixel
-    amp: str = "auto"  # auto | bf16 | fp16 | off
+    precision: str = "auto"  # auto (bf16/fp16 on a GPU, fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0  # decoder init, data order
     num_workers: int = 0  # DataLoader workers
 
@@ -216,12 +215,12 @@ def segment(encoder: nn.Module, train, val, test, settings: SegmentSettings,
             g["lr_scale"] *= s.encoder_lr_scale
         groups += enc_groups
     optimizer = torch.optim.AdamW(groups, lr=s.lr)
-    amp_dtype = autocast_dtype(device, s.amp)
+    precision = resolve_precision(s.precision, device)
     loader = data_loader(train, s.batch_size, shuffle=True, num_workers=s.num_workers,
                          seed=s.seed, drop_last=len(train) > s.batch_size)
 
     def validate(model):
-        res = evaluate_dice(model, val, s.batch_size, device, transform, amp_dtype,
+        res = evaluate_dice(model, val, s.batch_size, device, transform, precision,
                             s.num_workers, s.threshold, desc="val")
         return res["dice"], {"val_dice": res["dice"], "val_dice_positive": res["dice_positive"],
                              "val": res}, \
@@ -231,12 +230,12 @@ def segment(encoder: nn.Module, train, val, test, settings: SegmentSettings,
         model, optimizer, loader,
         lambda logits, batch: segmentation_loss(logits, masks_of(batch).to(device)), validate,
         epochs=s.epochs, lr=s.lr, min_lr=s.min_lr, warmup_epochs=s.warmup_epochs, grad_clip=0.0,
-        device=device, amp_dtype=amp_dtype, transform=transform, desc="segment",
+        device=device, precision=precision, transform=transform, desc="segment",
         best_path=None if out_dir is None else Path(out_dir) / "segment_best.pt",
         best_extra={"settings": asdict(s)})
     val_res = fit["best_record"]["val"]
     history = [{k: v for k, v in h.items() if k != "val"} for h in fit["history"]]
-    test_res = evaluate_dice(model, test, s.batch_size, device, transform, amp_dtype,
+    test_res = evaluate_dice(model, test, s.batch_size, device, transform, precision,
                              s.num_workers, s.threshold, desc="test")
     return {**test_res, "val": val_res, "best_epoch": fit["best_epoch"], "history": history,
             "steps": fit["steps"], "settings": asdict(s), "model": model}

@@ -1,21 +1,19 @@
 """Self-supervised methods on the shared ViT: S-PCL and the MAE and DINO baselines.
 
-Every method takes the encoder first and offers the same training contract:
-``sample_plan(batch_size, generator, device, images=None)`` draws a step's randomness on the
-host (partitions, masks, crops; only S-PCL's background skipping looks at ``images``),
-``forward(images, generator=None, plan=None)`` returns a dict with a differentiable ``loss`` and
-detached numbers to log, ``train_flops(plan)`` counts the step's FLOPs, and ``model.encoder`` is
-the encoder being pre-trained. DINO also has ``after_step(step)`` (the teacher's EMA update),
-called after each optimizer step.
+Every method takes the encoder first and keeps the contract of :mod:`spcl_fast.methods.base`
+(:class:`Method`: ``sample_plan``, ``forward``, ``train_flops``, ``from_config``; optionally
+:class:`AfterStep`), which also says how to add one. :data:`METHODS` maps the names that
+``--method`` takes to the classes.
 """
 
 from torch import nn
 
+from .base import AfterStep, BuildContext, Method, Plan
 from .dino import DINO, DINOHead
 from .mae import MAE
 from .spcl import SPCL, Projector
 
-METHODS: dict[str, type[nn.Module]] = {"spcl": SPCL, "mae": MAE, "dino": DINO}
+METHODS: dict[str, type[Method]] = {"spcl": SPCL, "mae": MAE, "dino": DINO}
 
 
 def build_method(name: str, encoder: nn.Module, **kwargs) -> nn.Module:
@@ -32,4 +30,5 @@ def build_method(name: str, encoder: nn.Module, **kwargs) -> nn.Module:
     return METHODS[name](encoder, **kwargs)
 
 
-__all__ = ["DINO", "DINOHead", "MAE", "METHODS", "Projector", "SPCL", "build_method"]
+__all__ = ["DINO", "MAE", "METHODS", "SPCL", "AfterStep", "BuildContext", "DINOHead", "Method",
+           "Plan", "Projector", "build_method"]

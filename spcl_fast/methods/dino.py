@@ -27,15 +27,16 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .. import flops
-from ..nn.vit import VisionTransformer
+from .. import distributed, flops
+from ..nn.vit import VisionTransformer, resize_pos_embed
+from .base import BuildContext
 
 LOCAL_TO_GLOBAL = 96 / 224  # DINO's local / global crop side
 
@@ -68,6 +69,12 @@ class CropPlan:
     def to(self, device: torch.device | str) -> CropPlan:
         return CropPlan(*(t.to(device, non_blocking=True) for t in (self.theta, self.gain,
                                                                       self.bias)), self.num_global)
+
+    @classmethod
+    def concat(cls, plans: Sequence[CropPlan]) -> CropPlan:
+        """Crops of consecutive image ranges as one plan of all their images, in order."""
+        return cls(*(torch.cat([getattr(p, k) for p in plans], dim=1)
+                     for k in ("theta", "gain", "bias")), plans[0].num_global)
 
 
 def sample_crops(
@@ -124,16 +131,6 @@ def resized_crops(images: torch.Tensor, theta: torch.Tensor, gain: torch.Tensor,
     return out * gain.reshape(-1, 1, 1, 1).to(out.dtype) + bias.reshape(-1, 1, 1, 1).to(out.dtype)
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, grid_size: int) -> torch.Tensor:
-    """``(1, g*g, D)`` position embeddings resized bicubically to ``(1, grid_size**2, D)``."""
-    g = int(round(pos_embed.shape[1] ** 0.5))
-    if g == grid_size:
-        return pos_embed
-    x = pos_embed.reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    x = F.interpolate(x, size=(grid_size, grid_size), mode="bicubic", align_corners=False)
-    return x.permute(0, 2, 3, 1).reshape(1, grid_size * grid_size, -1)
-
-
 def embed_crops(encoder: VisionTransformer, crops: torch.Tensor) -> torch.Tensor:
     """``(n, C, s, s)`` crops of any patch-multiple size -> ``(n, (s/p)**2, D)`` tokens with
     position embeddings (``encoder.embed`` accepts only the encoder's own image size)."""
@@ -144,10 +141,7 @@ def embed_crops(encoder: VisionTransformer, crops: torch.Tensor) -> torch.Tensor
 
 def encode_dense(encoder: VisionTransformer, crops: torch.Tensor) -> torch.Tensor:
     """``(n, C, s, s)`` -> ``(n, D)``: dense blocks, final norm, token mean."""
-    x = embed_crops(encoder, crops)
-    for blk in encoder.blocks:
-        x = blk(x)
-    return encoder.norm(x).mean(dim=1)
+    return encoder.forward_tokens(embed_crops(encoder, crops)).mean(dim=1)
 
 
 def encode_packed(encoder: VisionTransformer, groups: list[torch.Tensor]) -> torch.Tensor:
@@ -163,9 +157,7 @@ def encode_packed(encoder: VisionTransformer, groups: list[torch.Tensor]) -> tor
     lengths = torch.cat([torch.full((t.shape[0],), t.shape[1], device=device) for t in tokens])
     cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)  # built on device: no sync
     max_seqlen = max(t.shape[1] for t in tokens)
-    for blk in encoder.blocks:
-        x = blk(x, cu_seqlens, max_seqlen)
-    x = encoder.norm(x)
+    x = encoder.forward_tokens(x, cu_seqlens, max_seqlen)
     # Segments of a group are contiguous and equally long: the segment mean is a reshape-mean.
     rows = x.split([t.shape[0] * t.shape[1] for t in tokens])
     pooled = [r.view(t.shape[0], t.shape[1], -1).mean(dim=1)
@@ -235,6 +227,8 @@ class DINO(nn.Module):
         >>> model.after_step(0)
     """
 
+    label = "DINO"  # in logs and plots
+
     def __init__(
         self,
         encoder: VisionTransformer,
@@ -276,6 +270,11 @@ class DINO(nn.Module):
         self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
         self.register_buffer("center", torch.zeros(1, out_dim))
 
+    @classmethod
+    def from_config(cls, encoder: VisionTransformer, settings, context: BuildContext) -> DINO:
+        """From the ``dino`` config section; the teacher's momentum follows the run's steps."""
+        return cls(encoder, **settings, total_steps=context.total_steps)
+
     def sample_plan(self, batch_size: int, generator: torch.Generator | None, device,
                     images: torch.Tensor | None = None) -> CropPlan:
         """Random crops (``images`` is accepted for the common method contract, unused)."""
@@ -310,10 +309,8 @@ class DINO(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor) -> None:
         """EMA of the mean teacher logits (over all ranks when distributed)."""
-        batch_center = teacher_logits.float().mean(dim=0, keepdim=True)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(batch_center)
-            batch_center /= dist.get_world_size()
+        batch_center = distributed.all_reduce_mean_(teacher_logits.float().mean(dim=0,
+                                                                                keepdim=True))
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
     def distillation_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -337,14 +334,10 @@ class DINO(nn.Module):
         head) on all crops, forward of the teacher on the global crops; the loss and the EMA are
         elementwise (not counted, see ``spcl_fast.flops``)."""
         enc, b, patch = self.encoder, plan.num_images, self.encoder.patch_embed.patch_size
-        dims = dict(embed_dim=enc.embed_dim, depth=enc.depth, num_heads=enc.num_heads,
-                    mlp_hidden=enc.blocks[0].mlp.fc1.out_features, patch_size=patch,
-                    in_chans=enc.patch_embed.proj.in_channels)
 
         def encoder_flops(num_crops: int, size: int) -> dict[str, int]:
             n = (size // patch) ** 2
-            return flops.vit_forward_flops(num_images=num_crops * b, num_patches=n,
-                                           seqlens=[n] * (num_crops * b), **dims)
+            return enc.forward_flops([n] * (num_crops * b), num_crops * b, num_patches=n)
 
         def head_flops(rows: int) -> dict[str, int]:
             linears = [(m.in_features, m.out_features) for m in self.head.mlp

@@ -12,6 +12,7 @@ Every image keeps the same number of visible tokens, so the encoder runs densely
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from .. import flops
 from ..nn.vit import Block, VisionTransformer, sincos_pos_embed
+from .base import BuildContext
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,11 @@ class MaskPlan:
 
     def to(self, device: torch.device | str) -> MaskPlan:
         return MaskPlan(self.ids_keep.to(device, non_blocking=True), self.num_tokens)
+
+    @classmethod
+    def concat(cls, plans: Sequence[MaskPlan]) -> MaskPlan:
+        """Masks of consecutive image ranges as one plan of all their images, in order."""
+        return cls(torch.cat([p.ids_keep for p in plans]), plans[0].num_tokens)
 
 
 def sample_mask(
@@ -107,6 +114,8 @@ class MAE(nn.Module):
         >>> out["loss"].backward()
     """
 
+    label = "MAE"  # in logs and plots
+
     def __init__(
         self,
         encoder: VisionTransformer,
@@ -144,6 +153,11 @@ class MAE(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    @classmethod
+    def from_config(cls, encoder: VisionTransformer, settings, context: BuildContext) -> MAE:
+        """From the ``mae`` config section (nothing of the run's context is needed)."""
+        return cls(encoder, **settings)
+
     def sample_plan(self, batch_size: int, generator: torch.Generator | None, device,
                     images: torch.Tensor | None = None) -> MaskPlan:
         """Random masks (``images`` is accepted for the common method contract, unused)."""
@@ -154,9 +168,7 @@ class MAE(nn.Module):
         enc = self.encoder
         x = enc.embed(images)  # position embeddings go on before the tokens are dropped
         x = x.gather(1, plan.ids_keep[..., None].expand(-1, -1, x.shape[-1]))
-        for blk in enc.blocks:
-            x = blk(x)
-        return enc.norm(x)
+        return enc.forward_tokens(x)
 
     def decode(self, latent: torch.Tensor, plan: MaskPlan) -> torch.Tensor:
         """``(B, N_vis, D)`` visible latents -> ``(B, N, p*p*C)`` pixels predicted for all
@@ -190,12 +202,7 @@ class MAE(nn.Module):
         on ``N_vis`` tokens per image (the patch embedding sees all ``N``, as in MAE), the
         decoder on all ``N``; the loss is elementwise (not counted, see ``spcl_fast.flops``)."""
         enc, b, n = self.encoder, plan.num_images, plan.num_tokens
-        encoder = flops.vit_forward_flops(
-            num_images=b, num_patches=n, seqlens=[plan.num_visible] * b,
-            embed_dim=enc.embed_dim, depth=enc.depth, num_heads=enc.num_heads,
-            mlp_hidden=enc.blocks[0].mlp.fc1.out_features, patch_size=self.patch_size,
-            in_chans=self.in_chans,
-        )
+        encoder = enc.forward_flops([plan.num_visible] * b, b)
         dim, blk = self.decoder_embed.out_features, self.decoder_blocks[0]
         decoder = flops.transformer_blocks_flops(
             [n] * b, embed_dim=dim, depth=len(self.decoder_blocks), num_heads=blk.attn.num_heads,

@@ -11,14 +11,14 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .. import flops
+from .. import distributed, flops
 from ..nn.vit import VisionTransformer
 from ..ops import info_nce
 from ..partition import PartitionPlan, sample_partitions
+from .base import BuildContext
 
 
 class Projector(nn.Module):
@@ -84,6 +84,8 @@ class SPCL(nn.Module):
         >>> out["loss"].backward()
     """
 
+    label = "S-PCL"  # in logs and plots
+
     def __init__(
         self,
         encoder: VisionTransformer,
@@ -130,6 +132,12 @@ class SPCL(nn.Module):
         self.gather_distributed = gather_distributed
         self.layout = layout
 
+    @classmethod
+    def from_config(cls, encoder: VisionTransformer, settings, context: BuildContext) -> SPCL:
+        """From the ``spcl`` config section; the loss spans every process's batch where the run
+        says so."""
+        return cls(encoder, **settings, gather_distributed=context.gather_distributed)
+
     def sample_plan(
         self, batch_size: int, generator: torch.Generator | None, device,
         images: torch.Tensor | None = None,
@@ -170,19 +178,7 @@ class SPCL(nn.Module):
 
     def train_flops(self, plan: PartitionPlan) -> int:
         """Algorithmic FLOPs of one training step on ``plan`` (forward + backward)."""
-        enc = self.encoder
-        parts = flops.vit_forward_flops(
-            num_images=plan.num_images,
-            num_patches=enc.num_patches,
-            # a class token is one more row in every segment
-            seqlens=(plan.seqlens + enc.num_prefix_tokens).tolist(),
-            embed_dim=enc.embed_dim,
-            depth=enc.depth,
-            num_heads=enc.num_heads,
-            mlp_hidden=enc.blocks[0].mlp.fc1.out_features,
-            patch_size=enc.patch_embed.patch_size,
-            in_chans=enc.patch_embed.proj.in_channels,
-        )
+        parts = self.encoder.forward_flops(plan.seqlens.tolist(), plan.num_images)
         linears = [m for m in self.projector.modules() if isinstance(m, nn.Linear)]
         parts["projector"] = sum(
             flops.linear_flops(plan.num_segments, m.in_features, m.out_features) for m in linears
@@ -240,11 +236,9 @@ class SPCL(nn.Module):
         a = F.normalize(z_a, dim=-1)
         b = F.normalize(z_b, dim=-1)
         offset = 0
-        if self.gather_distributed and dist.is_initialized() and dist.get_world_size() > 1:
-            keys = [torch.empty_like(b) for _ in range(dist.get_world_size())]
-            dist.all_gather(keys, b.contiguous())
-            offset = dist.get_rank() * b.shape[0]
-            b = torch.cat(keys)
+        if self.gather_distributed:
+            offset = distributed.rank() * b.shape[0]
+            b = distributed.all_gather(b)
         sim = a @ b.T
         target = torch.arange(a.shape[0], device=sim.device) + offset
         pos = sim.gather(1, target[:, None]).squeeze(1)

@@ -9,11 +9,14 @@ between the two. By default there is no class token: S-PCL pools each subset by 
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .. import flops
 from ..partition import PartitionPlan
 from .attention import VarlenAttention
 
@@ -146,6 +149,27 @@ def sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).float()
 
 
+def resize_pos_embed(pos: torch.Tensor, grid: int, where: str = "pos_embed") -> torch.Tensor:
+    """Resize ``(1, g*g, D)`` position embeddings to ``(1, grid*grid, D)`` bicubically (in fp32,
+    differentiable: DINO's crops of other sizes train through it).
+
+    Example::
+
+        >>> resize_pos_embed(torch.randn(1, 16, 8), 6).shape
+        torch.Size([1, 36, 8])
+    """
+    rows = pos.shape[1]
+    old = math.isqrt(rows)
+    if rows == 0 or old * old != rows:
+        raise ValueError(f"{where}: {rows} position embeddings are not a square grid")
+    if old == grid:
+        return pos
+    d = pos.shape[-1]
+    img = pos.reshape(1, old, old, d).permute(0, 3, 1, 2).float()
+    img = F.interpolate(img, size=(grid, grid), mode="bicubic", align_corners=False)
+    return img.permute(0, 2, 3, 1).reshape(1, grid * grid, d).to(pos.dtype)
+
+
 class VisionTransformer(nn.Module):
     """ViT encoder for 1-channel radiographs (any size that is a multiple of the patch).
 
@@ -259,9 +283,40 @@ class VisionTransformer(nn.Module):
         x = self.embed(images)
         if self.num_prefix_tokens:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        return self.forward_tokens(x)
+
+    def forward_tokens(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                       max_seqlen: int | None = None,
+                       token_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Embedded tokens through every block and the final norm (the token path every
+        forward and method shares).
+
+        Args:
+            x: ``(B, L, D)`` dense tokens, or ``(R, D)`` rows of varlen segments.
+            cu_seqlens, max_seqlen: the segments of the rows (``None``: dense).
+            token_index: rows of ``x`` in segment order (the in-place layout), or ``None``.
+
+        Returns:
+            ``x``'s shape and dtype, final-normed.
+        """
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, cu_seqlens, max_seqlen, token_index)
         return self.norm(x)
+
+    def forward_flops(self, seqlens, num_images: int,
+                      num_patches: int | None = None) -> dict[str, int]:
+        """Forward FLOPs of this encoder on segments of ``seqlens`` patch tokens each (a class
+        token adds one row to every segment), after embedding ``num_patches`` patches of each
+        of ``num_images`` images (default: :attr:`num_patches`; a crop of another size has
+        other counts). Parts as :func:`spcl_fast.flops.vit_forward_flops` returns them."""
+        return flops.vit_forward_flops(
+            num_images=num_images,
+            num_patches=self.num_patches if num_patches is None else num_patches,
+            seqlens=[int(n) + self.num_prefix_tokens for n in seqlens],
+            embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
+            mlp_hidden=self.blocks[0].mlp.fc1.out_features,
+            patch_size=self.patch_embed.patch_size, in_chans=self.patch_embed.proj.in_channels,
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``images (B, C, S, S)`` -> ``(B, D)``: the class token's output, else the mean of
@@ -312,13 +367,12 @@ class VisionTransformer(nn.Module):
             index = None
         else:
             index = token_index
-        for blk in self.blocks:
-            x = blk(x, cu_seqlens, max_seqlen, index)
+        x = self.forward_tokens(x, cu_seqlens, max_seqlen, index)
         if layout == "inplace":
             x = x[token_index]
         if self.num_prefix_tokens:
-            return self.norm(x[cls_rows])
-        return segment_mean(self.norm(x), plan)
+            return x[cls_rows]
+        return segment_mean(x, plan)
 
 
 def _with_prefix_rows(plan: PartitionPlan, first_row: int):

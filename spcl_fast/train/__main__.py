@@ -12,16 +12,14 @@ writing its checkpoint (``--resume`` continues it).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import inspect
 import itertools
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
-from .config import PRESETS, TrainConfig, apply_overrides
+from ..run.config import FLAG_TYPES, TrainConfig, apply_overrides, print_help
+from ..run.presets import PRESETS
 from .distributed import setup, teardown
 from .engine import NonFiniteStop, SetupError, train
 
@@ -35,33 +33,21 @@ using the run's saved config; --KEY VALUE options given with it override that co
 Yes/no options may stand alone (--compile means --compile true). SIGTERM or Ctrl-C: the step
 finishes, a checkpoint is written, exit status 128 + signal; Ctrl-C twice aborts.
 
-Options (every config field; dashes or underscores; defaults as in the demo preset, which other
-presets change in part):
-{fields}"""
-
-
-def _field_help() -> str:
-    comments = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(TrainConfig), re.M))
-    demo = PRESETS["demo"]()  # what a plain run uses
-    lines = []
-    for f in dataclasses.fields(TrainConfig):
-        default = getattr(demo, f.name)
-        lines.append(
-            f"  --{f.name.replace('_', '-'):<16} {comments.get(f.name, '')} [default: {default!r}]"
-        )
-    return "\n".join(lines)
+Options: every config field below, by section (dashes or underscores; defaults are the demo
+preset's, which other presets change in part)."""
 
 
 def parse_args(argv: list[str]) -> tuple[str, dict[str, str], str | None]:
     """Split argv into (preset, overrides, resume). ``--resume`` and yes/no options (``--compile``
     for ``--compile true``) may stand without a value."""
-    flags = {f.name for f in dataclasses.fields(TrainConfig) if f.type in (bool, "bool")}
+    flags = {name for name, tp in FLAG_TYPES.items() if tp is bool}
     preset, overrides, resume = "demo", {}, None
     i = 0
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            print(USAGE.format(presets=", ".join(PRESETS), fields=_field_help()))
+            print(USAGE.format(presets=", ".join(PRESETS)), flush=True)
+            print_help(PRESETS["demo"](), "python -m spcl_fast.train")
             raise SystemExit(0)
         if not arg.startswith("--"):
             raise SystemExit(f"error: unexpected argument {arg!r} (options look like --key value)")
@@ -113,14 +99,14 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     try:
-        ctx = setup(config.device)  # under torchrun: the process group, for the next line
+        ctx = setup(config.run.device)  # under torchrun: the process group, for the next line
     except (RuntimeError, ValueError) as exc:
-        raise SystemExit(f"error: device {config.device!r}: {exc}") from None
-    auto_out = not config.out
+        raise SystemExit(f"error: device {config.run.device!r}: {exc}") from None
+    auto_out = not config.run.out
     try:
         # One folder for all processes: the main one's clock names it.
-        out = ctx.broadcast(config.out or _new_run_dir(preset) if ctx.is_main else None)
-        config = dataclasses.replace(config, out=out)
+        out = ctx.broadcast(config.run.out or _new_run_dir(preset) if ctx.is_main else None)
+        config = config.replace(out=out)
         if ctx.is_main:
             what = f"resuming {resume or out}" if resume is not None else f"preset {preset}"
             print(f"{what}; writing to {out}")
@@ -134,8 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {exc}") from None
     except KeyboardInterrupt:  # Ctrl-C twice, or during setup: no new checkpoint
         teardown(ctx)
-        where = f"; --resume {config.out} continues from its newest checkpoint" if config.out \
-            else ""
+        where = (f"; --resume {config.run.out} continues from its newest checkpoint"
+                 if config.run.out else "")
         print(f"\naborted{where}", file=sys.stderr)
         raise SystemExit(130) from None
     except BaseException:

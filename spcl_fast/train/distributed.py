@@ -25,17 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import distributed
 from ..nn.vit import Block
-from .precision import PRECISIONS
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return device
+from ..run.device import resolve_device
+from ..run.precision import PRECISIONS
 
 
 @dataclasses.dataclass
@@ -82,10 +75,7 @@ class DistContext:
     def mean_(self, t: torch.Tensor) -> torch.Tensor:
         """In-place mean of a device tensor over ranks (the default group: asynchronous on a
         GPU, no host sync)."""
-        if self.world > 1:
-            dist.all_reduce(t)
-            t.div_(self.world)
-        return t
+        return distributed.all_reduce_mean_(t)
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -140,20 +130,21 @@ def teardown(ctx: DistContext, clean: bool = False) -> None:
             dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, config, ctx: DistContext) -> tuple[nn.Module, nn.Module | None]:
+def wrap_model(model: nn.Module, optim, ctx: DistContext) -> tuple[nn.Module, nn.Module | None]:
     """``(net, ddp)``: what the training step calls (the model, its DDP or FSDP2 form, compiled
-    with ``config.compile``) and the DDP wrapper (``None`` without DDP), for ``no_sync``.
+    with ``optim.compile``; ``optim`` an :class:`~spcl_fast.run.config.OptimConfig`) and the DDP
+    wrapper (``None`` without DDP), for ``no_sync``.
 
-    FSDP2 (``config.fsdp``) shards every transformer block and then the rest of the model, with
+    FSDP2 (``optim.fsdp``) shards every transformer block and then the rest of the model, with
     the weights all-gathered in the autocast dtype and gradients reduced in fp32; ``model``
     itself becomes the sharded module (its parameters DTensors)."""
     net, ddp = model, None
-    if ctx.world > 1 and config.fsdp:
+    if ctx.world > 1 and optim.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(ctx.device.type, (ctx.world,))
-        dtype = PRECISIONS[config.precision]
+        dtype = PRECISIONS[optim.precision]
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         for block in [m for m in model.modules() if isinstance(m, Block)]:
             fully_shard(block, mesh=mesh, mp_policy=policy)
@@ -171,10 +162,10 @@ def wrap_model(model: nn.Module, config, ctx: DistContext) -> tuple[nn.Module, n
             **no_sync,
         )
         net = ddp
-    elif config.fsdp:
+    elif optim.fsdp:
         warnings.warn("fsdp needs several processes (torchrun); training unsharded",
                       stacklevel=2)
-    if config.compile:
+    if optim.compile:
         net = torch.compile(net)
     return net, ddp
 

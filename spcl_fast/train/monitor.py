@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import write_text_atomic
+from ..run.checkpoint import write_text_atomic
 
 # Dense peak TFLOP/s by device-name fragment, first match wins (so "H100 PCIe" precedes "H100"
 # and "A100" precedes "A10"). fp32 is plain FP32; "tf32" applies to fp32 runs whose matmuls use

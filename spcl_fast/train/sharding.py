@@ -14,9 +14,6 @@ import dataclasses
 
 import torch
 
-from ..methods.dino import CropPlan
-from ..methods.mae import MaskPlan
-from ..partition import PartitionPlan
 
 
 class BatchStream:
@@ -126,8 +123,9 @@ class PlanSampler:
             raise ValueError(f"a micro-batch of {num_images} images does not split into "
                              f"{self.per_rank} partition streams")
         part = num_images // self.per_rank
-        return concat_plans([model.sample_plan(part, g, "cpu", images[j * part:(j + 1) * part])
-                             for j, g in enumerate(self.generators)])
+        plans = [model.sample_plan(part, g, "cpu", images[j * part:(j + 1) * part])
+                 for j, g in enumerate(self.generators)]
+        return plans[0] if len(plans) == 1 else type(plans[0]).concat(plans)
 
     def state(self) -> list[torch.Tensor]:
         """Generator states of this rank's streams."""
@@ -141,29 +139,6 @@ class PlanSampler:
             if j < len(states):
                 g.set_state(states[j])
         return len(states) == self.num_shards
-
-
-def concat_plans(plans: list):
-    """Plans of consecutive image ranges as one plan of all their images (partition, mask or
-    crop plans)."""
-    if len(plans) == 1:
-        return plans[0]
-    first = plans[0]
-    if isinstance(first, PartitionPlan):
-        n = first.num_tokens
-        token_index, cu_seqlens, images, rows = [], [first.cu_seqlens[:1]], 0, 0
-        for p in plans:
-            token_index.append(p.token_index + images * n)
-            cu_seqlens.append(p.cu_seqlens[1:] + rows)
-            images, rows = images + p.num_images, rows + p.total_tokens
-        return PartitionPlan(torch.cat(token_index), torch.cat(cu_seqlens),
-                             max(p.max_seqlen for p in plans), images, n)
-    if isinstance(first, MaskPlan):
-        return MaskPlan(torch.cat([p.ids_keep for p in plans]), first.num_tokens)
-    if isinstance(first, CropPlan):
-        return CropPlan(*(torch.cat([getattr(p, k) for p in plans], dim=1)
-                          for k in ("theta", "gain", "bias")), first.num_global)
-    raise TypeError(f"cannot concatenate plans of type {type(first).__name__}")
 
 
 def plan_to(plan, device: torch.device):

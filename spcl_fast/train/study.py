@@ -2,12 +2,12 @@
 
 ::
 
-    python -m spcl_fast.eval.study --out runs/study \\
+    python -m spcl_fast.train.study --out runs/study \\
         [--sets synthetic,chestxray14] [--cxr-root ../shared/data/chestxray14-mini] \\
         [--seeds 0,1,2] [--recipes spcl,spcl_image,...,mae] [--steps 180]
-    python -m spcl_fast.eval.study --out runs/ablations --seeds 0 --recipes ablations ...
+    python -m spcl_fast.train.study --out runs/ablations --seeds 0 --recipes ablations ...
 
-Every recipe is the demo preset (:func:`spcl_fast.train.config.demo`: ViT 6x192, patch 8,
+Every recipe is the demo preset (:func:`spcl_fast.run.presets.demo`: ViT 6x192, patch 8,
 64 px, batch 64) plus a few overrides (:data:`RECIPES`), pre-trained for a fixed CPU budget
 and linear-probed like the demo does (frozen mean-pooled features, L2 chosen on val, mean
 AUROC on test). Each (set, recipe, seed) run also probes the same encoder at initialisation
@@ -39,8 +39,12 @@ import statistics
 import time
 from pathlib import Path
 
-from ..train.config import TrainConfig, apply_overrides, demo
-from .report import write_results
+from ..eval.linear_probe import linear_probe
+from ..eval.report import write_results
+from ..run.config import TrainConfig, apply_overrides
+from ..run.data import intensity_stats, load_split, materialize, normalizer
+from ..run.presets import demo
+from .engine import SetupError, train
 
 SETS = ("synthetic", "chestxray14")
 
@@ -110,10 +114,10 @@ def _cxr_cache(root: str, cache_root: Path) -> Path:
     """Decode the ChestX-ray14 folder once at the demo's 64 px (resumes if interrupted)."""
     from ..data.prepare import prepare
 
-    out = cache_root / f"chestxray14-{demo().image_size}"
+    out = cache_root / f"chestxray14-{demo().data.image_size}"
     if not (out / "done").exists():
         try:
-            report = prepare("chestxray14", root, str(out), demo().image_size, workers=2)
+            report = prepare("chestxray14", root, str(out), demo().data.image_size, workers=2)
         except ValueError as exc:
             raise SystemExit(f"error: {exc}") from None
         if not report["complete"]:
@@ -130,8 +134,6 @@ def run_config(set_over: dict, recipe: str, seed: int, steps: int) -> TrainConfi
 def _train(config: TrainConfig, out: Path) -> dict:
     """Train (or read back, or continue) one run; returns its summary. A folder holding a run
     of other settings is an error, not something to reuse or overwrite."""
-    from ..train.engine import SetupError, train
-
     saved = out / "config.json"
     # from_dict fills settings added since the run was made with their defaults
     if saved.exists() and TrainConfig.from_dict(json.loads(saved.read_text())) != config:
@@ -154,28 +156,25 @@ def _train(config: TrainConfig, out: Path) -> dict:
 def seconds_per_step(config: TrainConfig, out: Path, steps: int = 12) -> float:
     """Median seconds of one training step over ``steps`` steps after 3 warm-up steps (a short
     run without probe, logging every step; read back if ``out`` already holds it)."""
-    from ..train.engine import train
-
     metrics, done = out / "metrics.jsonl", out / "summary.json"
     complete = (done.exists() and "interrupted" not in json.loads(done.read_text())
                 and len(metrics.read_text().splitlines()) >= 3 + steps)
     if not complete:  # timings are only taken from one uninterrupted run: start it over
         shutil.rmtree(out, ignore_errors=True)
-        summary = train(dataclasses.replace(config, probe=False, log_every=1, steps=3 + steps,
-                                            warmup_steps=1), out)
+        summary = train(config.replace(probe=False, log_every=1, steps=3 + steps,
+                                       warmup_steps=1), out)
         if "interrupted" in summary:
             raise SystemExit(summary["exit_code"])
     lines = metrics.read_text().splitlines()[3:3 + steps]
-    return statistics.median(config.batch_size / json.loads(x)["images_per_s"] for x in lines)
+    return statistics.median(config.optim.batch_size / json.loads(x)["images_per_s"]
+                             for x in lines)
 
 
 def raw_pixel_probe(config: TrainConfig, probe_steps: int) -> dict:
     """The demo's probe on the normalised pixels instead of encoder features."""
-    from ..train.engine import intensity_stats, load_split, materialize, normalizer
-    from .linear_probe import linear_probe
-
     splits = {s: load_split(config, s) for s in ("train", "val", "test")}
-    transform = normalizer(config, intensity_stats(config, splits["train"][0]))
+    stats = intensity_stats(config.data.dataset, splits["train"][0], config.data.num_workers)
+    transform = normalizer(config.data.normalize, stats)
     feats = {}
     for s, (src, labels, _) in splits.items():
         images, labels = materialize(src, labels)
@@ -275,7 +274,7 @@ def plot(table: list[dict], sets: list[str], path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m spcl_fast.eval.study",
+    p = argparse.ArgumentParser(prog="python -m spcl_fast.train.study",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/study", help="study folder (resumable)")
     p.add_argument("--sets", default="synthetic,chestxray14",
@@ -286,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
                    help=f"comma-separated, from {', '.join(RECIPES)}; or 'ablations' (the "
                         f"demo default and each ablation of it)")
-    p.add_argument("--steps", type=int, default=demo().steps,
+    p.add_argument("--steps", type=int, default=demo().optim.steps,
                    help="steps of every S-PCL recipe (MAE: the first recipe's time)")
     return p
 
@@ -344,18 +343,19 @@ def main(argv: list[str] | None = None) -> dict:
                 # The same seed's encoder at initialisation, once per input normalisation, kind
                 # of position embedding and pooling (what decides the initial encoder, its input
                 # and its features).
-                init_key = (config.normalize, config.pos_embed, config.class_token, seed)
+                norm, model = config.data.normalize, config.model
+                init_key = (norm, model.pos_embed, model.class_token, seed)
                 if config.method == "spcl" and init_key not in init_seen:
                     init_seen.add(init_key)
-                    pos = "" if config.pos_embed == "sincos" else f", {config.pos_embed} pos"
-                    cls = ", cls token" if config.class_token else ""
-                    records.append({**base, "row": f"init ({config.normalize}{pos}{cls})",
+                    pos = "" if model.pos_embed == "sincos" else f", {model.pos_embed} pos"
+                    cls = ", cls token" if model.class_token else ""
+                    records.append({**base, "row": f"init ({norm}{pos}{cls})",
                                     "mean_auroc": probe["init"]["mean_auroc"],
                                     "per_class_auroc": probe["init"]["per_class_auroc"]})
-        used = [run_config(set_over, r, 0, args.steps).normalize for r in recipes]
+        used = [run_config(set_over, r, 0, args.steps).data.normalize for r in recipes]
         for norm in dict.fromkeys(["dataset", "image", *used]):
             config = apply_overrides(demo(), {**set_over, "normalize": norm})
-            raw = raw_pixel_probe(config, config.probe_steps)
+            raw = raw_pixel_probe(config, config.run.probe_steps)
             # Deterministic (no seed enters), so one record: its std 0 is no seed spread.
             records.append({"set": set_name, "row": f"raw pixels ({norm})", "seed": None,
                             "mean_auroc": raw["mean_auroc"],

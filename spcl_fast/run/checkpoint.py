@@ -21,18 +21,25 @@ def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep_last: int 
     """Atomically write ``state`` as ``ckpt-<step>.pt`` and delete all but the newest
     ``keep_last`` checkpoints (and temp files that killed writers left behind). One writer per
     run folder."""
-    path = checkpoint_path(out_dir, step)
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:  # make the bytes durable before the rename publishes them
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)  # ... and the rename itself, before older files go
+    path = save_atomic(state, checkpoint_path(out_dir, step))
     for old in list_checkpoints(out_dir)[:-keep_last]:
         if old != path:  # never the file just written, whatever else the folder holds
             old.unlink(missing_ok=True)
     for stale in path.parent.glob("ckpt-*.pt.tmp"):
         stale.unlink(missing_ok=True)
+    return path
+
+
+def save_atomic(state: dict, path: str | Path) -> Path:
+    """``torch.save(state, path)`` through ``<path>.tmp`` and a rename, both made durable, so
+    a reader (or a run killed mid-write) sees the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:  # make the bytes durable before the rename publishes them
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)  # ... and the rename itself, before older files go
     return path
 
 

@@ -1,0 +1,90 @@
+"""The contract every pre-training method keeps, so the training engine needs nothing else.
+
+A method is an ``nn.Module`` built around the encoder (``model.encoder``), named by its class
+attribute ``label`` in logs, that offers:
+
+* ``sample_plan(batch_size, generator, device, images=None) -> plan``: the step's randomness
+  drawn on the host (partitions, masks, crops); ``images`` only for plans that depend on the
+  pixels (S-PCL's background skipping). A plan is a frozen dataclass with ``num_images``,
+  ``to(device)`` and a classmethod ``concat(plans)`` that joins the plans of consecutive image
+  ranges (the engine draws one per RNG stream and joins them).
+* ``forward(images, generator=None, plan=None) -> dict``: a differentiable scalar ``loss`` and
+  detached scalars worth logging (the engine averages them over micro-steps and processes).
+* ``train_flops(plan) -> int``: algorithmic FLOPs of one training step on ``plan`` (count the
+  encoder with ``encoder.forward_flops``, the rest with :mod:`spcl_fast.flops`).
+* ``from_config(encoder, settings, context)``: a classmethod building the method from its config
+  section (``settings``: that section as a dict of constructor arguments) and the run's
+  :class:`BuildContext`.
+* optionally ``after_step(step)``: called after every optimizer step (:class:`AfterStep`;
+  DINO's teacher EMA).
+
+Adding a method ``foo``:
+
+1. ``spcl_fast/methods/foo.py``: the module (constructor arguments named like its config
+   fields), its plan class, ``from_config``; collectives through :mod:`spcl_fast.distributed`.
+2. ``METHODS["foo"] = Foo`` in ``spcl_fast/methods/__init__.py``.
+3. A ``FooConfig`` section in ``spcl_fast/run/config.py`` (one commented field per constructor
+   argument, a ``check()`` for ranges), a ``foo: FooConfig`` field of ``TrainConfig`` and
+   ``"foo"`` in ``Method`` and ``SECTIONS``. ``--method foo`` then trains it; nothing in
+   ``spcl_fast/train`` changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a method may need from the run beyond its own section.
+
+    Attributes:
+        total_steps: optimizer steps of the run (for schedules inside the method).
+        gather_distributed: a contrastive loss should see every process's batch.
+    """
+
+    total_steps: int | None = None
+    gather_distributed: bool = False
+
+
+class Plan(Protocol):
+    """A step's randomness for ``num_images`` images (see the module docstring)."""
+
+    @property
+    def num_images(self) -> int: ...
+
+    def to(self, device: torch.device | str) -> Plan: ...
+
+    @classmethod
+    def concat(cls, plans: list) -> Plan: ...
+
+
+@runtime_checkable
+class Method(Protocol):
+    """The training contract of the module docstring."""
+
+    encoder: torch.nn.Module
+    label: str  # the method's name in logs and plots ("S-PCL")
+
+    def sample_plan(self, batch_size: int, generator: torch.Generator | None, device,
+                    images: torch.Tensor | None = None) -> Plan: ...
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                plan: Plan | None = None) -> dict[str, torch.Tensor]: ...
+
+    def train_flops(self, plan: Plan) -> int: ...
+
+    @classmethod
+    def from_config(cls, encoder: torch.nn.Module, settings: Mapping[str, Any],
+                    context: BuildContext) -> Method: ...
+
+
+@runtime_checkable
+class AfterStep(Protocol):
+    """A method with work after each optimizer step (``step``: the 0-based step just done)."""
+
+    def after_step(self, step: int) -> None: ...
