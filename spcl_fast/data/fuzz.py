@@ -468,8 +468,11 @@ def read_all(path: str) -> str | None:
 
 
 def _child(conn, seeds: list[tuple[str, str]]) -> None:
+    import warnings
+
     from .images import read_image
 
+    warnings.simplefilter("ignore")  # pydicom's warnings on odd headers: verdicts are the output
     resettable = _peak_mb_reset()
     while True:
         msg = conn.recv()
@@ -521,14 +524,14 @@ class _Reader:
             self.conn.send(msg)
             if self.conn.poll(timeout):
                 return "ok", self.conn.recv()
+            answer = ("hang", None)
         except (EOFError, BrokenPipeError, ConnectionResetError):
-            pass
-        alive = self.proc.is_alive()
+            self.proc.join(5)  # the pipe closed as the child exited: wait for its status
+            answer = ("crash", self.proc.exitcode)
         self.proc.kill()
         self.proc.join()
-        code = self.proc.exitcode
         self.start()
-        return ("hang", None) if alive else ("crash", code)
+        return answer
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -656,14 +659,14 @@ def _csv_mutations(header: list[str], rows: list[list[str]], rng: random.Random
                        "escape", "absolute", "latin1", "nul", "empty", "header_only",
                        "truncate", "blank_lines", "short_row", "long_field", "tabs", "spaces"])
     col = rng.randrange(len(header))
-    what = kind
+    what = ""
     if kind == "drop":
-        what = f"drop column {header[col]!r}"
+        what = f"column {header[col]!r}"
         header, rows = header[:col] + header[col + 1:], [r[:col] + r[col + 1:] for r in rows]
     elif kind == "rename":
         new = rng.choice([header[col].upper(), header[col] + "_x", header[col].replace(" ", "_"),
                           ""])
-        what, header = f"rename {header[col]!r} to {new!r}", header[:col] + [new] + header[col + 1:]
+        what, header = f"{header[col]!r} to {new!r}", header[:col] + [new] + header[col + 1:]
     elif kind == "extra":
         header, rows = header + ["Extra"], [r + ["x"] for r in rows]
     elif kind == "reorder":
@@ -676,7 +679,7 @@ def _csv_mutations(header: list[str], rows: list[list[str]], rng: random.Random
         r = rng.choice(rows)
         r[0] = ("../" * rng.randint(1, 4) + os.path.basename(r[0]) if kind == "escape"
                 else "/etc/passwd" if rng.random() < 0.5 else os.path.abspath(r[0]))
-        what = f"{kind}: {r[0]!r}"
+        what = repr(r[0])
     elif kind == "short_row" and rows:
         rng.choice(rows)[-1:] = []
     elif kind == "long_field" and rows:
@@ -705,7 +708,7 @@ def _csv_mutations(header: list[str], rows: list[list[str]], rng: random.Random
         data = b""
     elif kind == "truncate":
         data = data[:rng.randrange(len(data))]
-    return data, what
+    return data, f"{kind}: {what}" if what else kind
 
 
 def _csv_datasets(folder: str) -> dict[str, tuple[str, list[str]]]:
@@ -760,7 +763,7 @@ def csv_campaign(n: int, out, seed: int = 0) -> dict:
         shutil.copytree(src, root)
         path = os.path.join(root, target)
         with open(path, newline="", encoding="utf-8") as f:
-            table = list(csv.reader(f))
+            table = [row for row in csv.reader(f) if row]
         if not target.endswith(".csv"):  # a list file: one name per line, no header
             table = [["name"]] + table
         data, what = _csv_mutations(table[0], table[1:], rng)
@@ -768,7 +771,7 @@ def csv_campaign(n: int, out, seed: int = 0) -> dict:
             data = data.split(b"\n", 1)[1] if b"\n" in data else b""
         with open(path, "wb") as f:
             f.write(data)
-        case = {"index": i, "seed": f"{name}/{target}", "mutation": f"{what}"}
+        case = {"index": i, "seed": f"{name}/{target}", "mutation": what}
         try:
             _check_dataset(name, root)
             case.update(verdict="read", message=None)
