@@ -366,7 +366,7 @@ VIT_CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("token_layout", ["packed", "in_place"])
 @pytest.mark.parametrize("case", VIT_CASES, ids=lambda c: "x".join(map(str, c[:4])) + (
     "-ragged" if c[4] else ""))

@@ -1,0 +1,46 @@
+"""A dry run of ``benchmarks/gpu_check.sh`` on CPU: the script parses, and every step of every
+part runs pytest on files that exist with a selection that collects at least one test (a
+renamed test or benchmark would otherwise make a GPU call measure nothing)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def test_script_parses():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+def test_unknown_part_is_refused():
+    proc = subprocess.run(["bash", str(SCRIPT), "everything"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+@pytest.mark.parametrize("part", ["core", "tests", "bench"])
+def test_every_step_selects_existing_tests(part):
+    env = {**os.environ, "DRY_RUN": "1"}
+    out = subprocess.run(["bash", str(SCRIPT), part], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    commands = [shlex.split(line) for line in out.splitlines()]
+    assert commands, f"part {part} runs nothing"
+    for command in commands:
+        assert command[:3] == ["python3", "-m", "pytest"], command
+        args = [a for a in command[3:] if not a.startswith("--junitxml=")
+                and a != "--benchmark-only"]
+        files = [a for a in args if a.endswith(".py")]
+        assert files and all((ROOT / f).is_file() for f in files), files
+        proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", *args],
+                              cwd=ROOT, capture_output=True, text=True)
+        collected = re.search(r"(\d+)(?:/\d+)? tests? collected", proc.stdout)
+        assert proc.returncode == 0 and collected and int(collected.group(1)) > 0, (
+            f"{shlex.join(command)} selects nothing:\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
