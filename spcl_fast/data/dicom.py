@@ -25,8 +25,8 @@ Privacy: only the pixel-module tags are parsed (``dcmread(specific_tags=...)``),
 ids, dates and institutions never reach memory, and error messages never quote header values.
 
 Every failure (missing file, not DICOM, truncated, no pixel data, absurd dimensions, a codec
-error or a decoder's panic, a missing decoder plugin, a NaN or infinite rescale) raises :class:`~spcl_fast.data.errors.ImageReadError` whose
-message names the file and the problem.
+error or a decoder's panic, a missing decoder plugin, a NaN or infinite rescale) raises
+:class:`~spcl_fast.data.errors.ImageReadError` whose message names the file and the problem.
 """
 
 from __future__ import annotations
