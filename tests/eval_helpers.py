@@ -7,9 +7,9 @@ import dataclasses
 
 import torch
 
-from spcl_fast.train.checkpoint import save_checkpoint
-from spcl_fast.train.config import TrainConfig
-from spcl_fast.train.engine import build_model
+from spcl_fast.run.checkpoint import save_checkpoint
+from spcl_fast.run.config import TrainConfig
+from spcl_fast.run.model import build_model
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, image_size=32, patch_size=8, proj_hidden=32,
             proj_dim=16, normalize="image", probe=False)
@@ -20,7 +20,7 @@ def write_run(folder, step: int = 3, stats=None,
     """A run folder with ``config.json`` and ``ckpt-<step>.pt`` as the engine writes them
     (with ``intensity_stats`` when ``stats`` is given); the weights are perturbed from the init
     so a loader that re-initialises would be caught."""
-    config = dataclasses.replace(TrainConfig(), **{**TINY, **changes})
+    config = TrainConfig().replace(**{**TINY, **changes})
     model = build_model(config)
     with torch.no_grad():
         for p in model.parameters():

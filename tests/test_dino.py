@@ -1,6 +1,5 @@
 """DINO baseline: crops, the single packed student pass, teacher EMA, centring, gradients."""
 
-import dataclasses
 import math
 
 import pytest
@@ -15,8 +14,9 @@ from spcl_fast.methods.dino import (
     sample_crops,
 )
 from spcl_fast.nn import vit_tiny_patch16
-from spcl_fast.train.config import smoke
-from spcl_fast.train.engine import param_groups, train
+from spcl_fast.run.presets import smoke
+from spcl_fast.train.engine import train
+from spcl_fast.train.trainer import param_groups
 
 
 def _dino(pos_embed="sincos", **kwargs) -> DINO:
@@ -138,7 +138,7 @@ def test_forward_contract_and_center_only_moves_in_training():
 
 
 def test_engine_trains_dino(tmp_path):
-    config = dataclasses.replace(smoke(), method="dino", steps=2, dino_out_dim=64,
+    config = smoke().replace(method="dino", steps=2, dino_out_dim=64,
                                  dino_local_crops=2)
     summary = train(config, tmp_path)
     assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])

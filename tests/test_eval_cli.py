@@ -15,7 +15,7 @@ from spcl_fast.data.synthetic import MEAN, STD
 from spcl_fast.eval import __main__ as cli
 from spcl_fast.eval import extract_features, linear_probe, load_encoder, sample_patients
 from spcl_fast.eval.label_fraction import DatasetView, label_fraction_view
-from spcl_fast.train.engine import build_model
+from spcl_fast.run.model import build_model
 
 SMALL = ["--max-images", "40", "--probe-steps", "30", "--l2-grid", "0.001", "0.1"]
 
@@ -82,7 +82,7 @@ def test_linear_probe_cli_end_to_end(run, tmp_path, capsys):
     from spcl_fast.data import SyntheticCXR
 
     def transform(x):
-        return normalize_images(x, config.normalize, MEAN, STD)
+        return normalize_images(x, config.data.normalize, MEAN, STD)
 
     feats = [(extract_features(model.encoder, SyntheticCXR(s, num_images=40, image_size=32)
                                .images(), transform=transform),
@@ -137,7 +137,7 @@ def test_cli_errors(argv, message):
     (["linear-probe", "--probe-steps", "0"], "--probe-steps must be >= 1"),
     (["linear-probe", "--l2-grid", "0.1", "-1"], "--l2-grid must be a list of values >= 0"),
     (["finetune", "--epochs", "0"], "--epochs must be >= 1, got 0"),
-    (["finetune", "--amp", "garbage"], "--amp must be one of auto, bf16, fp16, off"),
+    (["finetune", "--precision", "garbage"], "--precision must be one of auto, fp32, bf16, fp16"),
     (["finetune", "--lr", "-1"], "--lr must be > 0"),
     (["finetune", "--layer-decay", "0"], "--layer-decay must be in \\(0, 1\\]"),
     (["segment", "--decoder", "garbage"], "--decoder must be one of progressive, linear"),

@@ -118,7 +118,7 @@ def test_export_matches_timm_layout_and_forward(run, tmp_path):
     ours = model.encoder.eval()(x)
     torch.testing.assert_close(timm_vit_forward(sd, x, 2, class_token=False), ours,
                                rtol=1e-5, atol=1e-5)
-    assert cfg["normalize"] == "image" and cfg["spcl_config"]["embed_dim"] == 32
+    assert cfg["normalize"] == "image" and cfg["spcl_config"]["model"]["embed_dim"] == 32
     saved = json.loads((tmp_path / "export" / "config.json").read_text())
     assert saved["timm_model"] == "vit_tiny_patch16_224"
 

@@ -1,5 +1,5 @@
 """Training-FLOP counts: analytic formulas against FlopCounterMode, ViT-B/16 against the DeiT
-and timm tables, the method table and ``python -m spcl_fast.flops``."""
+and timm tables, the method table and ``python -m spcl_fast.methods.flops_table``."""
 
 import json
 import subprocess
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from spcl_fast import flops
-from spcl_fast.methods import build_method
+from spcl_fast.methods import build_method, flops_table
 from spcl_fast.nn import vit_base_patch16, vit_tiny_patch16
 
 TINY = {
@@ -72,7 +72,7 @@ def test_vit_b16_forward_is_17_6_gmacs():
 
 
 def test_table_matches_reference_numbers_and_variants():
-    gf = {(r["variant"]): r["gflops"] for r in flops.flops_table(["vit_base_patch16"])}
+    gf = {(r["variant"]): r["gflops"] for r in flops_table.flops_table(["vit_base_patch16"])}
     spcl, mae = gf["50/50 split"], gf["75% masked, decoder 8x512"]
     dino = gf["2 global + 10 local crops"]
     # The issue's reference counts (ViT-B/16, 224): ~101, ~56, ~460 GFLOPs/image.
@@ -85,12 +85,12 @@ def test_table_matches_reference_numbers_and_variants():
 
 
 def test_cli_json_parses():
-    proc = subprocess.run([sys.executable, "-m", "spcl_fast.flops", "--json", "--models",
-                           "vit_small_patch16", "vit_base_patch16"],
+    proc = subprocess.run([sys.executable, "-m", "spcl_fast.methods.flops_table", "--json",
+                           "--models", "vit_small_patch16", "vit_base_patch16"],
                           capture_output=True, text=True, timeout=120, check=True)
     records = json.loads(proc.stdout)
     assert "Warning" not in proc.stderr, proc.stderr
-    assert len(records) == 2 * len(flops.VARIANTS)
+    assert len(records) == 2 * len(flops_table.VARIANTS)
     for r in records:
         assert {"method", "model", "img_size", "gflops", "gmacs"} <= set(r)
         assert r["gmacs"] == pytest.approx(r["gflops"] / 2, abs=1e-3)
@@ -100,7 +100,7 @@ def test_cli_json_parses():
 @pytest.mark.parametrize("size", ["225", "0", "-16"])
 def test_cli_rejects_sizes_off_the_patch_grid(size, capsys):
     with pytest.raises(SystemExit) as info:
-        flops.main(["--img-size", size])
+        flops_table.main(["--img-size", size])
     assert info.value.code == 2
     assert f"--img-size must be a positive multiple of the patch size 16, got {size}" in \
         capsys.readouterr().err

@@ -1,6 +1,5 @@
 """MAE baseline: masking invariants, the loss's patches, the target, shapes, a training run."""
 
-import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -8,7 +7,7 @@ import torch.nn.functional as F
 from spcl_fast.methods import MAE
 from spcl_fast.methods.mae import patchify, sample_mask
 from spcl_fast.nn import vit_tiny_patch16
-from spcl_fast.train.config import smoke
+from spcl_fast.run.presets import smoke
 from spcl_fast.train.engine import train
 
 
@@ -86,7 +85,7 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
 
 
 def test_engine_trains_mae(tmp_path):
-    config = dataclasses.replace(smoke(), method="mae", steps=2, decoder_dim=32, decoder_depth=1,
+    config = smoke().replace(method="mae", steps=2, decoder_dim=32, decoder_depth=1,
                                  decoder_heads=2)
     summary = train(config, tmp_path)
     assert summary["steps"] == 2 and summary["final_loss"] > 0

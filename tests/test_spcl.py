@@ -1,6 +1,5 @@
 """S-PCL method options: background skipping, more than two subsets, a predictor branch."""
 
-import dataclasses
 import math
 
 import pytest
@@ -9,8 +8,9 @@ import torch
 from spcl_fast.methods import SPCL
 from spcl_fast.nn import vit_tiny_patch16
 from spcl_fast.reference import info_nce_ref
-from spcl_fast.train.config import smoke
-from spcl_fast.train.engine import Trainer, train
+from spcl_fast.run.presets import smoke
+from spcl_fast.train.engine import train
+from spcl_fast.train.trainer import Trainer
 
 
 def _model(background_std=0.2, **kwargs):
@@ -69,7 +69,7 @@ def test_background_option_errors():
 
 
 def test_trainer_samples_plans_from_the_batch(tmp_path):
-    trainer = Trainer(dataclasses.replace(smoke(), background_std=0.2))
+    trainer = Trainer(smoke().replace(background_std=0.2))
     assert trainer.model.background_std == 0.2
     x = trainer.transform(trainer.stream.next())
     x[:, :, :, :16] = x.mean()  # flat left halves
@@ -77,8 +77,8 @@ def test_trainer_samples_plans_from_the_batch(tmp_path):
     assert not set((plan.token_index % 16).tolist()) & _flat_token_ids()
     out = trainer.train_step()
     assert torch.isfinite(out["loss"])
-    summary = train(dataclasses.replace(smoke(), background_std=0.2), tmp_path / "run")
-    assert summary["steps"] == smoke().steps and math.isfinite(summary["final_loss"])
+    summary = train(smoke().replace(background_std=0.2), tmp_path / "run")
+    assert summary["steps"] == smoke().optim.steps and math.isfinite(summary["final_loss"])
 
 
 def test_foreground_of_colour_images_is_per_channel():
@@ -161,9 +161,9 @@ def test_jitter_gives_each_of_several_subsets_its_own_view():
     dict(pos_embed="none", normalize="equalize"),
 ])
 def test_study_options_train_and_reload(tmp_path, changes):
-    config = dataclasses.replace(smoke(), **changes)
+    config = smoke().replace(**changes)
     summary = train(config, tmp_path / "run")
-    assert summary["steps"] == config.steps and math.isfinite(summary["final_loss"])
+    assert summary["steps"] == config.optim.steps and math.isfinite(summary["final_loss"])
     from spcl_fast.eval import load_encoder
 
     loaded = load_encoder(tmp_path / "run")

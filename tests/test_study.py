@@ -1,19 +1,18 @@
-"""The recipe study (spcl_fast.eval.study) on a tiny budget: records, table, resume, errors."""
+"""The recipe study (spcl_fast.train.study) on a tiny budget: records, table, resume, errors."""
 
-import dataclasses
 import json
 import math
 
 import pytest
 
-from spcl_fast.eval import study
-from spcl_fast.train.config import smoke
+from spcl_fast.run.presets import smoke
+from spcl_fast.train import study
 
 
 @pytest.fixture
 def tiny(monkeypatch):
     """The study's base preset shrunk to the smoke one, probing on (32 px) synthetic images."""
-    monkeypatch.setattr(study, "demo", lambda: dataclasses.replace(smoke(), probe=True,
+    monkeypatch.setattr(study, "demo", lambda: smoke().replace(probe=True,
                                                                    probe_steps=20))
 
 
@@ -48,7 +47,7 @@ def test_study_table_resume_and_plot(tiny, tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("spcl_fast.train.engine.train", no_training)
+    monkeypatch.setattr(study, "train", no_training)
     again = study.main(argv)
     assert again["table"] == result["table"]
 

@@ -2,7 +2,6 @@
 at random steps then resume, SIGTERM, and ``torchrun`` with two gloo processes on CPU against
 one process on the same global batch (DDP; FSDP2 in the slow tier)."""
 
-import dataclasses
 import json
 import os
 import random
@@ -15,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from spcl_fast.train.checkpoint import list_checkpoints, load_checkpoint
-from spcl_fast.train.config import TrainConfig, smoke
+from spcl_fast.run.checkpoint import list_checkpoints, load_checkpoint
+from spcl_fast.run.config import TrainConfig
+from spcl_fast.run.presets import smoke
 from spcl_fast.train.engine import train
 
 TIMING = {"images_per_s", "tflops_per_device", "mfu"}  # wall-clock fields: differ run to run
@@ -77,7 +77,7 @@ def _close(a: list[dict], b: list[dict], keys=("loss", "grad_norm", "pos_sim", "
 def test_kill_9_at_random_steps_then_resume_matches_the_uninterrupted_run(tmp_path):
     steps, every = 40, 3
     reference = tmp_path / "reference"
-    train(dataclasses.replace(smoke(), steps=steps, save_every=every), reference)
+    train(smoke().replace(steps=steps, save_every=every), reference)
 
     out = tmp_path / "run"
     args = ["--preset", "smoke", "--steps", steps, "--save-every", every, "--out", out]
@@ -112,7 +112,7 @@ def test_sigterm_checkpoints_the_finished_step_and_exits_143(tmp_path):
     assert state["step"] == done and path.name == f"ckpt-{done:08d}.pt"
     assert json.loads((out / "summary.json").read_text())["interrupted"] == "SIGTERM"
     config = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
-    summary = train(dataclasses.replace(config, steps=done + 2), out, resume=out)
+    summary = train(config.replace(steps=done + 2), out, resume=out)
     assert summary["steps"] == done + 2 and len(_records(out)) == done + 2
 
 
@@ -121,7 +121,7 @@ def test_torchrun_two_gloo_processes_match_one_process_on_the_global_batch(tmp_p
     proc = _torchrun("--steps", 4, "--save-every", 2, "--accum-steps", 2, "--out",
                      tmp_path / "two")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    config = dataclasses.replace(smoke(), steps=4, save_every=2, accum_steps=2, plan_shards=2)
+    config = smoke().replace(steps=4, save_every=2, accum_steps=2, plan_shards=2)
     train(config, tmp_path / "one")
     _close(_records(tmp_path / "two"), _records(tmp_path / "one"))
     assert [p.name for p in list_checkpoints(tmp_path / "two")] == ["ckpt-00000002.pt",
@@ -136,7 +136,7 @@ def test_torchrun_two_gloo_processes_match_one_process_on_the_global_batch(tmp_p
 
 
 def test_torchrun_refused_by_the_main_process_stops_every_process(tmp_path):
-    train(dataclasses.replace(smoke(), steps=2), tmp_path / "held")  # a run already there
+    train(smoke().replace(steps=2), tmp_path / "held")  # a run already there
     started = time.monotonic()
     proc = _torchrun("--steps", 2, "--out", tmp_path / "held")
     assert proc.returncode != 0 and "already holds a run" in proc.stderr, proc.stderr[-2000:]
@@ -148,7 +148,7 @@ def test_torchrun_refused_by_the_main_process_stops_every_process(tmp_path):
 def test_torchrun_fsdp_matches_one_process_and_resumes_exactly(tmp_path):
     proc = _torchrun("--steps", 4, "--save-every", 2, "--fsdp", "--out", tmp_path / "fsdp")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    train(dataclasses.replace(smoke(), steps=4, plan_shards=2), tmp_path / "one")
+    train(smoke().replace(steps=4, plan_shards=2), tmp_path / "one")
     _close(_records(tmp_path / "fsdp"), _records(tmp_path / "one"))
     state, _ = load_checkpoint(tmp_path / "fsdp")
     assert state["optimizer_format"] == "fsdp-full"
@@ -177,9 +177,9 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path):
-    config = dataclasses.replace(smoke(), steps=3)
+    config = smoke().replace(steps=3)
     train(config, tmp_path / "eager")
-    train(dataclasses.replace(config, compile=True), tmp_path / "compiled")
+    train(config.replace(compile=True), tmp_path / "compiled")
     eager, compiled = _records(tmp_path / "eager"), _records(tmp_path / "compiled")
     for a, b in zip(eager, compiled, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)

@@ -2,7 +2,6 @@
 accumulation, mixed precision and DataLoader-fed dataset pools, skipped non-finite steps,
 compile-readiness, MFU and LR scaling, the global-batch S-PCL loss."""
 
-import dataclasses
 import json
 import math
 import os
@@ -15,20 +14,15 @@ import torch
 import torch.distributed as dist
 
 from spcl_fast.data.fixtures import make_chestxray14, make_chexpert
+from spcl_fast.run.data import load_split, materialize
+from spcl_fast.run.model import build_model
+from spcl_fast.run.presets import PRESETS, demo, smoke
 from spcl_fast.train.__main__ import parse_args
-from spcl_fast.train.config import PRESETS, demo, smoke
-from spcl_fast.train.engine import (
-    Trainer,
-    build_model,
-    load_split,
-    lr_at,
-    materialize,
-    peak_lrs,
-    train,
-)
+from spcl_fast.train.engine import train
 from spcl_fast.train.interrupt import GracefulStop
 from spcl_fast.train.monitor import peak_tflops, read_metrics, throughput
-from spcl_fast.train.sharding import BatchStream, PlanSampler, concat_plans
+from spcl_fast.train.sharding import BatchStream, PlanSampler
+from spcl_fast.train.trainer import Trainer, peak_lrs, step_lr
 
 TIMING = {"images_per_s", "tflops_per_device", "mfu"}  # wall-clock fields: differ run to run
 
@@ -90,7 +84,7 @@ def test_plan_streams_do_not_depend_on_the_number_of_processes():
     one = PlanSampler(seed=5, num_shards=2).sample(model, images)
     halves = [PlanSampler(seed=5, num_shards=2, rank=r, world=2).sample(model, images[4 * r:][:4])
               for r in range(2)]
-    both = concat_plans(halves)
+    both = type(halves[0]).concat(halves)
     assert torch.equal(one.token_index, both.token_index)
     assert torch.equal(one.cu_seqlens, both.cu_seqlens) and one.max_seqlen == both.max_seqlen
     # one stream is what a single process always drew
@@ -107,13 +101,13 @@ def test_plan_streams_do_not_depend_on_the_number_of_processes():
 
 
 @pytest.mark.parametrize("method", ["mae", "dino"])
-def test_concat_plans_of_baselines(method):
-    config = dataclasses.replace(smoke(), method=method, decoder_dim=32, decoder_depth=1,
+def test_plans_of_baselines_concatenate(method):
+    config = smoke().replace(method=method, decoder_dim=32, decoder_depth=1,
                                  decoder_heads=2, dino_out_dim=64, dino_local_crops=2)
     model = build_model(config)
     gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
     halves = [model.sample_plan(3, g, "cpu") for g in gens]
-    both = concat_plans(halves)
+    both = type(halves[0]).concat(halves)
     assert both.num_images == 6
     with torch.no_grad():
         whole = model(torch.rand(6, 1, 32, 32, generator=gens[0]), plan=both)["loss"]
@@ -121,7 +115,7 @@ def test_concat_plans_of_baselines(method):
 
 
 def test_gathering_spcl_equals_spcl_in_a_one_process_group():
-    config = dataclasses.replace(smoke(), subset_jitter=0.5)
+    config = smoke().replace(subset_jitter=0.5)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         ref, glob = build_model(config), build_model(config, global_batch_loss=True)
@@ -145,7 +139,7 @@ def test_gathering_spcl_equals_spcl_in_a_one_process_group():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_with_accumulation_resumes_exactly(tmp_path, precision):
-    config = dataclasses.replace(smoke(), precision=precision, accum_steps=2, steps=4,
+    config = smoke().replace(precision=precision, accum_steps=2, steps=4,
                                  save_every=2)
     summary = train(config, tmp_path / "full")
     assert summary["skipped_steps"] == 0
@@ -162,7 +156,7 @@ def test_mixed_precision_with_accumulation_resumes_exactly(tmp_path, precision):
 def test_dataset_pool_through_the_dataloader_resumes_exactly(tmp_path):
     a = make_chestxray14(tmp_path / "nih", n=24, size=32)
     b = make_chexpert(tmp_path / "chexpert", size=32)
-    config = dataclasses.replace(smoke(), dataset="chestxray14+chexpert", data_root=f"{a},{b}",
+    config = smoke().replace(dataset="chestxray14+chexpert", data_root=f"{a},{b}",
                                  num_workers=1, batch_size=8, steps=6, save_every=3,
                                  accum_steps=2)
     train(config, tmp_path / "full")
@@ -171,11 +165,11 @@ def test_dataset_pool_through_the_dataloader_resumes_exactly(tmp_path):
     assert full[-1]["epoch"] >= 1  # crossed an epoch boundary (the loader restarts there)
     assert _records(tmp_path / "resumed") == full[3:]
     with pytest.raises(ValueError, match="one per dataset"):
-        train(dataclasses.replace(config, data_root=a), tmp_path / "bad")
+        train(config.replace(data_root=a), tmp_path / "bad")
 
 
 def test_corrupt_latest_checkpoint_falls_back_and_continues_exactly(tmp_path):
-    config = dataclasses.replace(smoke(), steps=6, save_every=2, keep_last=3, deterministic=True)
+    config = smoke().replace(steps=6, save_every=2, keep_last=3, deterministic=True)
     train(config, tmp_path / "full")
     assert not torch.are_deterministic_algorithms_enabled()  # the run's setting is undone
     reference = _records(tmp_path / "full")
@@ -191,7 +185,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_continues_exactly(tmp_path):
 
 
 def test_nan_batch_is_skipped_and_the_run_continues(tmp_path, monkeypatch):
-    trainer = Trainer(dataclasses.replace(smoke(), steps=4))
+    trainer = Trainer(smoke().replace(steps=4))
     trainer.train_step()
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     moments = [s["exp_avg"].clone() for s in trainer.optimizer.state.values()]
@@ -218,14 +212,14 @@ def test_nan_batch_is_skipped_and_the_run_continues(tmp_path, monkeypatch):
     real_next = BatchStream.next
     monkeypatch.setattr(BatchStream, "next", poisoned)
     with pytest.warns(UserWarning, match="skipping this checkpoint"):  # step 2 was bad
-        summary = train(dataclasses.replace(smoke(), steps=4, save_every=2), tmp_path / "run")
+        summary = train(smoke().replace(steps=4, save_every=2), tmp_path / "run")
     assert summary["skipped_steps"] == 1 and summary["steps"] == 4
     assert [r["skipped_steps"] for r in _records(tmp_path / "run")] == [0, 1, 1, 1]
 
 
 @pytest.mark.parametrize("layout", ["packed", "inplace"])
 def test_training_forward_compiles_without_graph_breaks(layout):
-    trainer = Trainer(dataclasses.replace(smoke(), layout=layout, precision="bf16"))
+    trainer = Trainer(smoke().replace(layout=layout, precision="bf16"))
     x = trainer.transform(trainer.stream.next())
     plan = trainer.plans.sample(trainer.model, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -235,17 +229,18 @@ def test_training_forward_compiles_without_graph_breaks(layout):
 
 
 def test_lr_scaling_is_opt_in():
-    config = dataclasses.replace(smoke(), lr=1.5e-4, min_lr=1e-6, batch_size=2048, steps=100,
-                                 warmup_steps=10)
-    assert peak_lrs(config) == (1.5e-4, 1e-6)
-    scaled = dataclasses.replace(config, lr_base_batch=256)
-    assert peak_lrs(scaled) == pytest.approx((1.2e-3, 8e-6))
-    assert lr_at(9, scaled) == pytest.approx(1.2e-3) and lr_at(100, scaled) == pytest.approx(8e-6)
-    assert demo().lr_base_batch == 0  # the demo's learning rate is the one it states
+    config = smoke().replace(lr=1.5e-4, min_lr=1e-6, batch_size=2048, steps=100,
+                             warmup_steps=10)
+    assert peak_lrs(config.optim) == (1.5e-4, 1e-6)
+    scaled = config.replace(lr_base_batch=256)
+    assert peak_lrs(scaled.optim) == pytest.approx((1.2e-3, 8e-6))
+    assert step_lr(9, scaled.optim) == pytest.approx(1.2e-3)
+    assert step_lr(100, scaled.optim) == pytest.approx(8e-6)
+    assert demo().optim.lr_base_batch == 0  # the demo's learning rate is the one it states
     for name in ("vit_tiny_224", "vit_base_448", "vit_large_512"):
         preset = PRESETS[name]()
-        assert preset.precision == "bf16" and preset.patch_size == 16
-        assert preset.image_size == int(name.rsplit("_", 1)[1])
+        assert preset.optim.precision == "bf16" and preset.model.patch_size == 16
+        assert preset.data.image_size == int(name.rsplit("_", 1)[1])
 
 
 def test_peak_table_mfu_and_override(monkeypatch):
@@ -279,7 +274,7 @@ def test_tensorboard_is_optional(tmp_path):
         installed = True
     except ImportError:
         installed = False
-    config = dataclasses.replace(smoke(), steps=2, tensorboard=True)
+    config = smoke().replace(steps=2, tensorboard=True)
     if installed:
         train(config, tmp_path)
         assert any((tmp_path / "tensorboard").iterdir())
@@ -315,7 +310,7 @@ def test_training_survives_unreadable_images(tmp_path):
     images[0].write_bytes(images[0].read_bytes()[:40])  # truncated PNG
     images[4].write_bytes(b"not an image at all")
     images[7].unlink()
-    config = dataclasses.replace(smoke(), dataset="chestxray14", data_root=root, steps=6,
+    config = smoke().replace(dataset="chestxray14", data_root=root, steps=6,
                                  probe=True, probe_steps=5, num_images=None, num_workers=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -331,7 +326,7 @@ def test_training_survives_unreadable_images(tmp_path):
 
 def test_probe_leaves_out_the_stand_ins_of_unreadable_images(tmp_path):
     root = make_chestxray14(tmp_path / "nih", n=24, size=32)
-    config = dataclasses.replace(smoke(), dataset="chestxray14", data_root=root, num_images=None)
+    config = smoke().replace(dataset="chestxray14", data_root=root, num_images=None)
     source, labels, _ = load_split(config, "train")
     first = source.ids[0]
     want = source.images(1, len(source))

@@ -9,7 +9,7 @@ import torch
 from eval_helpers import write_run
 
 from spcl_fast.partition import sample_partitions
-from spcl_fast.train.config import TrainConfig
+from spcl_fast.run.config import TrainConfig
 from spcl_fast.viz import load_image, main, partition_grid, subset_attention
 
 
@@ -31,13 +31,13 @@ def test_partition_and_attention_pictures(run, tmp_path):
 
 
 def test_partition_grid_follows_config():
-    labels = partition_grid(TrainConfig(keep=0.5), 8, seed=3)
+    labels = partition_grid(TrainConfig().replace(keep=0.5), 8, seed=3)
     assert labels.shape == (8, 8)
     assert (labels == 1).sum() == (labels == 2).sum() == 16 and (labels == 0).sum() == 32
-    assert torch.equal(labels, partition_grid(TrainConfig(keep=0.5), 8, seed=3))
-    blocks = partition_grid(TrainConfig(block_size=2), 8, seed=0)
+    assert torch.equal(labels, partition_grid(TrainConfig().replace(keep=0.5), 8, seed=3))
+    blocks = partition_grid(TrainConfig().replace(block_size=2), 8, seed=0)
     assert torch.equal(blocks[::2, ::2], blocks[1::2, 1::2])  # whole 2x2 blocks
-    four = partition_grid(TrainConfig(num_subsets=4, keep=0.5), 8, seed=1)
+    four = partition_grid(TrainConfig().replace(num_subsets=4, keep=0.5), 8, seed=1)
     assert [int((four == k).sum()) for k in range(5)] == [32, 8, 8, 8, 8]
 
 

@@ -338,8 +338,8 @@ def _type_of(flag: str):
 def _unknown(key: str) -> str:
     names = [*FIELDS, "method"]
     close = difflib.get_close_matches(key.replace("-", "_"), names, n=3)
-    hint = f"; did you mean {', '.join('--' + c.replace('_', '-') for c in close)}?" if close else ""
-    return f"unknown option --{key}{hint}"
+    flags = ", ".join("--" + c.replace("_", "-") for c in close)
+    return f"unknown option --{key}" + (f"; did you mean {flags}?" if close else "")
 
 
 def _strip_optional(tp):
@@ -441,6 +441,7 @@ def _quiet_cli(args: list[str], default: TrainConfig) -> TrainConfig:
 def print_help(config: TrainConfig, prog: str) -> None:
     """tyro's help: every flag, by section, with its comment and its value in ``config``."""
     try:
-        tyro.cli(_cli_type(), args=["--help"], default=config, prog=prog)
+        tyro.cli(_cli_type(), args=["--help"], default=config, prog=prog,
+                 description="Every setting, by section.")
     except SystemExit:
         pass

@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -27,7 +28,8 @@ USAGE = """usage: python -m spcl_fast.train [--preset NAME] [--out DIR] [--steps
                                 [--resume [RUN_DIR_OR_CKPT]] [--device DEV] [--KEY VALUE ...]
        torchrun --nproc_per_node=N -m spcl_fast.train ...    (several GPUs / nodes)
 
-Pre-train a ViT with S-PCL. Presets: {presets} (default: demo).
+Pre-train a ViT with S-PCL. Presets (default: demo):
+  {presets}
 --resume continues a run exactly from its newest readable checkpoint (default: the --out folder),
 using the run's saved config; --KEY VALUE options given with it override that config.
 Yes/no options may stand alone (--compile means --compile true). SIGTERM or Ctrl-C: the step
@@ -46,7 +48,8 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, str], str | None]:
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            print(USAGE.format(presets=", ".join(PRESETS)), flush=True)
+            presets = textwrap.fill(", ".join(PRESETS), 96, subsequent_indent="  ")
+            print(USAGE.format(presets=presets), flush=True)
             print_help(PRESETS["demo"](), "python -m spcl_fast.train")
             raise SystemExit(0)
         if not arg.startswith("--"):
