@@ -16,7 +16,6 @@ import torch
 from ..nn import create_vit
 from . import build_method
 
-
 MODEL_LABELS = {
     "vit_tiny_patch16": "ViT-Ti/16",
     "vit_small_patch16": "ViT-S/16",

@@ -15,7 +15,6 @@ import dataclasses
 import torch
 
 
-
 class BatchStream:
     """This rank's images of each optimizer step, in a fresh random order each epoch (seeded by
     ``(seed, epoch)``, the same on every rank): no image twice per epoch, the last incomplete
