@@ -1,6 +1,6 @@
 """Training GFLOPs per image of S-PCL (and its variants), MAE and DINO (suite ``flops``).
 
-Nothing heavy runs here: every count is analytic (``spcl_fast.flops.flops_table``: each method
+Nothing heavy runs here: every count is analytic (``spcl_fast.methods.flops_table``: each method
 built on the meta device and counted by its own ``train_flops``, the formulas that
 ``tests/test_flops.py`` checks against ``FlopCounterMode`` on real training steps). The timed
 call is the table computation itself, so the suite costs about a second.
@@ -18,7 +18,7 @@ import json
 import pytest
 from common import RESULTS_DIR, env_info
 
-from spcl_fast import flops
+from spcl_fast.methods import flops_table as flops
 
 RECORDS: list[dict] = []
 JSON_PATH = RESULTS_DIR / "flops-analytic.json"

@@ -1,7 +1,7 @@
 """S-PCL training-step throughput through the training engine (suite ``train``).
 
 A step is exactly what ``python -m spcl_fast.train`` runs per optimizer step
-(:meth:`spcl_fast.train.engine.Trainer.train_step`): this rank's batch from the data stream
+(:meth:`spcl_fast.train.trainer.Trainer.train_step`): this rank's batch from the data stream
 (random images held on the device, as the synthetic set is), normalisation, the partition plan
 drawn on the host and copied over, forward under autocast, backward, gradient clipping, the
 finite check and the fused AdamW step, with no host sync. Rows record the analytic training
@@ -23,10 +23,10 @@ import pytest
 import torch
 from common import ROWS, peak_memory_mb, run, torch_threads
 
-from spcl_fast.flops import MODEL_LABELS
-from spcl_fast.train.config import TrainConfig
-from spcl_fast.train.engine import Trainer
+from spcl_fast.methods.flops_table import MODEL_LABELS
+from spcl_fast.run.config import TrainConfig
 from spcl_fast.train.monitor import peak_tflops
+from spcl_fast.train.trainer import Trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +80,7 @@ def test_train_step(benchmark, case):
 
 
 def _bench(benchmark, case: Case) -> None:
-    config = TrainConfig(
+    config = TrainConfig().replace(
         model=case.model, patch_size=16, image_size=case.img_size, batch_size=case.batch_size,
         precision=case.precision, compile=case.compile, layout=case.layout, device=case.device,
         steps=1_000_000, warmup_steps=100, probe=False,
