@@ -105,9 +105,10 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path,
         >>> import tempfile
         >>> from spcl_fast.train import TrainConfig, train
         >>> run = tempfile.mkdtemp()
-        >>> _ = train(TrainConfig(embed_dim=32, depth=1, num_heads=2, batch_size=4, steps=1,
-        ...           warmup_steps=1, image_size=32, num_images=8, proj_hidden=16, proj_dim=8,
-        ...           probe=False), run)  # doctest: +ELLIPSIS
+        >>> _ = train(TrainConfig().replace(
+        ...     embed_dim=32, depth=1, num_heads=2, batch_size=4, steps=1, warmup_steps=1,
+        ...     image_size=32, num_images=8, proj_hidden=16, proj_dim=8, probe=False),
+        ...     run)  # doctest: +ELLIPSIS
         S-PCL...
         >>> cfg = export_encoder(run, run + "/export")
         >>> cfg["timm_kwargs"]["class_token"], cfg["timm_kwargs"]["global_pool"]
