@@ -231,3 +231,33 @@ def test_block_drop_path_only_in_training():
     torch.manual_seed(0)
     outs = [blk(x) for _ in range(8)]
     assert any(not torch.allclose(outs[0], o) for o in outs[1:])
+
+
+@pytest.mark.parametrize("class_token", [False, True])
+def test_forward_flops_is_what_flop_counter_mode_counts(class_token):
+    from spcl_fast.flops import measure_flops
+
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=3,
+                            mlp_ratio=3.0, class_token=class_token, impl="torch")
+    images = torch.rand(3, 1, 32, 32)
+    # uneven segments, one empty and one of a single token
+    plan = PartitionPlan(torch.tensor([5, 0, 1, 2, 3, 20, 21, 40]),
+                         torch.tensor([0, 1, 5, 5, 7, 8, 8], dtype=torch.int32), 4, 3, 16)
+    expected = vit.forward_flops(plan.seqlens.tolist(), plan.num_images)
+    assert measure_flops(lambda: vit.forward_partitioned(images, plan)) == sum(expected.values())
+    dense = vit.forward_flops([16] * 3, 3)
+    assert measure_flops(lambda: vit(images)) == sum(dense.values())
+    # a crop of another size: its own patch count
+    crop = vit.forward_flops([4] * 2, 2, num_patches=4)
+    assert crop["patch_embed"] == 2 * 4 * 64 * 24 * 2
+
+
+def test_forward_tokens_is_the_token_path_of_every_forward():
+    vit = _tiny(class_token=True)
+    images = torch.rand(2, 1, 32, 32, dtype=torch.float64)
+    x = torch.cat([vit.cls_token.expand(2, -1, -1), vit.embed(images)], dim=1)
+    torch.testing.assert_close(vit.forward_tokens(x), vit.forward_features(images))
+    rows = x.reshape(2 * 17, -1)  # each image one varlen segment
+    cu = torch.tensor([0, 17, 34], dtype=torch.int32)
+    torch.testing.assert_close(vit.forward_tokens(rows, cu, 17).view(2, 17, -1),
+                               vit.forward_features(images))

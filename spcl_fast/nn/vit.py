@@ -194,6 +194,11 @@ class VisionTransformer(nn.Module):
           ``forward``; row ``2b`` is subset A of image ``b``, row ``2b+1`` its subset B (``K``
           rows per image for a plan of ``K`` subsets).
         * ``patch_tokens(images) -> (B, N, D)``: the patch tokens of ``forward_features``.
+        * ``forward_tokens(x, cu_seqlens=None, max_seqlen=None, token_index=None)``: already
+          embedded tokens (dense ``(B, L, D)`` or varlen rows) through the blocks and the final
+          norm: the one token path, which the methods use for masks and crops too.
+        * ``forward_flops(seqlens, num_images)``: the forward FLOPs of that path on segments
+          of the given lengths (the methods' ``train_flops`` count the encoder with it).
 
     Outputs are in the parameters' dtype (the autocast dtype under autocast).
 

@@ -66,14 +66,15 @@ class Trainer:
     """One process's share of a run: data stream, model (and its DDP/FSDP/compiled form),
     optimizer, gradient scaler, partition streams, step and skip counters.
 
-    ``source`` replaces the config's training set (e.g. a benchmark's random images); ``state``
-    is a checkpoint to continue from. Build one per process (``ctx`` from
+    ``config`` is taken as valid (:func:`~spcl_fast.train.engine.train` checks it before it
+    claims the run folder; elsewhere call ``config.check()`` first). ``source`` replaces the
+    config's training set (e.g. a benchmark's random images); ``state`` is a checkpoint to
+    continue from. Build one per process (``ctx`` from
     :func:`~spcl_fast.train.distributed.setup`).
     """
 
     def __init__(self, config: TrainConfig, ctx: DistContext | None = None, source=None,
                  state: dict | None = None):
-        config.check()
         self.config = config
         optim, data = config.optim, config.data
         self.ctx = ctx = ctx or DistContext(resolve_device(config.run.device))
