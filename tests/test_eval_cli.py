@@ -205,3 +205,17 @@ def test_recorded_intensity_stats_are_used(tmp_path):
     res = cli.main(["linear-probe", "--checkpoint", "none", "--model", "vit_tiny_patch16",
                     "--image-size", "32", "--patch-size", "8", *SMALL])
     assert res["encoder"]["stats"] == [pytest.approx(MEAN), pytest.approx(STD)]
+
+
+def test_cli_flags_come_from_the_settings_fields(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["finetune", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--epochs" in text and "passes over the training split" in text  # the comment
+    assert "--layer-decay" in text and "--num-workers" in text
+    args = cli.parse_args(["segment", "--checkpoint", "x", "--num-workers", "2", "--epochs",
+                           "3", "--finetune-encoder"])
+    settings = cli.task_settings(args)
+    assert (args.task, settings.epochs, settings.finetune_encoder) == ("segment", 3, True)
+    assert (settings.num_workers, settings.batch_size) == (2, cli.DEFAULT_BATCH["segment"])

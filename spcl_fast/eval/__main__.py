@@ -16,21 +16,21 @@ table. Bad flags, checkpoints and data files end the run with one ``error:`` lin
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import inspect
 import json
-import re
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, ClassVar
 
 import torch
+import tyro
 
 from .. import __version__
 from .. import data as data_lib
-from ..data import NORMALIZE_MODES
 from ..data.errors import one_line
+from ..run.config import Normalize
 from ..run.data import intensity_stats
 from ..run.device import resolve_device
 from .encoders import EncoderLoadError, load_encoder
@@ -50,65 +50,60 @@ TASKS = ("linear-probe", "finetune", "segment")
 DEFAULT_BATCH = {"linear-probe": 256, "finetune": 64, "segment": 32}
 
 
-def _add_settings(parser: argparse.ArgumentParser, settings_cls, skip=()) -> None:
-    """One ``--flag`` per field of a settings dataclass (defaults, types and the field's
-    comment as help, from the class)."""
-    comments = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(settings_cls), re.M))
-    for f in dataclasses.fields(settings_cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", default=f.default,
-                                help=comments.get(f.name))
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
-            parser.add_argument(flag, type=typ, default=f.default,
-                                help=f"{comments.get(f.name, '')} (default {f.default})")
+@dataclass
+class EvalArgs:
+    """The flags every task takes (tyro reads each field's comment as its help)."""
+
+    # spcl_fast run folder or ckpt-*.pt, an export folder, a timm/MAE state dict
+    # (.pth/.pt/.safetensors), or 'none' (random init)
+    checkpoint: str
+    # preset for 'none' and the head count of timm/MAE weights; with 'none' also a run
+    # folder/checkpoint whose architecture to init
+    model: str | None = None
+    dataset: str = "synthetic"  # a name from spcl_fast.data
+    root: str | None = None  # dataset folder (real datasets)
+    cache: str | None = None  # preprocessing cache folder
+    # default: the run's image size, else the grid of external weights, else 224
+    image_size: int | None = None
+    patch_size: int | None = None  # patch of a 'none' preset
+    normalize: Normalize | None = None  # override the encoder's input normalisation
+    label_fraction: float = 1.0  # fraction of training PATIENTS whose labels are used
+    fraction_seed: int = DEFAULT_SEED  # seed of the patient sample (keep it equal across methods)
+    max_images: int | None = None  # use only the first N items of each split (smoke runs)
+    out: str | None = None  # folder for results.json and plots
+    device: str = "auto"  # cpu | cuda | cuda:N | auto
+    batch_size: int | None = None  # images per batch (None: 256, 64, 32 by task)
+    workers: Annotated[int, tyro.conf.arg(aliases=("--num-workers",))] = 0  # DataLoader workers
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m spcl_fast.eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="task", required=True)
-    for task in TASKS:
-        p = sub.add_parser(task, help=f"{task} evaluation")
-        p.add_argument("--checkpoint", required=True,
-                       help="spcl_fast run folder or ckpt-*.pt, an export folder, a timm/MAE "
-                            "state dict (.pth/.pt/.safetensors), or 'none' (random init)")
-        p.add_argument("--model", default=None,
-                       help="preset for 'none' and the head count of timm/MAE weights; with "
-                            "'none' also a run folder/checkpoint whose architecture to init")
-        p.add_argument("--dataset", default="synthetic", help="a name from spcl_fast.data")
-        p.add_argument("--root", default=None, help="dataset folder (real datasets)")
-        p.add_argument("--cache", default=None, help="preprocessing cache folder")
-        p.add_argument("--image-size", type=int, default=None,
-                       help="default: the run's image size, else the grid of external "
-                            "weights, else 224")
-        p.add_argument("--patch-size", type=int, default=None, help="patch of a 'none' preset")
-        p.add_argument("--normalize", choices=NORMALIZE_MODES, default=None,
-                       help="override the encoder's input normalisation")
-        p.add_argument("--label-fraction", type=float, default=1.0,
-                       help="fraction of training PATIENTS whose labels are used")
-        p.add_argument("--fraction-seed", type=int, default=DEFAULT_SEED,
-                       help="seed of the patient sample (keep it equal across methods)")
-        p.add_argument("--max-images", type=int, default=None,
-                       help="use only the first N items of each split (smoke runs)")
-        p.add_argument("--out", default=None, help="folder for results.json and plots")
-        p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
-        p.add_argument("--batch-size", type=int, default=None,
-                       help=f"images per batch (default {DEFAULT_BATCH[task]})")
-        p.add_argument("--workers", "--num-workers", type=int, default=0,
-                       help="DataLoader workers")
-        if task == "linear-probe":
-            p.add_argument("--l2-grid", type=float, nargs="+", default=list(L2_GRID))
-            p.add_argument("--probe-steps", type=int, default=300,
-                           help="L-BFGS iterations per L2 strength")
-        elif task == "finetune":
-            _add_settings(p, FinetuneSettings, skip=("batch_size", "num_workers"))
-        else:
-            _add_settings(p, SegmentSettings, skip=("batch_size", "num_workers"))
-    return parser
+@dataclass
+class LinearProbeArgs(EvalArgs):
+    task: ClassVar[str] = "linear-probe"
+    l2_grid: tuple[float, ...] = L2_GRID  # L2 strengths tried (the best on val is kept)
+    probe_steps: int = 300  # L-BFGS iterations per L2 strength
+
+
+@dataclass
+class FinetuneArgs(EvalArgs):
+    task: ClassVar[str] = "finetune"
+    settings: FinetuneSettings = field(default_factory=FinetuneSettings)
+
+
+@dataclass
+class SegmentArgs(EvalArgs):
+    task: ClassVar[str] = "segment"
+    settings: SegmentSettings = field(default_factory=SegmentSettings)
+
+
+TASKS = {cls.task: cls for cls in (LinearProbeArgs, FinetuneArgs, SegmentArgs)}
+DEFAULT_BATCH = {"linear-probe": 256, "finetune": 64, "segment": 32}
+
+
+def parse_args(argv: list[str]) -> EvalArgs:
+    """The task's arguments (tyro: one subcommand per task, flags without prefixes)."""
+    return tyro.extras.subcommand_cli_from_dict(
+        TASKS, args=argv, prog="python -m spcl_fast.eval", description=__doc__,
+        config=(tyro.conf.OmitArgPrefixes,))
 
 
 class EvalError(Exception):
@@ -137,11 +132,13 @@ def check_args(args) -> None:
 
 def task_settings(args):
     """The fine-tuning / segmentation settings of the flags (``None`` for the linear probe)."""
-    cls = {"finetune": FinetuneSettings, "segment": SegmentSettings}.get(args.task)
-    if cls is None:
+    if args.task == "linear-probe":
         return None
+    settings = dataclasses.replace(args.settings, num_workers=args.workers,
+                                   batch_size=args.batch_size or DEFAULT_BATCH[args.task])
     try:
-        return _settings(cls, args, batch_size=args.batch_size or DEFAULT_BATCH[args.task])
+        settings.check()
+        return settings
     except ValueError as exc:  # the message starts with the field; the flag is its dashed form
         field_name, rest = str(exc).split(" ", 1)
         raise EvalError(f"--{field_name.replace('_', '-')} {rest}") from exc
@@ -195,14 +192,7 @@ def _dataset_info(args, splits, image_size) -> dict:
     }
 
 
-def _settings(cls, args, **fixed):
-    """A settings dataclass from the parsed flags of its fields, plus ``fixed`` values."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-              if f.name not in fixed and hasattr(args, f.name)}
-    return cls(**values, num_workers=args.workers, **fixed)
-
-
-def run(args) -> dict:
+def run(args: EvalArgs) -> dict:
     """Run one evaluation task from parsed arguments; returns the results dict."""
     started = time.perf_counter()
     check_args(args)
@@ -259,7 +249,7 @@ def run(args) -> dict:
         "dataset": _dataset_info(args, splits, image_size),
         "encoder": loaded.describe(),
         "encoder_config": None if loaded.config is None else json.loads(loaded.config.to_json()),
-        "args": vars(args),
+        "args": {"task": args.task, **dataclasses.asdict(args)},
         "versions": {"spcl_fast": __version__, "torch": torch.__version__},
         "device": str(device),
         "elapsed_s": time.perf_counter() - started,
@@ -279,7 +269,7 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return run(args)
     except EvalError as exc:

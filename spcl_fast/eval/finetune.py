@@ -15,9 +15,11 @@ import copy
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+import tyro
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -120,8 +122,12 @@ def predict(model: nn.Module, dataset, batch_size: int, device: torch.device, tr
 
 @dataclass
 class FinetuneSettings:
+    """How ``finetune`` trains: one ``--flag`` of ``python -m spcl_fast.eval finetune`` per
+    field (but ``batch_size`` and ``num_workers``: the command's ``--batch-size``/``--workers``).
+    :meth:`check` (which ``finetune`` calls) rejects values no run can use."""
+
     epochs: int = 10  # passes over the training split
-    batch_size: int = 64  # images per step
+    batch_size: Annotated[int, tyro.conf.Suppress] = 64  # images per step
     lr: float = 5e-4  # peak learning rate of the last layer (after warmup)
     min_lr: float = 1e-6  # learning rate at the end of the cosine decay
     layer_decay: float = 0.75  # per-block learning-rate decay towards the input
@@ -131,9 +137,9 @@ class FinetuneSettings:
     grad_clip: float = 1.0  # clip the global gradient norm (0: off)
     precision: str = "auto"  # auto (bf16/fp16 on a GPU, fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0  # head init, data order, drop-path draws
-    num_workers: int = 0  # DataLoader workers
+    num_workers: Annotated[int, tyro.conf.Suppress] = 0  # DataLoader workers
 
-    def __post_init__(self):
+    def check(self) -> None:
         check_fit_settings(self)
 
 
@@ -242,6 +248,7 @@ def finetune(encoder: nn.Module, train, val, test, settings: FinetuneSettings,
         (['cardiomegaly', 'consolidation'], 1)
     """
     s = settings
+    s.check()
     torch.manual_seed(s.seed)
     set_drop_path(encoder, s.drop_path)
     class_names = list(train.class_names)

@@ -25,9 +25,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+import tyro
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -143,8 +145,12 @@ def evaluate_dice(model: nn.Module, dataset, batch_size: int, device: torch.devi
 
 @dataclass
 class SegmentSettings:
+    """How ``segment`` trains: one ``--flag`` of ``python -m spcl_fast.eval segment`` per field
+    (but ``batch_size`` and ``num_workers``: the command's ``--batch-size``/``--workers``).
+    :meth:`check` (which ``segment`` calls) rejects values no run can use."""
+
     epochs: int = 10  # passes over the training split
-    batch_size: int = 32  # images per step
+    batch_size: Annotated[int, tyro.conf.Suppress] = 32  # images per step
     lr: float = 1e-3  # peak learning rate of the decoder (after warmup)
     min_lr: float = 1e-6  # learning rate at the end of the cosine decay
     layer_decay: float = 0.75  # per-block decay of the encoder's lr (with finetune_encoder)
@@ -157,9 +163,9 @@ class SegmentSettings:
     threshold: float = 0.5  # probability threshold of a foreground pixel
     precision: str = "auto"  # auto (bf16/fp16 on a GPU, fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0  # decoder init, data order
-    num_workers: int = 0  # DataLoader workers
+    num_workers: Annotated[int, tyro.conf.Suppress] = 0  # DataLoader workers
 
-    def __post_init__(self):
+    def check(self) -> None:
         check_fit_settings(self)
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got "
@@ -202,6 +208,7 @@ def segment(encoder: nn.Module, train, val, test, settings: SegmentSettings,
         if not has_masks(ds):
             raise ValueError(f"segment: the {name} split has no masks (items need a 'mask')")
     s = settings
+    s.check()
     torch.manual_seed(s.seed)
     set_drop_path(encoder, s.drop_path if s.finetune_encoder else 0.0)
     decoder = SegmentationDecoder(encoder.embed_dim, encoder.patch_embed.grid_size,
