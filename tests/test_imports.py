@@ -122,3 +122,15 @@ def test_no_import_circle():
         if v not in index:
             visit(v)
     assert not circles
+
+
+def test_the_engine_knows_no_method_by_name():
+    """Adding a method touches methods/ and its config section only: nothing in the training
+    engine (the recipe study aside, whose recipes are methods by name) may branch on one."""
+    names = {"spcl", "mae", "dino"}
+    for name, path in MODULES.items():
+        if not _under(name, "spcl_fast.train") or name == "spcl_fast.train.study":
+            continue
+        consts = {n.value for n in ast.walk(ast.parse(path.read_text()))
+                  if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        assert not consts & names, (name, consts & names)

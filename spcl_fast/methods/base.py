@@ -23,10 +23,11 @@ Adding a method ``foo``:
 1. ``spcl_fast/methods/foo.py``: the module (constructor arguments named like its config
    fields), its plan class, ``from_config``; collectives through :mod:`spcl_fast.distributed`.
 2. ``METHODS["foo"] = Foo`` in ``spcl_fast/methods/__init__.py``.
-3. A ``FooConfig`` section in ``spcl_fast/run/config.py`` (one commented field per constructor
-   argument, a ``check()`` for ranges), a ``foo: FooConfig`` field of ``TrainConfig`` and
-   ``"foo"`` in ``Method`` and ``SECTIONS``. ``--method foo`` then trains it; nothing in
-   ``spcl_fast/train`` changes.
+3. In ``spcl_fast/run/config.py``: a ``FooConfig`` section (one commented field per
+   constructor argument, named as the flag it should be, or renamed with ``_flag``; a
+   ``check()`` for ranges), a ``foo: FooConfig`` field of ``TrainConfig`` and ``"foo"`` in the
+   ``Method`` literal. ``--method foo`` then trains it, its fields are flags, its section is
+   saved in ``config.json`` and compared on resume; nothing in ``spcl_fast/train`` changes.
 """
 
 from __future__ import annotations

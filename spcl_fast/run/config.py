@@ -300,7 +300,7 @@ class TrainConfig:
         return cls().replace(**known)
 
 
-SECTIONS = ("data", "model", "spcl", "mae", "dino", "optim", "run")
+SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "method")
 
 
 def _section_class(section: str) -> type:

@@ -18,14 +18,7 @@ import torch
 
 from ..methods import METHODS, BuildContext
 from ..nn import VisionTransformer, create_vit
-from .config import ModelConfig, TrainConfig
-
-# Fields that shape the model's parameters (a resumed run must keep them), by flag name.
-ARCHITECTURE = ("model", "image_size", "patch_size", "embed_dim", "depth", "num_heads",
-                "pos_embed", "class_token", "method", "proj_hidden", "proj_dim", "proj_depth",
-                "predictor_hidden", "decoder_dim", "decoder_depth", "decoder_heads",
-                "dino_out_dim")
-
+from .config import FIELDS, ModelConfig, TrainConfig
 
 def build_encoder(model: ModelConfig, image_size: int) -> VisionTransformer:
     """The ViT of a ``model`` section for ``image_size`` pixels (not seeded here)."""
@@ -47,13 +40,21 @@ def build_model(config: TrainConfig, global_batch_loss: bool = False) -> torch.n
     return METHODS[config.method].from_config(encoder, settings, context)
 
 
+def _model_settings(config: TrainConfig) -> dict:
+    """What the model is built from, by flag name: the method, the image size, the ``model``
+    section and the method's section."""
+    names = {"method", "image_size"} | {flag for flag, (section, _) in FIELDS.items()
+                                        if section in ("model", config.method)}
+    return {k: v for k, v in config.flat().items() if k in names}
+
+
 def architecture_mismatch(saved: dict, config: TrainConfig, exc: Exception) -> str:
     """Why a checkpoint's weights (trained with the config dict ``saved``) do not load into
     ``config``'s model, in one line."""
-    old = TrainConfig.from_dict(saved, strict=False).flat() if saved else {}
-    now = config.flat()
-    differ = [f"{k} {old[k]!r} (now {now[k]!r})" for k in ARCHITECTURE
-              if k in old and old[k] != now[k]]
+    old = _model_settings(TrainConfig.from_dict(saved, strict=False)) if saved else {}
+    now = _model_settings(config)
+    differ = [f"{k} {old[k]!r} (now {v!r})" for k, v in now.items()
+              if k in old and old[k] != v]
     if differ:
         return ("the checkpoint's model was built with other settings: " + "; ".join(differ)
                 + ". Resume without changing them, or start a new run")
