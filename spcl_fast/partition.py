@@ -176,9 +176,17 @@ def sample_partitions(
             f"sample_partitions: batch_size and num_tokens must be >= 1, "
             f"got {batch_size} and {num_tokens}"
         )
+    for name, value in (("ratio", ratio), ("keep", keep)):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise TypeError(f"sample_partitions: {name} must be a number, got {value!r}")
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"sample_partitions: keep must be in (0, 1], got {keep}")
     if ratio_range is not None:
+        if (not isinstance(ratio_range, Sequence) or len(ratio_range) != 2
+                or not all(isinstance(x, numbers.Real) and not isinstance(x, bool)
+                           for x in ratio_range)):
+            raise TypeError(f"sample_partitions: ratio_range must be a (lo, hi) pair of "
+                            f"numbers, got {ratio_range!r}")
         lo, hi = ratio_range
         if not 0.0 < lo <= hi < 1.0:
             raise ValueError(
@@ -197,10 +205,13 @@ def sample_partitions(
         device = generator.device if generator is not None else torch.device("cpu")
     device = torch.device(device)
     if valid_mask is not None:
-        if valid_mask.dtype != torch.bool or tuple(valid_mask.shape) != (batch_size, num_tokens):
+        if (not isinstance(valid_mask, torch.Tensor) or valid_mask.dtype != torch.bool
+                or tuple(valid_mask.shape) != (batch_size, num_tokens)):
+            got = (f"{tuple(valid_mask.shape)} {valid_mask.dtype}"
+                   if isinstance(valid_mask, torch.Tensor) else type(valid_mask).__name__)
             raise ValueError(
                 f"sample_partitions: valid_mask must be a ({batch_size}, {num_tokens}) bool "
-                f"tensor, got {tuple(valid_mask.shape)} {valid_mask.dtype}"
+                f"tensor, got {got}"
             )
         valid = valid_mask.to(device)
     else:
