@@ -15,13 +15,24 @@ from PIL import Image
 
 from .synthetic import SyntheticCXR
 
-# Fake identifying header values: must never appear in caches, reports or logs.
+# Fake identifying header values: must never appear in caches, reports, logs or anything else
+# the library writes. Names, ids, dates, institution, free text, and the text annotations a
+# file with burned-in text carries (BurnedInAnnotation "YES" is set alongside them).
 FAKE_PHI = {
     "PatientName": "DOE^JANE^PHI",
     "PatientID": "PHI-ID-7731",
     "PatientBirthDate": "19410203",
     "StudyDate": "20190405",
+    "AccessionNumber": "PHIACC99812",
     "InstitutionName": "PHI GENERAL HOSPITAL",
+    "InstitutionAddress": "12 PHI STREET, PHITOWN",
+    "ReferringPhysicianName": "HOUSE^GREGORY^PHI",
+    "OperatorsName": "TECH^PHI^OPERATOR",
+    "OtherPatientIDs": "PHI-MRN-004417",
+    "StudyDescription": "CHEST PA FOR PHI-KNOWN PATIENT",
+    "ImageComments": "Free text: Jane Doe PHI, bed 12, MRN 004417",
+    "PatientComments": "PHI allergy note",
+    "DerivationDescription": "PHI burned-in label: DOE JANE 1941",
 }
 
 
@@ -80,6 +91,7 @@ def write_dicom(path, arr: np.ndarray, *, photometric: str = "MONOCHROME2",
     if phi:
         for key, value in FAKE_PHI.items():
             setattr(ds, key, value)
+        ds.BurnedInAnnotation = "YES"
     bits = bits_stored or arr.dtype.itemsize * 8
     ds.set_pixel_data(arr, photometric, bits)
     if signed:
