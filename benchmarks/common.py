@@ -9,6 +9,7 @@ per suite and, at the end of the session, ``benchmarks/conftest.py`` prints one 
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import subprocess
 import time
@@ -34,7 +35,9 @@ def device_slug(name: str) -> str:
 
 
 def env_info() -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version()}
+    info = {"torch": torch.__version__, "python": platform.python_version(),
+            # gpu_check.sh's first call pins each kernel's first config (no autotuning)
+            "autotune": os.environ.get("SPCL_FAST_AUTOTUNE", "1") not in ("", "0")}
     try:
         import triton
 

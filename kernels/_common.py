@@ -35,13 +35,17 @@ POISON_OUTPUTS = os.environ.get("SPCL_FAST_POISON", "0") not in ("", "0")
 def configs(candidates, interpret_meta: dict) -> list[triton.Config]:
     """Autotuning candidates ``[(meta, num_warps, num_stages), ...]`` as ``triton.Config``s.
 
-    Under the interpreter a single small config (``interpret_meta``) keeps tests fast; with
-    autotuning off, the first candidate.
+    Under the interpreter a single small config (``interpret_meta``) keeps tests fast.
     """
     if INTERPRET:
         return [triton.Config(interpret_meta, num_warps=1, num_stages=1)]
-    tuned = [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in candidates]
-    return tuned if AUTOTUNE else tuned[:1]
+    return [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in candidates]
+
+
+def tuned(fitting: list[triton.Config]) -> list[triton.Config]:
+    """What a kernel's pruning hands the autotuner: the candidates that fit these inputs, or
+    only the first of them with autotuning off."""
+    return fitting if AUTOTUNE else fitting[:1]
 
 
 def new_output(shape, like: torch.Tensor, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:

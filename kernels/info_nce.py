@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_PRECISION, INTERPRET, configs, launch, new_output
+from ._common import DOT_PRECISION, INTERPRET, configs, launch, new_output, tuned
 
 NORM_EPS = 1e-12  # F.normalize's default
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -42,16 +42,17 @@ INV_EPS_HALF = tl.constexpr(0.5 / NORM_EPS)
 
 
 # Row blocks per program (the autotuner picks: small batches want more, smaller programs so every
-# SM has work). Feature chunks are the launcher's: they follow d and the dtype.
+# SM has work); feature chunks are the launcher's, they follow d and the dtype. fp32 operands
+# spill with 4 warps in the forward and with more than 16 own rows in the gradient (the aot
+# tier's measurements, sm_80 and sm_90): the prunes drop those (never the interpreter's).
 _FWD_CONFIGS = configs(
     [({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3),
-     ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3),
+     ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 3),
      ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 3)],
     {"BLOCK_M": 32, "BLOCK_N": 32},
 )
 _GRAD_CONFIGS = configs(
     [({"BLOCK_OWN": 64, "BLOCK_OTHER": 64}, 8, 2),
-     ({"BLOCK_OWN": 32, "BLOCK_OTHER": 64}, 8, 2),
      ({"BLOCK_OWN": 16, "BLOCK_OTHER": 64}, 4, 2)],
     {"BLOCK_OWN": 32, "BLOCK_OTHER": 32},
 )
@@ -60,11 +61,14 @@ _FWD_KEY = ["Mq", "Mk", "D", "SELF_MASK", "WRITE_POS"]
 _GRAD_KEY = ["M_own", "M_other", "D", "KEY_SIDE", "HAS_COL", "SELF_MASK"]
 
 
+def _prune_fwd(configs, named_args, **kwargs):
+    fp32 = named_args["Q"].dtype == torch.float32
+    return tuned([c for c in configs if not fp32 or c.num_warps == 8 or INTERPRET])
+
+
 def _prune_grad(configs, named_args, **kwargs):
-    # fp32's 64-row blocks spill at any output width (tests/test_aot.py).
-    if named_args["OWN"].dtype != torch.float32:
-        return configs
-    return [c for c in configs if c.kwargs["BLOCK_OWN"] <= 32] or configs[-1:]
+    fp32 = named_args["OWN"].dtype == torch.float32
+    return tuned([c for c in configs if not fp32 or c.kwargs["BLOCK_OWN"] <= 16 or INTERPRET])
 
 
 @triton.jit
@@ -99,7 +103,8 @@ def _dot_tile(A, B, a_rows, b_rows, a_ok, b_ok, D, stride_a, stride_b,
     return acc
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_FWD_KEY)
+@triton.autotune(configs=_FWD_CONFIGS, key=_FWD_KEY,
+                 prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _lse_fwd_kernel(
     Q, K, INV_Q, INV_K, LSE, POS,
@@ -247,11 +252,12 @@ def _block_d(d: int, dtype: torch.dtype) -> int:
 
 
 def _block_do(d: int, dtype: torch.dtype) -> int:
-    # The whole output row block in registers when d <= 256 (one pass over the other side);
-    # larger d splits the output over a second grid axis, each part recomputing the logits.
+    # The whole output row block in registers when d <= 128 (one pass over the other side; 256
+    # spills at every row block); larger d splits the output over a second grid axis, each
+    # part recomputing the logits.
     if INTERPRET:
         return 32
-    return min(256 if dtype != torch.float32 else 64, max(16, triton.next_power_of_2(d)))
+    return min(128 if dtype != torch.float32 else 64, max(16, triton.next_power_of_2(d)))
 
 
 def inv_norms(z: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,9 @@ row ``t`` of ``q/k/v`` (packed layout, ``token_index=None``) or in row ``token_i
 layout): every kernel turns packed positions into rows with :func:`_rows` right before a load or a
 store, so the gather and the scatter cost one extra int64 load per block and no copy.
 
-Kernels (one program per block of one segment and one head; blocks past a segment's end exit):
+Kernels (one program per block of one segment and one head, grid ``(blocks, heads, segments)``;
+blocks past a segment's end exit; block sizes autotuned per head dim, max_seqlen bucket, layout
+and dtype; dots in the precision of ``_common.DOT_PRECISION``):
 
 * ``_fwd_kernel``: a query block against all key blocks of its segment, online softmax in fp32
   with ``exp2`` (``log2(e)`` folded into the score scale); writes ``out`` and ``lse`` (natural
@@ -28,61 +30,56 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_PRECISION, INTERPRET, configs, launch, new_output
+from ._common import DOT_PRECISION, INTERPRET, configs, launch, new_output, tuned
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 
-# Candidates for sm_80/sm_90 (16-bit inputs at head dims 32-128); every one compiles for both
-# without register spills and within shared memory (tests/test_aot.py, README "Kernels on GPU
-# targets"). fp32 operands take twice the registers and shared memory: _prune drops the
-# configs that spill or overflow for them.
-_FWD_CONFIGS = configs(
-    [
-        ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3),
-        ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3),
-        ({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 2),
-        ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 4),
-    ],
-    {"BLOCK_M": 16, "BLOCK_N": 16},
+# Autotuning candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages, the largest BLOCK_D it takes
+# without register spills for 16-bit and for fp32 operands). The limits are what the aot tier
+# measures for sm_80 and sm_90 at power-of-two head dims (tests/test_aot.py, README "Kernels on
+# GPU targets"); pruning drops the candidates past them, so every shipped choice is spill-free.
+_FWD = (
+    (128, 64, 8, 3, 128, 32),
+    (64, 64, 8, 3, 128, 128),
+    (128, 128, 8, 2, 64, 32),
+    (64, 32, 4, 4, 128, 64),
+    (128, 32, 8, 3, 128, 128),
 )
-_DKDV_CONFIGS = configs(
-    [
-        ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 3),
-        ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2),
-        ({"BLOCK_M": 32, "BLOCK_N": 128}, 8, 3),
-    ],
-    {"BLOCK_M": 16, "BLOCK_N": 16},
+_DKDV = (
+    (32, 128, 8, 3, 64, 32),
+    (32, 64, 4, 3, 64, 64),
+    (16, 64, 4, 3, 128, 64),
+    (32, 32, 4, 3, 128, 128),
 )
-_DQ_CONFIGS = configs(
-    [
-        ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 3),
-        ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2),
-        ({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 3),
-    ],
-    {"BLOCK_M": 16, "BLOCK_N": 16},
+_DQ = (
+    (64, 32, 4, 3, 128, 32),
+    (64, 64, 4, 2, 64, 32),
+    (128, 32, 8, 3, 128, 32),
+    (64, 32, 8, 3, 128, 128),
 )
 _PRE_BLOCK = 16 if INTERPRET else 64
-# One tuning per head dim, max_seqlen bucket and layout; the autotuner adds the tensors' dtypes.
-_TUNE_KEY = ["HEAD_DIM", "SEQ_BUCKET", "HAS_INDEX"]
 
 
-def _fits(config: triton.Config, dtype: torch.dtype, block_d: int) -> bool:
-    """Whether a candidate compiles without spills for these operands (see _FWD_CONFIGS)."""
-    if dtype != torch.float32:
-        return True
-    tile = max(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"])
-    return tile * block_d <= FP32_MAX_TILE
+def _autotune(table):
+    """``triton.autotune`` over a candidate table, keyed on head dim, max_seqlen bucket and
+    layout (the autotuner adds the tensors' dtypes), pruned to the candidates that fit."""
+    limits = {(m, n, w, s): (lowp, fp32) for m, n, w, s, lowp, fp32 in table}
 
+    def prune(candidates, named_args, **kwargs):
+        fp32 = named_args["Q"].dtype == torch.float32
 
-def _prune(configs, named_args, **kwargs):
-    fitting = [c for c in configs if _fits(c, named_args["Q"].dtype, kwargs["BLOCK_D"])]
-    return fitting or configs[-1:]
+        def fits(c):
+            key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            return key not in limits or kwargs["BLOCK_D"] <= limits[key][fp32]  # interpreter's
 
+        return tuned([c for c in candidates if fits(c)])
 
-FP32_MAX_TILE = 64 * 64
-_TUNE = dict(key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+    tuned_configs = configs([({"BLOCK_M": m, "BLOCK_N": n}, w, s) for m, n, w, s, *_ in table],
+                            {"BLOCK_M": 16, "BLOCK_N": 16})
+    return triton.autotune(configs=tuned_configs, key=["HEAD_DIM", "SEQ_BUCKET", "HAS_INDEX"],
+                           prune_configs_by={"early_config_prune": prune})
 
 
 @triton.jit
@@ -107,7 +104,7 @@ def _segment(cu_seqlens):
     return start.to(tl.int64), seqlen, tl.program_id(1).to(tl.int64)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, **_TUNE)
+@_autotune(_FWD)
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Out, Lse, cu_seqlens, token_index,
@@ -184,7 +181,7 @@ def _bwd_preprocess_kernel(
     tl.store(Delta + head * stride_deltah + offs_t, tl.sum(o * do, 1), mask=mask_t)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, **_TUNE)
+@_autotune(_DKDV)
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DOut, DK, DV, Lse, Delta, cu_seqlens, token_index,
@@ -245,7 +242,7 @@ def _bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=mask_nd)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, **_TUNE)
+@_autotune(_DQ)
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DOut, DQ, Lse, Delta, cu_seqlens, token_index,

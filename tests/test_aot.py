@@ -28,18 +28,42 @@ ALL_KERNELS = DOT_KERNELS | {"_bwd_preprocess_kernel", "_inv_norm_kernel"}
 pytestmark = pytest.mark.aot
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    """Rows of the CI subset, compiled from a cold cache with both cores."""
-    out = tmp_path_factory.mktemp("aot") / "rows.json"
+def _python_with_triton(version: str, root: Path) -> str:
+    """A venv over this environment with ``triton==<version>.*`` (the GPU image's Triton);
+    ``SPCL_FAST_TRITON_<major>_<minor>_PYTHON`` names a ready one. Skips if pip cannot install
+    it (no index reachable)."""
+    ready = os.environ.get(f"SPCL_FAST_TRITON_{version.replace('.', '_')}_PYTHON")
+    if ready:
+        return ready
+    venv = root / f"triton-{version}"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
+                   check=True)
+    python = str(venv / "bin" / "python")
+    proc = subprocess.run([python, "-m", "pip", "install", "-q", f"triton=={version}.*"],
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.skip(f"triton=={version}.* cannot be installed: {proc.stderr.strip()[-300:]}")
+    return python
+
+
+@pytest.fixture(scope="module", params=["installed", pytest.param("3.6", marks=pytest.mark.slow)])
+def compiled(request, tmp_path_factory):
+    """Rows of the CI subset, compiled from a cold cache with both cores, by the installed
+    Triton or (slow tier) the GPU image's Triton 3.6."""
+    root = tmp_path_factory.mktemp("aot")
+    python = (sys.executable if request.param == "installed"
+              else _python_with_triton(request.param, root))
+    out = root / "rows.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "spcl_fast.kernels.aot", "--quick", "--jobs", "2",
-         "--json", str(out)],
+        [python, "-m", "spcl_fast.kernels.aot", "--quick", "--jobs", "2", "--json", str(out)],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    rows = json.loads(out.read_text())
+    if request.param != "installed":
+        assert rows["triton"].startswith(request.param), rows["triton"]
+    return rows
 
 
 def _aot():
@@ -64,15 +88,28 @@ def test_every_config_compiles_for_both_targets(compiled):
 
 
 def test_tensor_cores_in_every_dot_kernel(compiled):
+    # sm_90: wgmma where Triton emits it (blocks of 64+ rows per warp group), mma otherwise.
     for row in compiled["rows"]:
         if row["kernel"] in DOT_KERNELS:
-            instr = "wgmma" if row["target"] == "sm_90" else "mma"
-            assert row[instr] > 0, f"no {instr} in {row}"
+            assert row["mma"] + row["wgmma"] > 0, f"no tensor-core instruction in {row}"
+            if row["target"] == "sm_80":
+                assert row["wgmma"] == 0, row
+    sm90 = [r for r in compiled["rows"] if r["target"] == "sm_90" and r["kernel"] in DOT_KERNELS]
+    assert any(r["wgmma"] for r in sm90), "Triton emitted no wgmma for sm_90 at all"
+
+
+def _power_of_two_head_dim(row) -> bool:
+    size = row["size"]
+    return row["op"] != "partition_attention" or size & (size - 1) == 0
 
 
 def test_no_config_spills(compiled):
-    spilling = [r for r in compiled["rows"] if r["spill_stores"] or r["spill_loads"]]
+    # The README's one exception: attention at head dims that are not a power of two (their
+    # block is padded to the next one and the masked columns spill in every config).
+    spilling = [r for r in compiled["rows"]
+                if (r["spill_stores"] or r["spill_loads"]) and _power_of_two_head_dim(r)]
     assert not spilling, "\n".join(map(str, spilling))
+    assert any(not _power_of_two_head_dim(r) for r in compiled["rows"])  # still compiled
 
 
 def test_shared_memory_within_the_targets_limit(compiled):

@@ -264,7 +264,8 @@ def info_nce(
     backward; the PyTorch path does the same over column blocks (``O(M * chunk)`` memory).
 
     Args:
-        z_a, z_b: ``(M, d)`` float16, bfloat16 or float32 (float64 with ``impl="torch"``), same
+        z_a, z_b: ``(M, d)`` float16, bfloat16 or float32 (float64 with ``impl="torch"``; the
+            Triton path multiplies float32 in TF32, ``impl="torch"`` in IEEE fp32), same
             shape, dtype and device; ``M >= 1``, any ``d >= 1`` (the kernels loop over ``d`` in
             blocks, so ``d`` need not be a power of two). Row ``i`` of ``z_a`` and row ``i`` of
             ``z_b`` are two views of one sample.

@@ -243,7 +243,8 @@ def partition_attention(
     other.
 
     Args:
-        q, k, v: ``(R, H, Dh)`` float16, bfloat16 or float32 (float64 with ``impl="torch"``);
+        q, k, v: ``(R, H, Dh)`` float16, bfloat16 or float32 (float64 with ``impl="torch"``;
+            the Triton path multiplies float32 in TF32, ``impl="torch"`` in IEEE fp32);
             any strides with unit stride on ``Dh`` (the three views of one ``(R, 3, H, Dh)``
             qkv tensor are fine).
         cu_seqlens: ``(S + 1,)`` int32 on q's device: segment offsets into the packed order,
