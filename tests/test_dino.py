@@ -6,14 +6,8 @@ import pytest
 import torch
 
 from spcl_fast.methods import DINO
-from spcl_fast.methods.dino import (
-    encode_dense,
-    encode_packed,
-    resize_pos_embed,
-    resized_crops,
-    sample_crops,
-)
-from spcl_fast.nn import vit_tiny_patch16
+from spcl_fast.methods.dino import encode_dense, encode_packed, resized_crops, sample_crops
+from spcl_fast.nn import resize_pos_embed, vit_tiny_patch16
 from spcl_fast.run.presets import smoke
 from spcl_fast.train.engine import train
 from spcl_fast.train.trainer import param_groups

@@ -10,6 +10,7 @@ from spcl_fast.nn import (
     VarlenAttention,
     VisionTransformer,
     create_vit,
+    resize_pos_embed,
     segment_mean,
     sincos_pos_embed,
     vit_tiny_patch16,
@@ -261,3 +262,19 @@ def test_forward_tokens_is_the_token_path_of_every_forward():
     cu = torch.tensor([0, 17, 34], dtype=torch.int32)
     torch.testing.assert_close(vit.forward_tokens(rows, cu, 17).view(2, 17, -1),
                                vit.forward_features(images))
+
+
+def test_embed_of_any_size_resizes_the_position_embeddings():
+    vit = _tiny(pos_embed="learned")
+    own = torch.rand(2, 1, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(vit.embed(own, any_size=True), vit.embed(own))
+    crop = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    tokens = vit.embed(crop, any_size=True)
+    assert tokens.shape == (2, 4, 32)
+    patches = vit.patch_embed.proj(crop).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(tokens - patches,
+                               resize_pos_embed(vit.pos_embed, 2).expand(2, -1, -1))
+    tokens.sum().backward()  # the learned table trains through the resize
+    assert vit.pos_embed.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="expected 32x32 images"):
+        vit.embed(crop)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed, flops
-from ..nn.vit import VisionTransformer, resize_pos_embed
+from ..nn.vit import VisionTransformer
 from .base import BuildContext
 
 LOCAL_TO_GLOBAL = 96 / 224  # DINO's local / global crop side
@@ -131,17 +131,9 @@ def resized_crops(images: torch.Tensor, theta: torch.Tensor, gain: torch.Tensor,
     return out * gain.reshape(-1, 1, 1, 1).to(out.dtype) + bias.reshape(-1, 1, 1, 1).to(out.dtype)
 
 
-def embed_crops(encoder: VisionTransformer, crops: torch.Tensor) -> torch.Tensor:
-    """``(n, C, s, s)`` crops of any patch-multiple size -> ``(n, (s/p)**2, D)`` tokens with
-    position embeddings (``encoder.embed`` accepts only the encoder's own image size)."""
-    x = encoder.patch_embed.proj(crops)
-    pos = resize_pos_embed(encoder.pos_embed, x.shape[-1])
-    return x.flatten(2).transpose(1, 2) + pos.to(x.dtype)
-
-
 def encode_dense(encoder: VisionTransformer, crops: torch.Tensor) -> torch.Tensor:
     """``(n, C, s, s)`` -> ``(n, D)``: dense blocks, final norm, token mean."""
-    return encoder.forward_tokens(embed_crops(encoder, crops)).mean(dim=1)
+    return encoder.forward_tokens(encoder.embed(crops, any_size=True)).mean(dim=1)
 
 
 def encode_packed(encoder: VisionTransformer, groups: list[torch.Tensor]) -> torch.Tensor:
@@ -151,7 +143,7 @@ def encode_packed(encoder: VisionTransformer, groups: list[torch.Tensor]) -> tor
     packed rows. Returns ``(sum n_i, D)`` mean-pooled embeddings in the order of ``groups``.
     Equal to :func:`encode_dense` on each group (attention never crosses a segment).
     """
-    tokens = [embed_crops(encoder, c) for c in groups]  # (n_i, L_i, D)
+    tokens = [encoder.embed(c, any_size=True) for c in groups]  # (n_i, L_i, D)
     x = torch.cat([t.flatten(0, 1) for t in tokens])
     device = x.device
     lengths = torch.cat([torch.full((t.shape[0],), t.shape[1], device=device) for t in tokens])

@@ -278,9 +278,15 @@ class VisionTransformer(nn.Module):
     def num_patches(self) -> int:
         return self.patch_embed.num_patches
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch tokens with position embeddings, ``(B, N, D)``."""
-        return self.patch_embed(images) + self.pos_embed
+    def embed(self, images: torch.Tensor, any_size: bool = False) -> torch.Tensor:
+        """Patch tokens with position embeddings, ``(B, N, D)``. ``any_size``: images of
+        another patch-multiple side ``s`` give ``(B, (s/p)**2, D)``, the position embeddings
+        resized bicubically to their grid (DINO's crops)."""
+        if not any_size:
+            return self.patch_embed(images) + self.pos_embed
+        x = self.patch_embed.proj(images)
+        pos = resize_pos_embed(self.pos_embed, x.shape[-1])
+        return x.flatten(2).transpose(1, 2) + pos.to(x.dtype)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """``images (B, C, S, S)`` -> ``(B, P + N, D)``: every token's final-normed output, the
