@@ -64,10 +64,6 @@ def _require(section, rules: dict[str, tuple[bool, str]]) -> None:
             raise ValueError(f"{name} must be {want}, got {getattr(section, name)!r}")
 
 
-def _finite(x: float) -> bool:
-    return math.isfinite(x)
-
-
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "synthetic"  # synthetic, a dataset of spcl_fast.data, or a pool: name+name
@@ -130,7 +126,7 @@ class SPCLConfig:
                             "(lo, hi) with 0 < lo <= hi < 1"),
             "block_size": (self.block_size >= 1, ">= 1"),
             "num_subsets": (self.num_subsets >= 2, "from 2 to the number of patches"),
-            "temperature": (_finite(self.temperature) and self.temperature > 0, "positive"),
+            "temperature": (math.isfinite(self.temperature) and self.temperature > 0, "positive"),
             "proj_hidden": (self.proj_hidden >= 1, ">= 1"),
             "proj_dim": (self.proj_dim >= 1, ">= 1"),
             "proj_depth": (self.proj_depth >= 0, ">= 0"),
@@ -188,11 +184,11 @@ class OptimConfig:
             "steps": (self.steps >= 1, ">= 1"),
             "batch_size": (self.batch_size >= 1, ">= 1"),
             "accum_steps": (self.accum_steps >= 1, ">= 1"),
-            "lr": (_finite(self.lr) and self.lr > 0, "positive and finite"),
-            "min_lr": (_finite(self.min_lr) and self.min_lr >= 0, ">= 0 and finite"),
+            "lr": (math.isfinite(self.lr) and self.lr > 0, "positive and finite"),
+            "min_lr": (math.isfinite(self.min_lr) and self.min_lr >= 0, ">= 0 and finite"),
             "lr_base_batch": (self.lr_base_batch >= 0, ">= 0"),
             "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
-            "weight_decay": (_finite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
+            "weight_decay": (math.isfinite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
             "grad_clip": (self.grad_clip >= 0, ">= 0 (0: off)"),
             "max_bad_steps": (self.max_bad_steps >= 1, ">= 1"),
             "plan_shards": (self.plan_shards >= 0, ">= 0"),
@@ -295,7 +291,7 @@ class TrainConfig:
         unknown = sorted(k for k in flat if k not in FIELDS and k != "method")
         if unknown and strict:
             raise ValueError(f"unknown config keys {unknown}")
-        known = {k: _coerce_loaded(v, _type_of(k)) for k, v in flat.items()
+        known = {k: _coerce_loaded(v, FLAG_TYPES[k]) for k, v in flat.items()
                  if k in FIELDS or k == "method"}
         return cls().replace(**known)
 
@@ -329,10 +325,6 @@ def _index() -> tuple[dict[str, tuple[str, str]], dict[str, object]]:
 
 FIELDS, FLAG_TYPES = _index()
 _FLAG_OF = {where: flag for flag, where in FIELDS.items()}
-
-
-def _type_of(flag: str):
-    return FLAG_TYPES[flag]
 
 
 def _unknown(key: str) -> str:

@@ -20,6 +20,7 @@ from ..methods import METHODS, BuildContext
 from ..nn import VisionTransformer, create_vit
 from .config import FIELDS, ModelConfig, TrainConfig
 
+
 def build_encoder(model: ModelConfig, image_size: int) -> VisionTransformer:
     """The ViT of a ``model`` section for ``image_size`` pixels (not seeded here)."""
     overrides = {k: getattr(model, k) for k in ("embed_dim", "depth", "num_heads")
