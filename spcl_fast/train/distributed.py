@@ -8,9 +8,10 @@ or, on CPU, a share of the cores (gloo, how it is tested on a machine without GP
 gloo group carries the host-side votes (stop on a signal, which checkpoint to resume from), so
 agreeing on them never waits for the GPU.
 
-S-PCL's loss sees the global batch: the engine builds it with ``gather_distributed=True``, whose
-all-gather has a gradient, so after DDP's gradient average the update equals one process's on
-the whole batch.
+S-PCL's loss sees the global batch: under torchrun the engine builds the method with
+``BuildContext(gather_distributed=True)``, and InfoNCE's all-gather has a gradient, so after
+DDP's gradient average the update equals one process's on the whole batch. The collectives of
+model code (that gather's statistics, DINO's centre) go through :mod:`spcl_fast.distributed`.
 """
 
 from __future__ import annotations
