@@ -166,6 +166,7 @@ def test_full_disk_during_a_checkpoint_write_loses_no_earlier_checkpoint(tmp_pat
     proc = _start(log, "full-disk:2", *SMOKE, "--steps", 6, "--save-every", 2, "--out", run)
     err = _wait(proc, log)
     assert proc.returncode != 0 and "No space left on device" in err, err[-3000:]
+    assert "ckpt-00000002.pt is intact" in err.strip().splitlines()[-1], err[-3000:]
     first = run / "ckpt-00000002.pt"
     assert first.exists() and not (run / "ckpt-00000004.pt").exists()
     state = _model(first)
@@ -183,13 +184,12 @@ def test_full_disk_during_a_checkpoint_write_loses_no_earlier_checkpoint(tmp_pat
     assert _records(run) == _records(reference)
 
 
-@pytest.mark.xfail(strict=True, reason="found by the full-disk test: an OSError while writing a "
-                   "checkpoint (ENOSPC) ends the run with a traceback, not the one 'error:' line "
-                   "that names the file, says the previous checkpoint is intact and how to "
-                   "resume; for the training engine's owner")
 def test_full_disk_ends_with_one_error_line(tmp_path):
     run, log = tmp_path / "run", tmp_path / "log"
     proc = _start(log, "full-disk:1", *SMOKE, "--steps", 2, "--save-every", 1, "--out", run)
     err = _wait(proc, log)
     assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
-    assert err.strip().splitlines()[-1].startswith("error: ")
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: cannot write ") and "ckpt-00000001.pt" in last, last
+    assert "No space left on device" in last and f"--resume {run}" in last, last
+    assert "no earlier checkpoint exists" in last and not list(run.glob("*.tmp"))

@@ -32,13 +32,18 @@ def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep_last: int 
 
 def save_atomic(state: dict, path: str | Path) -> Path:
     """``torch.save(state, path)`` through ``<path>.tmp`` and a rename, both made durable, so
-    a reader (or a run killed mid-write) sees the old file or the new one, never a torn one."""
+    a reader (or a run killed mid-write) sees the old file or the new one, never a torn one; a
+    write that fails (``OSError``) removes its temp file and raises."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:  # make the bytes durable before the rename publishes them
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:  # make the bytes durable before the rename publishes them
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:  # a full disk, say: leave no torn temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)  # ... and the rename itself, before older files go
     return path
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from ..run.config import FLAG_TYPES, TrainConfig, apply_overrides, print_help
 from ..run.presets import PRESETS
 from .distributed import setup, teardown
-from .engine import NonFiniteStop, SetupError, train
+from .engine import NonFiniteStop, SaveError, SetupError, train
 
 USAGE = """usage: python -m spcl_fast.train [--preset NAME] [--out DIR] [--steps N] [--save-every N]
                                 [--resume [RUN_DIR_OR_CKPT]] [--device DEV] [--KEY VALUE ...]
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{what}; writing to {out}")
         started = time.perf_counter()
         summary = train(config, out, resume=(resume or out) if resume is not None else None)
-    except (SetupError, NonFiniteStop) as exc:
+    except (SetupError, NonFiniteStop, SaveError) as exc:
         teardown(ctx)
         if auto_out and ctx.is_main:  # the folder _new_run_dir made, if still empty
             with contextlib.suppress(OSError, NameError):

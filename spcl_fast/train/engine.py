@@ -42,7 +42,7 @@ from .interrupt import GracefulStop
 from .monitor import MetricsLog, peak_tflops, plot_losses, throughput
 from .trainer import Trainer, peak_lrs
 
-__all__ = ["NonFiniteStop", "SetupError", "Trainer", "train"]
+__all__ = ["NonFiniteStop", "SaveError", "SetupError", "Trainer", "train"]
 
 
 def probe_encoders(config: TrainConfig, model: torch.nn.Module, device: torch.device,
@@ -72,6 +72,10 @@ def probe_encoders(config: TrainConfig, model: torch.nn.Module, device: torch.de
 
 class NonFiniteStop(RuntimeError):
     """``max_bad_steps`` non-finite steps in a row: the run stops, its checkpoints untouched."""
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (a full disk...); the earlier ones are intact."""
 
 
 class SetupError(ValueError):
@@ -387,5 +391,13 @@ def _record(trainer: Trainer, out: dict, counters: dict, images_per_s: float, gf
 
 def _save(trainer: Trainer, out_dir: Path) -> None:
     state = trainer.state_dict()  # every process: gathers RNG states (and FSDP shards)
-    if state is not None:
+    if state is None:
+        return
+    try:
         save_checkpoint(state, out_dir, trainer.step, keep_last=trainer.config.run.keep_last)
+    except OSError as exc:
+        kept = list_checkpoints(out_dir)
+        intact = f"{kept[-1].name} is intact" if kept else "no earlier checkpoint exists"
+        raise SaveError(f"cannot write {checkpoint_path(out_dir, trainer.step)} "
+                        f"({exc.strerror or exc}); {intact}: free space and --resume "
+                        f"{out_dir}") from exc
