@@ -198,6 +198,8 @@ def compile_job(job: Job) -> dict:
     from triton.knobs import nvidia
 
     fn, kwargs, src, target, options = _source(job)
+    blocks = {k: v for k, v in kwargs.items() if k.startswith("BLOCK")}
+    config = {**blocks, **{k: kwargs.get(k, getattr(options, k)) for k in _META}}
     log = io.StringIO()
     nvidia.dump_ptxas_log = True  # ptxas -v's report goes to stdout
     start = time.perf_counter()
@@ -209,12 +211,12 @@ def compile_job(job: Job) -> dict:
     if not (spills and regs):
         raise RuntimeError(f"no ptxas report for {job} (compiled from a warm cache?)")
     ptx = compiled.asm["ptx"]
-    blocks = {k: v for k, v in kwargs.items() if k.startswith("BLOCK")}
     return {
         **asdict(job.case),
+        "launch": job.launch,  # which launch of the case (e.g. row or column statistics)
         "kernel": fn.__name__,
         "target": job.target,
-        "config": {**blocks, **{k: kwargs.get(k, getattr(options, k)) for k in _META}},
+        "config": config,
         "registers": int(regs.group(1)),
         "spill_stores": int(spills.group(1)),
         "spill_loads": int(spills.group(2)),
@@ -241,8 +243,8 @@ def run(case_list: list[Case], processes: int = 1) -> list[dict]:
 def key(row: dict) -> tuple:
     """What identifies a row across runs (everything but the measurements)."""
     config = tuple(sorted(row["config"].items()))
-    return (row["op"], row["dtype"], row["size"], row["variant"], row["kernel"], row["target"],
-            config)
+    return (row["op"], row["dtype"], row["size"], row["variant"], row["launch"], row["kernel"],
+            row["target"], config)
 
 
 MEASURED = ("registers", "spill_stores", "spill_loads", "shared_bytes", "mma", "wgmma")
@@ -250,8 +252,9 @@ MEASURED = ("registers", "spill_stores", "spill_loads", "shared_bytes", "mma", "
 
 def table(rows: list[dict]) -> str:
     """The README's summary: per op, kernel, target and dtype, the configs compiled, the most
-    registers, the configs that spill, the most shared memory, and the range of tensor-core
-    instructions per config (sm_90 uses ``wgmma`` where Triton emits it, ``mma`` elsewhere)."""
+    registers, the configs that spill (at power-of-two head dims / at the others), the most
+    shared memory, and the range of tensor-core instructions per config (sm_90 uses ``wgmma``
+    where Triton emits it, ``mma`` elsewhere)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["op"], row["kernel"], row["target"], row["dtype"]), []).append(row)
@@ -259,13 +262,18 @@ def table(rows: list[dict]) -> str:
     def span(values):
         return "-" if not max(values) else f"{min(values)}-{max(values)}"
 
-    lines = ["| op | kernel | target | dtype | configs | max regs | spilling | max smem KiB "
-             "| mma | wgmma |", "|---|---|---|---|---|---|---|---|---|---|"]
+    def spilling(group):
+        return sum(1 for r in group if r["spill_stores"] or r["spill_loads"])
+
+    lines = ["| op | kernel | target | dtype | configs | max regs | spilling (head dim 2^k / "
+             "other) | max smem KiB | mma | wgmma |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (op, kernel, target, dtype), group in groups.items():
-        spilling = sum(1 for r in group if r["spill_stores"] or r["spill_loads"])
+        odd = [r for r in group if op == "partition_attention" and r["size"] & (r["size"] - 1)]
+        even = [r for r in group if r not in odd]
         lines.append(
             f"| {op} | `{kernel}` | {target} | {dtype} | {len(group)} | "
-            f"{max(r['registers'] for r in group)} | {spilling} | "
+            f"{max(r['registers'] for r in group)} | "
+            f"{spilling(even)} / {spilling(odd) if odd else '-'} | "
             f"{max(r['shared_bytes'] for r in group) / 1024:.0f} | "
             f"{span([r['mma'] for r in group])} | {span([r['wgmma'] for r in group])} |")
     return "\n".join(lines)

@@ -42,9 +42,9 @@ INV_EPS_HALF = tl.constexpr(0.5 / NORM_EPS)
 
 
 # Row blocks per program (the autotuner picks: small batches want more, smaller programs so every
-# SM has work); feature chunks are the launcher's, they follow d and the dtype. fp32 operands
-# spill with 4 warps in the forward and with more than 16 own rows in the gradient (the aot
-# tier's measurements, sm_80 and sm_90): the prunes drop those (never the interpreter's).
+# SM has work); feature chunks are the launcher's, they follow d and the dtype. Some candidates
+# spill for some operands (the aot tier's measurements, sm_80 and sm_90): the prunes drop them
+# there (never the interpreter's configs).
 _FWD_CONFIGS = configs(
     [({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3),
      ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 3),
@@ -67,8 +67,15 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 
 def _prune_grad(configs, named_args, **kwargs):
+    # fp32: 16 own rows only; 16-bit: 16 rows spill once d spans several output chunks.
     fp32 = named_args["OWN"].dtype == torch.float32
-    return tuned([c for c in configs if not fp32 or c.kwargs["BLOCK_OWN"] <= 16 or INTERPRET])
+    several = named_args["D"] > kwargs["BLOCK_DO"]
+
+    def fits(c):
+        return INTERPRET or (c.kwargs["BLOCK_OWN"] <= 16 if fp32 else
+                             not (several and c.kwargs["BLOCK_OWN"] == 16))
+
+    return tuned([c for c in configs if fits(c)])
 
 
 @triton.jit

@@ -36,28 +36,30 @@ LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 
-# Autotuning candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages, the largest BLOCK_D it takes
-# without register spills for 16-bit and for fp32 operands). The limits are what the aot tier
-# measures for sm_80 and sm_90 at power-of-two head dims (tests/test_aot.py, README "Kernels on
-# GPU targets"); pruning drops the candidates past them, so every shipped choice is spill-free.
+# Autotuning candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages, the head blocks BLOCK_D it
+# takes without register spills or shared-memory overflow for 16-bit and for fp32 operands).
+# The blocks are what the aot tier measures on sm_80 and sm_90 (tests/test_aot.py, README
+# "Kernels on GPU targets"; head dim 16 is taken where 32 passes); pruning drops a candidate
+# at other blocks, so every shipped choice is spill-free.
+_ALL, _UPTO64 = (16, 32, 64, 128), (16, 32, 64)
 _FWD = (
-    (128, 64, 8, 3, 128, 32),
-    (64, 64, 8, 3, 128, 128),
-    (128, 128, 8, 2, 64, 32),
-    (64, 32, 4, 4, 128, 64),
-    (128, 32, 8, 3, 128, 128),
+    (128, 64, 8, 3, _ALL, (16, 32)),
+    (64, 64, 8, 3, _ALL, (64,)),
+    (128, 128, 8, 2, _UPTO64, (16, 32)),
+    (64, 32, 4, 4, _ALL, _UPTO64),
+    (128, 32, 8, 3, _ALL, _ALL),
 )
 _DKDV = (
-    (32, 128, 8, 3, 64, 32),
-    (32, 64, 4, 3, 64, 64),
-    (16, 64, 4, 3, 128, 64),
-    (32, 32, 4, 3, 128, 128),
+    (32, 128, 8, 3, _UPTO64, (16, 32)),
+    (32, 64, 4, 3, _UPTO64, _UPTO64),
+    (16, 64, 4, 3, _ALL, _UPTO64),
+    (32, 32, 4, 3, _ALL, (64, 128)),
 )
 _DQ = (
-    (64, 32, 4, 3, 128, 32),
-    (64, 64, 4, 2, 64, 32),
-    (128, 32, 8, 3, 128, 32),
-    (64, 32, 8, 3, 128, 128),
+    (64, 32, 4, 3, _ALL, (16, 32)),
+    (64, 64, 4, 2, _UPTO64, (16, 32)),
+    (128, 32, 8, 3, _ALL, (16, 32)),
+    (64, 32, 8, 3, _ALL, _ALL),
 )
 _PRE_BLOCK = 16 if INTERPRET else 64
 
@@ -65,14 +67,14 @@ _PRE_BLOCK = 16 if INTERPRET else 64
 def _autotune(table):
     """``triton.autotune`` over a candidate table, keyed on head dim, max_seqlen bucket and
     layout (the autotuner adds the tensors' dtypes), pruned to the candidates that fit."""
-    limits = {(m, n, w, s): (lowp, fp32) for m, n, w, s, lowp, fp32 in table}
+    blocks = {(m, n, w, s): (lowp, fp32) for m, n, w, s, lowp, fp32 in table}
 
     def prune(candidates, named_args, **kwargs):
         fp32 = named_args["Q"].dtype == torch.float32
 
         def fits(c):
             key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-            return key not in limits or kwargs["BLOCK_D"] <= limits[key][fp32]  # interpreter's
+            return key not in blocks or kwargs["BLOCK_D"] in blocks[key][fp32]  # interpreter's
 
         return tuned([c for c in candidates if fits(c)])
 

@@ -136,3 +136,13 @@ def test_readme_table_is_the_saved_one():
     assert match, "the README does not name its aot-<version>.json"
     rows = json.loads((RESULTS / match.group(1)).read_text())["rows"]
     assert _aot().table(rows) in readme
+
+
+def test_every_head_block_keeps_a_candidate():
+    # The pruning never leaves a kernel without a config, for any dtype and head block.
+    from spcl_fast.kernels import partition_attention as pa
+
+    for table in (pa._FWD, pa._DKDV, pa._DQ):
+        for fp32 in (False, True):
+            for block_d in (16, 32, 64, 128):
+                assert any(block_d in row[4 + fp32] for row in table), (table, fp32, block_d)
