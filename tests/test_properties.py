@@ -258,8 +258,8 @@ def test_partition_attention_triton_path_matches_the_reference(case):
 @pytest.mark.xfail(not torch.cuda.is_available(), strict=True,
                    reason="found by the property test: at softmax_scale=2.0 (8x "
                    "the default for Dh=16, logits up to ~30) the Triton backward's dq error is "
-                   "3.2e-5 against the fp32 reference's 3.9e-6, beyond DESIGN.md 5's rule "
-                   "(2 x ref_lp + 1e-5): precision lost at sharp softmaxes, or a rule whose "
+                   "4-8x the fp32 reference's (2e-5 to 3e-5 against 4e-6), beyond DESIGN.md 5's "
+                   "rule (2 x ref_lp + 1e-5): precision lost at sharp softmaxes, or a rule whose "
                    "absolute tolerance should scale with softmax_scale; for the kernel's owner")
 def test_partition_attention_triton_sharp_softmax():
     _check_triton(([18, 9, 18, 3], 1, 16, False, 0, 2.0, 0))
