@@ -655,9 +655,10 @@ def _summary(cases: list[dict], seconds: float) -> dict:
 # ---------------------------------------------------------------- CSV campaign
 
 
-def _csv_mutations(header: list[str], rows: list[list[str]], rng: random.Random
-                   ) -> tuple[bytes, str]:
-    """One malformed version of a CSV (given parsed): its bytes and a description."""
+def _csv_mutations(header: list[str], rows: list[list[str]], rng: random.Random,
+                   write_header: bool = True) -> tuple[bytes, str]:
+    """One malformed version of a CSV (given parsed): its bytes and a description. A list
+    file has no header line: give its one column a name and ``write_header=False``."""
     rows = [list(r) for r in rows]
     kind = rng.choice(["drop", "rename", "extra", "reorder", "bom", "crlf", "quote", "duplicate",
                        "escape", "absolute", "latin1", "nul", "empty", "header_only",
@@ -694,7 +695,8 @@ def _csv_mutations(header: list[str], rows: list[list[str]], rng: random.Random
     quoting = csv.QUOTE_ALL if kind == "quote" else csv.QUOTE_MINIMAL
     writer = csv.writer(text, delimiter="\t" if kind == "tabs" else ",", quoting=quoting,
                         lineterminator="\r\n" if kind == "crlf" else "\n")
-    writer.writerow(header)
+    if write_header:
+        writer.writerow(header)
     if kind != "header_only":
         writer.writerows(rows)
     data = text.getvalue().encode()
@@ -703,15 +705,15 @@ def _csv_mutations(header: list[str], rows: list[list[str]], rng: random.Random
     elif kind == "bom":
         data = b"\xef\xbb\xbf" + data
     elif kind == "latin1":
-        at = rng.randrange(len(data))
+        at = rng.randrange(len(data) + 1)
         data = data[:at] + rng.choice([b"\xe9", b"\xff\xfe", b"\x80"]) + data[at:]
     elif kind == "nul":
-        at = rng.randrange(len(data))
+        at = rng.randrange(len(data) + 1)
         data = data[:at] + b"\0" + data[at:]
     elif kind == "empty":
         data = b""
     elif kind == "truncate":
-        data = data[:rng.randrange(len(data))]
+        data = data[:rng.randrange(len(data) + 1)]
     return data, f"{kind}: {what}" if what else kind
 
 
@@ -768,11 +770,9 @@ def csv_campaign(n: int, out, seed: int = 0) -> dict:
         path = os.path.join(root, target)
         with open(path, newline="", encoding="utf-8") as f:
             table = [row for row in csv.reader(f) if row]
-        if not target.endswith(".csv"):  # a list file: one name per line, no header
-            table = [["name"]] + table
-        data, what = _csv_mutations(table[0], table[1:], rng)
-        if not target.endswith(".csv"):
-            data = data.split(b"\n", 1)[1] if b"\n" in data else b""
+        is_csv = target.endswith(".csv")  # else a list file: one name per line, no header
+        table = table if is_csv else [["name"]] + table
+        data, what = _csv_mutations(table[0], table[1:], rng, write_header=is_csv)
         with open(path, "wb") as f:
             f.write(data)
         case = {"index": i, "seed": f"{name}/{target}", "mutation": what}
