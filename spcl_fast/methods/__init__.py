@@ -1,4 +1,4 @@
-"""Self-supervised methods on the shared ViT: S-PCL and the MAE and DINO baselines.
+"""Self-supervised methods on the shared ViT: S-PCL and the MAE, DINO and SimCLR baselines.
 
 Every method takes the encoder first and keeps the contract of :mod:`spcl_fast.methods.base`
 (:class:`Method`: ``sample_plan``, ``forward``, ``train_flops``, ``from_config``; optionally
@@ -11,9 +11,10 @@ from torch import nn
 from .base import AfterStep, BuildContext, Method, Plan
 from .dino import DINO, DINOHead
 from .mae import MAE
+from .simclr import SimCLR
 from .spcl import SPCL, Projector
 
-METHODS: dict[str, type[Method]] = {"spcl": SPCL, "mae": MAE, "dino": DINO}
+METHODS: dict[str, type[Method]] = {"spcl": SPCL, "mae": MAE, "dino": DINO, "simclr": SimCLR}
 
 
 def build_method(name: str, encoder: nn.Module, **kwargs) -> nn.Module:
@@ -31,4 +32,4 @@ def build_method(name: str, encoder: nn.Module, **kwargs) -> nn.Module:
 
 
 __all__ = ["DINO", "MAE", "METHODS", "SPCL", "AfterStep", "BuildContext", "DINOHead", "Method",
-           "Plan", "Projector", "build_method"]
+           "Plan", "Projector", "SimCLR", "build_method"]

@@ -4,6 +4,10 @@ The patch tokens of each image are split at random into two disjoint subsets (or
 same encoder embeds each subset on its own (varlen attention inside the subset), a projector
 maps the pooled embeddings, and InfoNCE pulls the subsets of an image together and pushes other
 images' apart. No augmentations, no decoder, no momentum encoder.
+
+OCL's recipe (Yang et al., ICML 2025: few kept tokens, the final-normed class token straight
+into a bounded-similarity loss) is ``keep=0.1, class_token=True, projector="none",
+similarity="bounded", temperature=0.07``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from ..nn.vit import VisionTransformer
 from ..ops import info_nce
 from ..partition import PartitionPlan, sample_partitions
 from .base import BuildContext
+from .losses import bounded_info_nce, vicreg_covariance, vicreg_variance
 
 
 class Projector(nn.Module):
@@ -44,7 +49,17 @@ class SPCL(nn.Module):
     Args:
         encoder: a :class:`~spcl_fast.nn.VisionTransformer`.
         proj_hidden, proj_dim, proj_depth: projector width, output size and hidden layers.
+        projector: ``"mlp"`` (the :class:`Projector` above) or ``"none"``: the pooled,
+            final-normed encoder output goes straight into the loss (OCL; ``proj_*`` unused).
         temperature: InfoNCE temperature.
+        similarity: the loss's logits: ``"cosine"`` (``cos / temperature``, the fused
+            :func:`spcl_fast.info_nce`) or ``"bounded"`` (OCL's ``0.5 (1 + cos) / (1 + kappa
+            (1 - cos)) / temperature``, :func:`~spcl_fast.methods.losses.bounded_info_nce`;
+            cross negatives, one process's batch).
+        kappa: the bounded similarity's ``kappa`` (OCL: 1/64).
+        vicreg_var, vicreg_cov: weights of VICReg's variance and covariance terms on each
+            subset's embeddings (the loss's inputs), averaged over subsets and added to the
+            contrastive loss (0: off).
         ratio, ratio_range, keep, block_size, shared_split, num_subsets: subset sizes, shapes
             and number per image (see :func:`spcl_fast.sample_partitions`). With
             ``num_subsets = K > 2`` the loss is the mean InfoNCE over the ``K (K-1) / 2`` pairs
@@ -74,7 +89,8 @@ class SPCL(nn.Module):
     ``forward(images, generator=None)`` returns a dict with ``loss`` (scalar, differentiable)
     and detached numbers worth logging, on the first pair of subsets (A, B): ``acc`` (how often
     subset A, predicted when there is a predictor, finds its own subset B among the batch),
-    ``pos_sim`` and ``neg_sim`` (mean cosine of positive and negative pairs).
+    ``pos_sim`` and ``neg_sim`` (mean cosine of positive and negative pairs); with VICReg terms
+    also ``contrastive``, ``vicreg_var`` and ``vicreg_cov`` (each unweighted).
 
     Example::
 
@@ -92,7 +108,12 @@ class SPCL(nn.Module):
         proj_hidden: int = 512,
         proj_dim: int = 128,
         proj_depth: int = 1,
+        projector: str = "mlp",
         temperature: float = 0.1,
+        similarity: str = "cosine",
+        kappa: float = 1 / 64,
+        vicreg_var: float = 0.0,
+        vicreg_cov: float = 0.0,
         ratio: float = 0.5,
         ratio_range: tuple[float, float] | None = None,
         keep: float = 1.0,
@@ -110,8 +131,22 @@ class SPCL(nn.Module):
     ):
         super().__init__()
         self.encoder = encoder
-        self.projector = Projector(encoder.embed_dim, proj_hidden, proj_dim, proj_depth)
+        if projector not in ("mlp", "none"):
+            raise ValueError(f"projector must be 'mlp' or 'none', got {projector!r}")
+        self.projector = (Projector(encoder.embed_dim, proj_hidden, proj_dim, proj_depth)
+                          if projector == "mlp" else nn.Identity())
+        self.out_dim = proj_dim if projector == "mlp" else encoder.embed_dim
         self.temperature = temperature
+        if similarity not in ("cosine", "bounded"):
+            raise ValueError(f"similarity must be 'cosine' or 'bounded', got {similarity!r}")
+        if similarity == "bounded" and (negatives != "cross" or gather_distributed):
+            raise ValueError("similarity='bounded' takes one process's batch with cross "
+                             "negatives (negatives='cross', no global-batch loss)")
+        if kappa < 0 or vicreg_var < 0 or vicreg_cov < 0:
+            raise ValueError(f"kappa, vicreg_var and vicreg_cov must be >= 0, got {kappa}, "
+                             f"{vicreg_var}, {vicreg_cov}")
+        self.similarity, self.kappa = similarity, kappa
+        self.vicreg_var, self.vicreg_cov = vicreg_var, vicreg_cov
         self.ratio, self.ratio_range, self.keep = ratio, ratio_range, keep
         self.block_size, self.shared_split = block_size, shared_split
         if num_subsets < 2:
@@ -122,7 +157,7 @@ class SPCL(nn.Module):
         self.num_subsets = num_subsets
         if predictor_hidden < 0:
             raise ValueError(f"predictor_hidden must be >= 0 (0: none), got {predictor_hidden}")
-        self.predictor = (Projector(proj_dim, predictor_hidden, proj_dim, depth=1)
+        self.predictor = (Projector(self.out_dim, predictor_hidden, self.out_dim, depth=1)
                           if predictor_hidden else None)
         self.subset_jitter, self.subset_warp = subset_jitter, subset_warp
         if background_std < 0:
@@ -183,7 +218,7 @@ class SPCL(nn.Module):
         parts["projector"] = sum(
             flops.linear_flops(plan.num_segments, m.in_features, m.out_features) for m in linears
         )
-        m, d = plan.num_images, linears[-1].out_features
+        m, d = plan.num_images, self.out_dim
         pairs = self.num_subsets * (self.num_subsets - 1) // 2
         if self.predictor is not None:  # once per query subset: all but the last
             rows = plan.num_images * (self.num_subsets - 1)
@@ -193,6 +228,8 @@ class SPCL(nn.Module):
             )
         queries = m if self.negatives == "cross" else 2 * m
         parts["loss"] = pairs * flops.info_nce_flops(queries, queries, d)
+        if self.vicreg_cov > 0:  # one (d, M) @ (M, d) covariance per subset
+            parts["vicreg"] = self.num_subsets * flops.linear_flops(d, m, d)
         return flops.training_flops(parts)
 
     def _jitter_subsets(self, images, plan, generator) -> torch.Tensor:
@@ -272,9 +309,22 @@ class SPCL(nn.Module):
         queries = z[:, :-1] if self.predictor is None else self.predictor(z[:, :-1]).to(dtype)
         losses, stats = [], None
         for i, j in itertools.combinations(range(self.num_subsets), 2):
-            losses.append(info_nce(queries[:, i], z[:, j], self.temperature, self.symmetric,
-                                   self.negatives, gather_distributed=self.gather_distributed))
+            losses.append(self._contrastive(queries[:, i], z[:, j]))
             if stats is None:  # logged for the first pair (A, B)
                 with torch.no_grad():
                     stats = self._pair_stats(queries[:, i], z[:, j])
-        return {"loss": torch.stack(losses).mean(), **stats}
+        loss = torch.stack(losses).mean()
+        if self.vicreg_var == 0 and self.vicreg_cov == 0:
+            return {"loss": loss, **stats}
+        subsets = z.unbind(1)
+        var = torch.stack([vicreg_variance(s) for s in subsets]).mean()
+        cov = torch.stack([vicreg_covariance(s) for s in subsets]).mean()
+        total = loss + self.vicreg_var * var + self.vicreg_cov * cov
+        return {"loss": total, **stats, "contrastive": loss.detach(), "vicreg_var": var.detach(),
+                "vicreg_cov": cov.detach()}
+
+    def _contrastive(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        if self.similarity == "bounded":
+            return bounded_info_nce(queries, keys, self.temperature, self.kappa, self.symmetric)
+        return info_nce(queries, keys, self.temperature, self.symmetric, self.negatives,
+                        gather_distributed=self.gather_distributed)

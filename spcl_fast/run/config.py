@@ -1,9 +1,9 @@
 """What a training run is set to: one frozen dataclass per section, parsed by tyro.
 
 :class:`TrainConfig` holds the sections ``data``, ``model``, ``spcl``, ``mae``, ``dino``,
-``optim`` and ``run`` (plus ``method``, which names the section of the method trained). Every
-field is one ``--key value`` flag, without its section's prefix (``--image-size``,
-``--steps``; dashes or underscores), its comment the flag's help. Choice fields are
+``simclr``, ``optim`` and ``run`` (plus ``method``, which names the section of the method
+trained). Every field is one ``--key value`` flag, without its section's prefix
+(``--image-size``, ``--steps``; dashes or underscores), its comment the flag's help. Choice fields are
 ``Literal`` types, so the parser, the help and the type checker all know the choices; the
 ranges no type can express are checked by each section's ``check()``.
 
@@ -43,7 +43,7 @@ import tyro
 
 Normalize = Literal["dataset", "image", "equalize", "none"]
 Precision = Literal["fp32", "bf16", "fp16"]
-Method = Literal["spcl", "mae", "dino"]
+Method = Literal["spcl", "mae", "dino", "simclr"]
 
 
 def _flag(name: str):
@@ -110,7 +110,12 @@ class SPCLConfig:
     subset_warp: float = 0.0  # independent small affine warp per subset while training (0: off)
     background_std: float = 0.0  # skip patches flatter than this x the image's std (0: off)
     temperature: float = 0.1  # InfoNCE temperature
+    similarity: Literal["cosine", "bounded"] = "cosine"  # logits: cos/T | OCL's bounded form
+    kappa: float = 1 / 64  # bounded similarity: 0.5 (1 + c) / (1 + kappa (1 - c)) / T
     negatives: Literal["cross", "all"] = "cross"  # InfoNCE: cross (CLIP) | all (SimCLR NT-Xent)
+    vicreg_var: float = 0.0  # weight of VICReg's variance term on the subset embeddings
+    vicreg_cov: float = 0.0  # weight of VICReg's covariance term on the subset embeddings
+    projector: Literal["mlp", "none"] = "mlp"  # none: pooled encoder output into the loss
     proj_hidden: int = 512  # projector hidden width
     proj_dim: int = 128  # projector output size
     proj_depth: int = 1  # projector hidden layers
@@ -127,6 +132,11 @@ class SPCLConfig:
             "block_size": (self.block_size >= 1, ">= 1"),
             "num_subsets": (self.num_subsets >= 2, "from 2 to the number of patches"),
             "temperature": (math.isfinite(self.temperature) and self.temperature > 0, "positive"),
+            "kappa": (math.isfinite(self.kappa) and self.kappa >= 0, ">= 0 and finite"),
+            "negatives": (self.similarity == "cosine" or self.negatives == "cross",
+                          "'cross' with similarity 'bounded'"),
+            "vicreg_var": (math.isfinite(self.vicreg_var) and self.vicreg_var >= 0, ">= 0"),
+            "vicreg_cov": (math.isfinite(self.vicreg_cov) and self.vicreg_cov >= 0, ">= 0"),
             "proj_hidden": (self.proj_hidden >= 1, ">= 1"),
             "proj_dim": (self.proj_dim >= 1, ">= 1"),
             "proj_depth": (self.proj_depth >= 0, ">= 0"),
@@ -159,6 +169,27 @@ class DINOConfig:
     def check(self) -> None:
         _require(self, {"num_local": (self.num_local >= 0, ">= 0"),
                         "out_dim": (self.out_dim >= 1, ">= 1")})
+
+
+@dataclass(frozen=True)
+class SimCLRConfig:
+    crop_scale: Annotated[tuple[float, float], _flag("simclr_scale")] = (0.5, 1.0)  # crop area
+    jitter: Annotated[float, _flag("simclr_jitter")] = 0.1  # simclr: intensity gain/offset
+    temperature: Annotated[float, _flag("simclr_temperature")] = 0.1  # simclr: InfoNCE
+    proj_hidden: Annotated[int, _flag("simclr_proj_hidden")] = 512  # simclr: projector width
+    proj_dim: Annotated[int, _flag("simclr_proj_dim")] = 128  # simclr: projector output size
+    proj_depth: Annotated[int, _flag("simclr_proj_depth")] = 1  # simclr: projector hidden layers
+
+    def check(self) -> None:
+        lo, hi = self.crop_scale
+        _require(self, {
+            "crop_scale": (0 < lo <= hi <= 1, "(lo, hi) with 0 < lo <= hi <= 1"),
+            "jitter": (math.isfinite(self.jitter) and self.jitter >= 0, ">= 0"),
+            "temperature": (math.isfinite(self.temperature) and self.temperature > 0, "positive"),
+            "proj_hidden": (self.proj_hidden >= 1, ">= 1"),
+            "proj_dim": (self.proj_dim >= 1, ">= 1"),
+            "proj_depth": (self.proj_depth >= 0, ">= 0"),
+        })
 
 
 @dataclass(frozen=True)
@@ -232,6 +263,7 @@ class TrainConfig:
     spcl: SPCLConfig = field(default_factory=SPCLConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
     dino: DINOConfig = field(default_factory=DINOConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
 

@@ -1,0 +1,119 @@
+"""SimCLR baseline (Chen et al., 2020) on the shared ViT: the augmentation-based positive control.
+
+Two random resized crops of every image, each with its own intensity jitter, go through the same
+encoder (one dense batch of ``2B`` crops at the encoder's image size), are pooled (token mean,
+or the class token when the encoder has one), projected by S-PCL's :class:`Projector` and paired
+by the fused :func:`spcl_fast.info_nce`. Chest-X-ray choices: mild crops (area ``crop_scale``,
+default 0.5 to 1), gain/offset jitter only, no flip (laterality is meaningful), no colour or
+blur. The crops come from DINO's :func:`~spcl_fast.methods.dino.sample_crops` (drawn on the host
+as a :class:`~spcl_fast.methods.dino.CropPlan`, so the engine seeds and resumes them).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import flops
+from ..nn.vit import VisionTransformer
+from ..ops import info_nce
+from .base import BuildContext
+from .dino import CropPlan, resized_crops, sample_crops
+from .spcl import Projector
+
+
+class SimCLR(nn.Module):
+    """Encoder + projector + InfoNCE between two augmented crops of each image.
+
+    Args:
+        encoder: a :class:`~spcl_fast.nn.VisionTransformer`; crops are resampled to its
+            image size.
+        crop_scale: area fraction ``(lo, hi)`` of each crop (aspect ratio in [3/4, 4/3]).
+        jitter: intensity jitter, ``crop * exp(U(-j, j)) + U(-j, j)`` per crop (0: none).
+        temperature: InfoNCE temperature.
+        proj_hidden, proj_dim, proj_depth: projector width, output size and hidden layers.
+        gather_distributed: inside ``torch.distributed``, every process's embeddings are the
+            negatives.
+
+    ``forward(images (B,C,S,S), generator=None, plan=None)`` returns ``loss`` (differentiable)
+    and the detached ``acc`` (how often crop 1 of an image finds its crop 2 in the batch).
+
+    Example::
+
+        >>> from spcl_fast.nn import vit_tiny_patch16
+        >>> model = SimCLR(vit_tiny_patch16(img_size=32, patch_size=8, depth=1), proj_hidden=32)
+        >>> model(torch.rand(4, 1, 32, 32))["loss"].backward()
+    """
+
+    label = "SimCLR"  # in logs and plots
+
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        crop_scale: tuple[float, float] = (0.5, 1.0),
+        jitter: float = 0.1,
+        temperature: float = 0.1,
+        proj_hidden: int = 512,
+        proj_dim: int = 128,
+        proj_depth: int = 1,
+        gather_distributed: bool = False,
+    ):
+        super().__init__()
+        lo, hi = crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got "
+                             f"{crop_scale}")
+        self.encoder = encoder
+        self.projector = Projector(encoder.embed_dim, proj_hidden, proj_dim, proj_depth)
+        self.crop_scale, self.jitter = tuple(crop_scale), jitter
+        self.temperature, self.gather_distributed = temperature, gather_distributed
+
+    @classmethod
+    def from_config(cls, encoder: VisionTransformer, settings, context: BuildContext) -> SimCLR:
+        """From the ``simclr`` config section; the loss spans every process's batch where the
+        run says so."""
+        return cls(encoder, **settings, gather_distributed=context.gather_distributed)
+
+    def sample_plan(self, batch_size: int, generator: torch.Generator | None, device,
+                    images: torch.Tensor | None = None) -> CropPlan:
+        """Two crops per image (``images`` is accepted for the method contract, unused)."""
+        return sample_crops(batch_size, num_global=2, num_local=0, global_scale=self.crop_scale,
+                            jitter=self.jitter, flip_prob=0.0, generator=generator,
+                            device=device)
+
+    def train_flops(self, plan: CropPlan) -> int:
+        """Algorithmic FLOPs of one training step: encoder and projector on ``2B`` crops, the
+        InfoNCE logits (crop resampling is elementwise: not counted)."""
+        rows = plan.num_crops * plan.num_images
+        n = self.encoder.num_patches
+        parts = self.encoder.forward_flops([n] * rows, rows)
+        linears = [m for m in self.projector.modules() if isinstance(m, nn.Linear)]
+        parts["projector"] = sum(flops.linear_flops(rows, m.in_features, m.out_features)
+                                 for m in linears)
+        parts["loss"] = flops.info_nce_flops(plan.num_images, plan.num_images,
+                                             linears[-1].out_features)
+        return flops.training_flops(parts)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | None = None,
+        plan: CropPlan | None = None,
+    ) -> dict[str, torch.Tensor]:
+        b = images.shape[0]
+        if plan is None:
+            plan = self.sample_plan(b, generator, images.device)
+        if plan.num_crops != 2 or plan.num_images != b:
+            raise ValueError(f"plan has {plan.num_crops} crops of {plan.num_images} images, the "
+                             f"model takes 2 crops of {b}")
+        crops = resized_crops(images, plan.theta, plan.gain, plan.bias,
+                              self.encoder.patch_embed.img_size)  # (2B, C, S, S), crop-major
+        z = self.projector(self.encoder(crops))
+        # at least fp32 into the loss, as S-PCL does (exact logged loss under bf16 autocast)
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        z_1, z_2 = z[:b], z[b:]
+        loss = info_nce(z_1, z_2, self.temperature, gather_distributed=self.gather_distributed)
+        with torch.no_grad():
+            sim = nn.functional.normalize(z_1, dim=-1) @ nn.functional.normalize(z_2, dim=-1).T
+            acc = (sim.argmax(dim=1) == torch.arange(b, device=sim.device)).float().mean()
+        return {"loss": loss, "acc": acc}
