@@ -91,7 +91,7 @@ def test_every_field_has_a_comment_and_presets_build():
 
 def test_choice_fields_match_what_the_code_accepts():
     assert typing.get_args(cfgmod.Normalize) == NORMALIZE_MODES
-    assert typing.get_args(cfgmod.Method) == tuple(METHODS) == SECTIONS[2:5]
+    assert typing.get_args(cfgmod.Method) == tuple(METHODS) == SECTIONS[2:6]
     assert set(cfgmod.FIELDS) >= {"model", "dino_local_crops", "steps", "image_size"}
 
 

@@ -3,9 +3,9 @@
 :class:`TrainConfig` holds the sections ``data``, ``model``, ``spcl``, ``mae``, ``dino``,
 ``simclr``, ``optim`` and ``run`` (plus ``method``, which names the section of the method
 trained). Every field is one ``--key value`` flag, without its section's prefix
-(``--image-size``, ``--steps``; dashes or underscores), its comment the flag's help. Choice fields are
-``Literal`` types, so the parser, the help and the type checker all know the choices; the
-ranges no type can express are checked by each section's ``check()``.
+(``--image-size``, ``--steps``; dashes or underscores), its comment the flag's help. Choice
+fields are ``Literal`` types, so the parser, the help and the type checker all know the
+choices; the ranges no type can express are checked by each section's ``check()``.
 
 ``config.json`` holds the sections as nested objects; :meth:`TrainConfig.from_dict` also reads
 the flat files earlier versions wrote (one object of flag names).
