@@ -21,25 +21,62 @@ from ..partition import PartitionPlan
 from .attention import VarlenAttention
 
 LAYOUTS = ("packed", "inplace")
+PATCH_NORMS = ("none", "standardize", "standardize+stats")
+PATCH_NORM_EPS = 1e-6  # added to each patch's variance, as MAE's normalised-pixel target does
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+    """Non-overlapping ``p x p`` patches through one linear map (a stride-``p`` convolution).
+
+    ``patch_norm``: ``"none"``; ``"standardize"``: each patch (per channel) to zero mean and
+    unit variance before the projection, so no token carries its patch's brightness or
+    contrast; ``"standardize+stats"``: also the patch's per-channel mean and std as extra inputs
+    of the projection (a ``stats`` linear added to the token: the same map as appending them to
+    the pixels; timm has no such weights).
+
+    ``forward(x (B, C, S, S)) -> (B, N, D)``; :meth:`project` takes any patch-multiple size and
+    returns the ``(B, D, gh, gw)`` grid.
+    """
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int,
+                 patch_norm: str = "none"):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        if patch_norm not in PATCH_NORMS:
+            raise ValueError(f"patch_norm must be one of {PATCH_NORMS}, got {patch_norm!r}")
         self.img_size = img_size
         self.patch_size = patch_size
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size**2
+        self.patch_norm = patch_norm
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.stats = (nn.Linear(2 * in_chans, embed_dim) if patch_norm == "standardize+stats"
+                      else None)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` -> ``(B, D, H // p, W // p)``, the patches normalised first as
+        ``patch_norm`` says."""
+        if self.patch_norm == "none":
+            return self.proj(x)
+        p = self.patch_size
+        b, c, gh, gw = x.shape[0], x.shape[1], x.shape[2] // p, x.shape[3] // p
+        patches = x[..., : gh * p, : gw * p].unfold(2, p, p).unfold(3, p, p)  # (B,C,gh,gw,p,p)
+        mean = patches.mean(dim=(-2, -1), keepdim=True)
+        std = (patches.var(dim=(-2, -1), unbiased=False, keepdim=True) + PATCH_NORM_EPS).sqrt()
+        normed = ((patches - mean) / std).permute(0, 1, 2, 4, 3, 5).reshape(b, c, gh * p, gw * p)
+        out = self.proj(normed)
+        if self.stats is not None:
+            stats = torch.cat([mean, std], dim=1)[..., 0, 0]  # (B, 2C, gh, gw)
+            out = out + self.stats(stats.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(
                 f"expected {self.img_size}x{self.img_size} images, got {tuple(x.shape[-2:])}"
             )
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        return self.project(x).flatten(2).transpose(1, 2)  # (B, N, D)
 
 
 class Mlp(nn.Module):
@@ -184,6 +221,8 @@ class VisionTransformer(nn.Module):
         impl: attention implementation for the varlen path (``"auto"|"triton"|"torch"``).
         class_token: prepend a learned token to every image and every subset; its final output
             is the pooled embedding instead of the token mean (``num_prefix_tokens`` = 1).
+        patch_norm: per-patch input normalisation of :class:`PatchEmbed` (``"none"``,
+            ``"standardize"``, ``"standardize+stats"``).
 
     Forward paths:
         * ``forward_features(images (B,C,S,S)) -> (B, P + N, D)``: all tokens (the
@@ -233,6 +272,7 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         impl: str = "auto",
         class_token: bool = False,
+        patch_norm: str = "none",
     ):
         super().__init__()
         if pos_embed not in ("learned", "sincos", "none"):
@@ -242,7 +282,7 @@ class VisionTransformer(nn.Module):
         self.embed_dim = self.num_features = embed_dim
         self.num_heads = num_heads
         self.depth = depth
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, patch_norm)
         num_patches = self.patch_embed.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
         self.num_prefix_tokens = int(class_token)
@@ -284,7 +324,7 @@ class VisionTransformer(nn.Module):
         resized bicubically to their grid (DINO's crops)."""
         if not any_size:
             return self.patch_embed(images) + self.pos_embed
-        x = self.patch_embed.proj(images)
+        x = self.patch_embed.project(images)
         pos = resize_pos_embed(self.pos_embed, x.shape[-1])
         return x.flatten(2).transpose(1, 2) + pos.to(x.dtype)
 
@@ -320,14 +360,19 @@ class VisionTransformer(nn.Module):
         token adds one row to every segment), after embedding ``num_patches`` patches of each
         of ``num_images`` images (default: :attr:`num_patches`; a crop of another size has
         other counts). Parts as :func:`spcl_fast.flops.vit_forward_flops` returns them."""
-        return flops.vit_forward_flops(
-            num_images=num_images,
-            num_patches=self.num_patches if num_patches is None else num_patches,
+        num_patches = self.num_patches if num_patches is None else num_patches
+        in_chans = self.patch_embed.proj.in_channels
+        parts = flops.vit_forward_flops(
+            num_images=num_images, num_patches=num_patches,
             seqlens=[int(n) + self.num_prefix_tokens for n in seqlens],
             embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
             mlp_hidden=self.blocks[0].mlp.fc1.out_features,
-            patch_size=self.patch_embed.patch_size, in_chans=self.patch_embed.proj.in_channels,
+            patch_size=self.patch_embed.patch_size, in_chans=in_chans,
         )
+        if self.patch_embed.stats is not None:  # its inputs need no gradient: 2x, like proj
+            parts["patch_embed"] += flops.linear_flops(num_images * num_patches, 2 * in_chans,
+                                                  self.embed_dim)
+        return parts
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``images (B, C, S, S)`` -> ``(B, D)``: the class token's output, else the mean of
