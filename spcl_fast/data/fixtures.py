@@ -57,14 +57,16 @@ def write_dicom(path, arr: np.ndarray, *, photometric: str = "MONOCHROME2",
                 bits_stored: int | None = None, signed: bool = False,
                 transfer_syntax: str | None = None, window: tuple | None = None,
                 rescale: tuple | None = None, voi_lut: tuple | None = None,
-                voi_function: str | None = None, phi: bool = True, **encode_kwargs) -> str:
+                voi_function: str | None = None, phi: bool = True,
+                instance_uid: str | None = None, **encode_kwargs) -> str:
     """Write ``arr`` (uint8/uint16/int16 ``(H, W)``, or ``(H, W, 3)`` uint8 RGB) as a DICOM file.
 
     ``window=(center, width)``, ``rescale=(slope, intercept)``, ``voi_lut=(first_mapped,
     bits, values)`` add those modules; ``transfer_syntax`` compresses through pydicom's encoders
     (RLE, JPEG-LS, JPEG 2000), through Pillow for JPEG Baseline, or re-encodes (implicit VR,
     deflated). ``phi`` fills
-    :data:`FAKE_PHI`.
+    :data:`FAKE_PHI`. ``instance_uid`` is the SOP Instance UID (default: a new random one;
+    give one for byte-identical files).
     """
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -83,7 +85,7 @@ def write_dicom(path, arr: np.ndarray, *, photometric: str = "MONOCHROME2",
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = instance_uid or generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
@@ -93,7 +95,7 @@ def write_dicom(path, arr: np.ndarray, *, photometric: str = "MONOCHROME2",
             setattr(ds, key, value)
         ds.BurnedInAnnotation = "YES"
     bits = bits_stored or arr.dtype.itemsize * 8
-    ds.set_pixel_data(arr, photometric, bits)
+    ds.set_pixel_data(arr, photometric, bits, generate_instance_uid=False)  # keep ours
     if signed:
         ds.PixelRepresentation = 1
     if window is not None:
@@ -123,7 +125,7 @@ def write_dicom(path, arr: np.ndarray, *, photometric: str = "MONOCHROME2",
     elif transfer_syntax in (ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
         ds.file_meta.TransferSyntaxUID = transfer_syntax  # dcmwrite re-encodes (and deflates)
     elif transfer_syntax is not None and transfer_syntax != ExplicitVRLittleEndian:
-        ds.compress(transfer_syntax, **encode_kwargs)
+        ds.compress(transfer_syntax, generate_instance_uid=False, **encode_kwargs)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     pydicom.dcmwrite(path, ds, enforce_file_format=True)

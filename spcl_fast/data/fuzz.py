@@ -82,6 +82,7 @@ def write_seeds(folder, real: bool = True) -> list[Seed]:
     ``real`` and installed); returns them with their structural boundaries."""
     from PIL import Image
     from pydicom import uid
+    from pydicom.uid import generate_uid
 
     from .fixtures import phantoms, write_dicom
 
@@ -116,8 +117,10 @@ def write_seeds(folder, real: bool = True) -> list[Seed]:
         "j2k12_mono1.dcm": (u12, dict(bits_stored=12, transfer_syntax=uid.JPEG2000Lossless,
                                       photometric="MONOCHROME1")),
     }
-    for name, (arr, kwargs) in dicoms.items():
-        paths[name] = write_dicom(os.path.join(folder, name), arr, **kwargs)
+    for name, (arr, kwargs) in dicoms.items():  # fixed UIDs: the same bytes in every campaign
+        uid_of_name = generate_uid(entropy_srcs=["spcl_fast.data.fuzz", name])
+        paths[name] = write_dicom(os.path.join(folder, name), arr, instance_uid=uid_of_name,
+                                  **kwargs)
     if real:
         paths.update(_real_files())
     return [Seed(name, path, _kind(path), _boundaries(path)) for name, path in paths.items()]
