@@ -38,7 +38,7 @@ def test_overrides_parse_types_and_reject_unknown_keys():
 @pytest.mark.parametrize("overrides, message", [
     ({"normalize": "bogus"}, "normalize must be one of dataset, image, equalize, none"),
     ({"negatives": "foo"}, "negatives must be one of cross, all"),
-    ({"method": "simclr"}, "method must be one of spcl, mae, dino"),
+    ({"method": "byol"}, "method must be one of spcl, mae, dino, simclr"),
     ({"ratio-range": "0.5"}, "--ratio-range takes 2 values"),
     ({"compile": "maybe"}, "--compile: cannot parse 'maybe' as bool"),
     ({"dino_out_dim": "x"}, "--dino-out-dim: cannot parse 'x' as int"),
