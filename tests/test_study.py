@@ -18,13 +18,13 @@ def tiny(monkeypatch):
 
 def test_study_table_resume_and_plot(tiny, tmp_path, monkeypatch):
     argv = ["--out", str(tmp_path), "--sets", "synthetic", "--seeds", "0,1",
-            "--recipes", "spcl,spcl_keep05,mae", "--steps", "3"]
+            "--recipes", "spcl,spcl_keep05,mae,simclr", "--steps", "3"]
     result = study.main(argv)
 
     rows = {t["row"]: t for t in result["table"]}
-    assert set(rows) == {"spcl", "spcl_keep05", "mae", "init (dataset)", "raw pixels (dataset)",
-                         "raw pixels (image)"}
-    for name in ("spcl", "spcl_keep05", "mae", "init (dataset)"):
+    assert set(rows) == {"spcl", "spcl_keep05", "mae", "simclr", "init (dataset)",
+                         "raw pixels (dataset)", "raw pixels (image)"}
+    for name in ("spcl", "spcl_keep05", "mae", "simclr", "init (dataset)"):
         seeds = [r["mean_auroc"] for r in result["runs"] if r["row"] == name]
         assert len(seeds) == 2 and rows[name]["seeds"] == 2
         assert rows[name]["mean_auroc"] == pytest.approx(sum(seeds) / 2)
@@ -32,10 +32,11 @@ def test_study_table_resume_and_plot(tiny, tmp_path, monkeypatch):
         assert 0 <= rows[name]["mean_auroc"] <= 1
     # Both S-PCL recipes normalise the same way: one init record per seed, not per recipe.
     assert rows["spcl"]["steps"] == 3
-    # MAE's steps come from the S-PCL time budget and its own measured step time.
-    mae_steps = {r["steps"] for r in result["runs"] if r["row"] == "mae"}
-    assert len(mae_steps) == 1 and mae_steps.pop() >= 1
-    assert (tmp_path / "synthetic" / "timing-mae" / "metrics.jsonl").exists()
+    # The baselines' steps come from the S-PCL time budget and their own measured step times.
+    for baseline in ("mae", "simclr"):
+        steps = {r["steps"] for r in result["runs"] if r["row"] == baseline}
+        assert len(steps) == 1 and steps.pop() >= 1
+        assert (tmp_path / "synthetic" / f"timing-{baseline}" / "metrics.jsonl").exists()
     saved = json.loads((tmp_path / "study.json").read_text())
     assert saved["markdown"] == result["markdown"]
     env = saved["environment"]  # where the times were taken
@@ -79,6 +80,16 @@ def test_ablations_expand_to_the_default_and_one_change_each():
     assert all("keep" in study.RECIPES[r][1] for r in study.DEFAULT_RECIPES if r != "mae")
 
 
+@pytest.mark.parametrize("recipe", sorted(study.RECIPES))
+def test_every_recipe_is_a_valid_run_of_its_method(recipe):
+    from spcl_fast.run.model import build_model
+
+    config = study.run_config({}, recipe, seed=0, steps=2)
+    config.check()
+    assert config.method == study.RECIPES[recipe][1].get("method", "spcl")
+    build_model(config.replace(embed_dim=32, depth=1, num_heads=2))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--recipes", "spcl,nope"], "unknown recipe 'nope'"),
     (["--recipes", "mae,spcl"], "must start with an S-PCL recipe"),
@@ -94,13 +105,14 @@ def test_study_baselines_follow_each_recipes_encoder_and_input(tiny, tmp_path):
     """A recipe that changes the initial encoder (class token, position embeddings) or its
     input (normalisation) gets its own init row, and raw pixels get each normalisation used."""
     result = study.main(["--out", str(tmp_path), "--sets", "synthetic", "--seeds", "0",
-                         "--recipes", "spcl_keep05,k05_equalize,k05_cls,k05_no_pos,k05_predictor",
-                         "--steps", "2"])
+                         "--recipes", "spcl_keep05,k05_equalize,k05_cls,k05_no_pos,k05_predictor,"
+                         "spcl_ocl_p4", "--steps", "2"])
     rows = {t["row"] for t in result["table"]}
     assert {"init (dataset)", "init (equalize)", "init (dataset, cls token)",
-            "init (dataset, none pos)", "raw pixels (equalize)"} <= rows
+            "init (dataset, none pos)", "init (dataset, patch 4, cls token)",
+            "raw pixels (equalize)"} <= rows
     assert not any("predictor" in r for r in rows if r.startswith("init"))
-    assert sum(r.startswith("init") for r in rows) == 4
+    assert sum(r.startswith("init") for r in rows) == 5
 
 
 def test_cxr_cache_is_marked_done_only_when_complete(tmp_path, monkeypatch):

@@ -12,9 +12,10 @@ Every recipe is the demo preset (:func:`spcl_fast.run.presets.demo`: ViT 6x192, 
 and linear-probed like the demo does (frozen mean-pooled features, L2 chosen on val, mean
 AUROC on test). Each (set, recipe, seed) run also probes the same encoder at initialisation
 (same seed, same input normalisation), so "init" rows come for free; "raw pixels" is the same
-probe on the normalised pixels themselves. MAE gets the training seconds of the first recipe's
-first seed, converted to steps with MAE's own measured step time (both timed on this machine
-in this study), so the comparison is at equal time, not equal steps.
+probe on the normalised pixels themselves. Every baseline method (MAE, SimCLR) gets the training
+seconds of the first recipe's first seed, converted to steps with its own measured step time
+(both timed on this machine in this study), so the comparison is at equal time, not equal
+steps.
 
 On the synthetic set the images are the built-in phantoms (train 2048 / val 512 / test 512).
 On ``chestxray14`` the root is an official-layout folder (the sample
@@ -53,6 +54,8 @@ SETS = ("synthetic", "chestxray14")
 # ablations vary one setting of the chosen default (the demo: keep 0.5).
 _ALL = {"keep": "1.0"}
 _HALF = {"keep": "0.5"}
+_OCL = {"keep": "0.2", "class_token": "true", "projector": "none", "similarity": "bounded",
+        "temperature": "0.07"}
 RECIPES: dict[str, tuple[str, dict[str, str]]] = {
     "spcl": ("S-PCL, dataset-wide standardisation, random 50/50 split of all tokens", _ALL),
     "spcl_image": ("S-PCL with per-image standardisation", {**_ALL, "normalize": "image"}),
@@ -69,6 +72,19 @@ RECIPES: dict[str, tuple[str, dict[str, str]]] = {
     "mae": ("MAE, 75% masking, 2x128 decoder, equal wall-clock budget",
             {**_ALL, "method": "mae", "decoder_dim": "128", "decoder_depth": "2",
              "decoder_heads": "4"}),  # (keep is S-PCL's: stated only to pin the config)
+    # The positive control: augmentations instead of partitions, same encoder and probe.
+    "simclr": ("SimCLR, two random resized crops (area 0.5-1, no flip) + intensity jitter, "
+               "equal wall-clock budget", {**_ALL, "method": "simclr"}),
+    "spcl_k1_learned_lr": ("S-PCL, keep 1.0, learned positions, lr 5e-4 (the 128 px "
+                           "setting that beat raw pixels)",
+                           {**_ALL, "pos_embed": "learned", "lr": "5e-4"}),
+    # OCL (Yang et al., ICML 2025): few kept tokens in two views, the final-normed class token
+    # straight into a bounded-similarity loss. Patch 4: 256 tokens, so 10% views are 25 tokens.
+    "spcl_ocl": ("OCL's recipe: keep 0.2 (two 10% views), class token, no projector, bounded "
+                 "similarity (kappa 1/64, tau 0.07)", {**_OCL}),
+    "spcl_ocl_p4": ("OCL's recipe at patch 4 (256 tokens)", {**_OCL, "patch_size": "4"}),
+    "spcl_vicreg": ("S-PCL + VICReg variance (1) and covariance (0.04) terms",
+                    {**_ALL, "vicreg_var": "1", "vicreg_cov": "0.04"}),
 }
 ABLATIONS: dict[str, tuple[str, dict[str, str]]] = {
     "k05_image": ("keep 0.5 + per-image standardisation", {"normalize": "image"}),
@@ -124,6 +140,10 @@ def _cxr_cache(root: str, cache_root: Path) -> Path:
             raise SystemExit(f"error: the cache {out} is incomplete; run again to resume")
         (out / "done").touch()
     return out
+
+
+def _method(recipe: str) -> str:
+    return RECIPES[recipe][1].get("method", "spcl")
 
 
 def run_config(set_over: dict, recipe: str, seed: int, steps: int) -> TrainConfig:
@@ -235,9 +255,9 @@ def expand_recipes(text: str) -> list[str]:
     for r in recipes:
         if r not in RECIPES:
             raise SystemExit(f"error: unknown recipe {r!r}; choose from {', '.join(RECIPES)}")
-    if not recipes or recipes[0] == "mae":
-        raise SystemExit("error: --recipes must start with an S-PCL recipe (it sets MAE's time "
-                         "budget)")
+    if not recipes or _method(recipes[0]) != "spcl":
+        raise SystemExit("error: --recipes must start with an S-PCL recipe (it sets the "
+                         "baselines' time budget)")
     return recipes
 
 
@@ -255,9 +275,9 @@ def plot(table: list[dict], sets: list[str], path: Path) -> None:
         ys = [r for r in rows if (s, r) in cell]
         means = [cell[(s, r)]["mean_auroc"] for r in ys]
         stds = [cell[(s, r)]["std"] for r in ys]
-        # baselines grey, MAE orange, S-PCL recipes (main and ablations) blue
-        colors = ["0.6" if r.startswith(("init", "raw")) else "C1" if r.startswith("mae")
-                  else "C0" for r in ys]
+        # references grey, the other methods orange, S-PCL recipes (main and ablations) blue
+        colors = ["0.6" if r.startswith(("init", "raw")) else "C0" if r in RECIPES
+                  and _method(r) == "spcl" else "C1" for r in ys]
         spread = any(cell[(s, r)]["seeds"] > 1 for r in ys)
         ax.barh(range(len(ys)), means, xerr=stds if spread else None, color=colors, capsize=3)
         ax.set_yticks(range(len(ys)), ys)
@@ -316,15 +336,16 @@ def main(argv: list[str] | None = None) -> dict:
     records, started = [], time.time()
     for set_name in sets:
         set_over = set_overrides(set_name, args.cxr_root, out / "cache")
-        budget_s, mae_step_s, init_seen = None, None, set()
+        budget_s, step_s, init_seen = None, {}, set()
         for recipe in recipes:
             for seed in seeds:
                 steps = args.steps
-                if recipe == "mae":  # equal wall-clock: the first recipe's time in MAE steps
-                    if mae_step_s is None:
-                        mae_step_s = seconds_per_step(run_config(set_over, recipe, 0, steps),
-                                                      out / set_name / "timing-mae")
-                    steps = max(1, round(budget_s / mae_step_s))
+                if _method(recipe) != "spcl":  # equal wall-clock: the first recipe's time
+                    if recipe not in step_s:  # in this baseline's own steps
+                        step_s[recipe] = seconds_per_step(
+                            run_config(set_over, recipe, 0, steps),
+                            out / set_name / f"timing-{recipe}")
+                    steps = max(1, round(budget_s / step_s[recipe]))
                 run = out / set_name / recipe / f"seed{seed}"
                 config = run_config(set_over, recipe, seed, steps)
                 print(f"== {set_name} / {recipe} / seed {seed}: {steps} steps -> {run}",
@@ -341,15 +362,17 @@ def main(argv: list[str] | None = None) -> dict:
                                 "per_class_auroc": probe["pretrained"]["per_class_auroc"],
                                 "config": dataclasses.asdict(config)})
                 # The same seed's encoder at initialisation, once per input normalisation, kind
-                # of position embedding and pooling (what decides the initial encoder, its input
-                # and its features).
+                # of position embedding, patch size and pooling (what decides the initial
+                # encoder, its input and its features).
                 norm, model = config.data.normalize, config.model
-                init_key = (norm, model.pos_embed, model.class_token, seed)
+                init_key = (norm, model.pos_embed, model.patch_size, model.class_token, seed)
                 if config.method == "spcl" and init_key not in init_seen:
                     init_seen.add(init_key)
                     pos = "" if model.pos_embed == "sincos" else f", {model.pos_embed} pos"
+                    patch = "" if model.patch_size == demo().model.patch_size else (
+                        f", patch {model.patch_size}")
                     cls = ", cls token" if model.class_token else ""
-                    records.append({**base, "row": f"init ({norm}{pos}{cls})",
+                    records.append({**base, "row": f"init ({norm}{pos}{patch}{cls})",
                                     "mean_auroc": probe["init"]["mean_auroc"],
                                     "per_class_auroc": probe["init"]["per_class_auroc"]})
         used = [run_config(set_over, r, 0, args.steps).data.normalize for r in recipes]
