@@ -138,7 +138,8 @@ def linear_probe(
     AUROC, report per-class and mean AUROC on ``test``.
 
     Each split is ``(features (n, D), labels (n, C))``; NaN labels are skipped in the loss and
-    the metrics. Features are standardised with the training split's statistics first. The
+    the metrics. Features are standardised with the training split's statistics first (what
+    the BatchNorm without affine before MAE's and OCL's linear probes computes at eval). The
     result holds ``mean_auroc``, ``per_class_auroc`` (test), ``val_mean_auroc``,
     ``val_per_class_auroc``, ``l2`` (chosen), ``l2_grid_val`` (val mean AUROC per strength) and,
     with ``return_scores``, ``test_scores`` (``(n, C)`` logits, a tensor).
