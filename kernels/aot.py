@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -180,12 +181,18 @@ def jobs(case_list: list[Case]) -> list[Job]:
             for j in range(len(candidates(kernel, args, kwargs)[1])):
                 for target in TARGETS:
                     job = Job(case, i, j, target)
-                    _, _, src, _, options = _source(job)
-                    compile_key = (src.hash(), repr(options), target)
+                    compile_key = compile_hash(*_source(job)[2:])
                     if compile_key not in seen:
                         seen.add(compile_key)
                         out.append(job)
     return out
+
+
+def compile_hash(src: ASTSource, target: GPUTarget, options) -> str:
+    """What identifies one compile across cases, runs and machines: the kernel's source and
+    specialisation, the launch options that vary, the target."""
+    text = f"{src.hash()}-{options.num_warps}-{options.num_stages}-{target.arch}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 _PTXAS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -225,6 +232,7 @@ def compile_job(job: Job) -> dict:
         "mma": len(re.findall(r"\bmma\.sync\.", ptx)),
         "wgmma": len(re.findall(r"\bwgmma\.mma_async\.", ptx)),
         "compile_s": round(seconds, 2),
+        "compile_hash": compile_hash(src, target, options),
     }
 
 

@@ -42,8 +42,8 @@ INV_EPS_HALF = tl.constexpr(0.5 / NORM_EPS)
 
 
 # Row blocks per program (the autotuner picks: small batches want more, smaller programs so every
-# SM has work); feature chunks are the launcher's, they follow d and the dtype. Some candidates
-# spill for some operands (the aot tier's measurements, sm_80 and sm_90): the prunes drop them
+# SM has work); feature chunks are the launcher's. Some spill for some operands (aot tier,
+# sm_80/sm_90, Triton 3.9/3.6: fp32 forward blocks other than 64 rows): the prunes drop them
 # there (never the interpreter's configs).
 _FWD_CONFIGS = configs(
     [({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3),
@@ -61,9 +61,9 @@ _FWD_KEY = ["Mq", "Mk", "D", "SELF_MASK", "WRITE_POS"]
 _GRAD_KEY = ["M_own", "M_other", "D", "KEY_SIDE", "HAS_COL", "SELF_MASK"]
 
 
-def _prune_fwd(configs, named_args, **kwargs):
+def _prune_fwd(configs, named_args, **kwargs):  # fp32: the 64-row block only (see above)
     fp32 = named_args["Q"].dtype == torch.float32
-    return tuned([c for c in configs if not fp32 or c.num_warps == 8 or INTERPRET])
+    return tuned([c for c in configs if not fp32 or INTERPRET or c.kwargs["BLOCK_M"] == 64])
 
 
 def _prune_grad(configs, named_args, **kwargs):

@@ -121,12 +121,12 @@ def test_saved_measurements_match_this_triton(compiled):
     saved = RESULTS / f"aot-{compiled['triton']}.json"
     if not saved.exists():
         pytest.skip(f"no saved measurements for triton {compiled['triton']} ({saved.name})")
-    aot = _aot()
-    want = {aot.key(r): r for r in json.loads(saved.read_text())["rows"]}
+    # By compile: the full matrix compiles a kernel shared by two cases once, under one of them.
+    want = {r["compile_hash"]: r for r in json.loads(saved.read_text())["rows"]}
     for row in compiled["rows"]:
-        assert aot.key(row) in want, f"{aot.key(row)} missing from {saved.name}: regenerate it"
-        for field in aot.MEASURED:
-            assert row[field] == want[aot.key(row)][field], (field, row)
+        assert row["compile_hash"] in want, f"{row} is not in {saved.name}: regenerate it"
+        for field in _aot().MEASURED:
+            assert row[field] == want[row["compile_hash"]][field], (field, row)
 
 
 def test_readme_table_is_the_saved_one():
