@@ -188,6 +188,9 @@ def _gather(x: torch.Tensor, world: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+MIN_TEMPERATURE = 1e-4
+
+
 def _validate(z_a, z_b, temperature, symmetric, negatives, impl) -> None:
     for name, z in (("z_a", z_a), ("z_b", z_b)):
         if not isinstance(z, torch.Tensor) or z.dim() != 2:
@@ -207,6 +210,11 @@ def _validate(z_a, z_b, temperature, symmetric, negatives, impl) -> None:
             f"got {type(temperature).__name__}")
     require(math.isfinite(temperature) and temperature > 0, OP,
             lambda: f"temperature must be positive and finite, got {temperature!r}")
+    # fp32 logits of size 1/temperature keep ~7 digits: far below the documented range the
+    # similarities' differences are lost, and near 1e-38 the loss overflows to inf/NaN.
+    require(temperature >= MIN_TEMPERATURE, OP,
+            lambda: f"temperature must be at least {MIN_TEMPERATURE:g} (fp32 logits of "
+            f"1/temperature lose the similarities below it), got {temperature!r}")
     require(isinstance(symmetric, bool), OP,
             lambda: f"symmetric must be True or False, got {symmetric!r}")
     require(negatives in NEGATIVES, OP,
@@ -269,7 +277,7 @@ def info_nce(
             shape, dtype and device; ``M >= 1``, any ``d >= 1`` (the kernels loop over ``d`` in
             blocks, so ``d`` need not be a power of two). Row ``i`` of ``z_a`` and row ``i`` of
             ``z_b`` are two views of one sample.
-        temperature: softmax temperature ``tau > 0`` (host float); accurate down to ``0.01``.
+        temperature: softmax temperature ``tau >= 1e-4`` (host float); accurate down to ``0.01``.
         symmetric: average the ``a -> b`` and ``b -> a`` directions (CLIP); else ``a -> b`` only.
         negatives: ``"cross"``: each query's candidates are the other view's rows (CLIP);
             ``"all"``: SimCLR's NT-Xent over the ``2M`` rows of both views, self excluded
