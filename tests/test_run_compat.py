@@ -36,9 +36,14 @@ def test_old_run_resumes_exactly(tmp_path, method):
     assert new[0] == old[0]  # the record before the checkpoint is kept as written
     for key in ("loss", "grad_norm", "lr"):
         assert new[1][key] == pytest.approx(old[1][key], rel=1e-5, abs=1e-7), key
-    # rewritten in this version's sections, every setting as it was
-    saved = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
-    assert json.loads(json.dumps(saved.flat())) == {**old_config, "out": str(run)}
+    # rewritten in this version's sections, every setting as it was; settings added since
+    # (new methods' sections, new knobs) at their defaults, which keep the old behaviour
+    saved = json.loads(json.dumps(
+        TrainConfig.from_dict(json.loads((run / "config.json").read_text())).flat()))
+    added = json.loads(json.dumps(TrainConfig().flat()))
+    assert {k: saved[k] for k in old_config} == {**old_config, "out": str(run)}
+    assert {k: v for k, v in saved.items() if k not in old_config} == \
+        {k: v for k, v in added.items() if k not in old_config}
 
 
 def test_old_checkpoint_evaluates(tmp_path):
