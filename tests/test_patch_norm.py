@@ -81,3 +81,15 @@ def test_unknown_patch_norm_is_named():
     with pytest.raises(ValueError, match="patch_norm must be one of"):
         VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2,
                           patch_norm="layernorm")
+
+
+def test_patch_norm_trains_through_the_cli_and_reloads(tmp_path):
+    from spcl_fast.eval import load_encoder
+    from spcl_fast.train.__main__ import main
+
+    main(["--preset", "smoke", "--steps", "2", "--out", str(tmp_path / "run"), "--probe", "no",
+          "--patch-norm", "standardize+stats"])
+    loaded = load_encoder(tmp_path / "run")
+    assert loaded.encoder.patch_embed.patch_norm == "standardize+stats"
+    assert "patch_embed.stats.weight" in loaded.encoder.state_dict()
+    assert loaded.encoder(torch.rand(2, 1, 32, 32)).shape == (2, 64)

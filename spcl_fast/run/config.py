@@ -43,6 +43,7 @@ import tyro
 
 Normalize = Literal["dataset", "image", "equalize", "none"]
 Precision = Literal["fp32", "bf16", "fp16"]
+PatchNorm = Literal["none", "standardize", "standardize+stats"]
 Method = Literal["spcl", "mae", "dino", "simclr"]
 
 
@@ -88,6 +89,7 @@ class ModelConfig:
     num_heads: int | None = None  # override the preset's number of heads
     pos_embed: Literal["sincos", "learned", "none"] = "sincos"  # position embeddings
     class_token: bool = False  # a learned [CLS]-like token per image/subset pools, not the mean
+    patch_norm: PatchNorm = "none"  # per-patch input norm (+stats: mean/std as extra inputs)
     impl: Literal["auto", "triton", "torch"] = "auto"  # kernel implementation
 
     def check(self) -> None:

@@ -27,7 +27,7 @@ def build_encoder(model: ModelConfig, image_size: int) -> VisionTransformer:
                  if getattr(model, k) is not None}
     return create_vit(model.name, img_size=image_size, patch_size=model.patch_size,
                       pos_embed=model.pos_embed, class_token=model.class_token,
-                      impl=model.impl, **overrides)
+                      patch_norm=model.patch_norm, impl=model.impl, **overrides)
 
 
 def build_model(config: TrainConfig, global_batch_loss: bool = False) -> torch.nn.Module:
