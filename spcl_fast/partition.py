@@ -165,6 +165,58 @@ def sample_partitions(
         >>> plan.cu_seqlens.tolist()[:3], plan.max_seqlen
         ([0, 98, 196], 98)
     """
+    batch_size, num_tokens, num_subsets, block_size, device, valid = _checked_arguments(
+        batch_size, num_tokens, ratio, ratio_range, keep, valid_mask, generator, device,
+        block_size, num_subsets)
+
+    def rand(*shape: int) -> torch.Tensor:
+        if generator is None:
+            return torch.rand(*shape, device=device)
+        return torch.rand(*shape, device=generator.device, generator=generator).to(device)
+
+    # Random priorities; invalid tokens sort last, so the first n_valid ranks are valid tokens.
+    priority = _block_priorities(rand, 1 if shared else batch_size, num_tokens, block_size)
+    priority = priority.expand(batch_size, -1)
+    priority = torch.where(valid, priority, torch.full_like(priority, 3.0))
+    order = priority.argsort(dim=1)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(num_tokens, device=device).expand(batch_size, -1))
+
+    k = num_subsets
+    n_valid = valid.sum(dim=1)
+    n_keep = torch.maximum(torch.round(n_valid * keep).long(), n_valid.clamp(max=k))
+    kept = rank < n_keep[:, None]
+    subset = _subset_of_rank(rank, n_keep, k, ratio, ratio_range, rand, shared)
+    return _plan_of(torch.where(kept, subset, -1), k)
+
+
+def _plan_of(subset: torch.Tensor, k: int) -> PartitionPlan:
+    """The plan of a ``(B, N)`` map of each token's subset in ``[0, K)``, or -1 (in none)."""
+    batch_size, num_tokens = subset.shape
+    device = subset.device
+    kept = subset >= 0
+    # Sorting by (segment, token) groups segments and keeps each segment's rows ascending,
+    # which helps the in-place gather.
+    segment = k * torch.arange(batch_size, device=device)[:, None] + subset
+    key = segment * num_tokens + torch.arange(num_tokens, device=device)
+    segment, key = segment[kept], key[kept].sort().values
+    token_index = (key // (k * num_tokens)) * num_tokens + key % num_tokens
+    seqlens = torch.bincount(segment, minlength=k * batch_size)
+    cu_seqlens = torch.zeros(k * batch_size + 1, dtype=torch.int32, device=device)
+    cu_seqlens[1:] = seqlens.cumsum(0)
+    return PartitionPlan(
+        token_index=token_index,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=int(seqlens.max()),
+        num_images=batch_size,
+        num_tokens=num_tokens,
+    )
+
+
+def _checked_arguments(batch_size, num_tokens, ratio, ratio_range, keep, valid_mask, generator,
+                       device, block_size, num_subsets):
+    """:func:`sample_partitions`' arguments checked (one error naming the argument) and
+    normalised: the ints, the device and the ``(B, N)`` valid mask."""
     for name, value in (("batch_size", batch_size), ("num_tokens", num_tokens),
                         ("num_subsets", num_subsets), ("block_size", block_size)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool):
@@ -217,53 +269,24 @@ def sample_partitions(
     else:
         valid = torch.ones(batch_size, num_tokens, dtype=torch.bool, device=device)
 
-    def rand(*shape: int) -> torch.Tensor:
-        if generator is None:
-            return torch.rand(*shape, device=device)
-        return torch.rand(*shape, device=generator.device, generator=generator).to(device)
+    return batch_size, num_tokens, num_subsets, block_size, device, valid
 
-    # Random priorities; invalid tokens sort last, so the first n_valid ranks are valid tokens.
-    priority = _block_priorities(rand, 1 if shared else batch_size, num_tokens, block_size)
-    priority = priority.expand(batch_size, -1)
-    priority = torch.where(valid, priority, torch.full_like(priority, 3.0))
-    order = priority.argsort(dim=1)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(num_tokens, device=device).expand(batch_size, -1))
 
-    k = num_subsets
-    n_valid = valid.sum(dim=1)
-    n_keep = torch.maximum(torch.round(n_valid * keep).long(), n_valid.clamp(max=k))
-    kept = rank < n_keep[:, None]
-    if k == 2:
-        if ratio_range is not None:
-            lo, hi = ratio_range
-            ratios = lo + (hi - lo) * rand(1 if shared else batch_size).expand(batch_size)
-        else:
-            ratios = torch.full((batch_size,), ratio, device=device)
-        n_a = torch.round(ratios * n_keep).long()
-        n_a = torch.minimum(n_a.clamp(min=1), (n_keep - 1).clamp(min=1)).clamp(max=n_keep)
-        subset = (rank >= n_a[:, None]).long()
-    else:
+def _subset_of_rank(rank, n_keep, k, ratio, ratio_range, rand, shared) -> torch.Tensor:
+    """``(B, N)`` subset in ``[0, K)`` of each token from its random rank among the kept ones
+    (tokens of rank ``>= n_keep`` are dropped by the caller)."""
+    batch_size = rank.shape[0]
+    if k > 2:
         dealt = rank * k // n_keep.clamp(min=1)[:, None]
-        subset = torch.where((n_keep >= k)[:, None], dealt, rank)  # few tokens: one per subset
-    # Subset of each token in [0, K), or -1 (left out); sorting by (segment, token) groups
-    # segments and keeps each segment's rows ascending, which helps the in-place gather.
-    subset = torch.where(kept, subset, -1)
-    segment = k * torch.arange(batch_size, device=device)[:, None] + subset
-    key = segment * num_tokens + torch.arange(num_tokens, device=device)
-    segment, key = segment[kept], key[kept].sort().values
-    token_index = (key // (k * num_tokens)) * num_tokens + key % num_tokens
-
-    seqlens = torch.bincount(segment, minlength=k * batch_size)
-    cu_seqlens = torch.zeros(k * batch_size + 1, dtype=torch.int32, device=device)
-    cu_seqlens[1:] = seqlens.cumsum(0)
-    return PartitionPlan(
-        token_index=token_index,
-        cu_seqlens=cu_seqlens,
-        max_seqlen=int(seqlens.max()),
-        num_images=batch_size,
-        num_tokens=num_tokens,
-    )
+        return torch.where((n_keep >= k)[:, None], dealt, rank)  # few tokens: one per subset
+    if ratio_range is not None:
+        lo, hi = ratio_range
+        ratios = lo + (hi - lo) * rand(1 if shared else batch_size).expand(batch_size)
+    else:
+        ratios = torch.full((batch_size,), ratio, device=rank.device)
+    n_a = torch.round(ratios * n_keep).long()
+    n_a = torch.minimum(n_a.clamp(min=1), (n_keep - 1).clamp(min=1)).clamp(max=n_keep)
+    return (rank >= n_a[:, None]).long()
 
 
 def _block_priorities(rand, batch_size: int, num_tokens: int, block_size: int) -> torch.Tensor:
