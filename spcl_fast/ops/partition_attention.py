@@ -193,9 +193,12 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, token_index, impl) -> None:
         require_dtype(token_index, "token_index", OP, (torch.int64,))
         tensors["token_index"] = token_index
     require_same_device(OP, **tensors)
-    if not check_values(q):
-        return
-    rows = q.shape[0]
+    if check_values(q):
+        _validate_segments(q.shape[0], cu_seqlens, max_seqlen, token_index)
+
+
+def _validate_segments(rows, cu_seqlens, max_seqlen, token_index) -> None:
+    """The checks that read values (host syncs): offsets, lengths and row indices."""
     total = rows if token_index is None else token_index.numel()
     cu = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
