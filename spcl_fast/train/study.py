@@ -310,8 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+def _checked(args) -> tuple[list[str], list[str], list[int], Path]:
+    """The study's sets, recipes, seeds and output folder, every choice checked before the
+    first run (a study takes hours): a bad one ends with one ``error:`` line."""
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     recipes = expand_recipes(args.recipes)
     # Every choice is checked before the first run: a study takes hours.
@@ -333,6 +334,12 @@ def main(argv: list[str] | None = None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SystemExit(f"error: cannot use --out {out}: {exc.strerror or exc}") from None
+    return sets, recipes, seeds, out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    sets, recipes, seeds, out = _checked(args)
     records, started = [], time.time()
     for set_name in sets:
         set_over = set_overrides(set_name, args.cxr_root, out / "cache")
@@ -361,18 +368,10 @@ def main(argv: list[str] | None = None) -> dict:
                                 "mean_auroc": probe["pretrained"]["mean_auroc"],
                                 "per_class_auroc": probe["pretrained"]["per_class_auroc"],
                                 "config": dataclasses.asdict(config)})
-                # The same seed's encoder at initialisation, once per input normalisation, kind
-                # of position embedding, patch size and pooling (what decides the initial
-                # encoder, its input and its features).
-                norm, model = config.data.normalize, config.model
-                init_key = (norm, model.pos_embed, model.patch_size, model.class_token, seed)
+                init_key = _init_key(config, seed)
                 if config.method == "spcl" and init_key not in init_seen:
                     init_seen.add(init_key)
-                    pos = "" if model.pos_embed == "sincos" else f", {model.pos_embed} pos"
-                    patch = "" if model.patch_size == demo().model.patch_size else (
-                        f", patch {model.patch_size}")
-                    cls = ", cls token" if model.class_token else ""
-                    records.append({**base, "row": f"init ({norm}{pos}{patch}{cls})",
+                    records.append({**base, "row": _init_row(config),
                                     "mean_auroc": probe["init"]["mean_auroc"],
                                     "per_class_auroc": probe["init"]["per_class_auroc"]})
         used = [run_config(set_over, r, 0, args.steps).data.normalize for r in recipes]
@@ -393,6 +392,22 @@ def main(argv: list[str] | None = None) -> dict:
     plot(table, sets, out / "study.png")
     print(f"wrote {out / 'study.json'} and {out / 'study.png'}")
     return result
+
+
+def _init_key(config, seed: int) -> tuple:
+    """The same seed's encoder at initialisation is recorded once per input normalisation, kind
+    of position embedding, patch size and pooling (what decides the initial encoder, its input
+    and its features)."""
+    model = config.model
+    return config.data.normalize, model.pos_embed, model.patch_size, model.class_token, seed
+
+
+def _init_row(config) -> str:
+    model = config.model
+    pos = "" if model.pos_embed == "sincos" else f", {model.pos_embed} pos"
+    patch = "" if model.patch_size == demo().model.patch_size else f", patch {model.patch_size}"
+    cls = ", cls token" if model.class_token else ""
+    return f"init ({config.data.normalize}{pos}{patch}{cls})"
 
 
 def _environment() -> dict:
