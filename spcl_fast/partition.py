@@ -8,6 +8,7 @@ subset B; with ``K`` subsets, segment ``K*b + k`` is subset ``k`` of image ``b``
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,10 @@ class PartitionPlan:
         max_seqlen: longest segment, as a host int (kernels size their grids with it).
         num_images: ``B``.
         num_tokens: ``N``, tokens per image.
+        crop: optional ``(B, 2, 3)`` affine of one resized crop per image (``grid_sample``
+            coordinates), applied to the images before their patches are partitioned (S-PCL's
+            ``crop_scale``: both subsets come from the same crop); ``None``: the whole image.
+            The kernels and the pooling ignore it.
 
     Plans come from :func:`sample_partitions`; built by hand, a plan must keep segments in
     order (``K`` consecutive segments per image) and never repeat a row.
@@ -52,6 +57,7 @@ class PartitionPlan:
     max_seqlen: int
     num_images: int
     num_tokens: int
+    crop: torch.Tensor | None = None
 
     @property
     def num_segments(self) -> int:
@@ -98,8 +104,11 @@ class PartitionPlan:
             token_index.append(p.token_index + images * n)
             cu_seqlens.append(p.cu_seqlens[1:] + rows)
             images, rows = images + p.num_images, rows + p.total_tokens
+        if any((p.crop is None) != (plans[0].crop is None) for p in plans):
+            raise ValueError("PartitionPlan.concat: plans with and without crops")
+        crop = None if plans[0].crop is None else torch.cat([p.crop for p in plans])
         return cls(torch.cat(token_index), torch.cat(cu_seqlens),
-                   max(p.max_seqlen for p in plans), images, n)
+                   max(p.max_seqlen for p in plans), images, n, crop)
 
     def to(self, device: torch.device | str) -> PartitionPlan:
         """The same plan with its tensors on ``device`` (non-blocking copies)."""
@@ -109,6 +118,7 @@ class PartitionPlan:
             self.max_seqlen,
             self.num_images,
             self.num_tokens,
+            None if self.crop is None else self.crop.to(device, non_blocking=True),
         )
 
 
@@ -124,6 +134,9 @@ def sample_partitions(
     block_size: int = 1,
     shared: bool = False,
     num_subsets: int = 2,
+    partition: str = "random",
+    target_blocks: int = 4,
+    target_scale: tuple[float, float] = (0.15, 0.2),
 ) -> PartitionPlan:
     """Split each image's tokens at random into disjoint subsets: A and B, or ``num_subsets``.
 
@@ -152,6 +165,18 @@ def sample_partitions(
         num_subsets: ``K >= 2`` subsets per image. With ``K > 2`` the kept tokens are dealt
             into ``K`` subsets of equal size (sizes differ by at most one), so ``ratio`` and
             ``ratio_range`` (which size subset A against B) must stay unset.
+        partition: ``"random"`` (the rules below) or ``"anatomy"`` (I-JEPA's blocks, needs a
+            square token grid): subset B is the union of ``target_blocks`` rectangles of the
+            patch grid, each of area fraction ``U(target_scale)`` and aspect ratio (height /
+            width) ``exp(U(log 0.75, log 1.5))``, at uniform positions; subset A is the rest
+            (the context). The blocks size the subsets, so ``ratio``, ``ratio_range``,
+            ``block_size`` and ``num_subsets`` must stay unset. ``keep < 1`` thins each subset
+            at random to ``max(round(keep * n), 1)`` of its ``n`` valid tokens, so both keep
+            their shapes' proportions. An image whose valid tokens all fall on one side gives
+            its first valid token (random order) to the other, so both subsets are non-empty
+            whenever it has two valid tokens. ``shared``: one block layout for the batch.
+        target_blocks, target_scale: ``"anatomy"``'s number of blocks and ``(lo, hi)`` area
+            fraction of each (``0 < lo <= hi < 1``); the blocks may overlap.
 
     Every image with at least ``K`` kept tokens gets ``K`` non-empty subsets; an image with
     fewer valid tokens fills the first subsets with one token each; an image with none yields
@@ -168,11 +193,19 @@ def sample_partitions(
     batch_size, num_tokens, num_subsets, block_size, device, valid = _checked_arguments(
         batch_size, num_tokens, ratio, ratio_range, keep, valid_mask, generator, device,
         block_size, num_subsets)
+    if partition != "random":
+        _check_anatomy(partition, num_tokens, ratio, ratio_range, block_size, num_subsets,
+                       target_blocks, target_scale)
 
     def rand(*shape: int) -> torch.Tensor:
         if generator is None:
             return torch.rand(*shape, device=device)
         return torch.rand(*shape, device=generator.device, generator=generator).to(device)
+
+    if partition == "anatomy":
+        n = 1 if shared else batch_size
+        inside = _target_blocks(rand, n, num_tokens, target_blocks, target_scale)
+        return _plan_of(_anatomy_subsets(inside.expand(batch_size, -1), valid, keep, rand), 2)
 
     # Random priorities; invalid tokens sort last, so the first n_valid ranks are valid tokens.
     priority = _block_priorities(rand, 1 if shared else batch_size, num_tokens, block_size)
@@ -270,6 +303,80 @@ def _checked_arguments(batch_size, num_tokens, ratio, ratio_range, keep, valid_m
         valid = torch.ones(batch_size, num_tokens, dtype=torch.bool, device=device)
 
     return batch_size, num_tokens, num_subsets, block_size, device, valid
+
+
+def _check_anatomy(partition, num_tokens, ratio, ratio_range, block_size, num_subsets,
+                   target_blocks, target_scale) -> None:
+    """The ``partition`` argument and, for ``"anatomy"``, the settings it rules out or needs
+    (one error naming the argument)."""
+    if partition != "anatomy":
+        raise ValueError(f"sample_partitions: partition must be 'random' or 'anatomy', got "
+                         f"{partition!r}")
+    for name, unset in (("ratio", ratio == 0.5), ("ratio_range", ratio_range is None),
+                        ("block_size", block_size == 1), ("num_subsets", num_subsets == 2)):
+        if not unset:
+            raise ValueError(f"sample_partitions: partition='anatomy' sizes its two subsets by "
+                             f"its target blocks; leave {name} unset")
+    grid = math.isqrt(num_tokens)
+    if grid * grid != num_tokens:
+        raise ValueError(f"sample_partitions: partition='anatomy' needs a square token grid, "
+                         f"got num_tokens={num_tokens}")
+    if (not isinstance(target_blocks, numbers.Integral) or isinstance(target_blocks, bool)
+            or target_blocks < 1):
+        raise ValueError(f"sample_partitions: target_blocks must be an int >= 1, got "
+                         f"{target_blocks!r}")
+    if (not isinstance(target_scale, Sequence) or len(target_scale) != 2
+            or not all(isinstance(x, numbers.Real) and not isinstance(x, bool)
+                       for x in target_scale)
+            or not 0.0 < target_scale[0] <= target_scale[1] < 1.0):
+        raise ValueError(f"sample_partitions: target_scale must be (lo, hi) with "
+                         f"0 < lo <= hi < 1, got {target_scale!r}")
+
+
+def _target_blocks(rand, batch_size: int, num_tokens: int, count: int,
+                   scale: tuple[float, float]) -> torch.Tensor:
+    """``(B, N)`` bool: tokens inside any of ``count`` random rectangles of the square patch
+    grid (I-JEPA's target blocks: area fraction ``U(scale)``, aspect ``U(log 3/4, log 3/2)``
+    in log space, sides rounded and clipped to ``[1, grid]``, top-left corner uniform)."""
+    grid = math.isqrt(num_tokens)
+    u = rand(4, batch_size, count)
+    lo, hi = scale
+    area = (lo + (hi - lo) * u[0]) * num_tokens
+    aspect = torch.exp(math.log(0.75) + (math.log(1.5) - math.log(0.75)) * u[1])
+    height = torch.round(torch.sqrt(area * aspect)).clamp(1, grid)
+    width = torch.round(torch.sqrt(area / aspect)).clamp(1, grid)
+    # u < 1, so the floor stays in [0, grid - side]
+    top = torch.floor(u[2] * (grid - height + 1))
+    left = torch.floor(u[3] * (grid - width + 1))
+    coord = torch.arange(grid, device=u.device, dtype=u.dtype)
+    rows = (coord >= top[..., None]) & (coord < (top + height)[..., None])  # (B, count, grid)
+    cols = (coord >= left[..., None]) & (coord < (left + width)[..., None])
+    return (rows[..., :, None] & cols[..., None, :]).any(dim=1).reshape(batch_size, num_tokens)
+
+
+def _anatomy_subsets(inside: torch.Tensor, valid: torch.Tensor, keep: float,
+                     rand) -> torch.Tensor:
+    """``(B, N)`` subset map of ``"anatomy"`` partitions: 1 (B) for valid tokens ``inside`` the
+    target blocks, 0 (A) for the other valid ones, each side thinned to ``keep``; -1 elsewhere.
+    A side with no valid token takes the image's first valid token in a random order."""
+    batch_size, num_tokens = valid.shape
+    subset = torch.where(inside, 1, 0)
+    priority = rand(batch_size, num_tokens).masked_fill(~valid, 3.0)
+    first = priority.argmin(dim=1, keepdim=True)  # a valid token whenever the image has one
+    for side in (1, 0):  # B first: an image of one valid token ends with it in A, as "random"
+        empty = ~(valid & (subset == side)).any(dim=1, keepdim=True)
+        moved = subset.gather(1, first).masked_fill(empty, side)
+        subset = subset.scatter(1, first, moved)
+    subset = torch.where(valid, subset, -1)
+    if keep == 1.0:
+        return subset
+    for side in (0, 1):  # the first random ranks of each side stay
+        mine = subset == side
+        rank = torch.where(mine, priority, 3.0).argsort(dim=1).argsort(dim=1)
+        n = mine.sum(dim=1, keepdim=True)
+        n_keep = torch.maximum(torch.round(n * keep).long(), n.clamp(max=1))
+        subset = torch.where(mine & (rank >= n_keep), -1, subset)
+    return subset
 
 
 def _subset_of_rank(rank, n_keep, k, ratio, ratio_range, rand, shared) -> torch.Tensor:

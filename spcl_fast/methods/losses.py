@@ -6,6 +6,10 @@
   so far negatives stop pushing.
 * :func:`vicreg_variance`, :func:`vicreg_covariance`: VICReg's (Bardes et al., ICLR 2022)
   anti-collapse terms on one branch's embeddings, beside a contrastive loss.
+* :func:`intra_image_nce`: InfoNCE between predicted and actual token representations whose
+  negatives are the other queried tokens of the same image (ConMIM, Yi et al., ICLR 2023;
+  Siamese Image Modeling, Tao et al., CVPR 2023), so image-level cues (exposure, pose, body
+  size) cannot tell the positive from the negatives.
 
 Plain torch: the ``(M, M)`` matrix of :func:`bounded_info_nce` is materialised (batches here
 are thousands of rows at most); autograd gives the gradients.
@@ -73,3 +77,44 @@ def vicreg_covariance(z: torch.Tensor) -> torch.Tensor:
     zc = z - z.mean(dim=0)
     cov = zc.T @ zc / (z.shape[0] - 1)
     return (cov.square().sum() - cov.diagonal().square().sum()) / z.shape[1]
+
+
+def intra_image_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float = 0.1,
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of each prediction picking its own target among the queried targets
+    of its own image (one direction: predictions are the queries, targets the keys).
+
+    Args:
+        pred, target: ``(B, q, d)`` float; ``pred[b, i]`` predicts ``target[b, i]``, the other
+            ``target[b, j]`` are its negatives; L2-normalised inside.
+        temperature: logits are ``cos / temperature``.
+        valid: optional ``(B, q)`` bool; a ``False`` query is neither a query nor a negative
+            (an image with fewer than ``q`` tokens to query pads with them). ``None``: all.
+
+    Returns:
+        scalar ``()`` tensor, the mean over valid queries (0 when there are none),
+        differentiable in ``pred`` and ``target``.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> target = torch.randn(2, 8, 16, generator=g)
+        >>> near = target + 0.1 * torch.randn(2, 8, 16, generator=g)
+        >>> bool(intra_image_nce(near, target) < intra_image_nce(near.flip(1), target))
+        True
+    """
+    if pred.ndim != 3 or pred.shape != target.shape:
+        raise ValueError(f"intra_image_nce: pred and target must be (B, q, d) of one shape, got "
+                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
+    if valid is None:
+        valid = torch.ones(pred.shape[:2], dtype=torch.bool, device=pred.device)
+    elif valid.shape != pred.shape[:2] or valid.dtype != torch.bool:
+        raise ValueError(f"intra_image_nce: valid must be a {tuple(pred.shape[:2])} bool "
+                         f"tensor, got {tuple(valid.shape)} {valid.dtype}")
+    logits = F.normalize(pred, dim=-1) @ F.normalize(target, dim=-1).transpose(1, 2)
+    logits = (logits / temperature).masked_fill(~valid[:, None, :], float("-inf"))
+    # an invalid query row may be all -inf: give it a finite row, then weigh it 0
+    logits = logits.masked_fill(~valid[:, :, None], 0.0)
+    loss = torch.logsumexp(logits, dim=-1) - logits.diagonal(dim1=1, dim2=2)  # (B, q)
+    loss = torch.where(valid, loss, 0.0)
+    return loss.sum() / valid.sum().clamp(min=1)

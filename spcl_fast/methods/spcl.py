@@ -5,6 +5,12 @@ same encoder embeds each subset on its own (varlen attention inside the subset),
 maps the pooled embeddings, and InfoNCE pulls the subsets of an image together and pushes other
 images' apart. No augmentations, no decoder, no momentum encoder.
 
+Options beside that loss: I-JEPA-style ``partition="anatomy"`` (subset B a few rectangular
+blocks of anatomy, subset A the context around them), an intra-image term (``intra_weight``:
+ConMIM / Siamese Image Modeling's token-level contrast, whose negatives are other positions of
+the same image, so image-level cues such as exposure, pose or body size cannot solve it) and
+OCL's one shared mild crop per image before partitioning (``crop_scale``).
+
 OCL's recipe (Yang et al., ICML 2025: few kept tokens, the final-normed class token straight
 into a bounded-similarity loss) is ``keep=0.1`` (its mask ratio 0.9), ``class_token=True,
 projector="none", similarity="bounded", temperature=0.07``; few tokens per image need more kept
@@ -13,6 +19,7 @@ projector="none", similarity="bounded", temperature=0.07``; few tokens per image
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import torch
@@ -20,11 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed, flops
-from ..nn.vit import VisionTransformer
+from ..nn.vit import Mlp, VisionTransformer
 from ..ops import info_nce
 from ..partition import PartitionPlan, sample_partitions
 from .base import BuildContext
-from .losses import bounded_info_nce, vicreg_covariance, vicreg_variance
+from .dino import resized_crops, sample_crops
+from .losses import bounded_info_nce, intra_image_nce, vicreg_covariance, vicreg_variance
 
 
 class Projector(nn.Module):
@@ -42,6 +50,49 @@ class Projector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class TokenPredictor(nn.Module):
+    """One cross-attention layer + MLP that predicts tokens of one subset from another's
+    (the intra-image term): queries are a learned mask token plus the position embedding of
+    each queried position, keys and values the context subset's final-normed token outputs.
+
+    ``forward(pos (B, q, D), kv (B, L, 2D), context_valid (B, L) bool) -> (B, q, D)``;
+    padded context rows (``False``) get no attention (an image with no context row attends to
+    its padding: its queries must be masked out of the loss).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"TokenPredictor: dim {dim} is not a multiple of {num_heads} heads")
+        self.num_heads = num_heads
+        self.mask_token = nn.Parameter(torch.zeros(dim))  # 1-D: no weight decay, as norms
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, pos: torch.Tensor, kv: torch.Tensor,
+                context_valid: torch.Tensor) -> torch.Tensor:
+        """``kv (B, L, 2D)``: :attr:`kv` of the context tokens (applied by the caller to the
+        packed tokens once, before padding: each token is a context once per direction)."""
+        b, q, d = pos.shape
+        h = self.num_heads
+        x = self.mask_token + pos
+        queries = self.q(self.norm1(x)).view(b, q, h, d // h).transpose(1, 2)  # (B, H, q, Dh)
+        k, v = kv.view(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        # plain matmuls, not a fused kernel: the (B, H, q, L) scores are small and the FLOP
+        # count of train_flops is then exactly what runs
+        scores = queries @ k.transpose(-2, -1) * (d // h) ** -0.5
+        allowed = context_valid | ~context_valid.any(dim=1, keepdim=True)
+        scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
+        attn = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, q, d)
+        x = x + self.proj(attn)
+        return x + self.mlp(self.norm2(x))
 
 
 class SPCL(nn.Module):
@@ -65,6 +116,30 @@ class SPCL(nn.Module):
             and number per image (see :func:`spcl_fast.sample_partitions`). With
             ``num_subsets = K > 2`` the loss is the mean InfoNCE over the ``K (K-1) / 2`` pairs
             of subsets of each image.
+        partition, target_blocks, target_scale: ``"random"`` splits, or ``"anatomy"``: subset
+            B is ``target_blocks`` rectangles of the patch grid of area fraction
+            ``U(target_scale)`` each, subset A the rest; ``keep < 1`` thins each subset at
+            random to keep that fraction of it (see :func:`spcl_fast.sample_partitions`).
+        intra_weight: weight of the intra-image term (0: off; two subsets only). For each
+            image, ``intra_queries`` positions of subset B are drawn; a
+            :class:`TokenPredictor` (the encoder's width; queries: a mask token plus the
+            position embedding of each drawn position) cross-attends to subset A's
+            final-normed token outputs and predicts each drawn token's final-normed output;
+            :func:`~spcl_fast.methods.losses.intra_image_nce` makes each prediction pick its
+            own target among the drawn positions of its image. The same runs from B to A, and
+            the term is the mean of both directions (so one-directional cross-entropy is
+            enough: the pair is symmetric). Targets are not detached (one encoder, no momentum
+            copy; the negatives keep it from collapsing). An image whose subset has fewer
+            tokens than ``intra_queries`` queries all of them (clamped, never an error). The
+            positions are drawn with ``generator`` (the global RNG when ``None``, as the
+            trainer runs it: its state is checkpointed). Needs position embeddings.
+        intra_queries, intra_temperature: drawn positions per image and subset, and the
+            intra-image term's temperature.
+        crop_scale: ``(lo, hi)``: one random resized crop per image (area fraction
+            ``U(lo, hi)``, aspect ratio in [3/4, 4/3], no flip; DINO's
+            :func:`~spcl_fast.methods.dino.sample_crops`) resampled back to the image size
+            before partitioning, so both subsets come from the same crop (OCL). Drawn with the
+            plan (``plan.crop``). ``None``: off.
         predictor_hidden: width of a small MLP predictor (``Linear -> LayerNorm -> GELU ->
             Linear``) on one branch: the first subset of each pair is predicted, the second is
             the target (0: no predictor). MoCo v3 / BYOL's predictor head, without their
@@ -91,7 +166,8 @@ class SPCL(nn.Module):
     and detached numbers worth logging, on the first pair of subsets (A, B): ``acc`` (how often
     subset A, predicted when there is a predictor, finds its own subset B among the batch),
     ``pos_sim`` and ``neg_sim`` (mean cosine of positive and negative pairs); with VICReg terms
-    also ``contrastive``, ``vicreg_var`` and ``vicreg_cov`` (each unweighted).
+    also ``contrastive``, ``vicreg_var`` and ``vicreg_cov``, with the intra-image term
+    ``contrastive`` and ``intra`` (each unweighted).
 
     Example::
 
@@ -121,6 +197,13 @@ class SPCL(nn.Module):
         block_size: int = 1,
         shared_split: bool = False,
         num_subsets: int = 2,
+        partition: str = "random",
+        target_blocks: int = 4,
+        target_scale: tuple[float, float] = (0.15, 0.2),
+        intra_weight: float = 0.0,
+        intra_queries: int = 16,
+        intra_temperature: float = 0.1,
+        crop_scale: tuple[float, float] | None = None,
         predictor_hidden: int = 0,
         subset_jitter: float = 0.0,
         subset_warp: float = 0.0,
@@ -156,6 +239,15 @@ class SPCL(nn.Module):
             raise ValueError(f"ratio and ratio_range size subset A against B; with "
                              f"num_subsets={num_subsets} the subsets are of equal size")
         self.num_subsets = num_subsets
+        if partition not in ("random", "anatomy"):
+            raise ValueError(f"partition must be 'random' or 'anatomy', got {partition!r}")
+        self.partition, self.target_blocks = partition, target_blocks
+        self.target_scale = tuple(target_scale)
+        self._init_intra(intra_weight, intra_queries, intra_temperature)
+        if crop_scale is not None and not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must be None or (lo, hi) with 0 < lo <= hi <= 1, got "
+                             f"{crop_scale}")
+        self.crop_scale = None if crop_scale is None else tuple(crop_scale)
         if predictor_hidden < 0:
             raise ValueError(f"predictor_hidden must be >= 0 (0: none), got {predictor_hidden}")
         self.predictor = (Projector(self.out_dim, predictor_hidden, self.out_dim, depth=1)
@@ -168,6 +260,22 @@ class SPCL(nn.Module):
         self.gather_distributed = gather_distributed
         self.layout = layout
 
+    def _init_intra(self, weight: float, queries: int, temperature: float) -> None:
+        """The intra-image term's settings and, when it is on, its :class:`TokenPredictor`."""
+        if not (weight >= 0 and queries >= 1 and temperature > 0):
+            raise ValueError(f"intra_weight must be >= 0, intra_queries >= 1 and "
+                             f"intra_temperature > 0, got {weight}, {queries}, {temperature}")
+        if weight > 0 and self.num_subsets != 2:
+            raise ValueError(f"intra_weight > 0 predicts subset B from A and back: it needs "
+                             f"num_subsets=2, got {self.num_subsets}")
+        if weight > 0 and not self.encoder.pos_embed.detach().any():
+            raise ValueError("intra_weight > 0 queries positions through the encoder's position "
+                             "embeddings, which are all zero (pos_embed='none')")
+        self.intra_weight, self.intra_queries = weight, queries
+        self.intra_temperature = temperature
+        self.token_predictor = (TokenPredictor(self.encoder.embed_dim, self.encoder.num_heads)
+                                if weight > 0 else None)
+
     @classmethod
     def from_config(cls, encoder: VisionTransformer, settings, context: BuildContext) -> SPCL:
         """From the ``spcl`` config section; the loss spans every process's batch where the run
@@ -178,13 +286,20 @@ class SPCL(nn.Module):
         self, batch_size: int, generator: torch.Generator | None, device,
         images: torch.Tensor | None = None,
     ) -> PartitionPlan:
-        """The step's partitions. With ``background_std`` the flat patches of ``images`` (the
-        batch) are left out; without ``images`` (a FLOP estimate before any batch is read)
-        every patch counts, an upper bound of the step's cost."""
+        """The step's partitions (and, with ``crop_scale``, each image's crop, drawn first).
+        With ``background_std`` the flat patches of ``images`` (the batch, cropped) are left
+        out; without ``images`` (a FLOP estimate before any batch is read) every patch
+        counts, an upper bound of the step's cost."""
+        crop = None
+        if self.crop_scale is not None:
+            crop = sample_crops(batch_size, num_global=1, num_local=0,
+                                global_scale=self.crop_scale, jitter=0.0, generator=generator,
+                                device=device).theta[0]  # (B, 2, 3)
         valid = None
         if self.background_std > 0 and images is not None:
-            valid = self.foreground(images).cpu()  # the plan is drawn on the host
-        return sample_partitions(
+            # the plan is drawn on the host
+            valid = self.foreground(self.crop_images(images, crop)).cpu()
+        plan = sample_partitions(
             batch_size,
             self.encoder.num_patches,
             ratio=self.ratio,
@@ -196,7 +311,21 @@ class SPCL(nn.Module):
             block_size=self.block_size,
             shared=self.shared_split,
             num_subsets=self.num_subsets,
+            partition=self.partition,
+            target_blocks=self.target_blocks,
+            target_scale=self.target_scale,
         )
+        return plan if crop is None else dataclasses.replace(plan, crop=crop)
+
+    @staticmethod
+    def crop_images(images: torch.Tensor, crop: torch.Tensor | None) -> torch.Tensor:
+        """``images (B, C, S, S)`` with each image's crop ``crop[b]`` (``(B, 2, 3)``, a plan's
+        ``crop``) resampled back to ``S x S``; ``images`` themselves when ``crop`` is None."""
+        if crop is None:
+            return images
+        crop = crop.to(images.device)[None]  # one crop per image: (1, B, 2, 3)
+        gain = torch.ones(crop.shape[:2], device=images.device)  # no intensity change
+        return resized_crops(images, crop, gain, torch.zeros_like(gain), images.shape[-1])
 
     @torch.no_grad()
     def foreground(self, images: torch.Tensor) -> torch.Tensor:
@@ -231,7 +360,27 @@ class SPCL(nn.Module):
         parts["loss"] = pairs * flops.info_nce_flops(queries, queries, d)
         if self.vicreg_cov > 0:  # one (d, M) @ (M, d) covariance per subset
             parts["vicreg"] = self.num_subsets * flops.linear_flops(d, m, d)
+        if self.token_predictor is not None:
+            parts.update(self._intra_flops(plan))
         return flops.training_flops(parts)
+
+    def _intra_flops(self, plan: PartitionPlan) -> dict[str, int]:
+        """Forward FLOPs of the intra-image term on the real (unpadded) queries and context
+        rows: ``kv`` on every token once, then per direction and image ``n_q = min(q, |target
+        subset|)`` queries through ``q``, plain-matmul cross-attention over the ``|context|``
+        rows, ``proj`` and the MLP, and an ``n_q x n_q`` logit matrix. All are matmuls (3x in
+        training)."""
+        p, d = self.token_predictor, self.encoder.embed_dim
+        hidden = p.mlp.fc1.out_features
+        predictor = flops.linear_flops(plan.total_tokens, d, 2 * d)
+        loss = 0
+        for context, target in plan.seqlens.view(-1, 2).tolist():
+            for n_ctx, n_tgt in ((context, target), (target, context)):
+                n_q = min(self.intra_queries, n_tgt)
+                predictor += (flops.linear_flops(n_q, d, 2 * d + hidden) + 4 * n_q * n_ctx * d
+                              + flops.linear_flops(n_q, hidden, d))  # q + proj + fc1, attn, fc2
+                loss += flops.info_nce_flops(n_q, n_q, d)
+        return {"intra_predictor": predictor, "intra_loss": loss}
 
     def _jitter_subsets(self, images, plan, generator) -> torch.Tensor:
         """A composite image whose patches of each subset come from that subset's own
@@ -295,12 +444,17 @@ class SPCL(nn.Module):
     ) -> dict[str, torch.Tensor]:
         if plan is None:
             plan = self.sample_plan(images.shape[0], generator, images.device, images)
+        images = self.crop_images(images, plan.crop)
         if (self.subset_jitter > 0 or self.subset_warp > 0) and self.training:
             images = self._jitter_subsets(images, plan, generator)
         if plan.subsets_per_image != self.num_subsets:
             raise ValueError(f"plan has {plan.subsets_per_image} subsets per image, the model "
                              f"{self.num_subsets}")
-        pooled = self.encoder.forward_partitioned(images, plan, self.layout)  # (KB, D)
+        tokens = None
+        if self.token_predictor is None:
+            pooled = self.encoder.forward_partitioned(images, plan, self.layout)  # (KB, D)
+        else:  # the token outputs too, (T, D) in packed order
+            pooled, tokens = self.encoder.forward_partitioned_tokens(images, plan, self.layout)
         # at least fp32 into the loss: it is tiny next to the encoder and keeps the logged loss
         # exact under bf16 autocast.
         z = self.projector(pooled).view(images.shape[0], self.num_subsets, -1)
@@ -315,14 +469,54 @@ class SPCL(nn.Module):
                 with torch.no_grad():
                     stats = self._pair_stats(queries[:, i], z[:, j])
         loss = torch.stack(losses).mean()
-        if self.vicreg_var == 0 and self.vicreg_cov == 0:
+        terms = {}  # name: (weight, unweighted value)
+        if self.vicreg_var > 0 or self.vicreg_cov > 0:
+            subsets = z.unbind(1)
+            terms["vicreg_var"] = (self.vicreg_var,
+                                   torch.stack([vicreg_variance(s) for s in subsets]).mean())
+            terms["vicreg_cov"] = (self.vicreg_cov,
+                                   torch.stack([vicreg_covariance(s) for s in subsets]).mean())
+        if tokens is not None:
+            terms["intra"] = (self.intra_weight, self._intra(tokens, plan, generator, dtype))
+        if not terms:
             return {"loss": loss, **stats}
-        subsets = z.unbind(1)
-        var = torch.stack([vicreg_variance(s) for s in subsets]).mean()
-        cov = torch.stack([vicreg_covariance(s) for s in subsets]).mean()
-        total = loss + self.vicreg_var * var + self.vicreg_cov * cov
-        return {"loss": total, **stats, "contrastive": loss.detach(), "vicreg_var": var.detach(),
-                "vicreg_cov": cov.detach()}
+        total = loss
+        for weight, value in terms.values():
+            total = total + weight * value
+        return {"loss": total, **stats, "contrastive": loss.detach(),
+                **{name: value.detach() for name, (_, value) in terms.items()}}
+
+    def _intra(self, tokens: torch.Tensor, plan: PartitionPlan, generator, dtype) -> torch.Tensor:
+        """The intra-image term: the mean of A predicting B's drawn tokens and B predicting
+        A's, each :func:`~spcl_fast.methods.losses.intra_image_nce` over one image's drawn
+        positions (``tokens``: the ``(T, D)`` packed token outputs of a two-subset plan)."""
+        b, n, length = plan.num_images, plan.num_tokens, plan.max_seqlen
+        seg = plan.segment_ids()
+        col = torch.arange(plan.total_tokens, device=seg.device) - plan.cu_seqlens.long()[seg]
+        kv = self.token_predictor.kv(tokens)  # once per token, before padding
+        # (B, 2, L, ...): each segment's rows padded to the longest one
+        padded_kv = kv.new_zeros(plan.num_segments, length, kv.shape[1])
+        padded_kv[seg, col] = kv
+        padded = tokens.new_zeros(plan.num_segments, length, tokens.shape[1])
+        padded[seg, col] = tokens
+        valid = torch.zeros(plan.num_segments, length, dtype=torch.bool, device=seg.device)
+        valid[seg, col] = True
+        position = torch.zeros_like(valid, dtype=torch.long)
+        position[seg, col] = plan.token_index % n
+        padded_kv, padded, valid, position = (
+            t.view(b, 2, length, *t.shape[2:]) for t in (padded_kv, padded, valid, position))
+        q = min(self.intra_queries, length)
+        losses = []
+        for ctx, tgt in ((0, 1), (1, 0)):
+            # q random positions of the target subset (fewer real ones where it is smaller)
+            priority = torch.rand(b, length, generator=generator).to(seg.device)
+            pick = priority.masked_fill(~valid[:, tgt], 2.0).argsort(dim=1, stable=True)[:, :q]
+            pos = self.encoder.pos_embed[0][position[:, tgt].gather(1, pick)]  # (B, q, D)
+            pred = self.token_predictor(pos, padded_kv[:, ctx], valid[:, ctx])
+            target = padded[:, tgt].gather(1, pick[..., None].expand(-1, -1, padded.shape[-1]))
+            losses.append(intra_image_nce(pred.to(dtype), target.to(dtype),
+                                          self.intra_temperature, valid[:, tgt].gather(1, pick)))
+        return 0.5 * (losses[0] + losses[1])
 
     def _contrastive(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         if self.similarity == "bounded":

@@ -232,6 +232,8 @@ class VisionTransformer(nn.Module):
           (with its own class token) encoded on its own, final-normed and pooled like
           ``forward``; row ``2b`` is subset A of image ``b``, row ``2b+1`` its subset B (``K``
           rows per image for a plan of ``K`` subsets).
+        * ``forward_partitioned_tokens(images, plan, layout)``: the same pooled rows and
+          the ``(T, D)`` outputs of the plan's patch tokens in packed order.
         * ``patch_tokens(images) -> (B, N, D)``: the patch tokens of ``forward_features``.
         * ``forward_tokens(x, cu_seqlens=None, max_seqlen=None, token_index=None)``: already
           embedded tokens (dense ``(B, L, D)`` or varlen rows) through the blocks and the final
@@ -401,6 +403,14 @@ class VisionTransformer(nn.Module):
             ``(KB, D)``: row ``s`` pools segment ``s`` (its class token, else the mean of its
             tokens; an empty segment without a class token gives zeros).
         """
+        return self.forward_partitioned_tokens(images, plan, layout)[0]
+
+    def forward_partitioned_tokens(
+        self, images: torch.Tensor, plan: PartitionPlan, layout: str = "packed"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward_partitioned`'s pooled ``(KB, D)`` rows and the ``(T, D)`` final-normed
+        outputs of the plan's patch tokens, in the plan's packed order (row ``t`` is token
+        ``plan.token_index[t]``; class-token rows left out), for losses on single tokens."""
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         b = images.shape[0]
@@ -416,7 +426,8 @@ class VisionTransformer(nn.Module):
             # segment: both layouts then run unchanged on the longer plan.
             s = plan.num_segments
             x = torch.cat([x, self.cls_token.reshape(1, -1).expand(s, -1).to(x.dtype)])
-            token_index, cu_seqlens, cls_rows = _with_prefix_rows(plan, b * self.num_patches)
+            token_index, cu_seqlens, cls_rows, body = _with_prefix_rows(plan,
+                                                                         b * self.num_patches)
             max_seqlen += 1
         if layout == "packed":
             x = x[token_index]  # gather once; every block then works on (T, D)
@@ -427,13 +438,13 @@ class VisionTransformer(nn.Module):
         if layout == "inplace":
             x = x[token_index]
         if self.num_prefix_tokens:
-            return x[cls_rows]
-        return segment_mean(x, plan)
+            return x[cls_rows], x[body]
+        return segment_mean(x, plan), x
 
 
 def _with_prefix_rows(plan: PartitionPlan, first_row: int):
     """The plan's ``token_index`` and ``cu_seqlens`` with row ``first_row + s`` put in front of
-    segment ``s``, and where those rows sit in the packed order."""
+    segment ``s``, where those rows sit in the packed order, and where the plan's rows do."""
     s = plan.num_segments
     seg = torch.arange(s, device=plan.cu_seqlens.device)
     starts = plan.cu_seqlens[:-1].long() + seg  # packed position of each prefix row
@@ -445,7 +456,7 @@ def _with_prefix_rows(plan: PartitionPlan, first_row: int):
     index[body] = plan.token_index
     cu = plan.cu_seqlens + torch.arange(s + 1, dtype=plan.cu_seqlens.dtype,
                                         device=plan.cu_seqlens.device)
-    return index, cu, starts
+    return index, cu, starts, body
 
 
 def segment_mean(x: torch.Tensor, plan: PartitionPlan) -> torch.Tensor:

@@ -108,6 +108,13 @@ class SPCLConfig:
     block_size: int = 1  # assign k x k blocks of patches to subsets together (1: single tokens)
     shared_split: bool = False  # one split for the whole batch (no position-pattern shortcut)
     num_subsets: int = 2  # subsets per image (>2: equal sizes, loss averaged over all pairs)
+    partition: Literal["random", "anatomy"] = "random"  # anatomy: B = target blocks, A = rest
+    target_blocks: int = 4  # anatomy: rectangular target blocks of the patch grid in subset B
+    target_scale: tuple[float, float] = (0.15, 0.2)  # anatomy: area fraction of each block
+    intra_weight: float = 0.0  # weight of the intra-image token contrast (0: off)
+    intra_queries: int = 16  # intra-image: positions of each subset predicted per image
+    intra_temperature: float = 0.1  # intra-image: temperature of its cross-entropy
+    crop_scale: tuple[float, float] | None = None  # one shared crop per image, area in [lo, hi]
     subset_jitter: float = 0.0  # independent intensity jitter per subset while training (0: off)
     subset_warp: float = 0.0  # independent small affine warp per subset while training (0: off)
     background_std: float = 0.0  # skip patches flatter than this x the image's std (0: off)
@@ -125,7 +132,8 @@ class SPCLConfig:
     layout: Literal["packed", "inplace"] = "packed"  # residual stream layout
 
     def check(self) -> None:
-        lo_hi = self.ratio_range
+        lo_hi, crop, anatomy = self.ratio_range, self.crop_scale, self.partition == "anatomy"
+        blocks_lo, blocks_hi = self.target_scale
         _require(self, {
             "keep": (0 < self.keep <= 1, "in (0, 1]"),
             "ratio": (0 < self.ratio < 1, "in (0, 1)"),
@@ -143,6 +151,24 @@ class SPCLConfig:
             "proj_dim": (self.proj_dim >= 1, ">= 1"),
             "proj_depth": (self.proj_depth >= 0, ">= 0"),
             "predictor_hidden": (self.predictor_hidden >= 0, ">= 0 (0: none)"),
+            "target_blocks": (self.target_blocks >= 1, ">= 1"),
+            "target_scale": (0 < blocks_lo <= blocks_hi < 1, "(lo, hi) with 0 < lo <= hi < 1"),
+            "intra_weight": (math.isfinite(self.intra_weight) and self.intra_weight >= 0,
+                             ">= 0 (0: off)"),
+            "intra_queries": (self.intra_queries >= 1, ">= 1"),
+            "intra_temperature": (math.isfinite(self.intra_temperature)
+                                  and self.intra_temperature > 0, "positive"),
+            "crop_scale": (crop is None or 0 < crop[0] <= crop[1] <= 1,
+                           "(lo, hi) with 0 < lo <= hi <= 1, or None (off)"),
+        })
+        # what partition='anatomy' (its blocks size the subsets) and the intra-image term
+        # (subset B from A and back) rule out
+        _require(self, {
+            "ratio": (not anatomy or self.ratio == 0.5, "0.5 (unset) with partition 'anatomy'"),
+            "ratio_range": (not anatomy or lo_hi is None, "None with partition 'anatomy'"),
+            "block_size": (not anatomy or self.block_size == 1, "1 with partition 'anatomy'"),
+            "num_subsets": ((not anatomy and self.intra_weight == 0) or self.num_subsets == 2,
+                            "2 with partition 'anatomy' or intra_weight > 0"),
         })
 
 
