@@ -165,18 +165,14 @@ def sample_partitions(
         num_subsets: ``K >= 2`` subsets per image. With ``K > 2`` the kept tokens are dealt
             into ``K`` subsets of equal size (sizes differ by at most one), so ``ratio`` and
             ``ratio_range`` (which size subset A against B) must stay unset.
-        partition: ``"random"`` (the rules below) or ``"anatomy"`` (I-JEPA's blocks, needs a
-            square token grid): subset B is the union of ``target_blocks`` rectangles of the
-            patch grid, each of area fraction ``U(target_scale)`` and aspect ratio (height /
-            width) ``exp(U(log 0.75, log 1.5))``, at uniform positions; subset A is the rest
-            (the context). The blocks size the subsets, so ``ratio``, ``ratio_range``,
-            ``block_size`` and ``num_subsets`` must stay unset. ``keep < 1`` thins each subset
-            at random to ``max(round(keep * n), 1)`` of its ``n`` valid tokens, so both keep
-            their shapes' proportions. An image whose valid tokens all fall on one side gives
-            its first valid token (random order) to the other, so both subsets are non-empty
-            whenever it has two valid tokens. ``shared``: one block layout for the batch.
-        target_blocks, target_scale: ``"anatomy"``'s number of blocks and ``(lo, hi)`` area
-            fraction of each (``0 < lo <= hi < 1``); the blocks may overlap.
+        partition: ``"random"`` (the rules below) or ``"anatomy"`` (I-JEPA's target blocks,
+            on a square grid): subset B is the union of ``target_blocks`` random rectangles
+            (area fraction ``U(target_scale)``, ``0 < lo <= hi < 1``, aspect ratio in [0.75,
+            1.5]), subset A the rest; ``ratio``, ``ratio_range``, ``block_size`` and
+            ``num_subsets`` must stay unset. ``keep < 1`` thins each subset at random to
+            ``max(round(keep * n), 1)`` of its ``n`` valid tokens; both subsets are non-empty
+            whenever an image has two valid tokens (see :func:`_anatomy_subsets`).
+        target_blocks, target_scale: ``"anatomy"``'s blocks (they may overlap).
 
     Every image with at least ``K`` kept tokens gets ``K`` non-empty subsets; an image with
     fewer valid tokens fills the first subsets with one token each; an image with none yields
