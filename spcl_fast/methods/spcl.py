@@ -514,8 +514,10 @@ class SPCL(nn.Module):
             pos = self.encoder.pos_embed[0][position[:, tgt].gather(1, pick)]  # (B, q, D)
             pred = self.token_predictor(pos, padded_kv[:, ctx], valid[:, ctx])
             target = padded[:, tgt].gather(1, pick[..., None].expand(-1, -1, padded.shape[-1]))
-            losses.append(intra_image_nce(pred.to(dtype), target.to(dtype),
-                                          self.intra_temperature, valid[:, tgt].gather(1, pick)))
+            with torch.autocast(seg.device.type, enabled=False):  # logits in fp32 (at least)
+                losses.append(intra_image_nce(pred.to(dtype), target.to(dtype),
+                                              self.intra_temperature,
+                                              valid[:, tgt].gather(1, pick)))
         return 0.5 * (losses[0] + losses[1])
 
     def _contrastive(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
