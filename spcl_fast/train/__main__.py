@@ -1,7 +1,8 @@
 """``python -m spcl_fast.train``: S-PCL pre-training from the command line.
 
 With no arguments it runs the demo preset: a small ViT on built-in synthetic chest X-rays, about
-70 s on two CPU cores, then a linear probe of the encoder against its initialisation.
+70 s on two CPU cores, then a linear probe of the encoder against its initialisation and
+against the raw pixels.
 
 Several GPUs or nodes: ``torchrun --nproc_per_node=8 -m spcl_fast.train --preset vit_base_224
 ...`` (every process runs this module; the first writes the files). Exit status: 0 when the run
@@ -167,12 +168,18 @@ def _report(summary: dict, out: str, minutes: float) -> None:
         f"{summary['checkpoint']}"
     )
     if "probe" in summary:
-        pre, init = summary["probe"]["pretrained"], summary["probe"]["init"]
+        probe = summary["probe"]
         print("linear probe, test mean AUROC (per class):")
-        for name, res in (("pre-trained", pre), ("at init", init)):
-            per = ", ".join(f"{k} {v:.3f}" for k, v in res["per_class_auroc"].items())
-            print(f"  {name:<12} {res['mean_auroc']:.3f}  ({per})")
-        print(f"  gain         {pre['mean_auroc'] - init['mean_auroc']:+.3f}")
+        rows = [("pre-trained", "pretrained"), ("at init", "init"), ("raw pixels", "raw_pixels")]
+        for label, key in rows:
+            if key in probe:  # (summaries written before raw pixels were probed lack them)
+                res = probe[key]
+                per = ", ".join(f"{k} {v:.3f}" for k, v in res["per_class_auroc"].items())
+                print(f"  {label:<12} {res['mean_auroc']:.3f}  ({per})")
+        pre = probe["pretrained"]["mean_auroc"]
+        gains = [f"{pre - probe[key]['mean_auroc']:+.3f} over {label.removeprefix('at ')}"
+                 for label, key in rows[1:] if key in probe]
+        print(f"  gain         {', '.join(gains)}")
     print(f"outputs: {out}/config.json, metrics.jsonl, loss_curve.png, summary.json, ckpt-*.pt")
 
 

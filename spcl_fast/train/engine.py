@@ -45,28 +45,35 @@ from .trainer import Trainer, peak_lrs
 __all__ = ["NonFiniteStop", "SaveError", "SetupError", "Trainer", "train"]
 
 
-def probe_encoders(config: TrainConfig, model: torch.nn.Module, device: torch.device,
-                   stats) -> dict:
-    """Linear-probe the trained encoder and the same encoder at initialisation."""
-    transform = normalizer(config.data.normalize, stats)
+def probe_splits(config: TrainConfig) -> dict:
+    """The probe's ``train``/``val``/``test`` splits, decoded once: ``{split: (images, labels,
+    class_names)}``."""
     splits = {}
     for split in ("train", "val", "test"):
         source, labels, names = load_split(config, split)
         splits[split] = (*materialize(source, labels, num_workers=config.data.num_workers), names)
+    return splits
+
+
+def probe_features(config: TrainConfig, splits: dict, features) -> dict:
+    """:func:`linear_probe` on ``features(images)`` of every split (the class names of test)."""
+    feats = {s: (features(imgs), labels) for s, (imgs, labels, _) in splits.items()}
+    return linear_probe(feats["train"], feats["val"], feats["test"],
+                        steps=config.run.probe_steps, class_names=splits["test"][2])
+
+
+def probe_encoders(config: TrainConfig, model: torch.nn.Module, device: torch.device,
+                   stats) -> dict:
+    """Linear-probe the trained encoder, the same encoder at initialisation and the normalised
+    raw pixels (the baseline that needs no encoder), on the same splits."""
+    transform = normalizer(config.data.normalize, stats)
+    splits = probe_splits(config)
     results = {}
     for name, encoder in (("pretrained", model.encoder), ("init", build_model(config).encoder)):
         encoder = encoder.to(device)
-        feats = {
-            s: (extract_features(encoder, imgs, device=device, transform=transform), labels)
-            for s, (imgs, labels, _) in splits.items()
-        }
-        results[name] = linear_probe(
-            feats["train"],
-            feats["val"],
-            feats["test"],
-            steps=config.run.probe_steps,
-            class_names=splits["test"][2],
-        )
+        results[name] = probe_features(config, splits, lambda x, e=encoder: extract_features(
+            e, x, device=device, transform=transform))
+    results["raw_pixels"] = probe_features(config, splits, lambda x: transform(x).flatten(1))
     return results
 
 

@@ -40,12 +40,11 @@ import statistics
 import time
 from pathlib import Path
 
-from ..eval.linear_probe import linear_probe
 from ..eval.report import write_results
 from ..run.config import TrainConfig, apply_overrides
-from ..run.data import intensity_stats, load_split, materialize, normalizer
+from ..run.data import intensity_stats, load_split, normalizer
 from ..run.presets import demo
-from .engine import SetupError, train
+from .engine import SetupError, probe_features, probe_splits, train
 
 SETS = ("synthetic", "chestxray14")
 
@@ -190,17 +189,13 @@ def seconds_per_step(config: TrainConfig, out: Path, steps: int = 12) -> float:
                              for x in lines)
 
 
-def raw_pixel_probe(config: TrainConfig, probe_steps: int) -> dict:
+def raw_pixel_probe(config: TrainConfig) -> dict:
     """The demo's probe on the normalised pixels instead of encoder features."""
-    splits = {s: load_split(config, s) for s in ("train", "val", "test")}
-    stats = intensity_stats(config.data.dataset, splits["train"][0], config.data.num_workers)
+    splits = probe_splits(config)
+    stats = intensity_stats(config.data.dataset, load_split(config, "train")[0],
+                            config.data.num_workers)
     transform = normalizer(config.data.normalize, stats)
-    feats = {}
-    for s, (src, labels, _) in splits.items():
-        images, labels = materialize(src, labels)
-        feats[s] = (transform(images).flatten(1), labels)
-    return linear_probe(feats["train"], feats["val"], feats["test"], steps=probe_steps,
-                        class_names=splits["test"][2])
+    return probe_features(config, splits, lambda x: transform(x).flatten(1))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -377,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
         used = [run_config(set_over, r, 0, args.steps).data.normalize for r in recipes]
         for norm in dict.fromkeys(["dataset", "image", *used]):
             config = apply_overrides(demo(), {**set_over, "normalize": norm})
-            raw = raw_pixel_probe(config, config.run.probe_steps)
+            raw = raw_pixel_probe(config)
             # Deterministic (no seed enters), so one record: its std 0 is no seed spread.
             records.append({"set": set_name, "row": f"raw pixels ({norm})", "seed": None,
                             "mean_auroc": raw["mean_auroc"],
