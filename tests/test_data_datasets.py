@@ -124,7 +124,7 @@ def test_chestxray14_labels_and_official_split(roots):
     assert set(ChestXray14(root, "test", S).ids) == test
     assert ChestXray14(root, "train", S, val_fraction=0.0).ids and not ChestXray14(
         root, "val", S, val_fraction=0.0).ids
-    assert ds.view_positions[0] == "PA"
+    assert ds.view_positions[0] == "PA" and set(ds.sexes) <= {"M", "F"}
 
 
 def test_chestxray14_release_variants(roots, tmp_path):

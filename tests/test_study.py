@@ -148,3 +148,30 @@ def test_study_rejects_bad_choices_before_any_run(tmp_path, argv, message):
     with pytest.raises(SystemExit, match=f"^error: [^\\n]*{message}"):
         study.main([*out, "--sets", "synthetic", *argv])
     assert not (tmp_path / "study").exists()  # nothing trained, nothing written
+
+
+def test_study_probes_sex_and_view_position_on_chestxray14(tiny, tmp_path):
+    """The metadata probe: its targets are the CSV's sex and view columns, row for row, and
+    every encoder row (trained, init) and raw pixels get one."""
+    import csv
+
+    from spcl_fast.data.fixtures import make_chestxray14
+
+    root = make_chestxray14(tmp_path / "nih", n=36, size=32)
+    result = study.main(["--out", str(tmp_path / "s"), "--sets", "chestxray14", "--cxr-root",
+                         root, "--seeds", "0", "--recipes", "spcl_keep05", "--steps", "2"])
+    rows = {(t["row"], t["set"]) for t in result["metadata_table"]}
+    for row in ("spcl_keep05", "init (dataset)", "raw pixels (dataset)"):
+        assert {(row, "male"), (row, "PA view")} <= rows
+    assert "| spcl_keep05 |" in result["metadata_markdown"]
+    assert "steps" not in result["metadata_markdown"].splitlines()[0]
+
+    config = study.run_config(study.set_overrides("chestxray14", root, tmp_path / "s" / "cache"),
+                              "spcl_keep05", 0, 2)
+    splits = study.metadata_splits(config)
+    with open(f"{root}/Data_Entry_2017.csv") as f:
+        want = {r["Image Index"]: (r["Patient Gender"] == "M", r["View Position"] == "PA")
+                for r in csv.DictReader(f)}
+    source, _, _ = study.load_split(config, "test")
+    got = splits["test"][1]
+    assert [tuple(bool(v) for v in row) for row in got.tolist()] == [want[i] for i in source.ids]

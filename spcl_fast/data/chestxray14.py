@@ -57,7 +57,7 @@ class ChestXray14(CXRDataset):
 
     ``ds[i]`` is ``{"image": float32 (1, S, S) in [0, 1], "labels": float32 (14,) of 0/1,
     "id": "<Image Index>"}``; ``ds.labels`` (n, 14), ``ds.ids``, ``ds.patient_ids``,
-    ``ds.class_names`` (:data:`CLASS_NAMES`), ``ds.view_positions`` (PA/AP or "").
+    ``ds.class_names`` (:data:`CLASS_NAMES`), ``ds.view_positions`` (PA/AP or ""), ``ds.sexes`` (M/F or "").
 
     Example::
 
@@ -92,7 +92,7 @@ class ChestXray14(CXRDataset):
         if csv_path is None:
             raise DataFormatError(f"{self.root}: no {' or '.join(CSV_NAMES)}")
         cols = read_csv(csv_path, ["Image Index", "Finding Labels", "Patient ID"],
-                        optional=["View Position"])
+                        optional=["View Position", "Patient Gender"])
         names, patients = cols["Image Index"], cols["Patient ID"]
         where = {}
         for d in self._image_dirs():
@@ -132,4 +132,5 @@ class ChestXray14(CXRDataset):
             raise DataFormatError(f"{self.root}: split {self.split!r} needs the official "
                                   f"train_val_list.txt and test_list.txt")
         return Index(list(names), paths, labels, split, list(patients),
-                     extra={"view_positions": cols["View Position"]})
+                     extra={"view_positions": cols["View Position"],
+                            "sexes": cols["Patient Gender"]})

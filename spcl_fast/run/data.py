@@ -68,15 +68,16 @@ def as_tensor(source, batch_size: int = 256, num_workers: int = 0) -> torch.Tens
 
 def materialize(source, labels: torch.Tensor | None, batch_size: int = 256,
                 num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Images and labels of a split as tensors (for probing). A dataset that skips an unreadable
-    file returns the next item in its place: such stand-ins are left out (a probe must not count
-    one image twice), with a warning."""
+    """Images and labels of a split as tensors (for probing). ``labels`` are one row per item
+    of ``source`` (its own labels, or other targets such as metadata). A dataset that skips an
+    unreadable file returns the next item in its place: such stand-ins are left out with their
+    rows (a probe must not count one image twice), with a warning."""
     if isinstance(source, torch.Tensor):
         return source, labels
     loader = torch.utils.data.DataLoader(source, batch_size=batch_size, num_workers=num_workers)
     batches = list(loader)
     images = torch.cat([b["image"] for b in batches])
-    labels = torch.cat([b["labels"] for b in batches]) if labels is not None else None
+    labels = None if labels is None else torch.as_tensor(labels, dtype=torch.float32)
     expected = getattr(source, "ids", None)
     if expected is None and isinstance(source, torch.utils.data.Subset):  # --num-images
         ids = getattr(source.dataset, "ids", None)

@@ -40,9 +40,14 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
+from ..eval import extract_features, load_encoder
 from ..eval.report import write_results
 from ..run.config import TrainConfig, apply_overrides
-from ..run.data import intensity_stats, load_split, normalizer
+from ..run.data import intensity_stats, load_split, materialize, normalizer
+from ..run.device import resolve_device
+from ..run.model import build_model
 from ..run.presets import demo
 from .engine import SetupError, probe_features, probe_splits, train
 
@@ -108,6 +113,18 @@ ABLATIONS: dict[str, tuple[str, dict[str, str]]] = {
     "k05_cls": ("keep 0.5 + a [CLS]-like token per subset (and per image when probed)",
                 {"class_token": "true"}),
     "k05_jitter": ("keep 0.5 + intensity jitter per subset", {"subset_jitter": "1"}),
+    "k05_lr5e4": ("keep 0.5 + lr 5e-4", {"lr": "5e-4"}),
+    # issue 17's new directions, one at a time on the default
+    "k05_intra": ("keep 0.5 + intra-image token contrast (weight 1, 16 queries per image)",
+                  {"intra_weight": "1"}),
+    "k05_anatomy": ("keep 0.5 + anatomy partitions (B: 4 blocks of 15-20% of the grid, A: the "
+                    "rest; each thinned to half)", {"partition": "anatomy"}),
+    "k05_crop": ("keep 0.5 + one shared crop per image (area 0.5-1, no flip)",
+                 {"crop_scale": "0.5,1.0"}),
+    "k05_patchnorm": ("keep 0.5 + per-patch standardisation with each patch's mean and std as "
+                      "inputs", {"patch_norm": "standardize+stats"}),
+    "k05_vicreg": ("keep 0.5 + VICReg variance (1) and covariance (0.04) terms",
+                   {"vicreg_var": "1", "vicreg_cov": "0.04"}),
 }
 RECIPES.update({k: (d, {**_HALF, **o}) for k, (d, o) in ABLATIONS.items()})
 DEFAULT_RECIPES = ("spcl", "spcl_image", "spcl_keep05", "spcl_blocks", "spcl_robust", "mae")
@@ -198,6 +215,79 @@ def raw_pixel_probe(config: TrainConfig) -> dict:
     return probe_features(config, splits, lambda x: transform(x).flatten(1))
 
 
+def _run_records(config: TrainConfig, run: Path, summary: dict, set_name: str, recipe: str,
+                 with_init: bool) -> list[dict]:
+    """The study's records of one finished run: the trained encoder's and, when ``with_init``,
+    its initialisation's probe (and metadata probe on sets that have it)."""
+    probe, base = summary["probe"], {"set": set_name, "recipe": recipe,
+                                     "seed": config.run.seed}
+    trained = {**base, "row": recipe, "steps": summary["steps"],
+               "train_seconds": summary["train_seconds"], "final_loss": summary["final_loss"],
+               "mean_auroc": probe["pretrained"]["mean_auroc"],
+               "per_class_auroc": probe["pretrained"]["per_class_auroc"],
+               "config": dataclasses.asdict(config)}
+    records = [trained]
+    if with_init:
+        records.append({**base, "row": _init_row(config),
+                        "mean_auroc": probe["init"]["mean_auroc"],
+                        "per_class_auroc": probe["init"]["per_class_auroc"]})
+    meta = metadata_splits(config)
+    if meta is not None:
+        transform = normalizer(config.data.normalize, tuple(summary["intensity_stats"]))
+        encoders = [load_encoder(run).encoder, build_model(config).encoder][:len(records)]
+        for record, encoder in zip(records, encoders, strict=True):
+            record["metadata_auroc"] = _encoder_metadata(config, meta, encoder, transform)
+    return records
+
+
+# Low-noise targets the ChestX-ray14 metadata holds: do the features carry anatomy at all?
+# (name, dataset attribute, value that is the positive class)
+METADATA = (("male", "sexes", "M"), ("PA view", "view_positions", "PA"))
+
+
+def metadata_splits(config: TrainConfig) -> dict | None:
+    """Probe splits whose labels are :data:`METADATA` (NaN where the release leaves a value
+    out), for a dataset that has those attributes; ``None`` for one that has not."""
+    splits = {}
+    for split in ("train", "val", "test"):
+        source, _, _ = load_split(config, split)
+        # a --num-images run's train split is a Subset of the dataset
+        dataset, rows = ((source.dataset, source.indices)
+                         if isinstance(source, torch.utils.data.Subset) else (source, None))
+        if not all(hasattr(dataset, attr) for _, attr, _ in METADATA):
+            return None
+        columns = [getattr(dataset, attr) for _, attr, _ in METADATA]
+        if rows is not None:
+            columns = [[col[j] for j in rows] for col in columns]
+        targets = torch.tensor([[float(v == positive) if v else math.nan for v in col]
+                                for col, (_, _, positive) in zip(columns, METADATA, strict=True)])
+        targets = targets.T.reshape(-1, len(METADATA))
+        images, targets = materialize(source, targets, num_workers=config.data.num_workers)
+        splits[split] = (images, targets, [name for name, _, _ in METADATA])
+    return splits
+
+
+def _encoder_metadata(config, splits, encoder, transform) -> dict[str, float]:
+    device = resolve_device(config.run.device)
+    res = probe_features(config, splits, lambda x: extract_features(
+        encoder.to(device), x, device=device, transform=transform))
+    return res["per_class_auroc"]
+
+
+def _pixel_metadata(config, splits) -> dict[str, float]:
+    stats = intensity_stats(config.data.dataset, load_split(config, "train")[0],
+                            config.data.num_workers)
+    transform = normalizer(config.data.normalize, stats)
+    return probe_features(config, splits, lambda x: transform(x).flatten(1))["per_class_auroc"]
+
+
+def metadata_records(records: list[dict]) -> list[dict]:
+    """One record per (record with a metadata probe, target), the target in place of the set,
+    so :func:`summarise` and :func:`markdown` make its table."""
+    return [{"set": name, "row": r["row"], "mean_auroc": r["metadata_auroc"][name]}
+            for r in records if "metadata_auroc" in r for name, _, _ in METADATA]
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -221,14 +311,15 @@ def summarise(records: list[dict]) -> list[dict]:
     return table
 
 
-def markdown(table: list[dict], sets: list[str]) -> str:
-    """Rows in first-seen order; cells ``mean ± std``; the pre-training budget (steps, mean
-    training seconds per set) of trained rows."""
+def markdown(table: list[dict], sets: list[str], timing: bool = True) -> str:
+    """Rows in first-seen order; cells ``mean ± std``; with ``timing``, the pre-training budget
+    (steps, mean training seconds per set) of trained rows."""
     rows = list(dict.fromkeys(t["row"] for t in table))
     cell = {(t["set"], t["row"]): t for t in table}
-    head = ("| encoder | " + " | ".join(f"{s} mean AUROC" for s in sets)
-            + " | steps | train s (" + ", ".join(sets) + ") |")
-    lines = [head, "|" + "---|" * (len(sets) + 3)]
+    head = "| encoder | " + " | ".join(f"{s} mean AUROC" for s in sets) + " |"
+    if timing:
+        head += " steps | train s (" + ", ".join(sets) + ") |"
+    lines = [head, "|" + "---|" * (len(sets) + 1 + 2 * timing)]
     for row in rows:
         found = [cell.get((s, row)) for s in sets]
         cells = ["—" if t is None else f"{t['mean_auroc']:.3f}" if t["seeds"] == 1
@@ -237,7 +328,8 @@ def markdown(table: list[dict], sets: list[str]) -> str:
         steps = " / ".join(dict.fromkeys(str(t["steps"]) for t in timed)) or "—"
         seconds = ", ".join("—" if t is None or "steps" not in t else f"{t['train_seconds']:.0f}"
                             for t in found) if timed else "—"
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {steps} | {seconds} |")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |"
+                     + (f" {steps} | {seconds} |" if timing else ""))
     return "\n".join(lines)
 
 
@@ -355,33 +447,30 @@ def main(argv: list[str] | None = None) -> dict:
                 summary = _train(config, run)
                 if budget_s is None:
                     budget_s = summary["train_seconds"]
-                probe = summary["probe"]
-                base = {"set": set_name, "recipe": recipe, "seed": seed}
-                records.append({**base, "row": recipe, "steps": summary["steps"],
-                                "train_seconds": summary["train_seconds"],
-                                "final_loss": summary["final_loss"],
-                                "mean_auroc": probe["pretrained"]["mean_auroc"],
-                                "per_class_auroc": probe["pretrained"]["per_class_auroc"],
-                                "config": dataclasses.asdict(config)})
-                init_key = _init_key(config, seed)
-                if config.method == "spcl" and init_key not in init_seen:
-                    init_seen.add(init_key)
-                    records.append({**base, "row": _init_row(config),
-                                    "mean_auroc": probe["init"]["mean_auroc"],
-                                    "per_class_auroc": probe["init"]["per_class_auroc"]})
+                new_init = config.method == "spcl" and _init_key(config, seed) not in init_seen
+                init_seen.add(_init_key(config, seed))
+                records += _run_records(config, run, summary, set_name, recipe, new_init)
         used = [run_config(set_over, r, 0, args.steps).data.normalize for r in recipes]
         for norm in dict.fromkeys(["dataset", "image", *used]):
             config = apply_overrides(demo(), {**set_over, "normalize": norm})
             raw = raw_pixel_probe(config)
             # Deterministic (no seed enters), so one record: its std 0 is no seed spread.
-            records.append({"set": set_name, "row": f"raw pixels ({norm})", "seed": None,
-                            "mean_auroc": raw["mean_auroc"],
-                            "per_class_auroc": raw["per_class_auroc"]})
+            record = {"set": set_name, "row": f"raw pixels ({norm})", "seed": None,
+                      "mean_auroc": raw["mean_auroc"], "per_class_auroc": raw["per_class_auroc"]}
+            meta = metadata_splits(config)
+            if meta is not None:
+                record["metadata_auroc"] = _pixel_metadata(config, meta)
+            records.append(record)
     table = summarise(records)
     text = markdown(table, sets)
+    meta_table = summarise(metadata_records(records))
+    meta_text = markdown(meta_table, [name for name, _, _ in METADATA], timing=False)
     print(text)
+    if meta_table:
+        print(f"\nmetadata probe (sex, view position) on the chestxray14 set:\n{meta_text}")
     result = {"sets": sets, "seeds": seeds, "recipes": {r: RECIPES[r][0] for r in recipes},
               "table": table, "markdown": text, "runs": records,
+              "metadata_table": meta_table, "metadata_markdown": meta_text if meta_table else "",
               "seconds": time.time() - started, "environment": _environment()}
     write_results(out / "study.json", result)
     plot(table, sets, out / "study.png")
@@ -391,10 +480,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _init_key(config, seed: int) -> tuple:
     """The same seed's encoder at initialisation is recorded once per input normalisation, kind
-    of position embedding, patch size and pooling (what decides the initial encoder, its input
-    and its features)."""
+    of position embedding, patch size, pooling, patch normalisation and size (what decides the
+    initial encoder, its input and its features)."""
     model = config.model
-    return config.data.normalize, model.pos_embed, model.patch_size, model.class_token, seed
+    return (config.data.normalize, model.pos_embed, model.patch_size, model.class_token,
+            model.patch_norm, model.embed_dim, model.depth, seed)
 
 
 def _init_row(config) -> str:
@@ -402,7 +492,10 @@ def _init_row(config) -> str:
     pos = "" if model.pos_embed == "sincos" else f", {model.pos_embed} pos"
     patch = "" if model.patch_size == demo().model.patch_size else f", patch {model.patch_size}"
     cls = ", cls token" if model.class_token else ""
-    return f"init ({config.data.normalize}{pos}{patch}{cls})"
+    norm = "" if model.patch_norm == "none" else f", patch norm {model.patch_norm}"
+    size = ("" if (model.embed_dim, model.depth) == (demo().model.embed_dim, demo().model.depth)
+            else f", {model.depth}x{model.embed_dim}")
+    return f"init ({config.data.normalize}{pos}{patch}{cls}{norm}{size})"
 
 
 def _environment() -> dict:
