@@ -206,7 +206,8 @@ def _model(class_token=False, pos_embed="learned", **kwargs):
 
 def _intra_reference(model, x, plan, seed):
     """The intra-image term image by image, without padding: the same draws (one priority row
-    per image and direction, as the model draws them), each image's predictor on its own."""
+    per image and direction, as the model draws them), each image's predictor on its own; with
+    ``intra_negatives="batch"`` one cross-entropy over every image's drawn tokens."""
     _, tokens = model.encoder.forward_partitioned_tokens(x, plan)
     g = torch.Generator().manual_seed(seed)
     rows = tokens.split(plan.seqlens.tolist())
@@ -216,7 +217,7 @@ def _intra_reference(model, x, plan, seed):
     losses = []
     for ctx, tgt in ((0, 1), (1, 0)):
         priority = torch.rand(plan.num_images, length, generator=g)
-        terms = []
+        terms, preds, targets = [], [], []
         for b in range(plan.num_images):
             context, target = rows[2 * b + ctx], rows[2 * b + tgt]
             n_q = min(q, target.shape[0])
@@ -224,9 +225,14 @@ def _intra_reference(model, x, plan, seed):
             pos = model.encoder.pos_embed[0][positions[2 * b + tgt][pick]]
             pred = p(pos[None], p.kv(context)[None], torch.ones(1, context.shape[0],
                                                                  dtype=torch.bool))[0]
-            logits = F.normalize(pred, dim=-1) @ F.normalize(target[pick], dim=-1).T
+            preds.append(pred)
+            targets.append(target[pick])
+        if model.intra_negatives == "batch":
+            preds, targets = [torch.cat(preds)], [torch.cat(targets)]
+        for pred, target in zip(preds, targets, strict=True):
+            logits = F.normalize(pred, dim=-1) @ F.normalize(target, dim=-1).T
             logits = logits / model.intra_temperature
-            terms.append(F.cross_entropy(logits, torch.arange(n_q), reduction="sum"))
+            terms.append(F.cross_entropy(logits, torch.arange(len(pred)), reduction="sum"))
         count = sum(min(q, rows[2 * b + tgt].shape[0]) for b in range(plan.num_images))
         losses.append(torch.stack(terms).sum() / count)
     return 0.5 * (losses[0] + losses[1])
@@ -237,6 +243,8 @@ def _intra_reference(model, x, plan, seed):
     dict(intra_queries=16),  # more: every token of each subset, clamped
     dict(intra_queries=5, ratio_range=(0.2, 0.8), class_token=True),  # unequal subset sizes
     dict(intra_queries=4, partition="anatomy", keep=0.5),
+    dict(intra_queries=3, intra_negatives="batch"),
+    dict(intra_queries=5, ratio_range=(0.2, 0.8), intra_negatives="batch"),  # padded queries
 ])
 def test_intra_term_matches_the_image_by_image_reference(options):
     model = _model(intra_weight=0.3, **options)
@@ -275,7 +283,8 @@ def test_partitioned_tokens_pool_to_the_pooled_rows_in_both_layouts():
 
 
 @pytest.mark.parametrize("options", [dict(intra_queries=16), dict(intra_queries=3),
-                                     dict(intra_queries=2, class_token=True)])
+                                     dict(intra_queries=2, class_token=True),
+                                     dict(intra_queries=3, intra_negatives="batch")])
 def test_intra_flops_match_the_flop_counter(options):
     model = _model(intra_weight=1.0, **options)
     x = torch.rand(3, 1, 32, 32)
@@ -290,6 +299,7 @@ def test_direction_errors():
         (dict(intra_weight=1.0, num_subsets=3), "needs num_subsets=2"),
         (dict(intra_weight=1.0, pos_embed="none"), "position embeddings"),
         (dict(intra_queries=0), "intra_queries >= 1"),
+        (dict(intra_negatives="all"), "intra_negatives must be 'image' or 'batch'"),
         (dict(intra_weight=-1.0), "intra_weight must be >= 0"),
         (dict(partition="blocks"), "partition must be 'random' or 'anatomy'"),
         (dict(crop_scale=(0.0, 1.0)), "crop_scale must be None or"),

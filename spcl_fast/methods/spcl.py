@@ -135,6 +135,10 @@ class SPCL(nn.Module):
             trainer runs it: its state is checkpointed). Needs position embeddings.
         intra_queries, intra_temperature: drawn positions per image and subset, and the
             intra-image term's temperature.
+        intra_negatives: ``"image"``: a prediction's negatives are the other drawn positions
+            of its image; ``"batch"``: the drawn tokens of every image, so the other images'
+            tokens at the same position are negatives too (position alone, which the queries
+            carry, no longer finds the target; with ``"image"`` it can).
         crop_scale: ``(lo, hi)``: one random resized crop per image (area fraction
             ``U(lo, hi)``, aspect ratio in [3/4, 4/3], no flip; DINO's
             :func:`~spcl_fast.methods.dino.sample_crops`) resampled back to the image size
@@ -203,6 +207,7 @@ class SPCL(nn.Module):
         intra_weight: float = 0.0,
         intra_queries: int = 16,
         intra_temperature: float = 0.1,
+        intra_negatives: str = "image",
         crop_scale: tuple[float, float] | None = None,
         predictor_hidden: int = 0,
         subset_jitter: float = 0.0,
@@ -243,7 +248,7 @@ class SPCL(nn.Module):
             raise ValueError(f"partition must be 'random' or 'anatomy', got {partition!r}")
         self.partition, self.target_blocks = partition, target_blocks
         self.target_scale = tuple(target_scale)
-        self._init_intra(intra_weight, intra_queries, intra_temperature)
+        self._init_intra(intra_weight, intra_queries, intra_temperature, intra_negatives)
         if crop_scale is not None and not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ValueError(f"crop_scale must be None or (lo, hi) with 0 < lo <= hi <= 1, got "
                              f"{crop_scale}")
@@ -260,11 +265,15 @@ class SPCL(nn.Module):
         self.gather_distributed = gather_distributed
         self.layout = layout
 
-    def _init_intra(self, weight: float, queries: int, temperature: float) -> None:
+    def _init_intra(self, weight: float, queries: int, temperature: float,
+                    negatives: str) -> None:
         """The intra-image term's settings and, when it is on, its :class:`TokenPredictor`."""
         if not (weight >= 0 and queries >= 1 and temperature > 0):
             raise ValueError(f"intra_weight must be >= 0, intra_queries >= 1 and "
                              f"intra_temperature > 0, got {weight}, {queries}, {temperature}")
+        if negatives not in ("image", "batch"):
+            raise ValueError(f"intra_negatives must be 'image' or 'batch', got {negatives!r}")
+        self.intra_negatives = negatives
         if weight > 0 and self.num_subsets != 2:
             raise ValueError(f"intra_weight > 0 predicts subset B from A and back: it needs "
                              f"num_subsets=2, got {self.num_subsets}")
@@ -368,18 +377,23 @@ class SPCL(nn.Module):
         """Forward FLOPs of the intra-image term on the real (unpadded) queries and context
         rows: ``kv`` on every token once, then per direction and image ``n_q = min(q, |target
         subset|)`` queries through ``q``, plain-matmul cross-attention over the ``|context|``
-        rows, ``proj`` and the MLP, and an ``n_q x n_q`` logit matrix. All are matmuls (3x in
+        rows, ``proj`` and the MLP, and an ``n_q x n_q`` logit matrix per image (with
+        ``intra_negatives="batch"`` one of all the direction's queries). All are matmuls (3x in
         training)."""
         p, d = self.token_predictor, self.encoder.embed_dim
         hidden = p.mlp.fc1.out_features
         predictor = flops.linear_flops(plan.total_tokens, d, 2 * d)
         loss = 0
+        drawn = [0, 0]  # real queries of each direction over the batch
         for context, target in plan.seqlens.view(-1, 2).tolist():
-            for n_ctx, n_tgt in ((context, target), (target, context)):
+            for k, (n_ctx, n_tgt) in enumerate(((context, target), (target, context))):
                 n_q = min(self.intra_queries, n_tgt)
                 predictor += (flops.linear_flops(n_q, d, 2 * d + hidden) + 4 * n_q * n_ctx * d
                               + flops.linear_flops(n_q, hidden, d))  # q + proj + fc1, attn, fc2
                 loss += flops.info_nce_flops(n_q, n_q, d)
+                drawn[k] += n_q
+        if self.intra_negatives == "batch":
+            loss = sum(flops.info_nce_flops(n, n, d) for n in drawn)
         return {"intra_predictor": predictor, "intra_loss": loss}
 
     def _jitter_subsets(self, images, plan, generator) -> torch.Tensor:
@@ -514,10 +528,13 @@ class SPCL(nn.Module):
             pos = self.encoder.pos_embed[0][position[:, tgt].gather(1, pick)]  # (B, q, D)
             pred = self.token_predictor(pos, padded_kv[:, ctx], valid[:, ctx])
             target = padded[:, tgt].gather(1, pick[..., None].expand(-1, -1, padded.shape[-1]))
+            picked = valid[:, tgt].gather(1, pick)
+            if self.intra_negatives == "batch":  # one "image" of every drawn token
+                pred, target, picked = (t.reshape(1, b * q, *t.shape[2:])
+                                        for t in (pred, target, picked))
             with torch.autocast(seg.device.type, enabled=False):  # logits in fp32 (at least)
                 losses.append(intra_image_nce(pred.to(dtype), target.to(dtype),
-                                              self.intra_temperature,
-                                              valid[:, tgt].gather(1, pick)))
+                                              self.intra_temperature, picked))
         return 0.5 * (losses[0] + losses[1])
 
     def _contrastive(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
