@@ -57,7 +57,8 @@ class ChestXray14(CXRDataset):
 
     ``ds[i]`` is ``{"image": float32 (1, S, S) in [0, 1], "labels": float32 (14,) of 0/1,
     "id": "<Image Index>"}``; ``ds.labels`` (n, 14), ``ds.ids``, ``ds.patient_ids``,
-    ``ds.class_names`` (:data:`CLASS_NAMES`), ``ds.view_positions`` (PA/AP or ""), ``ds.sexes`` (M/F or "").
+    ``ds.class_names`` (:data:`CLASS_NAMES`), ``ds.view_positions`` (PA/AP or ""),
+    ``ds.sexes`` (M/F or "").
 
     Example::
 

@@ -13,12 +13,14 @@ from .config import TrainConfig
 
 
 def demo() -> TrainConfig:
-    """The no-argument demo: a small ViT on synthetic X-rays, ~70 s on 2 CPU cores.
+    """The no-argument demo: a small ViT on synthetic X-rays, ~80 s on 2 CPU cores.
     Two 25% subsets per image (``keep=0.5``): in the recipe study (``spcl_fast.train.study``)
     they probe better than 50/50 splits of all tokens on both the synthetic and the real
-    sample, at half the FLOPs."""
+    sample, at half the FLOPs. The intra-image term (``intra_weight=1``): on the real sample
+    at 600 steps it probes 0.680 +- 0.006 over 3 seeds against 0.664 +- 0.024 without it, and
+    is the one recipe there above raw pixels (0.669) by more than its seed spread."""
     return TrainConfig().replace(embed_dim=192, depth=6, num_heads=3, batch_size=64, steps=180,
-                                  keep=0.5)
+                                  keep=0.5, intra_weight=1.0)
 
 
 def smoke() -> TrainConfig:
