@@ -24,7 +24,13 @@ def test_probe_reports_raw_pixels_beside_the_encoders(tmp_path, capsys):
         splits[s] = (transform(images).flatten(1), labels)
     assert tuple(summary["intensity_stats"]) == tuple(
         intensity_stats("synthetic", load_split(config, "train")[0]))
-    want = linear_probe(splits["train"], splits["val"], splits["test"], steps=5, class_names=names)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.run.threads)  # the run's threads: the same float sums
+    try:
+        want = linear_probe(splits["train"], splits["val"], splits["test"], steps=5,
+                            class_names=names)
+    finally:
+        torch.set_num_threads(threads)
     torch.testing.assert_close(probe["raw_pixels"]["mean_auroc"], want["mean_auroc"])
     assert probe["raw_pixels"]["per_class_auroc"] == want["per_class_auroc"]
 

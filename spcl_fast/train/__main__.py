@@ -1,7 +1,7 @@
 """``python -m spcl_fast.train``: S-PCL pre-training from the command line.
 
 With no arguments it runs the demo preset: a small ViT on built-in synthetic chest X-rays, about
-70 s on two CPU cores, then a linear probe of the encoder against its initialisation and
+90 s on two CPU cores, then a linear probe of the encoder against its initialisation and
 against the raw pixels.
 
 Several GPUs or nodes: ``torchrun --nproc_per_node=8 -m spcl_fast.train --preset vit_base_224
