@@ -208,13 +208,14 @@ def seconds_per_step(config: TrainConfig, out: Path, steps: int = 12) -> float:
                              for x in lines)
 
 
-def raw_pixel_probe(config: TrainConfig) -> dict:
-    """The demo's probe on the normalised pixels instead of encoder features."""
-    splits = probe_splits(config)
+def raw_pixel_probe(config: TrainConfig, splits: dict | None = None) -> dict:
+    """The demo's probe on the normalised pixels instead of encoder features (on ``splits``,
+    default :func:`~spcl_fast.train.engine.probe_splits`)."""
     stats = intensity_stats(config.data.dataset, load_split(config, "train")[0],
                             config.data.num_workers)
     transform = normalizer(config.data.normalize, stats)
-    return probe_features(config, splits, lambda x: transform(x).flatten(1))
+    return probe_features(config, probe_splits(config) if splits is None else splits,
+                          lambda x: transform(x).flatten(1))
 
 
 def _run_records(config: TrainConfig, run: Path, summary: dict, set_name: str, recipe: str,
@@ -274,13 +275,6 @@ def _encoder_metadata(config, splits, encoder, transform) -> dict[str, float]:
     res = probe_features(config, splits, lambda x: extract_features(
         encoder.to(device), x, device=device, transform=transform))
     return res["per_class_auroc"]
-
-
-def _pixel_metadata(config, splits) -> dict[str, float]:
-    stats = intensity_stats(config.data.dataset, load_split(config, "train")[0],
-                            config.data.num_workers)
-    transform = normalizer(config.data.normalize, stats)
-    return probe_features(config, splits, lambda x: transform(x).flatten(1))["per_class_auroc"]
 
 
 def metadata_records(records: list[dict]) -> list[dict]:
@@ -461,7 +455,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "mean_auroc": raw["mean_auroc"], "per_class_auroc": raw["per_class_auroc"]}
             meta = metadata_splits(config)
             if meta is not None:
-                record["metadata_auroc"] = _pixel_metadata(config, meta)
+                record["metadata_auroc"] = raw_pixel_probe(config, meta)["per_class_auroc"]
             records.append(record)
     table = summarise(records)
     text = markdown(table, sets)
