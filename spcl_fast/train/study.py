@@ -90,6 +90,8 @@ RECIPES: dict[str, tuple[str, dict[str, str]]] = {
     "spcl_ocl_p4": ("OCL's recipe at patch 4 (256 tokens)", {**_OCL, "patch_size": "4"}),
     "spcl_vicreg": ("S-PCL + VICReg variance (1) and covariance (0.04) terms",
                     {**_ALL, "vicreg_var": "1", "vicreg_cov": "0.04"}),
+    "k05_intra_batch": ("keep 0.5 + intra-image term with negatives from the whole batch",
+                        {**_HALF, "intra_weight": "1", "intra_negatives": "batch"}),
 }
 ABLATIONS: dict[str, tuple[str, dict[str, str]]] = {
     "k05_image": ("keep 0.5 + per-image standardisation", {"normalize": "image"}),
