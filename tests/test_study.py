@@ -43,6 +43,15 @@ def test_study_table_resume_and_plot(tiny, tmp_path, monkeypatch):
     assert env["torch"] and env["cpu_count"] >= 1 and env["torch_threads"] >= 1 and env["device"]
     assert "| spcl | " in result["markdown"] and "raw pixels (image)" in result["markdown"]
     assert (tmp_path / "study.png").stat().st_size > 0
+    # Every row is set against raw pixels on the same test images, its seeds averaged.
+    compared = {c["row"]: c for c in result["compare"]}
+    assert set(compared) == set(rows) - {"raw pixels (dataset)"}
+    for name, c in compared.items():
+        assert c["baseline"] == "raw pixels (dataset)" and c["low"] <= c["high"]
+        assert c["difference"] == pytest.approx(
+            rows[name]["mean_auroc"] - rows["raw pixels (dataset)"]["mean_auroc"], abs=1e-6)
+        assert f"| {name} | synthetic | raw pixels (dataset) | {c['difference']:+.3f} [" \
+            in saved["compare_markdown"]
 
     # Rerunning reads every finished run back instead of training it again.
     def no_training(*args, **kwargs):
@@ -178,3 +187,21 @@ def test_study_probes_sex_and_view_position_on_chestxray14(tiny, tmp_path):
     source, _, _ = study.load_split(config, "test")
     got = splits["test"][1]
     assert [tuple(bool(v) for v in row) for row in got.tolist()] == [want[i] for i in source.ids]
+
+
+def test_compare_refuses_scores_of_other_test_images(tmp_path):
+    import torch
+
+    labels = torch.tensor([[0.0], [1.0], [0.0], [1.0]])
+    torch.save({"labels": labels, "pretrained": labels.clone()}, tmp_path / "a.pt")
+    torch.save({"labels": labels.flip(0), "pixels": labels.flip(0)}, tmp_path / "b.pt")
+    records = [{"set": "s", "row": "a", "mean_auroc": 1.0,
+                "scores": {"file": str(tmp_path / "a.pt"), "key": "pretrained"}},
+               {"set": "s", "row": "raw pixels (dataset)", "mean_auroc": 1.0,
+                "scores": {"file": str(tmp_path / "b.pt"), "key": "pixels"}}]
+    with pytest.raises(ValueError, match="not probed on the same test images"):
+        study.compare(records)
+    records[1]["scores"]["file"] = str(tmp_path / "a.pt")
+    records[1]["scores"]["key"] = "pretrained"
+    (same,) = study.compare(records, resamples=20)
+    assert (same["row"], same["difference"], same["seeds"]) == ("a", 0.0, 1)

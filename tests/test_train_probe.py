@@ -1,9 +1,10 @@
 """The end-of-run probe: the trained encoder, its initialisation and the raw pixels, probed on
 the same splits, and the three lines the demo ends with."""
 
+import pytest
 import torch
 
-from spcl_fast.eval import linear_probe
+from spcl_fast.eval import linear_probe, multilabel_auroc
 from spcl_fast.run.data import intensity_stats, load_split, normalizer
 from spcl_fast.run.presets import smoke
 from spcl_fast.train.__main__ import _report
@@ -14,7 +15,17 @@ def test_probe_reports_raw_pixels_beside_the_encoders(tmp_path, capsys):
     config = smoke().replace(steps=2, probe=True, probe_steps=5, num_images=48)
     summary = train(config, tmp_path / "run")
     probe = summary["probe"]
-    assert set(probe) == {"pretrained", "init", "raw_pixels"}
+    assert set(probe) == {"pretrained", "init", "raw_pixels", "pretrained_minus"}
+    # the saved test scores give back each probe's AUROC and the bootstrap's difference
+    saved = torch.load(tmp_path / "run" / "probe_scores.pt")
+    for name in ("pretrained", "init", "raw_pixels"):
+        _, mean = multilabel_auroc(saved[name], saved["labels"])
+        assert mean == pytest.approx(probe[name]["mean_auroc"], abs=1e-6)
+        if name != "pretrained":
+            paired = probe["pretrained_minus"][name]
+            assert paired["low"] <= paired["high"]
+            assert paired["difference"] == pytest.approx(
+                probe["pretrained"]["mean_auroc"] - probe[name]["mean_auroc"], abs=1e-6)
 
     # the raw-pixel row is the plain probe on the run's normalised pixels, written out here
     transform = normalizer(config.data.normalize, tuple(summary["intensity_stats"]))
@@ -41,6 +52,8 @@ def test_probe_reports_raw_pixels_beside_the_encoders(tmp_path, capsys):
     pre, init, raw = (probe[k]["mean_auroc"] for k in ("pretrained", "init", "raw_pixels"))
     assert f"{pre - init:+.3f} over init" in rows["gain"]
     assert f"{pre - raw:+.3f} over raw pixels" in rows["gain"]
+    low = probe["pretrained_minus"]["raw_pixels"]["low"]
+    assert f"over raw pixels (95% CI {low:+.3f} to" in rows["gain"]
 
 
 def test_report_reads_a_summary_written_before_raw_pixels_were_probed(capsys):

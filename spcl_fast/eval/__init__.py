@@ -7,7 +7,15 @@ from .encoders import EncoderLoadError, LoadedEncoder, convert_timm_state, load_
 from .finetune import FinetuneSettings, finetune, masked_bce
 from .label_fraction import DatasetView, label_fraction_view, sample_patients
 from .linear_probe import extract_dataset_features, extract_features, fit_logistic, linear_probe
-from .metrics import auroc, dice_per_image, dice_summary, multilabel_auroc, roc_curve
+from .metrics import (
+    auroc,
+    bootstrap_mean_auroc,
+    dice_per_image,
+    dice_summary,
+    multilabel_auroc,
+    paired_bootstrap,
+    roc_curve,
+)
 from .segment import SegmentationDecoder, SegmentSettings, segment
 
 __all__ = [
@@ -18,6 +26,7 @@ __all__ = [
     "SegmentSettings",
     "SegmentationDecoder",
     "auroc",
+    "bootstrap_mean_auroc",
     "convert_timm_state",
     "dice_per_image",
     "dice_summary",
@@ -30,6 +39,7 @@ __all__ = [
     "load_encoder",
     "masked_bce",
     "multilabel_auroc",
+    "paired_bootstrap",
     "roc_curve",
     "sample_patients",
     "segment",

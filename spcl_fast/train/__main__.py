@@ -176,10 +176,18 @@ def _report(summary: dict, out: str, minutes: float) -> None:
                 res = probe[key]
                 per = ", ".join(f"{k} {v:.3f}" for k, v in res["per_class_auroc"].items())
                 print(f"  {label:<12} {res['mean_auroc']:.3f}  ({per})")
-        pre = probe["pretrained"]["mean_auroc"]
-        gains = [f"{pre - probe[key]['mean_auroc']:+.3f} over {label.removeprefix('at ')}"
-                 for label, key in rows[1:] if key in probe]
+        pre, paired = probe["pretrained"]["mean_auroc"], probe.get("pretrained_minus", {})
+        gains = []
+        for label, key in rows[1:]:
+            if key in probe:
+                gain = f"{pre - probe[key]['mean_auroc']:+.3f} over {label.removeprefix('at ')}"
+                if key in paired:  # (summaries written before the bootstrap lack it)
+                    gain += f" (95% CI {paired[key]['low']:+.3f} to {paired[key]['high']:+.3f})"
+                gains.append(gain)
         print(f"  gain         {', '.join(gains)}")
+        if paired:
+            print("  (CI: paired bootstrap over the test images; one that holds 0 is no gain "
+                  "this test set can see)")
     print(f"outputs: {out}/config.json, metrics.jsonl, loss_curve.png, summary.json, ckpt-*.pt")
 
 

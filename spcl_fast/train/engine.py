@@ -24,13 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.errors import one_line
-from ..eval import extract_features, linear_probe
+from ..eval import extract_features, linear_probe, paired_bootstrap
 from ..run.checkpoint import (
     PATTERN,
     checkpoint_path,
     checkpoint_step,
     list_checkpoints,
     load_checkpoint,
+    save_atomic,
     save_checkpoint,
     write_text_atomic,
 )
@@ -55,25 +56,41 @@ def probe_splits(config: TrainConfig) -> dict:
     return splits
 
 
-def probe_features(config: TrainConfig, splits: dict, features) -> dict:
+def probe_features(config: TrainConfig, splits: dict, features,
+                   return_scores: bool = False) -> dict:
     """:func:`linear_probe` on ``features(images)`` of every split (the class names of test)."""
     feats = {s: (features(imgs), labels) for s, (imgs, labels, _) in splits.items()}
     return linear_probe(feats["train"], feats["val"], feats["test"],
-                        steps=config.run.probe_steps, class_names=splits["test"][2])
+                        steps=config.run.probe_steps, class_names=splits["test"][2],
+                        return_scores=return_scores)
 
 
 def probe_encoders(config: TrainConfig, model: torch.nn.Module, device: torch.device,
-                   stats) -> dict:
+                   stats, scores_path: Path | None = None) -> dict:
     """Linear-probe the trained encoder, the same encoder at initialisation and the normalised
-    raw pixels (the baseline that needs no encoder), on the same splits."""
+    raw pixels (the baseline that needs no encoder), on the same splits.
+
+    ``pretrained_minus`` holds the paired bootstrap (:func:`paired_bootstrap`, over the test
+    images) of the pre-trained mean AUROC minus each baseline's: a gain whose interval holds 0
+    is not one this test set can see. The test scores go to ``scores_path`` (``labels``,
+    ``class_names`` and one ``(n, C)`` tensor per encoder), so studies can pool seeds."""
     transform = normalizer(config.data.normalize, stats)
     splits = probe_splits(config)
     results = {}
     for name, encoder in (("pretrained", model.encoder), ("init", build_model(config).encoder)):
         encoder = encoder.to(device)
         results[name] = probe_features(config, splits, lambda x, e=encoder: extract_features(
-            e, x, device=device, transform=transform))
-    results["raw_pixels"] = probe_features(config, splits, lambda x: transform(x).flatten(1))
+            e, x, device=device, transform=transform), return_scores=True)
+    results["raw_pixels"] = probe_features(config, splits, lambda x: transform(x).flatten(1),
+                                           return_scores=True)
+    scores = {name: res.pop("test_scores") for name, res in results.items()}
+    labels = splits["test"][1]
+    results["pretrained_minus"] = {name: paired_bootstrap(scores["pretrained"], scores[name],
+                                                          labels, seed=config.run.seed)
+                                   for name in ("init", "raw_pixels")}
+    if scores_path is not None:
+        save_atomic({"labels": labels, "class_names": list(splits["test"][2]), **scores},
+                    scores_path)
     return results
 
 
@@ -262,7 +279,8 @@ def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict
     elif config.run.probe:
         full = _full_model(trainer)
         if ctx.is_main:
-            summary["probe"] = probe_encoders(config, full, ctx.device, trainer.stats)
+            summary["probe"] = probe_encoders(config, full, ctx.device, trainer.stats,
+                                              out_dir / "probe_scores.pt")
     if ctx.is_main:
         write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

@@ -25,7 +25,9 @@ the 310 official test images); the images are decoded once into a 64 px cache.
 
 The study resumes: a finished run (its ``summary.json``) is read back, a killed one continues
 from its last checkpoint. ``study.json`` holds every run and the mean +- std table, the table
-is printed as Markdown (the README's), and ``study.png`` plots it.
+is printed as Markdown (the README's), and ``study.png`` plots it. The seed spread is not the
+only noise: the test sets are small (310 images, some labels with under 10 positives), so
+``compare`` also gives each row's paired bootstrap over the test images against raw pixels.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ from pathlib import Path
 
 import torch
 
-from ..eval import extract_features, load_encoder
+from ..eval import extract_features, load_encoder, paired_bootstrap
 from ..eval.report import write_results
+from ..run.checkpoint import save_atomic
 from ..run.config import TrainConfig, apply_overrides
 from ..run.data import intensity_stats, load_split, materialize, normalizer
 from ..run.device import resolve_device
@@ -210,14 +213,15 @@ def seconds_per_step(config: TrainConfig, out: Path, steps: int = 12) -> float:
                              for x in lines)
 
 
-def raw_pixel_probe(config: TrainConfig, splits: dict | None = None) -> dict:
+def raw_pixel_probe(config: TrainConfig, splits: dict | None = None,
+                    return_scores: bool = False) -> dict:
     """The demo's probe on the normalised pixels instead of encoder features (on ``splits``,
     default :func:`~spcl_fast.train.engine.probe_splits`)."""
     stats = intensity_stats(config.data.dataset, load_split(config, "train")[0],
                             config.data.num_workers)
     transform = normalizer(config.data.normalize, stats)
     return probe_features(config, probe_splits(config) if splits is None else splits,
-                          lambda x: transform(x).flatten(1))
+                          lambda x: transform(x).flatten(1), return_scores=return_scores)
 
 
 def _run_records(config: TrainConfig, run: Path, summary: dict, set_name: str, recipe: str,
@@ -236,6 +240,10 @@ def _run_records(config: TrainConfig, run: Path, summary: dict, set_name: str, r
         records.append({**base, "row": _init_row(config),
                         "mean_auroc": probe["init"]["mean_auroc"],
                         "per_class_auroc": probe["init"]["per_class_auroc"]})
+    scores = run / "probe_scores.pt"
+    if scores.exists():  # (runs probed before the scores were saved have none)
+        for record, key in zip(records, ("pretrained", "init"), strict=False):
+            record["scores"] = {"file": str(scores), "key": key}
     meta = metadata_splits(config)
     if meta is not None:
         transform = normalizer(config.data.normalize, tuple(summary["intensity_stats"]))
@@ -307,6 +315,52 @@ def summarise(records: list[dict]) -> list[dict]:
             entry["steps"] = group[0]["steps"]
         table.append(entry)
     return table
+
+
+def _scores(ref: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    saved = torch.load(ref["file"], map_location="cpu")
+    return saved[ref["key"]], saved["labels"]
+
+
+def compare(records: list[dict], baselines: tuple[str, ...] = ("raw pixels (dataset)",),
+            resamples: int = 1000) -> list[dict]:
+    """Every (set, row) whose runs all kept their test scores against each baseline row of the
+    same set: the paired bootstrap over the test images of the row's mean AUROC (averaged over
+    its seeds) minus the baseline's (:func:`~spcl_fast.eval.paired_bootstrap`)."""
+    rows: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        rows.setdefault((r["set"], r["row"]), []).append(r)
+    out = []
+    for (set_name, row), group in rows.items():
+        if row in baselines or not all("scores" in g for g in group):
+            continue
+        scored = [_scores(g["scores"]) for g in group]
+        labels = scored[0][1]
+        for base in baselines:
+            ref = rows.get((set_name, base))
+            if not ref or "scores" not in ref[0]:
+                continue
+            base_scores, base_labels = _scores(ref[0]["scores"])
+            if not all(torch.equal(lab, labels) for _, lab in scored) \
+                    or not torch.equal(base_labels, labels):
+                raise ValueError(f"{set_name}: {row} and {base} were not probed on the same "
+                                 f"test images")
+            res = paired_bootstrap([s for s, _ in scored], base_scores, labels,
+                                   resamples=resamples)
+            out.append({"set": set_name, "row": row, "baseline": base, "seeds": len(group),
+                        **res})
+    return out
+
+
+def compare_markdown(comparisons: list[dict]) -> str:
+    """One line per comparison: the difference, its 95% interval and the bootstrap's share of
+    resamples in which the row is not above the baseline."""
+    lines = ["| encoder | set | minus | difference [95% CI] | resamples not above |",
+             "|---|---|---|---|---|"]
+    for c in comparisons:
+        lines.append(f"| {c['row']} | {c['set']} | {c['baseline']} | {c['difference']:+.3f} "
+                     f"[{c['low']:+.3f}, {c['high']:+.3f}] | {c['p_not_above']:.2f} |")
+    return "\n".join(lines)
 
 
 def markdown(table: list[dict], sets: list[str], timing: bool = True) -> str:
@@ -451,10 +505,14 @@ def main(argv: list[str] | None = None) -> dict:
         used = [run_config(set_over, r, 0, args.steps).data.normalize for r in recipes]
         for norm in dict.fromkeys(["dataset", "image", *used]):
             config = apply_overrides(demo(), {**set_over, "normalize": norm})
-            raw = raw_pixel_probe(config)
+            splits = probe_splits(config)
+            raw = raw_pixel_probe(config, splits, return_scores=True)
+            scores = out / set_name / f"raw-pixels-{norm}-scores.pt"
+            save_atomic({"labels": splits["test"][1], "pixels": raw.pop("test_scores")}, scores)
             # Deterministic (no seed enters), so one record: its std 0 is no seed spread.
             record = {"set": set_name, "row": f"raw pixels ({norm})", "seed": None,
-                      "mean_auroc": raw["mean_auroc"], "per_class_auroc": raw["per_class_auroc"]}
+                      "mean_auroc": raw["mean_auroc"], "per_class_auroc": raw["per_class_auroc"],
+                      "scores": {"file": str(scores), "key": "pixels"}}
             meta = metadata_splits(config)
             if meta is not None:
                 record["metadata_auroc"] = raw_pixel_probe(config, meta)["per_class_auroc"]
@@ -463,12 +521,16 @@ def main(argv: list[str] | None = None) -> dict:
     text = markdown(table, sets)
     meta_table = summarise(metadata_records(records))
     meta_text = markdown(meta_table, [name for name, _, _ in METADATA], timing=False)
+    comparisons = compare(records)
     print(text)
+    if comparisons:
+        print(f"\npaired bootstrap over the test images:\n{compare_markdown(comparisons)}")
     if meta_table:
         print(f"\nmetadata probe (sex, view position) on the chestxray14 set:\n{meta_text}")
     result = {"sets": sets, "seeds": seeds, "recipes": {r: RECIPES[r][0] for r in recipes},
               "table": table, "markdown": text, "runs": records,
               "metadata_table": meta_table, "metadata_markdown": meta_text if meta_table else "",
+              "compare": comparisons, "compare_markdown": compare_markdown(comparisons),
               "seconds": time.time() - started, "environment": _environment()}
     write_results(out / "study.json", result)
     plot(table, sets, out / "study.png")
