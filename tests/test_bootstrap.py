@@ -82,5 +82,7 @@ def test_bad_arguments_are_named():
         paired_bootstrap(torch.zeros(10, 2), torch.zeros(10, 2), labels, resamples=0)
     with pytest.raises(ValueError, match="level"):
         paired_bootstrap(torch.zeros(10, 2), torch.zeros(10, 2), labels, level=1.0)
+    with pytest.raises(ValueError, match="counts must be"):
+        bootstrap_mean_auroc([torch.zeros(10, 2)], labels, torch.ones(3, 9))
     with pytest.raises(ValueError, match="both positive and negative"):
         paired_bootstrap(torch.zeros(10, 2), torch.ones(10, 2), labels)

@@ -62,6 +62,9 @@ def bootstrap_mean_auroc(scores: Sequence[torch.Tensor], labels: torch.Tensor,
     left out of that resample's mean, for every matrix alike (NaN where no class is left).
     Returns float64 ``(len(scores), B)``.
     """
+    if counts.dim() != 2 or labels.dim() != 2 or counts.shape[1] != labels.shape[0]:
+        raise ValueError(f"counts must be (B, n) for labels (n, C); got {tuple(counts.shape)} "
+                         f"and {tuple(labels.shape)}")
     labels = labels.detach().double()
     counts = counts.double()
     known = ~torch.isnan(labels)
