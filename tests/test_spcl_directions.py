@@ -207,7 +207,9 @@ def _model(class_token=False, pos_embed="learned", **kwargs):
 def _intra_reference(model, x, plan, seed):
     """The intra-image term image by image, without padding: the same draws (one priority row
     per image and direction, as the model draws them), each image's predictor on its own; with
-    ``intra_negatives="batch"`` one cross-entropy over every image's drawn tokens."""
+    ``intra_negatives="batch"`` one cross-entropy over every image's drawn tokens; with
+    ``intra_target="pixels"`` the targets are each drawn patch's pixels, written out with
+    ``torch.std`` over the image and explicit slicing."""
     _, tokens = model.encoder.forward_partitioned_tokens(x, plan)
     g = torch.Generator().manual_seed(seed)
     rows = tokens.split(plan.seqlens.tolist())
@@ -225,8 +227,19 @@ def _intra_reference(model, x, plan, seed):
             pos = model.encoder.pos_embed[0][positions[2 * b + tgt][pick]]
             pred = p(pos[None], p.kv(context)[None], torch.ones(1, context.shape[0],
                                                                  dtype=torch.bool))[0]
+            if model.intra_target == "pixels":
+                pred = model.pixel_head(pred)
+                image = (x[b] - x[b].mean()) / (x[b].std() + 1e-6)
+                embed = model.encoder.patch_embed
+                patch, grid = embed.patch_size, embed.grid_size
+                target = torch.stack([
+                    image[:, (i // grid) * patch:(i // grid + 1) * patch,
+                          (i % grid) * patch:(i % grid + 1) * patch].reshape(-1)
+                    for i in positions[2 * b + tgt][pick].tolist()])
+            else:
+                target = target[pick]
             preds.append(pred)
-            targets.append(target[pick])
+            targets.append(target)
         if model.intra_negatives == "batch":
             preds, targets = [torch.cat(preds)], [torch.cat(targets)]
         for pred, target in zip(preds, targets, strict=True):
@@ -245,6 +258,9 @@ def _intra_reference(model, x, plan, seed):
     dict(intra_queries=4, partition="anatomy", keep=0.5),
     dict(intra_queries=3, intra_negatives="batch"),
     dict(intra_queries=5, ratio_range=(0.2, 0.8), intra_negatives="batch"),  # padded queries
+    dict(intra_queries=3, intra_target="pixels"),
+    dict(intra_queries=5, ratio_range=(0.2, 0.8), intra_target="pixels", class_token=True),
+    dict(intra_queries=4, intra_target="pixels", intra_negatives="batch", keep=0.5),
 ])
 def test_intra_term_matches_the_image_by_image_reference(options):
     model = _model(intra_weight=0.3, **options)
@@ -258,6 +274,8 @@ def test_intra_term_matches_the_image_by_image_reference(options):
     params = [model.token_predictor.mask_token, model.token_predictor.kv.weight,
               model.token_predictor.mlp.fc2.weight, model.encoder.pos_embed,
               model.encoder.blocks[0].attn.qkv.weight]
+    if model.pixel_head is not None:
+        params.append(model.pixel_head.weight)
     z = model.projector(model.encoder.forward_partitioned(x, plan)).view(3, 2, -1)
     ref = info_nce_ref(z[:, 0], z[:, 1], 0.1) + 0.3 * _intra_reference(model, x, plan, seed=5)
     got = torch.autograd.grad(out["loss"], params)
@@ -284,7 +302,8 @@ def test_partitioned_tokens_pool_to_the_pooled_rows_in_both_layouts():
 
 @pytest.mark.parametrize("options", [dict(intra_queries=16), dict(intra_queries=3),
                                      dict(intra_queries=2, class_token=True),
-                                     dict(intra_queries=3, intra_negatives="batch")])
+                                     dict(intra_queries=3, intra_negatives="batch"),
+                                     dict(intra_queries=3, intra_target="pixels")])
 def test_intra_flops_match_the_flop_counter(options):
     model = _model(intra_weight=1.0, **options)
     x = torch.rand(3, 1, 32, 32)
@@ -300,6 +319,7 @@ def test_direction_errors():
         (dict(intra_weight=1.0, pos_embed="none"), "position embeddings"),
         (dict(intra_queries=0), "intra_queries >= 1"),
         (dict(intra_negatives="all"), "intra_negatives must be 'image' or 'batch'"),
+        (dict(intra_target="patches"), "intra_target must be 'tokens' or 'pixels'"),
         (dict(intra_weight=-1.0), "intra_weight must be >= 0"),
         (dict(partition="blocks"), "partition must be 'random' or 'anatomy'"),
         (dict(crop_scale=(0.0, 1.0)), "crop_scale must be None or"),

@@ -135,6 +135,14 @@ class SPCL(nn.Module):
             trainer runs it: its state is checkpointed). Needs position embeddings.
         intra_queries, intra_temperature: drawn positions per image and subset, and the
             intra-image term's temperature.
+        intra_target: what each drawn position's prediction must pick out: ``"tokens"`` (the
+            target subset's final-normed token outputs, above) or ``"pixels"``: the patch's own
+            pixels, standardised over its image (so exposure and contrast drop out), through a
+            linear head on the predictor (``pixel_head``; the targets are data, no gradient).
+            Token outputs carry their position embedding, so the queried position can find
+            its token without any content (the term falls near 0 with image negatives);
+            pixels carry no position, so only predicting what lies there from the other
+            subset solves it: a contrastive, per-image form of MAE's pixel target.
         intra_negatives: ``"image"``: a prediction's negatives are the other drawn positions
             of its image; ``"batch"``: the drawn tokens of every image, so the other images'
             tokens at the same position are negatives too (position alone, which the queries
@@ -208,6 +216,7 @@ class SPCL(nn.Module):
         intra_queries: int = 16,
         intra_temperature: float = 0.1,
         intra_negatives: str = "image",
+        intra_target: str = "tokens",
         crop_scale: tuple[float, float] | None = None,
         predictor_hidden: int = 0,
         subset_jitter: float = 0.0,
@@ -248,7 +257,8 @@ class SPCL(nn.Module):
             raise ValueError(f"partition must be 'random' or 'anatomy', got {partition!r}")
         self.partition, self.target_blocks = partition, target_blocks
         self.target_scale = tuple(target_scale)
-        self._init_intra(intra_weight, intra_queries, intra_temperature, intra_negatives)
+        self._init_intra(intra_weight, intra_queries, intra_temperature, intra_negatives,
+                         intra_target)
         if crop_scale is not None and not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ValueError(f"crop_scale must be None or (lo, hi) with 0 < lo <= hi <= 1, got "
                              f"{crop_scale}")
@@ -266,14 +276,16 @@ class SPCL(nn.Module):
         self.layout = layout
 
     def _init_intra(self, weight: float, queries: int, temperature: float,
-                    negatives: str) -> None:
+                    negatives: str, target: str) -> None:
         """The intra-image term's settings and, when it is on, its :class:`TokenPredictor`."""
         if not (weight >= 0 and queries >= 1 and temperature > 0):
             raise ValueError(f"intra_weight must be >= 0, intra_queries >= 1 and "
                              f"intra_temperature > 0, got {weight}, {queries}, {temperature}")
         if negatives not in ("image", "batch"):
             raise ValueError(f"intra_negatives must be 'image' or 'batch', got {negatives!r}")
-        self.intra_negatives = negatives
+        if target not in ("tokens", "pixels"):
+            raise ValueError(f"intra_target must be 'tokens' or 'pixels', got {target!r}")
+        self.intra_negatives, self.intra_target = negatives, target
         if weight > 0 and self.num_subsets != 2:
             raise ValueError(f"intra_weight > 0 predicts subset B from A and back: it needs "
                              f"num_subsets=2, got {self.num_subsets}")
@@ -284,6 +296,10 @@ class SPCL(nn.Module):
         self.intra_temperature = temperature
         self.token_predictor = (TokenPredictor(self.encoder.embed_dim, self.encoder.num_heads)
                                 if weight > 0 else None)
+        patch = self.encoder.patch_embed
+        self.pixel_head = (nn.Linear(self.encoder.embed_dim,
+                                     patch.proj.in_channels * patch.patch_size ** 2)
+                           if weight > 0 and target == "pixels" else None)
 
     @classmethod
     def from_config(cls, encoder: VisionTransformer, settings, context: BuildContext) -> SPCL:
@@ -377,11 +393,13 @@ class SPCL(nn.Module):
         """Forward FLOPs of the intra-image term on the real (unpadded) queries and context
         rows: ``kv`` on every token once, then per direction and image ``n_q = min(q, |target
         subset|)`` queries through ``q``, plain-matmul cross-attention over the ``|context|``
-        rows, ``proj`` and the MLP, and an ``n_q x n_q`` logit matrix per image (with
-        ``intra_negatives="batch"`` one of all the direction's queries). All are matmuls (3x in
-        training)."""
+        rows, ``proj`` and the MLP (and ``pixel_head``), and an ``n_q x n_q`` logit matrix
+        per image (with ``intra_negatives="batch"`` one of all the direction's queries), over
+        the target's width. All are matmuls (3x in training)."""
         p, d = self.token_predictor, self.encoder.embed_dim
         hidden = p.mlp.fc1.out_features
+        head = self.pixel_head
+        target_dim = d if head is None else head.out_features
         predictor = flops.linear_flops(plan.total_tokens, d, 2 * d)
         loss = 0
         drawn = [0, 0]  # real queries of each direction over the batch
@@ -390,10 +408,12 @@ class SPCL(nn.Module):
                 n_q = min(self.intra_queries, n_tgt)
                 predictor += (flops.linear_flops(n_q, d, 2 * d + hidden) + 4 * n_q * n_ctx * d
                               + flops.linear_flops(n_q, hidden, d))  # q + proj + fc1, attn, fc2
-                loss += flops.info_nce_flops(n_q, n_q, d)
+                if head is not None:
+                    predictor += flops.linear_flops(n_q, d, target_dim)
+                loss += flops.info_nce_flops(n_q, n_q, target_dim)
                 drawn[k] += n_q
         if self.intra_negatives == "batch":
-            loss = sum(flops.info_nce_flops(n, n, d) for n in drawn)
+            loss = sum(flops.info_nce_flops(n, n, target_dim) for n in drawn)
         return {"intra_predictor": predictor, "intra_loss": loss}
 
     def _jitter_subsets(self, images, plan, generator) -> torch.Tensor:
@@ -491,7 +511,8 @@ class SPCL(nn.Module):
             terms["vicreg_cov"] = (self.vicreg_cov,
                                    torch.stack([vicreg_covariance(s) for s in subsets]).mean())
         if tokens is not None:
-            terms["intra"] = (self.intra_weight, self._intra(tokens, plan, generator, dtype))
+            terms["intra"] = (self.intra_weight,
+                              self._intra(tokens, plan, generator, dtype, images))
         if not terms:
             return {"loss": loss, **stats}
         total = loss
@@ -500,10 +521,12 @@ class SPCL(nn.Module):
         return {"loss": total, **stats, "contrastive": loss.detach(),
                 **{name: value.detach() for name, (_, value) in terms.items()}}
 
-    def _intra(self, tokens: torch.Tensor, plan: PartitionPlan, generator, dtype) -> torch.Tensor:
+    def _intra(self, tokens: torch.Tensor, plan: PartitionPlan, generator, dtype,
+               images: torch.Tensor) -> torch.Tensor:
         """The intra-image term: the mean of A predicting B's drawn tokens and B predicting
         A's, each :func:`~spcl_fast.methods.losses.intra_image_nce` over one image's drawn
-        positions (``tokens``: the ``(T, D)`` packed token outputs of a two-subset plan)."""
+        positions (``tokens``: the ``(T, D)`` packed token outputs of a two-subset plan;
+        ``images``: what the encoder saw, the targets of ``intra_target="pixels"``)."""
         b, n, length = plan.num_images, plan.num_tokens, plan.max_seqlen
         seg = plan.segment_ids()
         col = torch.arange(plan.total_tokens, device=seg.device) - plan.cu_seqlens.long()[seg]
@@ -520,14 +543,20 @@ class SPCL(nn.Module):
         padded_kv, padded, valid, position = (
             t.view(b, 2, length, *t.shape[2:]) for t in (padded_kv, padded, valid, position))
         q = min(self.intra_queries, length)
+        pixels = self.pixel_targets(images) if self.pixel_head is not None else None
         losses = []
         for ctx, tgt in ((0, 1), (1, 0)):
             # q random positions of the target subset (fewer real ones where it is smaller)
             priority = torch.rand(b, length, generator=generator).to(seg.device)
             pick = priority.masked_fill(~valid[:, tgt], 2.0).argsort(dim=1, stable=True)[:, :q]
-            pos = self.encoder.pos_embed[0][position[:, tgt].gather(1, pick)]  # (B, q, D)
-            pred = self.token_predictor(pos, padded_kv[:, ctx], valid[:, ctx])
-            target = padded[:, tgt].gather(1, pick[..., None].expand(-1, -1, padded.shape[-1]))
+            where = position[:, tgt].gather(1, pick)  # (B, q) patch indices
+            pred = self.token_predictor(self.encoder.pos_embed[0][where], padded_kv[:, ctx],
+                                        valid[:, ctx])
+            if pixels is None:
+                target = padded[:, tgt].gather(1, pick[..., None].expand(-1, -1, tokens.shape[1]))
+            else:
+                pred = self.pixel_head(pred)
+                target = pixels.gather(1, where[..., None].expand(-1, -1, pixels.shape[-1]))
             picked = valid[:, tgt].gather(1, pick)
             if self.intra_negatives == "batch":  # one "image" of every drawn token
                 pred, target, picked = (t.reshape(1, b * q, *t.shape[2:])
@@ -536,6 +565,16 @@ class SPCL(nn.Module):
                 losses.append(intra_image_nce(pred.to(dtype), target.to(dtype),
                                               self.intra_temperature, picked))
         return 0.5 * (losses[0] + losses[1])
+
+    def pixel_targets(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, N, C p^2)`` float: each image's patches (row-major, as the tokens), its pixels
+        standardised over the whole image first (the targets of ``intra_target="pixels"``)."""
+        b, c = images.shape[:2]
+        p = self.encoder.patch_embed.patch_size
+        x = images.detach().float().reshape(b, -1)
+        x = (x - x.mean(dim=1, keepdim=True)) / (x.std(dim=1, keepdim=True) + 1e-6)
+        x = x.view(images.shape).unfold(2, p, p).unfold(3, p, p)  # (B, C, gh, gw, p, p)
+        return x.permute(0, 2, 3, 1, 4, 5).reshape(b, -1, c * p * p)
 
     def _contrastive(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         if self.similarity == "bounded":

@@ -115,6 +115,7 @@ class SPCLConfig:
     intra_queries: int = 16  # intra-image: positions of each subset predicted per image
     intra_temperature: float = 0.1  # intra-image: temperature of its cross-entropy
     intra_negatives: Literal["image", "batch"] = "image"  # intra: negatives of its image | all
+    intra_target: Literal["tokens", "pixels"] = "tokens"  # intra: predict tokens | patch pixels
     crop_scale: tuple[float, float] | None = None  # shared crop per image, area [lo, hi]
     subset_jitter: float = 0.0  # independent intensity jitter per subset while training (0: off)
     subset_warp: float = 0.0  # independent small affine warp per subset while training (0: off)

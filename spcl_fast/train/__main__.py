@@ -188,7 +188,8 @@ def _report(summary: dict, out: str, minutes: float) -> None:
         if paired:
             print("  (CI: paired bootstrap over the test images; one that holds 0 is no gain "
                   "this test set can see)")
-    print(f"outputs: {out}/config.json, metrics.jsonl, loss_curve.png, summary.json, probe_scores.pt, ckpt-*.pt")
+    print(f"outputs: {out}/config.json, metrics.jsonl, loss_curve.png, summary.json, "
+          "probe_scores.pt, ckpt-*.pt")
 
 
 if __name__ == "__main__":

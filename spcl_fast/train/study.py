@@ -132,6 +132,9 @@ ABLATIONS: dict[str, tuple[str, dict[str, str]]] = {
                       "inputs", {"patch_norm": "standardize+stats"}),
     "k05_vicreg": ("keep 0.5 + VICReg variance (1) and covariance (0.04) terms",
                    {"vicreg_var": "1", "vicreg_cov": "0.04"}),
+    "k05_intra_pix": ("keep 0.5 + intra-image term whose targets are the queried patches' "
+                      "pixels (standardised per image), not token outputs",
+                      {"intra_weight": "1", "intra_target": "pixels"}),
 }
 RECIPES.update({k: (d, {**_HALF, **o}) for k, (d, o) in ABLATIONS.items()})
 DEFAULT_RECIPES = ("k05_intra", "spcl_keep05", "spcl", "mae", "simclr")
