@@ -135,6 +135,9 @@ ABLATIONS: dict[str, tuple[str, dict[str, str]]] = {
     "k05_intra_pix": ("keep 0.5 + intra-image term whose targets are the queried patches' "
                       "pixels (standardised per image), not token outputs",
                       {"intra_weight": "1", "intra_target": "pixels"}),
+    "k05_intra_w2": ("keep 0.5 + intra-image term at weight 2 (not 1)", {"intra_weight": "2"}),
+    "k05_intra_w05": ("keep 0.5 + intra-image term at weight 0.5 (not 1)",
+                      {"intra_weight": "0.5"}),
 }
 RECIPES.update({k: (d, {**_HALF, **o}) for k, (d, o) in ABLATIONS.items()})
 DEFAULT_RECIPES = ("k05_intra", "spcl_keep05", "spcl", "mae", "simclr")
