@@ -95,6 +95,9 @@ RECIPES: dict[str, tuple[str, dict[str, str]]] = {
                     {**_ALL, "vicreg_var": "1", "vicreg_cov": "0.04"}),
     "k05_intra_batch": ("keep 0.5 + intra-image term with negatives from the whole batch",
                         {**_HALF, "intra_weight": "1", "intra_negatives": "batch"}),
+    "k05_intra_pix": ("keep 0.5 + intra-image term whose targets are the queried patches' "
+                      "pixels (standardised per image), not token outputs",
+                      {**_HALF, "intra_weight": "1", "intra_target": "pixels"}),
 }
 ABLATIONS: dict[str, tuple[str, dict[str, str]]] = {
     "k05_image": ("keep 0.5 + per-image standardisation", {"normalize": "image"}),
@@ -132,9 +135,6 @@ ABLATIONS: dict[str, tuple[str, dict[str, str]]] = {
                       "inputs", {"patch_norm": "standardize+stats"}),
     "k05_vicreg": ("keep 0.5 + VICReg variance (1) and covariance (0.04) terms",
                    {"vicreg_var": "1", "vicreg_cov": "0.04"}),
-    "k05_intra_pix": ("keep 0.5 + intra-image term whose targets are the queried patches' "
-                      "pixels (standardised per image), not token outputs",
-                      {"intra_weight": "1", "intra_target": "pixels"}),
     "k05_intra_w2": ("keep 0.5 + intra-image term at weight 2 (not 1)", {"intra_weight": "2"}),
     "k05_intra_w05": ("keep 0.5 + intra-image term at weight 0.5 (not 1)",
                       {"intra_weight": "0.5"}),
