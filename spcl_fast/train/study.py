@@ -98,6 +98,11 @@ RECIPES: dict[str, tuple[str, dict[str, str]]] = {
     "k05_intra_pix": ("keep 0.5 + intra-image term whose targets are the queried patches' "
                       "pixels (standardised per image), not token outputs",
                       {**_HALF, "intra_weight": "1", "intra_target": "pixels"}),
+    "k05_intra_lr5e4": ("keep 0.5 + intra-image term + lr 5e-4 (the two steadiest changes)",
+                        {**_HALF, "intra_weight": "1", "lr": "5e-4"}),
+    "k05_intra_patchnorm": ("keep 0.5 + intra-image term + per-patch standardisation with "
+                            "each patch's mean and std as inputs",
+                            {**_HALF, "intra_weight": "1", "patch_norm": "standardize+stats"}),
 }
 ABLATIONS: dict[str, tuple[str, dict[str, str]]] = {
     "k05_image": ("keep 0.5 + per-image standardisation", {"normalize": "image"}),
