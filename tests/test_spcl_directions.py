@@ -391,6 +391,7 @@ OPTIONS = {
     "anatomy": ["--partition", "anatomy", "--target-blocks", "2", "--target-scale", "0.1,0.2",
                 "--keep", "0.75"],
     "intra": ["--intra-weight", "0.5", "--intra-queries", "4", "--intra-temperature", "0.2"],
+    "intra_pixels": ["--intra-weight", "0.5", "--intra-queries", "4", "--intra-target", "pixels"],
     "crop": ["--crop-scale", "0.5,1.0", "--background-std", "0.05"],
 }
 
@@ -420,10 +421,11 @@ def test_option_trains_through_the_cli_reloads_and_resumes_exactly(tmp_path, nam
     cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
     train(cfg, tmp_path / "resumed", resume=run / "ckpt-00000002.pt")
     assert [r["loss"] for r in _records(tmp_path / "resumed")] == [r["loss"] for r in steps[2:]]
-    if name == "intra":
+    if name.startswith("intra"):
         assert "intra" in steps[-1] and "contrastive" in steps[-1]
         ckpt = torch.load(run / "ckpt-00000004.pt", weights_only=False)
         assert any(k.startswith("token_predictor.") for k in ckpt["model"])
+        assert any(k.startswith("pixel_head.") for k in ckpt["model"]) == (name == "intra_pixels")
         trained = [p for p in build_model(cfg).parameters() if p.requires_grad]
         in_optimizer = sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"])
         assert in_optimizer == len(trained) == len(ckpt["optimizer"]["state"])
@@ -434,4 +436,5 @@ def _saved_as_flagged(section: dict, name: str) -> bool:
     return {"anatomy": section["partition"] == "anatomy" and section["target_blocks"] == 2
             and section["target_scale"] == [0.1, 0.2],
             "intra": section["intra_weight"] == 0.5 and section["intra_queries"] == 4,
+            "intra_pixels": section["intra_weight"] == 0.5 and section["intra_target"] == "pixels",
             "crop": section["crop_scale"] == [0.5, 1.0]}[name]
