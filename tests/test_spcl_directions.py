@@ -197,10 +197,10 @@ def test_intra_image_nce_negatives_are_only_from_the_same_image_and_shapes_are_n
 # --- the intra-image term in S-PCL ----------------------------------------------------------
 
 
-def _model(class_token=False, pos_embed="learned", **kwargs):
+def _model(class_token=False, pos_embed="learned", in_chans=1, **kwargs):
     torch.manual_seed(0)
     encoder = vit_tiny_patch16(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2,
-                               class_token=class_token, pos_embed=pos_embed)
+                               class_token=class_token, pos_embed=pos_embed, in_chans=in_chans)
     return SPCL(encoder, proj_hidden=32, proj_dim=16, **kwargs)
 
 
@@ -234,7 +234,7 @@ def _intra_reference(model, x, plan, seed):
                 patch, grid = embed.patch_size, embed.grid_size
                 target = torch.stack([
                     image[:, (i // grid) * patch:(i // grid + 1) * patch,
-                          (i % grid) * patch:(i % grid + 1) * patch].reshape(-1)
+                          (i % grid) * patch:(i % grid + 1) * patch].permute(1, 2, 0).reshape(-1)
                     for i in positions[2 * b + tgt][pick].tolist()])
             else:
                 target = target[pick]
@@ -261,10 +261,11 @@ def _intra_reference(model, x, plan, seed):
     dict(intra_queries=3, intra_target="pixels"),
     dict(intra_queries=5, ratio_range=(0.2, 0.8), intra_target="pixels", class_token=True),
     dict(intra_queries=4, intra_target="pixels", intra_negatives="batch", keep=0.5),
+    dict(intra_queries=3, intra_target="pixels", in_chans=3),  # pixel order within a patch
 ])
 def test_intra_term_matches_the_image_by_image_reference(options):
     model = _model(intra_weight=0.3, **options)
-    x = torch.rand(3, 1, 32, 32)
+    x = torch.rand(3, options.get("in_chans", 1), 32, 32)
     plan = model.sample_plan(3, torch.Generator().manual_seed(1), "cpu")
     out = model(x, generator=torch.Generator().manual_seed(5), plan=plan)
     want = _intra_reference(model, x, plan, seed=5)

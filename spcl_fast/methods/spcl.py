@@ -33,6 +33,7 @@ from ..partition import PartitionPlan, sample_partitions
 from .base import BuildContext
 from .dino import resized_crops, sample_crops
 from .losses import bounded_info_nce, intra_image_nce, vicreg_covariance, vicreg_variance
+from .mae import patchify
 
 
 class Projector(nn.Module):
@@ -567,14 +568,11 @@ class SPCL(nn.Module):
         return 0.5 * (losses[0] + losses[1])
 
     def pixel_targets(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, N, C p^2)`` float: each image's patches (row-major, as the tokens), its pixels
+        """``(B, N, p^2 C)`` float: each image's patches (MAE's :func:`patchify`), its pixels
         standardised over the whole image first (the targets of ``intra_target="pixels"``)."""
-        b, c = images.shape[:2]
-        p = self.encoder.patch_embed.patch_size
-        x = images.detach().float().reshape(b, -1)
+        x = images.detach().float().flatten(1)
         x = (x - x.mean(dim=1, keepdim=True)) / (x.std(dim=1, keepdim=True) + 1e-6)
-        x = x.view(images.shape).unfold(2, p, p).unfold(3, p, p)  # (B, C, gh, gw, p, p)
-        return x.permute(0, 2, 3, 1, 4, 5).reshape(b, -1, c * p * p)
+        return patchify(x.view(images.shape), self.encoder.patch_embed.patch_size)
 
     def _contrastive(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         if self.similarity == "bounded":
