@@ -74,10 +74,14 @@ class DataConfig:
     num_images: int | None = None  # use only the first N training images (None: all)
     num_workers: int = 2  # DataLoader worker processes for real datasets
     normalize: Normalize = "dataset"  # input intensity normalisation
+    batch_grouping: Literal["random", "similar"] = "random"  # similar: look-alike batches
+    group_grid: int = 4  # similar: side of the thumbnail that decides which images look alike
 
     def check(self) -> None:
         _require(self, {"image_size": (self.image_size >= 1, ">= 1"),
-                        "num_workers": (self.num_workers >= 0, ">= 0")})
+                        "num_workers": (self.num_workers >= 0, ">= 0"),
+                        "group_grid": (1 <= self.group_grid <= self.image_size,
+                                       "from 1 to image_size")})
 
 
 @dataclass(frozen=True)

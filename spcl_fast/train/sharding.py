@@ -6,6 +6,10 @@ micro-steps of ``W * m`` images (``W`` processes, ``m = B / (W * A)`` each); mic
 rank ``r`` takes images ``(k * W + r) * m ...`` of the step's slice of the epoch order. So every
 micro-step is one contiguous slice of the order, spread over the ranks, and no image is seen
 twice per epoch by any rank.
+
+With ``batch_grouping="similar"`` the epoch order is composed so that each global batch holds
+images that look alike at a glance (:func:`similar_order`): its in-batch negatives then share
+exposure, pose and body size, and a contrastive loss cannot separate them by those cues alone.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 
 
 class BatchStream:
@@ -25,10 +30,15 @@ class BatchStream:
     once) or a map-style dataset read through a ``DataLoader`` with ``num_workers`` processes
     (real datasets; pinned batches when ``device`` is a GPU). ``next()`` returns this rank's
     ``accum_steps * m`` images of the step, micro-step by micro-step.
+
+    ``grouping="similar"`` composes each epoch's global batches of look-alike images
+    (:func:`similar_order` on :func:`thumbnails` of side ``group_grid``; a real dataset is read
+    once for them, by every rank).
     """
 
     def __init__(self, source, batch_size: int, seed: int, num_workers: int = 0, rank: int = 0,
-                 world: int = 1, accum_steps: int = 1, device: torch.device | None = None):
+                 world: int = 1, accum_steps: int = 1, device: torch.device | None = None,
+                 grouping: str = "random", group_grid: int = 4):
         if len(source) < batch_size:
             raise ValueError(f"batch_size {batch_size} exceeds the {len(source)} images")
         if batch_size % (world * accum_steps):
@@ -43,13 +53,19 @@ class BatchStream:
         self.num_workers, self.rank, self.world = num_workers, rank, world
         self.accum_steps, self.micro = accum_steps, batch_size // (world * accum_steps)
         self.epoch, self.position = 0, 0
+        if grouping not in ("random", "similar"):
+            raise ValueError(f"batch_grouping must be 'random' or 'similar', got {grouping!r}")
+        self.descriptors = (thumbnails(source, group_grid, num_workers)
+                            if grouping == "similar" else None)
         self._loader = None
         self._order_cache: tuple[int, torch.Tensor] | None = None
 
     def _order(self) -> torch.Tensor:
         if self._order_cache is None or self._order_cache[0] != self.epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._order_cache = (self.epoch, torch.randperm(len(self.source), generator=g))
+            order = (torch.randperm(len(self.source), generator=g) if self.descriptors is None
+                     else similar_order(self.descriptors, self.batch_size, g))
+            self._order_cache = (self.epoch, order)
         return self._order_cache[1]
 
     def local(self, block: torch.Tensor) -> torch.Tensor:
@@ -89,6 +105,53 @@ class BatchStream:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._loader = None
+
+
+def thumbnails(source, grid: int, num_workers: int = 0) -> torch.Tensor:
+    """``(n, grid * grid)`` float32 descriptors of the images of ``source`` (a ``(n, 1, S, S)``
+    tensor or a dataset of ``{"image": ...}`` items): each image average-pooled to a
+    ``grid x grid`` thumbnail, then every cell standardised over the images, so distances weigh
+    all cells alike. A coarse grid keeps what tells films apart at a glance (exposure,
+    position, size of the thorax) and little of a finding's detail."""
+    if grid < 1:
+        raise ValueError(f"group_grid must be >= 1, got {grid}")
+    if isinstance(source, torch.Tensor):
+        batches = source.split(1024)
+    else:
+        loader = torch.utils.data.DataLoader(source, batch_size=256, num_workers=num_workers)
+        batches = (b["image"] for b in loader)
+    thumbs = torch.cat([F.adaptive_avg_pool2d(b.float().cpu(), grid).flatten(1)
+                        for b in batches])
+    return (thumbs - thumbs.mean(0)) / thumbs.std(0).clamp_min(1e-6)
+
+
+def similar_order(descriptors: torch.Tensor, batch_size: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """A permutation of ``range(n)`` whose consecutive ``batch_size`` slices are groups of
+    similar images: repeatedly a random image not yet placed and its ``batch_size - 1``
+    nearest unplaced neighbours (Euclidean, ``descriptors (n, d)``) form the next batch, in
+    random order within it. The groups change from epoch to epoch (``generator`` draws the
+    anchors); the last ``n % batch_size`` images, whatever was left, end the order (the
+    stream drops them as the incomplete batch). ``O(n^2 d / batch_size)``."""
+    n = descriptors.shape[0]
+    anchors = torch.randperm(n, generator=generator)
+    free = torch.ones(n, dtype=torch.bool)
+    groups, cursor = [], 0
+    for _ in range(n // batch_size):
+        while not free[anchors[cursor]]:
+            cursor += 1
+        anchor = anchors[cursor]
+        dist = (descriptors - descriptors[anchor]).square().sum(1)
+        dist[~free] = float("inf")
+        dist[anchor] = -1.0  # the anchor itself, even among exact duplicates
+        members = dist.topk(batch_size, largest=False).indices
+        free[members] = False
+        groups.append(members[torch.randperm(batch_size, generator=generator)])
+    rest = free.nonzero().flatten()
+    groups.append(rest[torch.randperm(len(rest), generator=generator)])
+    # the batches in random order too: later ones are made of what the earlier left
+    order = torch.randperm(len(groups) - 1, generator=generator).tolist()
+    return torch.cat([groups[i] for i in order] + [groups[-1]])
 
 
 def shard_seed(seed: int, shard: int) -> int:

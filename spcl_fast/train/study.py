@@ -103,6 +103,9 @@ RECIPES: dict[str, tuple[str, dict[str, str]]] = {
     "k05_intra_patchnorm": ("keep 0.5 + intra-image term + per-patch standardisation with "
                             "each patch's mean and std as inputs",
                             {**_HALF, "intra_weight": "1", "patch_norm": "standardize+stats"}),
+    "k05_intra_similar": ("keep 0.5 + intra-image term + batches of look-alike images (4x4 "
+                          "thumbnails)", {**_HALF, "intra_weight": "1",
+                                          "batch_grouping": "similar"}),
 }
 ABLATIONS: dict[str, tuple[str, dict[str, str]]] = {
     "k05_image": ("keep 0.5 + per-image standardisation", {"normalize": "image"}),
@@ -140,6 +143,8 @@ ABLATIONS: dict[str, tuple[str, dict[str, str]]] = {
                       "inputs", {"patch_norm": "standardize+stats"}),
     "k05_vicreg": ("keep 0.5 + VICReg variance (1) and covariance (0.04) terms",
                    {"vicreg_var": "1", "vicreg_cov": "0.04"}),
+    "k05_similar": ("keep 0.5 + batches of look-alike images (nearest neighbours by 4x4 "
+                    "thumbnail)", {"batch_grouping": "similar"}),
     "k05_intra_w2": ("keep 0.5 + intra-image term at weight 2 (not 1)", {"intra_weight": "2"}),
     "k05_intra_w05": ("keep 0.5 + intra-image term at weight 0.5 (not 1)",
                       {"intra_weight": "0.5"}),

@@ -86,7 +86,8 @@ class Trainer:
                       else intensity_stats(data.dataset, source, data.num_workers))
         self.transform = normalizer(data.normalize, self.stats)
         self.stream = BatchStream(source, optim.batch_size, config.run.seed, data.num_workers,
-                                  ctx.rank, ctx.world, optim.accum_steps, self.device)
+                                  ctx.rank, ctx.world, optim.accum_steps, self.device,
+                                  data.batch_grouping, data.group_grid)
         self.model = build_model(config, global_batch_loss=ctx.world > 1).to(self.device)
         if ctx.world > 1:  # own streams per rank for whatever draws from the global RNGs
             torch.manual_seed(config.run.seed + 100_003 * (ctx.rank + 1))
