@@ -84,12 +84,15 @@ def test_ablations_expand_to_the_default_and_one_change_each():
     base = study.RECIPES["spcl_keep05"][1]
     for name in recipes[1:]:
         changed = {k: v for k, v in study.RECIPES[name][1].items() if base.get(k) != v}
-        # (VICReg's two terms are one change)
-        assert len(changed) == 1 or set(changed) == {"vicreg_var", "vicreg_cov"}, (name, changed)
-    # The main recipes state keep and the intra-image weight, so a new demo default does not
-    # change what they measure.
-    assert all({"keep", "intra_weight"} <= set(study.RECIPES[r][1]) for r in study.DEFAULT_RECIPES)
+        # (VICReg's two terms are one change, look-alike batches and their thumbnail too)
+        assert len(changed) == 1 or set(changed) in (
+            {"vicreg_var", "vicreg_cov"}, {"batch_grouping", "group_grid"}), (name, changed)
+    # The main recipes state keep, the intra-image weight and the batch grouping, so a new demo
+    # default does not change what they measure.
+    assert all({"keep", "intra_weight", "batch_grouping"} <= set(study.RECIPES[r][1])
+               for r in study.DEFAULT_RECIPES)
     assert study.run_config({}, "spcl_keep05", 0, 5).spcl.intra_weight == 0
+    assert study.run_config({}, "spcl_keep05", 0, 5).data.batch_grouping == "random"
 
 
 @pytest.mark.parametrize("recipe", sorted(study.RECIPES))

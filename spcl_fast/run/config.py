@@ -75,7 +75,7 @@ class DataConfig:
     num_workers: int = 2  # DataLoader worker processes for real datasets
     normalize: Normalize = "dataset"  # input intensity normalisation
     batch_grouping: Literal["random", "similar"] = "random"  # similar: look-alike batches
-    group_grid: int = 4  # similar: side of the thumbnail that decides which images look alike
+    group_grid: int = 1  # similar: thumbnail side that decides look-alikes (1: mean brightness)
 
     def check(self) -> None:
         _require(self, {"image_size": (self.image_size >= 1, ">= 1"),

@@ -8,8 +8,9 @@ micro-step is one contiguous slice of the order, spread over the ranks, and no i
 twice per epoch by any rank.
 
 With ``batch_grouping="similar"`` the epoch order is composed so that each global batch holds
-images that look alike at a glance (:func:`similar_order`): its in-batch negatives then share
-exposure, pose and body size, and a contrastive loss cannot separate them by those cues alone.
+images that look alike at a glance (:func:`similar_order`): with the default one-cell
+thumbnail its in-batch negatives share exposure, and a contrastive loss cannot separate them
+by that cue alone.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class BatchStream:
 
     def __init__(self, source, batch_size: int, seed: int, num_workers: int = 0, rank: int = 0,
                  world: int = 1, accum_steps: int = 1, device: torch.device | None = None,
-                 grouping: str = "random", group_grid: int = 4):
+                 grouping: str = "random", group_grid: int = 1):
         if len(source) < batch_size:
             raise ValueError(f"batch_size {batch_size} exceeds the {len(source)} images")
         if batch_size % (world * accum_steps):
@@ -111,8 +112,10 @@ def thumbnails(source, grid: int, num_workers: int = 0) -> torch.Tensor:
     """``(n, grid * grid)`` float32 descriptors of the images of ``source`` (a ``(n, 1, S, S)``
     tensor or a dataset of ``{"image": ...}`` items): each image average-pooled to a
     ``grid x grid`` thumbnail, then every cell standardised over the images, so distances weigh
-    all cells alike. A coarse grid keeps what tells films apart at a glance (exposure,
-    position, size of the thorax) and little of a finding's detail."""
+    all cells alike. ``grid=1`` is the film's mean brightness (exposure); a coarse grid such
+    as 4 also holds position and size of the thorax, but little of a finding's detail. On the
+    real sample grid 1 helps and grid 4 hurts: its neighbours share sex and findings more
+    often, so they are false negatives (README, the recipe study)."""
     if grid < 1:
         raise ValueError(f"group_grid must be >= 1, got {grid}")
     if isinstance(source, torch.Tensor):
