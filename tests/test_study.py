@@ -208,3 +208,28 @@ def test_compare_refuses_scores_of_other_test_images(tmp_path):
     records[1]["scores"]["key"] = "pretrained"
     (same,) = study.compare(records, resamples=20)
     assert (same["row"], same["difference"], same["seeds"]) == ("a", 0.0, 1)
+
+
+def test_compare_to_a_recipe_averages_both_rows_over_their_seeds(tmp_path):
+    import torch
+
+    from spcl_fast.eval import paired_bootstrap
+
+    g = torch.Generator().manual_seed(0)
+    labels = (torch.rand(40, 3, generator=g) > 0.5).float()
+    files, records = {}, []
+    for row, offset in (("a", 0.0), ("b", 1.0)):
+        for seed in range(2 if row == "a" else 3):
+            scores = labels + (1.0 + offset) * torch.randn(40, 3, generator=g)
+            path = tmp_path / f"{row}{seed}.pt"
+            torch.save({"labels": labels, "pretrained": scores}, path)
+            files.setdefault(row, []).append(scores)
+            records.append({"set": "s", "row": row, "seed": seed, "mean_auroc": 0.0,
+                            "scores": {"file": str(path), "key": "pretrained"}})
+    (got,) = study.compare(records, baselines=("b",), resamples=50)
+    want = paired_bootstrap(files["a"], files["b"], labels, resamples=50)
+    assert (got["row"], got["baseline"], got["seeds"], got["baseline_seeds"]) == ("a", "b", 2, 3)
+    assert got["difference"] == pytest.approx(want["difference"]) and got["low"] == want["low"]
+    # the CLI names its baselines
+    args = study.build_parser().parse_args(["--compare-to", "raw pixels (dataset),k05_intra"])
+    assert args.compare_to.split(",") == ["raw pixels (dataset)", "k05_intra"]

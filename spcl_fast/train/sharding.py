@@ -113,9 +113,9 @@ def thumbnails(source, grid: int, num_workers: int = 0) -> torch.Tensor:
     tensor or a dataset of ``{"image": ...}`` items): each image average-pooled to a
     ``grid x grid`` thumbnail, then every cell standardised over the images, so distances weigh
     all cells alike. ``grid=1`` is the film's mean brightness (exposure); a coarse grid such
-    as 4 also holds position and size of the thorax, but little of a finding's detail. On the
-    real sample grid 1 helps and grid 4 hurts: its neighbours share sex and findings more
-    often, so they are false negatives (README, the recipe study)."""
+    as 4 also holds position and size of the thorax, but little of a finding's detail. With
+    the intra-image term, grid 1 helps on the real sample and grid 4 hurts (README, the
+    recipe study)."""
     if grid < 1:
         raise ValueError(f"group_grid must be >= 1, got {grid}")
     if isinstance(source, torch.Tensor):

@@ -352,8 +352,9 @@ def _scores(ref: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def compare(records: list[dict], baselines: tuple[str, ...] = ("raw pixels (dataset)",),
             resamples: int = 1000) -> list[dict]:
     """Every (set, row) whose runs all kept their test scores against each baseline row of the
-    same set: the paired bootstrap over the test images of the row's mean AUROC (averaged over
-    its seeds) minus the baseline's (:func:`~spcl_fast.eval.paired_bootstrap`)."""
+    same set: the paired bootstrap over the test images of the row's mean AUROC minus the
+    baseline's, each averaged over its seeds (:func:`~spcl_fast.eval.paired_bootstrap`). A
+    baseline is a reference row (``raw pixels (dataset)``) or a recipe's."""
     rows: dict[tuple[str, str], list[dict]] = {}
     for r in records:
         rows.setdefault((r["set"], r["row"]), []).append(r)
@@ -365,17 +366,16 @@ def compare(records: list[dict], baselines: tuple[str, ...] = ("raw pixels (data
         labels = scored[0][1]
         for base in baselines:
             ref = rows.get((set_name, base))
-            if not ref or "scores" not in ref[0]:
+            if not ref or not all("scores" in g for g in ref):
                 continue
-            base_scores, base_labels = _scores(ref[0]["scores"])
-            if not all(torch.equal(lab, labels) for _, lab in scored) \
-                    or not torch.equal(base_labels, labels):
+            base_scored = [_scores(g["scores"]) for g in ref]
+            if not all(torch.equal(lab, labels) for _, lab in scored + base_scored):
                 raise ValueError(f"{set_name}: {row} and {base} were not probed on the same "
                                  f"test images")
-            res = paired_bootstrap([s for s, _ in scored], base_scores, labels,
+            res = paired_bootstrap([s for s, _ in scored], [s for s, _ in base_scored], labels,
                                    resamples=resamples)
             out.append({"set": set_name, "row": row, "baseline": base, "seeds": len(group),
-                        **res})
+                        "baseline_seeds": len(ref), **res})
     return out
 
 
@@ -473,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"keep 0.5 recipe and each ablation of it)")
     p.add_argument("--steps", type=int, default=demo().optim.steps,
                    help="steps of every S-PCL recipe (MAE: the first recipe's time)")
+    p.add_argument("--compare-to", default="raw pixels (dataset)",
+                   help="comma-separated rows every other row is bootstrapped against: "
+                        "reference rows ('raw pixels (dataset)', 'init (dataset)') or recipes")
     return p
 
 
@@ -548,7 +551,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = markdown(table, sets)
     meta_table = summarise(metadata_records(records))
     meta_text = markdown(meta_table, [name for name, _, _ in METADATA], timing=False)
-    comparisons = compare(records)
+    comparisons = compare(records, tuple(b.strip() for b in args.compare_to.split(",")))
     print(text)
     if comparisons:
         print(f"\npaired bootstrap over the test images:\n{compare_markdown(comparisons)}")
