@@ -135,6 +135,17 @@ def test_torchrun_two_gloo_processes_match_one_process_on_the_global_batch(tmp_p
     _close(_records(tmp_path / "continued"), _records(tmp_path / "one")[2:])
 
 
+def test_torchrun_with_the_demo_recipe_matches_one_process(tmp_path):
+    # keep 0.5, the intra-image term and look-alike batches (every rank sorts the same order)
+    recipe = {"keep": 0.5, "intra_weight": 1.0, "intra_queries": 4, "batch_grouping": "similar"}
+    flags = [item for key, value in recipe.items()
+             for item in ("--" + key.replace("_", "-"), str(value))]
+    proc = _torchrun("--steps", 3, "--accum-steps", 2, "--out", tmp_path / "two", *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(smoke().replace(steps=3, accum_steps=2, plan_shards=2, **recipe), tmp_path / "one")
+    _close(_records(tmp_path / "two"), _records(tmp_path / "one"), keys=("loss", "intra", "lr"))
+
+
 def test_torchrun_refused_by_the_main_process_stops_every_process(tmp_path):
     train(smoke().replace(steps=2), tmp_path / "held")  # a run already there
     started = time.monotonic()

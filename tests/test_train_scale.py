@@ -241,6 +241,11 @@ def test_lr_scaling_is_opt_in():
         preset = PRESETS[name]()
         assert preset.optim.precision == "bf16" and preset.model.patch_size == 16
         assert preset.data.image_size == int(name.rsplit("_", 1)[1])
+        # the recipe the study chose for the demo
+        assert (preset.spcl.keep, preset.spcl.intra_weight, preset.data.batch_grouping,
+                preset.data.group_grid) == (0.5, 1.0, "similar", 1) == (
+            demo().spcl.keep, demo().spcl.intra_weight, demo().data.batch_grouping,
+            demo().data.group_grid)
 
 
 def test_peak_table_mfu_and_override(monkeypatch):

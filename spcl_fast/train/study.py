@@ -111,6 +111,10 @@ RECIPES: dict[str, tuple[str, dict[str, str]]] = {
                              "brightness (1x1 thumbnails): the demo default",
                              {**_HALF, "intra_weight": "1", "batch_grouping": "similar",
                               "group_grid": "1"}),
+    "k05_intra_similar_g1_patchnorm": ("the demo recipe + per-patch standardisation with each "
+                                       "patch's mean and std as inputs",
+                                       {**_HALF, "intra_weight": "1", "batch_grouping": "similar",
+                                        "group_grid": "1", "patch_norm": "standardize+stats"}),
     # More negatives per step: at a quarter of the steps, about the same training seconds.
     "k05_intra_b256": ("keep 0.5 + intra-image term, batch 256 (4x the negatives; run at a "
                        "quarter of the steps)", {**_HALF, "intra_weight": "1",
