@@ -233,3 +233,19 @@ def test_compare_to_a_recipe_averages_both_rows_over_their_seeds(tmp_path):
     # the CLI names its baselines
     args = study.build_parser().parse_args(["--compare-to", "raw pixels (dataset),k05_intra"])
     assert args.compare_to.split(",") == ["raw pixels (dataset)", "k05_intra"]
+
+
+def test_a_folder_of_other_settings_is_refused_naming_them(tmp_path):
+    asked = study.run_config({}, "spcl_keep05", seed=0, steps=5)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(asked.replace(steps=7, lr=5e-4).to_json())
+    with pytest.raises(SystemExit, match=r"\(steps 7 \(asked 5\); lr 0\.0005 \(asked 0\.001\)\)"):
+        study._train(asked, run)
+    # The thumbnail of look-alike batches is no setting of a run that groups at random ...
+    assert asked.data.batch_grouping == "random"
+    assert study.config_differences(asked.replace(group_grid=4), asked) == []
+    # ... but it is one of a run that groups by it.
+    similar = asked.replace(batch_grouping="similar")
+    assert study.config_differences(similar.replace(group_grid=4), similar) == [
+        "group_grid 4 (asked 1)"]

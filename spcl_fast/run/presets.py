@@ -13,7 +13,7 @@ from .config import TrainConfig
 
 
 def demo() -> TrainConfig:
-    """The no-argument demo: a small ViT on synthetic X-rays, ~90 s on 2 CPU cores.
+    """The no-argument demo: a small ViT on synthetic X-rays, about a minute on 2 CPU cores.
     Two 25% subsets per image (``keep=0.5``): in the recipe study (``spcl_fast.train.study``)
     they probe better than 50/50 splits of all tokens on both the synthetic and the real
     sample, at half the FLOPs. The intra-image term (``intra_weight=1``): on the real sample
