@@ -240,12 +240,11 @@ def test_a_folder_of_other_settings_is_refused_naming_them(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(asked.replace(steps=7, lr=5e-4).to_json())
-    with pytest.raises(SystemExit, match=r"\(steps 7 \(asked 5\); lr 0\.0005 \(asked 0\.001\)\)"):
+    with pytest.raises(SystemExit, match=r"\(steps 7 \(now 5\); lr 0\.0005 \(now 0\.001\)\)"):
         study._train(asked, run)
     # The thumbnail of look-alike batches is no setting of a run that groups at random ...
     assert asked.data.batch_grouping == "random"
-    assert study.config_differences(asked.replace(group_grid=4), asked) == []
+    assert asked.replace(group_grid=4).differences(asked) == []
     # ... but it is one of a run that groups by it.
     similar = asked.replace(batch_grouping="similar")
-    assert study.config_differences(similar.replace(group_grid=4), similar) == [
-        "group_grid 4 (asked 1)"]
+    assert similar.replace(group_grid=4).differences(similar) == ["group_grid 4 (now 1)"]

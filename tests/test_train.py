@@ -186,6 +186,25 @@ def test_training_seconds_add_up_over_resumes(tmp_path):
     assert summary["train_seconds"] > half["train_seconds"]
 
 
+def test_resume_with_changed_settings_names_them_and_keeps_the_old_config(tmp_path, capsys):
+    run = tmp_path / "run"
+    config = smoke().replace(steps=4, out=str(run))
+    train(config, run)
+    before = (run / "config.json").read_text()
+    longer = config.replace(steps=6, lr=5e-4)
+    train(longer, run, resume=run)
+    out = capsys.readouterr().out
+    assert "at step 4 with changed settings: steps 4 (now 6); lr 0.001 (now 0.0005)" in out
+    assert (run / "config-step00000004.json").read_text() == before
+    assert json.loads((run / "config.json").read_text())["optim"]["steps"] == 6
+    # Resuming again with the same settings changes nothing, so nothing more is kept.
+    (run / "summary.json").unlink()
+    train(longer, run, resume=run)
+    assert "changed settings" not in capsys.readouterr().out
+    assert sorted(p.name for p in run.glob("config*.json")) == [
+        "config-step00000004.json", "config.json"]
+
+
 def test_checkpoints_keep_last_and_fall_back_when_corrupt(tmp_path):
     for step in (1, 2, 3):
         save_checkpoint({"step": step}, tmp_path, step, keep_last=2)

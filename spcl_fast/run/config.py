@@ -339,6 +339,15 @@ class TrainConfig:
             out[flag] = getattr(getattr(self, section), name)
         return out
 
+    def differences(self, other: TrainConfig) -> list[str]:
+        """``["<flag> <mine> (now <other's>)", ...]``: the settings ``other`` changes, leaving
+        out one that cannot change a run: the thumbnail side of look-alike batches
+        (``group_grid``) when both group at random."""
+        mine, theirs = self.flat(), other.flat()
+        random = mine["batch_grouping"] == theirs["batch_grouping"] == "random"
+        return [f"{k} {mine[k]!r} (now {theirs[k]!r})" for k in theirs
+                if mine[k] != theirs[k] and not (random and k == "group_grid")]
+
     def to_json(self) -> str:
         """The sections as nested JSON objects (tuples become lists)."""
         return json.dumps(dataclasses.asdict(self), indent=2)

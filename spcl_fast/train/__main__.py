@@ -32,7 +32,8 @@ USAGE = """usage: python -m spcl_fast.train [--preset NAME] [--out DIR] [--steps
 Pre-train a ViT with S-PCL. Presets (default: demo):
   {presets}
 --resume continues a run exactly from its newest readable checkpoint (default: the --out folder),
-using the run's saved config; --KEY VALUE options given with it override that config.
+using the run's saved config; --KEY VALUE options given with it override that config (the
+run prints what they change and keeps the config of before as config-step<N>.json).
 Yes/no options may stand alone (--compile means --compile true). SIGTERM or Ctrl-C: the step
 finishes, a checkpoint is written, exit status 128 + signal; Ctrl-C twice aborts.
 

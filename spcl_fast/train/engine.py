@@ -239,10 +239,27 @@ def _start(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> tupl
                 out_dir.rmdir()
         raise SetupError(one_line(exc)) from exc
     if ctx.is_main:
+        changed = _resumed_changes(state, config, out_dir, trainer.step)
         write_text_atomic(out_dir / "config.json", config.to_json())
         if path is not None:
-            print(f"resumed from {path} at step {trainer.step}")
+            print(f"resumed from {path} at step {trainer.step}"
+                  + (f" with changed settings: {'; '.join(changed)}" if changed else ""))
     return trainer, trainer.model.train_flops(plan) / plan.num_images / 1e9
+
+
+def _resumed_changes(state: dict | None, config: TrainConfig, out_dir: Path,
+                     step: int) -> list[str]:
+    """The settings a resumed run changes against its checkpoint's (``--resume --lr ...``;
+    the output folder aside). The run folder's ``config.json`` of before is kept as
+    ``config-step<N>.json``, so the settings of every stretch of steps stay on record."""
+    if not state or not state.get("config"):
+        return []
+    saved = TrainConfig.from_dict(state["config"], strict=False)
+    changed = saved.replace(out=config.run.out).differences(config)
+    before = out_dir / "config.json"
+    if changed and before.exists():
+        write_text_atomic(out_dir / f"config-step{step:08d}.json", before.read_text())
+    return changed
 
 
 def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict:

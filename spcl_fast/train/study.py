@@ -205,22 +205,12 @@ def run_config(set_over: dict, recipe: str, seed: int, steps: int) -> TrainConfi
     return apply_overrides(demo(), over)
 
 
-def config_differences(saved: TrainConfig, config: TrainConfig) -> list[str]:
-    """The settings, by flag, in which a run folder's ``saved`` config differs from the
-    ``config`` the study asks for, leaving out one that cannot change the run: the thumbnail
-    size of look-alike batches (``group_grid``) when both group at random."""
-    old, new = saved.flat(), config.flat()
-    random = old["batch_grouping"] == new["batch_grouping"] == "random"
-    return [f"{k} {old[k]!r} (asked {new[k]!r})" for k in new
-            if old[k] != new[k] and not (random and k == "group_grid")]
-
-
 def _train(config: TrainConfig, out: Path) -> dict:
     """Train (or read back, or continue) one run; returns its summary. A folder holding a run
     of other settings is an error, not something to reuse or overwrite."""
     saved = out / "config.json"
     # from_dict fills settings added since the run was made with their defaults
-    differ = (config_differences(TrainConfig.from_dict(json.loads(saved.read_text())), config)
+    differ = (TrainConfig.from_dict(json.loads(saved.read_text())).differences(config)
               if saved.exists() else [])
     if differ:
         raise SystemExit(f"error: {out} holds a run with other settings than this study asks for "
