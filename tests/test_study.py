@@ -231,7 +231,7 @@ def test_compare_to_a_recipe_averages_both_rows_over_their_seeds(tmp_path):
     assert (got["row"], got["baseline"], got["seeds"], got["baseline_seeds"]) == ("a", "b", 2, 3)
     assert got["difference"] == pytest.approx(want["difference"]) and got["low"] == want["low"]
     # the CLI names its baselines
-    args = study.build_parser().parse_args(["--compare-to", "raw pixels (dataset),k05_intra"])
+    args = study.parse_args(["--compare-to", "raw pixels (dataset),k05_intra"])
     assert args.compare_to.split(",") == ["raw pixels (dataset)", "k05_intra"]
 
 

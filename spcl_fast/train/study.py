@@ -32,7 +32,6 @@ only noise: the test sets are small (310 images, some labels with under 10 posit
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -41,8 +40,10 @@ import shutil
 import statistics
 import time
 from pathlib import Path
+from typing import Annotated
 
 import torch
+import tyro
 
 from ..eval import extract_features, load_encoder, paired_bootstrap
 from ..eval.report import write_results
@@ -465,24 +466,27 @@ def plot(table: list[dict], sets: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m spcl_fast.train.study",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/study", help="study folder (resumable)")
-    p.add_argument("--sets", default="synthetic,chestxray14",
-                   help=f"comma-separated, from {', '.join(SETS)}")
-    p.add_argument("--cxr-root", default=None,
-                   help="ChestX-ray14 folder in the official layout (e.g. the mini sample)")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
-                   help=f"comma-separated, from {', '.join(RECIPES)}; or 'ablations' (the "
-                        f"keep 0.5 recipe and each ablation of it)")
-    p.add_argument("--steps", type=int, default=demo().optim.steps,
-                   help="steps of every S-PCL recipe (MAE: the first recipe's time)")
-    p.add_argument("--compare-to", default="raw pixels (dataset)",
-                   help="comma-separated rows every other row is bootstrapped against: "
-                        "reference rows ('raw pixels (dataset)', 'init (dataset)') or recipes")
-    return p
+@dataclasses.dataclass(frozen=True)
+class StudyArgs:
+    """The study's flags (tyro reads each field's comment as its help)."""
+
+    out: str = "runs/study"  # study folder (resumable)
+    sets: Annotated[str, tyro.conf.arg(help=f"comma-separated, from {', '.join(SETS)}")] = (
+        "synthetic,chestxray14")
+    cxr_root: str | None = None  # ChestX-ray14 folder in the official layout (the mini sample)
+    seeds: str = "0,1,2"  # comma-separated seeds
+    recipes: Annotated[str, tyro.conf.arg(help=(
+        f"comma-separated, from {', '.join(RECIPES)}; or 'ablations' (the keep 0.5 recipe and "
+        f"each ablation of it)"))] = ",".join(DEFAULT_RECIPES)
+    steps: int = demo().optim.steps  # steps of every S-PCL recipe (MAE: the first recipe's time)
+    # comma-separated rows every other row is bootstrapped against: reference rows
+    # ('raw pixels (dataset)', 'init (dataset)') or recipes
+    compare_to: str = "raw pixels (dataset)"
+
+
+def parse_args(argv: list[str] | None = None) -> StudyArgs:
+    return tyro.cli(StudyArgs, args=argv, prog="python -m spcl_fast.train.study",
+                    description=__doc__.split("\n\n")[0])
 
 
 def _checked(args) -> tuple[list[str], list[str], list[int], Path]:
@@ -513,7 +517,7 @@ def _checked(args) -> tuple[list[str], list[str], list[int], Path]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     sets, recipes, seeds, out = _checked(args)
     records, started = [], time.time()
     for set_name in sets:
