@@ -169,7 +169,10 @@ class PlanSampler:
     the streams are spread over processes. One process with ``plan_shards=W`` therefore replays
     the partitions of a ``W``-process run (how the multi-process tests compare them), and each
     rank samples only its own images (a global plan of thousands of images costs tens of ms of
-    host time per step).
+    host time per step). What a method draws in its forward pass instead comes from each
+    process's torch RNG (checkpointed, so resuming stays exact): S-PCL's intra-image queries
+    (only a choice when a subset has more tokens than ``intra_queries``) and its subset jitter
+    and warp, so there a one-process replay differs from the ``W``-process run.
     """
 
     def __init__(self, seed: int, num_shards: int, rank: int = 0, world: int = 1):
