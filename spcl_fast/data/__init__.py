@@ -23,6 +23,7 @@ from .dicom import read_dicom
 from .errors import DataFormatError, ImageReadError
 from .folder import CXRFolder, CXRPool
 from .images import fit_square, read_image
+from .nih_demo import NIHDemo
 from .rsna import RSNAPneumonia
 from .siim import SIIMPneumothorax, rle_decode, rle_encode
 from .synthetic import SyntheticCXR
@@ -35,7 +36,7 @@ _CLASSES = {
     "siim": SIIMPneumothorax,
     "folder": CXRFolder,
 }
-DATASETS = ("synthetic", *_CLASSES)
+DATASETS = ("synthetic", "nih-demo", *_CLASSES)
 
 
 def build_dataset(name: str, root: str | None = None, split: str = "train", image_size: int = 64,
@@ -45,9 +46,10 @@ def build_dataset(name: str, root: str | None = None, split: str = "train", imag
     to the class (e.g. ``cache=``, ``on_error="skip"``, ``seed=``, ``uncertain=``).
 
     Args:
-        name: ``"synthetic"``, ``"chestxray14"``, ``"chexpert"``, ``"rsna"``, ``"siim"`` or
-            ``"folder"``.
-        root: the dataset's folder in its official layout (required except for ``synthetic``).
+        name: ``"synthetic"``, ``"nih-demo"`` (the embedded NIH films), ``"chestxray14"``,
+            ``"chexpert"``, ``"rsna"``, ``"siim"`` or ``"folder"``.
+        root: the dataset's folder in its official layout (required except for ``synthetic``
+            and ``nih-demo``).
         split: ``"train"``, ``"val"``, ``"test"`` or ``"all"`` (patient-disjoint).
         image_size: side ``S`` of the square images.
         **kwargs: passed to the dataset class (``num_images=`` for ``synthetic``).
@@ -68,6 +70,8 @@ def build_dataset(name: str, root: str | None = None, split: str = "train", imag
     """
     if name == "synthetic":
         return SyntheticCXR(split=split, image_size=image_size, **kwargs)
+    if name == "nih-demo":  # the embedded NIH films: no root
+        return NIHDemo(split=split, image_size=image_size, **kwargs)
     if name in _CLASSES:
         if root is None:
             raise ValueError(f"dataset {name!r} needs a root folder (--data-root)")
@@ -77,7 +81,7 @@ def build_dataset(name: str, root: str | None = None, split: str = "train", imag
 
 __all__ = [
     "DATASETS", "NORMALIZE_MODES", "CXRDataset", "CXRFolder", "CXRPool", "CacheReader",
-    "CheXpert", "ChestXray14", "DataFormatError", "ImageReadError", "RSNAPneumonia",
+    "CheXpert", "ChestXray14", "DataFormatError", "ImageReadError", "NIHDemo", "RSNAPneumonia",
     "SIIMPneumothorax", "SyntheticCXR", "build_dataset", "fit_square", "normalize_images",
     "read_dicom", "read_image", "rle_decode", "rle_encode",
 ]
