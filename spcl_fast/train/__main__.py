@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise
     teardown(ctx, clean=True)
     if ctx.is_main:
-        _report(summary, out, (time.perf_counter() - started) / 60)
+        _report(summary, out, time.perf_counter() - started)
     if "exit_code" in summary:
         raise SystemExit(summary["exit_code"])
     return summary
@@ -154,17 +154,26 @@ def _new_run_dir(preset: str) -> str:
             continue
 
 
-def _report(summary: dict, out: str, minutes: float) -> None:
+def duration(seconds: float) -> str:
+    """``"42 s"`` under two minutes, else ``"3.5 min"``."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _report(summary: dict, out: str, seconds: float) -> None:
+    """The run's closing lines; ``seconds``: wall time of the whole command."""
+    parts = [f"{what} {duration(summary[key])}" for what, key in
+             (("training", "train_seconds"), ("probe", "probe_seconds")) if key in summary]
+    timing = "; ".join([", ".join(parts), f"{duration(seconds)} in all"] if parts
+                       else [f"{duration(seconds)} in all"])
     if "interrupted" in summary:
         print(
             f"\n{summary['interrupted']}: stopped after step {summary['steps']} "
-            f"({minutes:.1f} min); checkpoint {summary['checkpoint']}; continue with "
-            f"--resume {out}"
+            f"({timing}); checkpoint {summary['checkpoint']}; continue with --resume {out}"
         )
         return
     loss = summary["final_loss"]
     print(
-        f"\nfinished {summary['steps']} steps in {minutes:.1f} min; final loss "
+        f"\nfinished {summary['steps']} steps ({timing}); final loss "
         f"{'n/a (non-finite)' if loss is None else f'{loss:.4f}'}; checkpoint "
         f"{summary['checkpoint']}"
     )
@@ -189,8 +198,9 @@ def _report(summary: dict, out: str, minutes: float) -> None:
         if paired:
             print("  (CI: paired bootstrap over the test images; one that holds 0 is no gain "
                   "this test set can see)")
-    print(f"outputs: {out}/config.json, metrics.jsonl, loss_curve.png, summary.json, "
-          "probe_scores.pt, ckpt-*.pt")
+    probe = "probe_scores.pt, " if "probe" in summary else ""
+    print(f"outputs: {out}/config.json, metrics.jsonl, loss_curve.png, summary.json, {probe}"
+          "ckpt-*.pt")
 
 
 if __name__ == "__main__":

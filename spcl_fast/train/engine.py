@@ -68,21 +68,31 @@ def probe_features(config: TrainConfig, splits: dict, features,
 def probe_encoders(config: TrainConfig, model: torch.nn.Module, device: torch.device,
                    stats, scores_path: Path | None = None) -> dict:
     """Linear-probe the trained encoder, the same encoder at initialisation and the normalised
-    raw pixels (the baseline that needs no encoder), on the same splits.
+    raw pixels (the baseline that needs no encoder), on the same splits, with a progress bar
+    over the three.
 
     ``pretrained_minus`` holds the paired bootstrap (:func:`paired_bootstrap`, over the test
     images) of the pre-trained mean AUROC minus each baseline's: a gain whose interval holds 0
     is not one this test set can see. The test scores go to ``scores_path`` (``labels``,
     ``class_names`` and one ``(n, C)`` tensor per encoder), so studies can pool seeds."""
     transform = normalizer(config.data.normalize, stats)
+    print("linear probe: reading the train/val/test splits", flush=True)
     splits = probe_splits(config)
+    encoders = {"pretrained": model.encoder, "init": build_model(config).encoder,
+                "raw_pixels": None}
     results = {}
-    for name, encoder in (("pretrained", model.encoder), ("init", build_model(config).encoder)):
-        encoder = encoder.to(device)
-        results[name] = probe_features(config, splits, lambda x, e=encoder: extract_features(
-            e, x, device=device, transform=transform), return_scores=True)
-    results["raw_pixels"] = probe_features(config, splits, lambda x: transform(x).flatten(1),
-                                           return_scores=True)
+    with tqdm(encoders.items(), desc="linear probe", unit="encoder", dynamic_ncols=True) as bar:
+        for name, encoder in bar:
+            bar.set_postfix_str(name)
+            if encoder is not None:
+                encoder.to(device)
+
+            def features(x, e=encoder):
+                if e is None:  # the raw pixels
+                    return transform(x).flatten(1)
+                return extract_features(e, x, device=device, transform=transform)
+
+            results[name] = probe_features(config, splits, features, return_scores=True)
     scores = {name: res.pop("test_scores") for name, res in results.items()}
     labels = splits["test"][1]
     results["pretrained_minus"] = {name: paired_bootstrap(scores["pretrained"], scores[name],
@@ -92,6 +102,16 @@ def probe_encoders(config: TrainConfig, model: torch.nn.Module, device: torch.de
         save_atomic({"labels": labels, "class_names": list(splits["test"][2]), **scores},
                     scores_path)
     return results
+
+
+def probe_skipped(config: TrainConfig, class_names) -> str | None:
+    """Why the end-of-run probe cannot run on the training set (``class_names``: its classes),
+    or ``None`` when it can."""
+    if class_names is not None and not class_names:
+        return (f"dataset {config.data.dataset!r} has no labels, so the end-of-run linear "
+                "probe is skipped (probe the checkpoint on a labelled set with python -m "
+                "spcl_fast.eval; --probe false silences this)")
+    return None
 
 
 class NonFiniteStop(RuntimeError):
@@ -267,8 +287,11 @@ def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict
         torch.set_num_threads(config.run.threads)
     trainer, gflops = _start(config, out_dir, resume, ctx)
     peak = peak_tflops(ctx.device, config.optim.precision, config.run.peak_tflops)
+    skipped = probe_skipped(config, trainer.class_names) if config.run.probe else None
     if ctx.is_main:
         _describe(trainer, gflops, peak)
+        if skipped:
+            print(skipped, flush=True)
     log = MetricsLog(out_dir, trainer.step, config.run.tensorboard, ctx.is_main)
     clock = _Clock(trainer.train_seconds)
     try:
@@ -293,14 +316,30 @@ def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict
     if stopped_by:
         summary["interrupted"] = signal.Signals(stopped_by).name
         summary["exit_code"] = 128 + stopped_by
-    elif config.run.probe:
-        full = _full_model(trainer)
-        if ctx.is_main:
-            summary["probe"] = probe_encoders(config, full, ctx.device, trainer.stats,
-                                              out_dir / "probe_scores.pt")
-    if ctx.is_main:
+    elif skipped:
+        summary["probe_skipped"] = skipped
+    if ctx.is_main:  # written before the probe: a run that trained is on record
         write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
+    if not stopped_by and config.run.probe and not skipped:
+        _probe(trainer, out_dir, summary)
     return summary
+
+
+def _probe(trainer: Trainer, out_dir: Path, summary: dict) -> None:
+    """The end-of-run probe into ``summary`` (and ``summary.json``), timed as
+    ``probe_seconds``; a split it cannot use (an empty one...) skips it with one line."""
+    full = _full_model(trainer)  # every process (FSDP gathers the shards)
+    if not trainer.ctx.is_main:
+        return
+    started = time.perf_counter()
+    try:
+        summary["probe"] = probe_encoders(trainer.config, full, trainer.device, trainer.stats,
+                                          out_dir / "probe_scores.pt")
+    except ValueError as exc:
+        summary["probe_skipped"] = f"the end-of-run probe could not run: {one_line(exc)}"
+        print(summary["probe_skipped"], flush=True)
+    summary["probe_seconds"] = time.perf_counter() - started
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
 
 
 @dataclass
@@ -406,6 +445,8 @@ def _describe(trainer: Trainer, gflops: float, peak: float | None) -> None:
         f"{', compiled' if optim.compile else ''}{', FSDP' if trainer.fsdp else ''}; "
         f"peak lr {lr:.3g}; peak {peak or 'unknown'} TFLOP/s per device"
     )
+    print(f"using {torch.get_num_threads()} CPU thread(s) per process; change with --threads",
+          flush=True)
 
 
 def _record(trainer: Trainer, out: dict, counters: dict, images_per_s: float, gflops: float,

@@ -80,8 +80,9 @@ class Trainer:
         self.ctx = ctx = ctx or DistContext(resolve_device(config.run.device))
         self.device = ctx.device
         self.fsdp = optim.fsdp and ctx.world > 1
+        self.class_names = None  # the training set's classes (None: a given source)
         if source is None:
-            source = load_split(config, "train")[0]
+            source, _, self.class_names = load_split(config, "train")
         self.stats = (tuple(state["intensity_stats"]) if state and "intensity_stats" in state
                       else intensity_stats(data.dataset, source, data.num_workers))
         self.transform = normalizer(data.normalize, self.stats)
