@@ -2,7 +2,7 @@
 (suite ``data``).
 
 Sources are written once per session in the official layouts at the releases' real sizes
-(``spcl_fast.data.fixtures``): NIH ChestX-ray14 as 1024 x 1024 8-bit PNGs with detector-like
+(``devtools.fixtures``): NIH ChestX-ray14 as 1024 x 1024 8-bit PNGs with detector-like
 noise (so they compress like real films, ~0.5 MB each), SIIM as 1024 x 1024 JPEG-baseline
 DICOMs with RLE masks. Rows per group, one process, ``ds[i]`` in a Python loop over the
 same ``SOURCES`` items per round, so round times compare directly (``speedup_vs_baseline``):
@@ -21,8 +21,8 @@ from __future__ import annotations
 import pytest
 from common import ROWS, run
 
+from devtools.fixtures import make_chestxray14, make_siim
 from spcl_fast.data import ChestXray14, SIIMPneumothorax
-from spcl_fast.data.fixtures import make_chestxray14, make_siim
 from spcl_fast.data.prepare import prepare
 
 SIZE = 224

@@ -25,8 +25,8 @@ import pytest
 import torch
 from common import ROWS, device_name, peak_memory_mb, run
 
+from devtools.profiling import peak_cpu_bytes
 from spcl_fast import flops, info_nce
-from spcl_fast.profiling import peak_cpu_bytes
 from spcl_fast.reference.info_nce import info_nce_ref
 
 D = 256

@@ -13,7 +13,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from .synthetic import SyntheticCXR
+from spcl_fast.data.synthetic import SyntheticCXR
 
 # Fake identifying header values: must never appear in caches, reports, logs or anything else
 # the library writes. Names, ids, dates, institution, free text, and the text annotations a
@@ -136,7 +136,7 @@ def make_chestxray14(root, n: int = 24, size: int = 32, seed: int = 0,
                      noise: float = 0.0) -> str:
     """NIH layout: images/, Data_Entry_2017.csv (2017 quirks: trailing empty column, ages like
     060Y, bracketed headers), train_val_list.txt, test_list.txt (patients 3 apart)."""
-    from .chestxray14 import CLASS_NAMES
+    from spcl_fast.data.chestxray14 import CLASS_NAMES
 
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     imgs = phantoms(n, size, seed, noise)
@@ -165,7 +165,7 @@ def make_chexpert(root, n_train: int = 16, n_valid: int = 4, size: int = 32,
                   seed: int = 0) -> str:
     """CheXpert-v1.0-small layout: train.csv, valid.csv, train/patientNNNNN/studyK/viewV_*.jpg;
     every third image is a lateral view; labels draw 1.0, 0.0, -1.0 and blank."""
-    from .chexpert import ALL_CLASSES
+    from spcl_fast.data.chexpert import ALL_CLASSES
 
     imgs = phantoms(n_train + n_valid, size, seed)
     rng = np.random.default_rng(seed)
@@ -223,7 +223,7 @@ def make_siim(root, n: int = 12, size: int = 32, seed: int = 0, fmt: str = "rela
     are in ``root/masks.npy`` (n, size, size)."""
     from pydicom.uid import generate_uid
 
-    from .siim import rle_encode
+    from spcl_fast.data.siim import rle_encode
 
     imgs = phantoms(n, size, seed)
     masks = np.zeros((n, size, size), np.uint8)

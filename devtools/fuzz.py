@@ -1,8 +1,8 @@
-"""A mutation campaign over the readers: ``python -m spcl_fast.data.fuzz --n 2000``.
+"""A mutation campaign over the readers: ``python -m devtools.fuzz --n 2000``.
 
 ::
 
-    python -m spcl_fast.data.fuzz [--n 2000] [--csv 300] [--seed 0] [--out DIR] [--no-real]
+    python -m devtools.fuzz [--n 2000] [--csv 300] [--seed 0] [--out DIR] [--no-real]
 
 **Seeds.** Valid files written here: PNG 8- and 16-bit, JPEG, and DICOM uncompressed (8-,
 12- and 16-bit, signed, implicit VR, deflated), JPEG Baseline, JPEG 2000, RLE (8- and 16-bit),
@@ -35,7 +35,7 @@ documented values, or a :class:`~spcl_fast.data.errors.DataFormatError` naming t
 
 The report (``<out>/report.json``) lists every input with its mutation and verdict, and the
 unexpected ones are kept under ``<out>/unexpected/`` to reproduce. Exit status 1 if any input
-was unexpected. The counts of the last full run are in the README (section "Bad input").
+was unexpected. What the campaign checks is summarised in ``docs/data.md`` ("Bad input").
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ import zlib
 
 import numpy as np
 
-from .errors import DataFormatError, ImageReadError
+from spcl_fast.data.errors import DataFormatError, ImageReadError
 
 SIZE = 64  # side of load_square's output in the campaign
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -118,6 +118,7 @@ def write_seeds(folder, real: bool = True) -> list[Seed]:
                                       photometric="MONOCHROME1")),
     }
     for name, (arr, kwargs) in dicoms.items():  # fixed UIDs: the same bytes in every campaign
+        # (the module's former name: kept so that the seed files stay the same bytes)
         uid_of_name = generate_uid(entropy_srcs=["spcl_fast.data.fuzz", name])
         paths[name] = write_dicom(os.path.join(folder, name), arr, instance_uid=uid_of_name,
                                   **kwargs)
@@ -459,9 +460,9 @@ def read_all(path: str) -> None:
     """Every path reader on ``path``; returns if each gave a well-formed image (float32 in
     ``[0, 1]``, header size equal to the image's), raises ``AssertionError`` if one did not,
     and lets every reader's exception through (``ImageReadError`` is the expected one)."""
-    from .dicom import is_dicom
-    from .images import load_square
-    from .rsna import _dicom_size
+    from spcl_fast.data.dicom import is_dicom
+    from spcl_fast.data.images import load_square
+    from spcl_fast.data.rsna import _dicom_size
 
     img, hw = load_square(path, SIZE)
     ok = (img.dtype == np.float32 and img.shape == (SIZE, SIZE) and np.isfinite(img).all()
@@ -477,7 +478,7 @@ def read_all(path: str) -> None:
 def _child(conn, seeds: list[tuple[str, str]]) -> None:
     import warnings
 
-    from .images import read_image
+    from spcl_fast.data.images import read_image
 
     warnings.simplefilter("ignore")  # pydicom's warnings on odd headers: verdicts are the output
     resettable = _peak_mb_reset()
@@ -571,7 +572,7 @@ def run_campaign(n: int, out, seed: int = 0, real: bool = True, timeout: float =
     Returns the report: ``{"inputs", "read", "rejected", "unexpected", "by_seed",
     "by_mutation", "max_seconds", "max_peak_mb", "seconds", "cases": [...]}``.
     """
-    from .images import read_image
+    from spcl_fast.data.images import read_image
 
     out = os.fspath(out)
     seeds = write_seeds(os.path.join(out, "seeds"), real=real)
@@ -740,7 +741,7 @@ def _check_dataset(name: str, root: str) -> None:
     AssertionError for a broken promise, and whatever the dataset raises."""
     import warnings
 
-    from . import build_dataset
+    from spcl_fast.data import build_dataset
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # skipped files are listed in .skipped, as documented
@@ -800,7 +801,7 @@ def csv_campaign(n: int, out, seed: int = 0) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m spcl_fast.data.fuzz",
+    p = argparse.ArgumentParser(prog="python -m devtools.fuzz",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=2000, help="mutated image files")
     p.add_argument("--csv", type=int, default=300, help="malformed metadata files")

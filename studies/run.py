@@ -2,20 +2,22 @@
 
 ::
 
-    python -m spcl_fast.train.study --out runs/study \\
+    python -m studies --out runs/study \\
         [--sets synthetic,chestxray14] [--cxr-root ../shared/data/chestxray14-mini] \\
         [--seeds 0,1,2] [--recipes spcl,spcl_image,...,mae] [--steps 180]
-    python -m spcl_fast.train.study --out runs/ablations --seeds 0 --recipes ablations ...
+    python -m studies --out runs/ablations --seeds 0 --recipes ablations ...
+
+(from a checkout of the repository: the studies are not part of the installed package).
 
 Every recipe is the demo preset (:func:`spcl_fast.run.presets.demo`: ViT 6x192, patch 8,
-64 px, batch 64) plus a few overrides (:data:`RECIPES`), pre-trained for a fixed CPU budget
-and linear-probed like the demo does (frozen mean-pooled features, L2 chosen on val, mean
-AUROC on test). Each (set, recipe, seed) run also probes the same encoder at initialisation
-(same seed, same input normalisation), so "init" rows come for free; "raw pixels" is the same
-probe on the normalised pixels themselves. Every baseline method (MAE, SimCLR) gets the training
-seconds of the first recipe's first seed, converted to steps with its own measured step time
-(both timed on this machine in this study), so the comparison is at equal time, not equal
-steps.
+64 px, batch 64) plus a few overrides (a file in ``studies/recipes/``), pre-trained for a
+fixed CPU budget and linear-probed like the demo does (frozen mean-pooled features, L2 chosen
+on val, mean AUROC on test). Each (set, recipe, seed) run also probes the same encoder at
+initialisation (same seed, same input normalisation), so "init" rows come for free; "raw
+pixels" is the same probe on the normalised pixels themselves. Every baseline method (MAE,
+SimCLR) gets the training seconds of the first recipe's first seed, converted to steps with
+its own measured step time (both timed on this machine in this study), so the comparison is
+at equal time, not equal steps.
 
 On the synthetic set the images are the built-in phantoms (train 2048 / val 512 / test 512).
 On ``chestxray14`` the root is an official-layout folder (the sample
@@ -25,7 +27,8 @@ the 310 official test images); the images are decoded once into a 64 px cache.
 
 The study resumes: a finished run (its ``summary.json``) is read back, a killed one continues
 from its last checkpoint. ``study.json`` holds every run and the mean +- std table, the table
-is printed as Markdown (the README's), and ``study.png`` plots it. The seed spread is not the
+is printed as Markdown (``docs/study.md``'s tables are made from the saved results by
+``python -m studies.tables``), and ``study.png`` plots it. The seed spread is not the
 only noise: the test sets are small (310 images, some labels with under 10 positives), so
 ``compare`` also gives each row's paired bootstrap over the test images against raw pixels.
 """
@@ -45,127 +48,44 @@ from typing import Annotated
 import torch
 import tyro
 
-from ..eval import extract_features, load_encoder, paired_bootstrap
-from ..eval.report import write_results
-from ..run.checkpoint import save_atomic
-from ..run.config import TrainConfig, apply_overrides
-from ..run.data import intensity_stats, load_split, materialize, normalizer
-from ..run.device import resolve_device
-from ..run.model import build_model
-from ..run.presets import demo
-from .engine import SetupError, probe_features, probe_splits, train
+from spcl_fast.eval import extract_features, load_encoder, paired_bootstrap
+from spcl_fast.eval.report import write_results
+from spcl_fast.run.checkpoint import save_atomic
+from spcl_fast.run.config import TrainConfig, apply_overrides
+from spcl_fast.run.data import intensity_stats, load_split, materialize, normalizer
+from spcl_fast.run.device import resolve_device
+from spcl_fast.run.model import build_model
+from spcl_fast.run.presets import demo
+from spcl_fast.train.engine import SetupError, probe_features, probe_splits, train
 
 SETS = ("synthetic", "chestxray14")
+RECIPE_DIR = Path(__file__).parent / "recipes"
 
-# name -> (description, overrides of the demo preset). The main recipes name every setting they
-# change (keep and the intra-image weight included), so they mean the same whatever the demo
-# preset's defaults become; the ablations vary one setting of keep 0.5 without the intra-image
-# term (the demo default before issue 17). Today's demo is ``k05_intra_similar_g1``: keep 0.5,
-# the intra-image term and batches of films of like brightness.
-_ALL = {"keep": "1.0", "intra_weight": "0", "batch_grouping": "random"}
-_HALF = {"keep": "0.5", "intra_weight": "0", "batch_grouping": "random"}
-_OCL = {**_HALF, "keep": "0.2", "class_token": "true", "projector": "none",
-        "similarity": "bounded", "temperature": "0.07"}
-RECIPES: dict[str, tuple[str, dict[str, str]]] = {
-    "spcl": ("S-PCL, dataset-wide standardisation, random 50/50 split of all tokens", _ALL),
-    "spcl_image": ("S-PCL with per-image standardisation", {**_ALL, "normalize": "image"}),
-    "spcl_keep05": ("S-PCL with two 25% subsets (keep 0.5)", _HALF),
-    "spcl_blocks": ("S-PCL with 2x2 patch blocks", {**_ALL, "block_size": "2"}),
-    "spcl_robust": (
-        "S-PCL, per-image standardisation, one 2x2-block split per batch, two 25% subsets, "
-        "independent intensity jitter and 2 px warp per subset",
-        {"normalize": "image", "shared_split": "true", "block_size": "2", "keep": "0.5",
-         "subset_jitter": "1", "subset_warp": "2"},
-    ),
-    # A decoder lighter than the 6x192 encoder, as MAE's asymmetric design intends (its 8x512
-    # default is sized for ViT-B/L and would dwarf the demo encoder).
-    "mae": ("MAE, 75% masking, 2x128 decoder, equal wall-clock budget",
-            {**_ALL, "method": "mae", "decoder_dim": "128", "decoder_depth": "2",
-             "decoder_heads": "4"}),  # (keep is S-PCL's: stated only to pin the config)
-    # The positive control: augmentations instead of partitions, same encoder and probe.
-    "simclr": ("SimCLR, two random resized crops (area 0.5-1, no flip) + intensity jitter, "
-               "equal wall-clock budget", {**_ALL, "method": "simclr"}),
-    "spcl_k1_learned_lr": ("S-PCL, keep 1.0, learned positions, lr 5e-4 (the 128 px "
-                           "setting that beat raw pixels)",
-                           {**_ALL, "pos_embed": "learned", "lr": "5e-4"}),
-    # OCL (Yang et al., ICML 2025): few kept tokens in two views, the final-normed class token
-    # straight into a bounded-similarity loss. Patch 4: 256 tokens, so 10% views are 25 tokens.
-    "spcl_ocl": ("OCL's recipe: keep 0.2 (two 10% views), class token, no projector, bounded "
-                 "similarity (kappa 1/64, tau 0.07)", {**_OCL}),
-    "spcl_ocl_p4": ("OCL's recipe at patch 4 (256 tokens)", {**_OCL, "patch_size": "4"}),
-    "spcl_vicreg": ("S-PCL + VICReg variance (1) and covariance (0.04) terms",
-                    {**_ALL, "vicreg_var": "1", "vicreg_cov": "0.04"}),
-    "k05_intra_batch": ("keep 0.5 + intra-image term with negatives from the whole batch",
-                        {**_HALF, "intra_weight": "1", "intra_negatives": "batch"}),
-    "k05_intra_pix": ("keep 0.5 + intra-image term whose targets are the queried patches' "
-                      "pixels (standardised per image), not token outputs",
-                      {**_HALF, "intra_weight": "1", "intra_target": "pixels"}),
-    "k05_intra_lr5e4": ("keep 0.5 + intra-image term + lr 5e-4 (the two steadiest changes)",
-                        {**_HALF, "intra_weight": "1", "lr": "5e-4"}),
-    "k05_intra_patchnorm": ("keep 0.5 + intra-image term + per-patch standardisation with "
-                            "each patch's mean and std as inputs",
-                            {**_HALF, "intra_weight": "1", "patch_norm": "standardize+stats"}),
-    "k05_intra_similar": ("keep 0.5 + intra-image term + batches of look-alike images (4x4 "
-                          "thumbnails)", {**_HALF, "intra_weight": "1",
-                                          "batch_grouping": "similar", "group_grid": "4"}),
-    "k05_intra_similar_g1": ("keep 0.5 + intra-image term + batches of films of like mean "
-                             "brightness (1x1 thumbnails): the demo default",
-                             {**_HALF, "intra_weight": "1", "batch_grouping": "similar",
-                              "group_grid": "1"}),
-    "k05_intra_similar_g1_patchnorm": ("the demo recipe + per-patch standardisation with each "
-                                       "patch's mean and std as inputs",
-                                       {**_HALF, "intra_weight": "1", "batch_grouping": "similar",
-                                        "group_grid": "1", "patch_norm": "standardize+stats"}),
-    # More negatives per step: at a quarter of the steps, about the same training seconds.
-    "k05_intra_b256": ("keep 0.5 + intra-image term, batch 256 (4x the negatives; run at a "
-                       "quarter of the steps)", {**_HALF, "intra_weight": "1",
-                                                 "batch_size": "256"}),
-}
-ABLATIONS: dict[str, tuple[str, dict[str, str]]] = {
-    "k05_image": ("keep 0.5 + per-image standardisation", {"normalize": "image"}),
-    "k05_equalize": ("keep 0.5 + per-image histogram equalisation", {"normalize": "equalize"}),
-    "k05_blocks": ("keep 0.5 + 2x2 patch blocks", {"block_size": "2"}),
-    "k05_shared": ("keep 0.5 + one split per batch", {"shared_split": "true"}),
-    "k05_range": ("keep 0.5 + ratio drawn from [0.3, 0.7]", {"ratio_range": "0.3,0.7"}),
-    "k05_keep035": ("two 17.5% subsets (keep 0.35)", {"keep": "0.35"}),
-    "k05_background": ("keep 0.5 + skip flat patches (std < 0.1 x the image's)",
-                       {"background_std": "0.1"}),
-    "k05_t02": ("keep 0.5 + temperature 0.2", {"temperature": "0.2"}),
-    "k05_t005": ("keep 0.5 + temperature 0.05", {"temperature": "0.05"}),
-    "k05_all": ("keep 0.5 + all negatives (NT-Xent)", {"negatives": "all"}),
-    "k05_proj2": ("keep 0.5 + 2-layer projector", {"proj_depth": "2"}),
-    "k05_learned_pos": ("keep 0.5 + learned position embeddings", {"pos_embed": "learned"}),
-    "k05_no_pos": ("keep 0.5 + no position embeddings (subsets are bags of patches)",
-                   {"pos_embed": "none"}),
-    "k05_subsets4": ("keep 0.5 dealt into four 12.5% subsets (loss over the 6 pairs)",
-                     {"num_subsets": "4"}),
-    "k05_predictor": ("keep 0.5 + a 512-wide MLP predictor on one branch",
-                      {"predictor_hidden": "512"}),
-    "k05_cls": ("keep 0.5 + a [CLS]-like token per subset (and per image when probed)",
-                {"class_token": "true"}),
-    "k05_jitter": ("keep 0.5 + intensity jitter per subset", {"subset_jitter": "1"}),
-    "k05_lr5e4": ("keep 0.5 + lr 5e-4", {"lr": "5e-4"}),
-    # issue 17's new directions, one at a time on the default
-    "k05_intra": ("keep 0.5 + intra-image token contrast (weight 1, 16 queries per image): "
-                  "the demo default before look-alike batches",
-                  {"intra_weight": "1"}),
-    "k05_anatomy": ("keep 0.5 + anatomy partitions (B: 4 blocks of 15-20% of the grid, A: the "
-                    "rest; each thinned to half)", {"partition": "anatomy"}),
-    "k05_crop": ("keep 0.5 + one shared crop per image (area 0.5-1, no flip)",
-                 {"crop_scale": "0.5,1.0"}),
-    "k05_patchnorm": ("keep 0.5 + per-patch standardisation with each patch's mean and std as "
-                      "inputs", {"patch_norm": "standardize+stats"}),
-    "k05_vicreg": ("keep 0.5 + VICReg variance (1) and covariance (0.04) terms",
-                   {"vicreg_var": "1", "vicreg_cov": "0.04"}),
-    "k05_similar": ("keep 0.5 + batches of look-alike images (nearest neighbours by 4x4 "
-                    "thumbnail)", {"batch_grouping": "similar", "group_grid": "4"}),
-    "k05_similar_g1": ("keep 0.5 + batches of films of like mean brightness (1x1 "
-                       "thumbnails)", {"batch_grouping": "similar", "group_grid": "1"}),
-    "k05_intra_w2": ("keep 0.5 + intra-image term at weight 2 (not 1)", {"intra_weight": "2"}),
-    "k05_intra_w05": ("keep 0.5 + intra-image term at weight 0.5 (not 1)",
-                      {"intra_weight": "0.5"}),
-}
-RECIPES.update({k: (d, {**_HALF, **o}) for k, (d, o) in ABLATIONS.items()})
+
+def load_recipes(folder: Path = RECIPE_DIR) -> tuple[dict[str, tuple[str, dict[str, str]]],
+                                                     tuple[str, ...]]:
+    """The recipes (name -> (description, overrides of the demo preset)) and the names of the
+    ablations, from one ``<name>.json`` per recipe: ``{"description": ..., "overrides":
+    {"key": "value"}}``, optionally ``"base": <recipe>`` (its overrides first, then these) and
+    ``"ablation": true`` (one change of ``spcl_keep05``, run by ``--recipes ablations``). The
+    main recipes name every setting they change (keep, the intra-image weight and the batch
+    grouping included), so they mean the same whatever the demo preset's defaults become."""
+    raw = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+    def resolve(name: str, seen: tuple[str, ...] = ()) -> dict[str, str]:
+        if name in seen:
+            raise ValueError(f"recipe {name!r} is its own base (via {' -> '.join(seen)})")
+        if name not in raw:
+            raise ValueError(f"recipe {seen[-1]!r} names an unknown base {name!r}")
+        spec = raw[name]
+        base = resolve(spec["base"], (*seen, name)) if "base" in spec else {}
+        return {**base, **spec["overrides"]}
+
+    recipes = {name: (spec["description"], resolve(name)) for name, spec in raw.items()}
+    return recipes, tuple(name for name, spec in raw.items() if spec.get("ablation"))
+
+
+RECIPES, ABLATIONS = load_recipes()
 DEFAULT_RECIPES = ("k05_intra_similar_g1", "k05_intra", "spcl_keep05", "spcl", "mae", "simclr")
 
 
@@ -183,7 +103,7 @@ def set_overrides(name: str, cxr_root: str | None, cache_root: Path) -> dict[str
 
 def _cxr_cache(root: str, cache_root: Path) -> Path:
     """Decode the ChestX-ray14 folder once at the demo's 64 px (resumes if interrupted)."""
-    from ..data.prepare import prepare
+    from spcl_fast.data.prepare import prepare
 
     out = cache_root / f"chestxray14-{demo().data.image_size}"
     if not (out / "done").exists():
@@ -485,7 +405,7 @@ class StudyArgs:
 
 
 def parse_args(argv: list[str] | None = None) -> StudyArgs:
-    return tyro.cli(StudyArgs, args=argv, prog="python -m spcl_fast.train.study",
+    return tyro.cli(StudyArgs, args=argv, prog="python -m studies",
                     description=__doc__.split("\n\n")[0])
 
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spcl_fast.data.fixtures import make_chestxray14
+from devtools.fixtures import make_chestxray14
 from spcl_fast.run.config import TrainConfig
 from spcl_fast.run.presets import smoke
 from spcl_fast.train.engine import train

@@ -14,6 +14,12 @@ import torch
 
 pytest.importorskip("pydicom")
 
+from devtools.fixtures import (  # noqa: E402
+    FAKE_PHI,
+    make_chestxray14,
+    make_rsna,
+    make_siim,
+)
 from spcl_fast.data import (  # noqa: E402
     CacheReader,
     ChestXray14,
@@ -21,12 +27,6 @@ from spcl_fast.data import (  # noqa: E402
     DataFormatError,
     RSNAPneumonia,
     build_dataset,
-)
-from spcl_fast.data.fixtures import (  # noqa: E402
-    FAKE_PHI,
-    make_chestxray14,
-    make_rsna,
-    make_siim,
 )
 from spcl_fast.data.prepare import main, prepare  # noqa: E402
 

@@ -1,5 +1,5 @@
 """The four benchmark datasets and the folder/pool datasets on tiny fixtures written in their
-official layouts (``spcl_fast.data.fixtures``): the item contract, splits, labels, masks,
+official layouts (``devtools.fixtures``): the item contract, splits, labels, masks,
 boxes, and every kind of bad metadata or bad file."""
 
 from __future__ import annotations
@@ -14,6 +14,14 @@ import torch
 
 pytest.importorskip("pydicom")
 
+from devtools.fixtures import (  # noqa: E402
+    make_chestxray14,
+    make_chexpert,
+    make_rsna,
+    make_siim,
+    phantoms,
+    write_dicom,
+)
 from spcl_fast.data import (  # noqa: E402
     ChestXray14,
     CheXpert,
@@ -28,14 +36,6 @@ from spcl_fast.data import (  # noqa: E402
     rle_encode,
 )
 from spcl_fast.data import base as data_base  # noqa: E402
-from spcl_fast.data.fixtures import (  # noqa: E402
-    make_chestxray14,
-    make_chexpert,
-    make_rsna,
-    make_siim,
-    phantoms,
-    write_dicom,
-)
 from spcl_fast.data.siim import rle_format  # noqa: E402
 
 S = 32

@@ -1,6 +1,6 @@
 """The DICOM reader: grayscale pipeline semantics, transfer syntaxes, bad files, fuzzing.
 
-Files are written here (``spcl_fast.data.fixtures.write_dicom``) or come from packages: pydicom's
+Files are written here (``devtools.fixtures.write_dicom``) or come from packages: pydicom's
 own test files and, when installed, ``pydicom-data`` (the real MONOCHROME1 radiograph RG1).
 """
 
@@ -19,8 +19,8 @@ pydicom = pytest.importorskip("pydicom")
 from pydicom import uid  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 
+from devtools.fixtures import FAKE_PHI, phantoms, write_dicom  # noqa: E402
 from spcl_fast.data import CXRFolder, ImageReadError, read_dicom  # noqa: E402
-from spcl_fast.data.fixtures import FAKE_PHI, phantoms, write_dicom  # noqa: E402
 
 HAS_PYDICOM_DATA = importlib.util.find_spec("data_store") is not None
 needs_pydicom_data = pytest.mark.skipif(not HAS_PYDICOM_DATA,
@@ -372,11 +372,11 @@ def test_decoder_panic_is_an_image_read_error(tmp_path, monkeypatch):
 
 
 def test_fuzz_mutated_dicoms_as_file_objects(tmp_path):
-    """The campaign's DICOM mutations (``spcl_fast.data.fuzz``, which reads paths) through the
+    """The campaign's DICOM mutations (``devtools.fuzz``, which reads paths) through the
     file-object path: every input decodes to [0, 1] or raises ImageReadError naming it."""
     import random
 
-    from spcl_fast.data import fuzz
+    from devtools import fuzz
 
     seeds = [s for s in fuzz.write_seeds(tmp_path, real=False) if s.kind == "dicom"]
     blobs = {s.name: open(s.path, "rb").read() for s in seeds}

@@ -150,7 +150,7 @@ def test_cli_rejects_bad_values_before_loading_anything(argv, message):
 
 
 def test_cli_bad_files_are_one_line_errors(run, tmp_path):
-    from spcl_fast.data.fixtures import make_chestxray14
+    from devtools.fixtures import make_chestxray14
 
     (tmp_path / "afile").write_text("")
     with pytest.raises(SystemExit, match="error: --out .*afile is a file, not a folder"):

@@ -1,4 +1,4 @@
-"""The mutation campaign over the readers (``spcl_fast.data.fuzz``): a sample in the default tier,
+"""The mutation campaign over the readers (``devtools.fuzz``): a sample in the default tier,
 the campaign's own verdicts shown able to fail, bad files through the datasets, ``prepare``,
 DataLoader workers and a training run; the full 2,000-input campaign in the slow tier."""
 
@@ -20,7 +20,8 @@ import torch
 
 pytest.importorskip("pydicom")
 
-from spcl_fast.data import CXRFolder, fuzz  # noqa: E402
+from devtools import fuzz  # noqa: E402
+from spcl_fast.data import CXRFolder  # noqa: E402
 from spcl_fast.data.cache import CacheReader, quantize  # noqa: E402
 from spcl_fast.data.images import load_square  # noqa: E402
 from spcl_fast.data.prepare import prepare  # noqa: E402

@@ -7,7 +7,9 @@ The Triton kernels are tested in ``test_kernel_info_nce.py``.
 from __future__ import annotations
 
 import doctest
+import itertools
 import os
+import re
 
 import numpy as np
 import pytest
@@ -16,9 +18,9 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from devtools.profiling import peak_cpu_bytes
 from spcl_fast import flops, info_nce
 from spcl_fast.ops.info_nce import _loss
-from spcl_fast.profiling import peak_cpu_bytes
 from spcl_fast.reference.info_nce import (
     info_nce_chunked_bwd,
     info_nce_chunked_fwd,
@@ -61,6 +63,49 @@ def test_chunked_matches_reference_fp64(negatives, symmetric, m, d, chunk, tempe
     for g, w in zip(got, want, strict=True):
         assert g.dtype == torch.float64
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+# Excluded pairs: groups of several rows (with and without the pairs of a group in one chunk),
+# singletons only (nothing excluded), one group of every row (only the positives are left).
+GROUPS = {
+    "mixed": lambda m: torch.arange(m) % max(1, m // 3),
+    "singletons": lambda m: torch.arange(m),
+    "one-group": lambda m: torch.full((m,), 7),
+}
+
+
+@pytest.mark.parametrize("negatives,symmetric", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("groups", list(GROUPS))
+@pytest.mark.parametrize("m,d,chunk", [(1, 3, 1), (7, 3, 3), (13, 20, 5)])
+def test_chunked_with_groups_matches_reference_fp64(negatives, symmetric, groups, m, d, chunk):
+    za, zb = _inputs(m, d)
+    ids = GROUPS[groups](m)
+    got = _loss_and_grads(lambda a, b: _loss(a, b, 0.1, symmetric, negatives, False, "torch",
+                                             chunk, groups=ids), za, zb)
+    want = _loss_and_grads(lambda a, b: info_nce_ref(a, b, 0.1, symmetric, negatives, ids),
+                           za, zb)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    if groups == "singletons":  # nothing excluded: the loss without groups
+        plain = _loss_and_grads(lambda a, b: info_nce_ref(a, b, 0.1, symmetric, negatives), za, zb)
+        for g, w in zip(got, plain, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    if groups == "one-group":  # only the positives are left: every term is exactly 0
+        for g in got:
+            assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_groups_exclude_exactly_the_same_id_pairs():
+    """Cross loss of query 0 by hand: its candidates are the keys of other ids and its positive."""
+    za, zb = _inputs(5, 4)
+    ids = torch.tensor([3, 3, 1, 3, 2])
+    a, b = (torch.nn.functional.normalize(z.detach(), dim=-1) for z in (za, zb))
+    logits = a @ b.T / 0.5
+    keep = torch.tensor([0, 2, 4])  # key 0 is the positive; keys 1 and 3 share id 3
+    want = torch.logsumexp(logits[0, keep], 0) - logits[0, 0]
+    row, pos, _, _, _ = info_nce_chunked_fwd(za.detach(), zb.detach(), 2.0, groups_q=ids,
+                                             groups_k=ids, chunk=2)
+    torch.testing.assert_close(row[0] - pos[0], want)
 
 
 @pytest.mark.parametrize("negatives,symmetric", MODES, ids=MODE_IDS)
@@ -177,6 +222,18 @@ def test_validation_errors():
             info_nce(za, zb, symmetric=bad, impl="torch")
     with pytest.raises(ValueError, match="impl"):
         info_nce(za, zb, impl="cuda")
+    for bad in (torch.zeros(4), torch.zeros(4, dtype=torch.bool)):
+        with pytest.raises(TypeError, match=f"groups must be one of .*got {bad.dtype}"):
+            info_nce(za, zb, groups=bad, impl="torch")
+    with pytest.raises(TypeError, match="groups must be None or an .*got list"):
+        info_nce(za, zb, groups=[0, 1, 2, 3], impl="torch")
+    for bad in (torch.zeros(5, dtype=torch.long), torch.zeros(4, 1, dtype=torch.long)):
+        with pytest.raises(ValueError, match=re.escape(f"groups must have shape (M,) = (4,), one "
+                                                       f"id per row of z_a and z_b, got "
+                                                       f"{tuple(bad.shape)}")):
+            info_nce(za, zb, groups=bad, impl="torch")
+    with pytest.raises(ValueError, match="one device, got z_a on cpu, groups on meta"):
+        info_nce(za, zb, groups=torch.zeros(4, dtype=torch.long, device="meta"), impl="torch")
 
 
 def test_gather_distributed_without_process_group_raises():
@@ -304,8 +361,13 @@ def _global_batch():
     return x, weight
 
 
-def _single_process(negatives, symmetric):
-    """Loss, input-row gradients and encoder gradient of one process on the whole batch."""
+# Global ids of the W * M_LOCAL pairs: groups within and across ranks, and singletons.
+GLOBAL_GROUPS = torch.tensor([0, 1, 0, 2, 3, 1, 4, 0, 5, 5])
+
+
+def _single_process(negatives, symmetric, groups=None):
+    """Loss, input-row gradients and encoder gradient of one process on the whole batch (fp64
+    reference)."""
     x, weight = _global_batch()
     enc = torch.nn.Linear(D_IN, D_FEAT, bias=False, dtype=torch.float64)
     with torch.no_grad():
@@ -313,18 +375,23 @@ def _single_process(negatives, symmetric):
     za, zb = (enc(x[0]), enc(x[1]))
     za.retain_grad()
     zb.retain_grad()
-    loss = info_nce_ref(za, zb, 0.2, symmetric, negatives)
+    loss = info_nce_ref(za, zb, 0.2, symmetric, negatives, groups)
     loss.backward()
     return loss.detach(), za.grad, zb.grad, enc.weight.grad
 
 
-def _dist_worker(rank, world, init_method):
+def _dist_worker(rank, world, init_method, impl="torch"):
+    """One rank of a gloo group: every mode, without and with ``GLOBAL_GROUPS``, against one
+    process on the whole batch; fp64 with ``impl="torch"``, fp32 with ``"triton"`` (the
+    kernels' tests spawn it too)."""
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    dtype = torch.float64 if impl == "torch" else torch.float32
+    tol = dict(rtol=1e-9, atol=1e-12) if impl == "torch" else dict(rtol=1e-4, atol=1e-6)
     try:
-        x, weight = _global_batch()
+        x, weight = (t.to(dtype) for t in _global_batch())
         rows = slice(rank * M_LOCAL, (rank + 1) * M_LOCAL)
-        for negatives, symmetric in MODES:
-            enc = torch.nn.Linear(D_IN, D_FEAT, bias=False, dtype=torch.float64)
+        for (negatives, symmetric), groups in itertools.product(MODES, (None, GLOBAL_GROUPS)):
+            enc = torch.nn.Linear(D_IN, D_FEAT, bias=False, dtype=dtype)
             with torch.no_grad():
                 enc.weight.copy_(weight)
             ddp = torch.nn.parallel.DistributedDataParallel(enc)
@@ -333,18 +400,19 @@ def _dist_worker(rank, world, init_method):
             za.retain_grad()
             zb.retain_grad()
             loss = info_nce(za, zb, 0.2, symmetric, negatives, gather_distributed=True,
-                            impl="torch")
+                            impl=impl, groups=None if groups is None else groups[rows])
             loss.backward()  # DDP averages enc.weight.grad over the ranks
-            want_loss, want_ga, want_gb, want_gw = _single_process(negatives, symmetric)
+            want_loss, want_ga, want_gb, want_gw = (
+                t.to(dtype) for t in _single_process(negatives, symmetric, groups))
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)
             mean_loss /= world
-            torch.testing.assert_close(mean_loss, want_loss, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(mean_loss, want_loss, **tol)
             # Row gradients are W x the global ones (each rank's loss is a mean over M, not
             # W*M, rows); DDP's average over ranks removes that factor for the parameters.
-            torch.testing.assert_close(za.grad, world * want_ga[rows], rtol=1e-9, atol=1e-12)
-            torch.testing.assert_close(zb.grad, world * want_gb[rows], rtol=1e-9, atol=1e-12)
-            torch.testing.assert_close(enc.weight.grad, want_gw, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(za.grad, world * want_ga[rows], **tol)
+            torch.testing.assert_close(zb.grad, world * want_gb[rows], **tol)
+            torch.testing.assert_close(enc.weight.grad, want_gw, **tol)
         # Every rank done with its collectives and its DDP reducer gone before the group is:
         # gloo can abort a process whose peer tears down first (a rare SIGABRT at exit).
         del ddp, loss, z, za, zb

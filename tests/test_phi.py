@@ -2,7 +2,7 @@
 (prepare, train, eval, export, viz), and every file written and every line printed is scanned
 for those values. None may appear.
 
-The DICOMs (``spcl_fast.data.fixtures.write_dicom``) carry :data:`FAKE_PHI`: patient name, id,
+The DICOMs (``devtools.fixtures.write_dicom``) carry :data:`FAKE_PHI`: patient name, id,
 other ids, birth date, study date, accession number, institution name and address, referring
 physician, operator, free text (study description, image and patient comments) and a
 burned-in-text description with ``BurnedInAnnotation = YES``. One file is truncated so its
@@ -29,7 +29,7 @@ import pytest
 
 pytest.importorskip("pydicom")
 
-from spcl_fast.data.fixtures import FAKE_PHI, make_rsna  # noqa: E402
+from devtools.fixtures import FAKE_PHI, make_rsna  # noqa: E402
 
 # The kinds of file the commands below write: a new kind is a new place PHI could leak to, so
 # the audit must be looked at again (and this list extended) when one appears.

@@ -1,4 +1,5 @@
-"""The recipe study (spcl_fast.train.study) on a tiny budget: records, table, resume, errors."""
+"""The recipe study (``python -m studies``, ``studies/run.py``) on a tiny budget: records,
+table, resume, errors."""
 
 import json
 import math
@@ -6,7 +7,7 @@ import math
 import pytest
 
 from spcl_fast.run.presets import smoke
-from spcl_fast.train import study
+from studies import run as study
 
 
 @pytest.fixture
@@ -131,8 +132,8 @@ def test_study_baselines_follow_each_recipes_encoder_and_input(tiny, tmp_path):
 
 
 def test_cxr_cache_is_marked_done_only_when_complete(tmp_path, monkeypatch):
+    from devtools.fixtures import make_chestxray14
     from spcl_fast.data import prepare as prepare_mod
-    from spcl_fast.data.fixtures import make_chestxray14
 
     root = make_chestxray14(tmp_path / "nih", n=12, size=32)
 
@@ -170,7 +171,7 @@ def test_study_probes_sex_and_view_position_on_chestxray14(tiny, tmp_path):
     every encoder row (trained, init) and raw pixels get one."""
     import csv
 
-    from spcl_fast.data.fixtures import make_chestxray14
+    from devtools.fixtures import make_chestxray14
 
     root = make_chestxray14(tmp_path / "nih", n=36, size=32)
     result = study.main(["--out", str(tmp_path / "s"), "--sets", "chestxray14", "--cxr-root",
@@ -248,3 +249,32 @@ def test_a_folder_of_other_settings_is_refused_naming_them(tmp_path):
     # ... but it is one of a run that groups by it.
     similar = asked.replace(batch_grouping="similar")
     assert similar.replace(group_grid=4).differences(similar) == ["group_grid 4 (now 1)"]
+
+
+def test_recipe_files_resolve_their_base_and_refuse_a_loop(tmp_path):
+    """A recipe is a small JSON file of overrides; ``base`` puts another recipe's first."""
+    for name, spec in {"a": {"overrides": {"keep": "0.5", "lr": "1e-3"}},
+                       "b": {"base": "a", "ablation": True, "overrides": {"lr": "5e-4"}}}.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({"description": name, **spec}))
+    recipes, ablations = study.load_recipes(tmp_path)
+    assert recipes["b"] == ("b", {"keep": "0.5", "lr": "5e-4"}) and ablations == ("b",)
+    (tmp_path / "a.json").write_text(json.dumps({"description": "a", "base": "b",
+                                                 "overrides": {}}))
+    with pytest.raises(ValueError, match="'a' is its own base"):
+        study.load_recipes(tmp_path)
+    (tmp_path / "a.json").write_text(json.dumps({"description": "a", "base": "zz",
+                                                 "overrides": {}}))
+    with pytest.raises(ValueError, match="unknown base 'zz'"):
+        study.load_recipes(tmp_path)
+
+
+def test_python_m_studies_runs_from_the_checkout():
+    """The study lives outside the installed package (``studies/``): ``python -m studies``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "studies", "--help"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "python -m studies" in done.stdout

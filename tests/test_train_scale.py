@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from spcl_fast.data.fixtures import make_chestxray14, make_chexpert
+from devtools.fixtures import make_chestxray14, make_chexpert
 from spcl_fast.run.data import load_split, materialize
 from spcl_fast.run.model import build_model
 from spcl_fast.run.presets import PRESETS, demo, smoke

@@ -13,14 +13,10 @@ from .config import TrainConfig
 
 
 def demo() -> TrainConfig:
-    """The no-argument demo: a small ViT on synthetic X-rays, about a minute on 2 CPU cores.
-    Two 25% subsets per image (``keep=0.5``): in the recipe study (``spcl_fast.train.study``)
-    they probe better than 50/50 splits of all tokens on both the synthetic and the real
-    sample, at half the FLOPs. The intra-image term (``intra_weight=1``): on the real sample
-    at 600 steps it probes 0.680 +- 0.006 over 3 seeds against 0.664 +- 0.024 without it.
-    Batches of films of like mean brightness (``batch_grouping="similar"``, ``group_grid=1``):
-    with the term, 0.699 +- 0.009 over 3 seeds, above raw pixels (0.669) by more than three
-    times its seed spread (on the phantoms 0.588 +- 0.013 against 0.602 +- 0.017, within it)."""
+    """The no-argument demo: a small ViT (6 blocks x 192, patch 8) on synthetic X-rays at 64 px,
+    on the CPU. Its S-PCL recipe is the best of the recipe study (``docs/study.md``): two 25%
+    subsets per image (``keep=0.5``), the intra-image term (``intra_weight=1``) and batches of
+    films of like mean brightness (``batch_grouping="similar"``, ``group_grid=1``)."""
     return TrainConfig().replace(embed_dim=192, depth=6, num_heads=3, batch_size=64, steps=180,
                                   keep=0.5, intra_weight=1.0, batch_grouping="similar",
                                   group_grid=1)
@@ -52,9 +48,9 @@ def at_scale(model: str, image_size: int, batch_size: int) -> TrainConfig:
     learning rate given per 256 images (MoCo v3's ViT recipe) and scaled to the batch,
     checkpoints every 1,000 steps. 20,000 steps at batch 2048 are ~470 epochs of
     ChestX-ray14's ~86k training images: set ``--steps`` for the data. The S-PCL recipe is the
-    demo's (keep 0.5, the intra-image term, batches of like brightness), the best measured;
-    it was measured at 64 px only (the recipe study): ``--keep 1 --intra-weight 0
-    --batch-grouping random`` gives plain S-PCL."""
+    demo's (keep 0.5, the intra-image term, batches of like brightness), chosen by the recipe
+    study at 64 px only (``docs/study.md``); ``--keep 1 --intra-weight 0 --batch-grouping
+    random`` gives plain S-PCL."""
     return TrainConfig().replace(
         dataset="chestxray14",
         model=model,

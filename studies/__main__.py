@@ -1,0 +1,5 @@
+"""``python -m studies``: the recipe study (:mod:`studies.run`)."""
+
+from .run import main
+
+main()
