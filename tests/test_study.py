@@ -278,3 +278,17 @@ def test_python_m_studies_runs_from_the_checkout():
     done = subprocess.run([sys.executable, "-m", "studies", "--help"], cwd=root,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "python -m studies" in done.stdout
+
+
+def test_docs_study_tables_are_the_saved_results():
+    """docs/study.md's tables are what ``python -m studies.tables`` makes from
+    studies/results: a changed cell is found, and so is a table name nothing makes."""
+    from studies import tables
+
+    text = tables.DOC.read_text()
+    assert tables.render(text) == (text, [])
+    assert {m["name"] for m in tables.BLOCK.finditer(text)} == set(tables.TABLES)
+    edited = text.replace("| k05_intra_similar_g1 | 0.", "| k05_intra_similar_g1 | 1.", 1)
+    assert edited != text and tables.render(edited)[1] == ["600 steps"]
+    with pytest.raises(ValueError, match="unknown table"):
+        tables.render("<!-- table: nope -->\n<!-- end table -->")
