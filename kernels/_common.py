@@ -70,7 +70,7 @@ _recorder: Callable | None = None
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` on the inputs' device (or recorded for AOT compiles)."""
     if _recorder is not None:
-        _recorder(kernel, args, kwargs)
+        _recorder(kernel, grid, args, kwargs)
         return
     with device_guard(args[0]):
         kernel[grid](*args, **kwargs)

@@ -28,8 +28,10 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -53,6 +55,27 @@ LAYOUTS = ("packed", "in_place")
 PAIRS, INFO_NCE_DIMS = 256, (128, 1000)
 
 
+class Launch(NamedTuple):
+    """One launch as a launcher makes it: ``kernel[grid](*args, **kwargs)``."""
+
+    kernel: Any  # a JITFunction, or the Autotuner around one
+    grid: Any  # a tuple, or a callable of the launch's named arguments and config
+    args: tuple
+    kwargs: dict
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Launch]]:
+    """Inside the block the launchers record their launches (in order, into the list this
+    yields) instead of running them; on ``meta`` tensors nothing is computed at all."""
+    recorded: list[Launch] = []
+    _common._recorder = lambda *launch: recorded.append(Launch(*launch))
+    try:
+        yield recorded
+    finally:
+        _common._recorder = None
+
+
 @dataclass(frozen=True)
 class Case:
     """One call of one op's launchers: the kernels it launches are compiled for each target."""
@@ -62,17 +85,13 @@ class Case:
     size: int  # head dim for attention, feature size d for InfoNCE
     variant: str  # attention: layout; InfoNCE: "cross" (symmetric CLIP) or "all" (NT-Xent)
 
-    def launches(self) -> list[tuple]:
-        """The (kernel, args, kwargs) the launchers would launch for this case, in order."""
-        recorded = []
-        _common._recorder = lambda kernel, args, kwargs: recorded.append((kernel, args, kwargs))
-        try:
+    def launches(self) -> list[Launch]:
+        """The launches the launchers would make for this case, in order."""
+        with recording() as recorded:
             if self.op == "partition_attention":
                 self._attention()
             else:
                 self._info_nce()
-        finally:
-            _common._recorder = None
         return recorded
 
     def _attention(self):
@@ -155,15 +174,21 @@ def candidates(kernel, args, kwargs) -> tuple[triton.JITFunction, list[dict]]:
 
 
 def _source(job: Job):
-    """(kernel, keywords, ASTSource, target, options) of a job, specialised by the runtime's
-    own binder (pointer alignment, integers divisible by 16, constexprs) as a launch would be."""
+    """(kernel, keywords, ASTSource, target, options) of a job."""
+    return source(job.case.launches()[job.launch], job.config, job.target)
+
+
+def source(launch: Launch, config: int, target_name: str):
+    """(kernel, keywords, ASTSource, target, options) of one candidate config of a launch for
+    one target, specialised by the runtime's own binder (pointer alignment, integers divisible
+    by 16, constexprs) as the launch would be; nothing is compiled."""
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    kernel, args, kwargs = job.case.launches()[job.launch]
+    kernel, _, args, kwargs = launch
     fn, keyword_sets = candidates(kernel, args, kwargs)
-    kwargs = keyword_sets[job.config]
-    target = GPUTarget("cuda", TARGETS[job.target][0], 32)
+    kwargs = keyword_sets[config]
+    target = GPUTarget("cuda", TARGETS[target_name][0], 32)
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
@@ -177,7 +202,7 @@ def jobs(case_list: list[Case]) -> list[Job]:
     norm kernel of both views)."""
     out, seen = [], set()
     for case in case_list:
-        for i, (kernel, args, kwargs) in enumerate(case.launches()):
+        for i, (kernel, _, args, kwargs) in enumerate(case.launches()):
             for j in range(len(candidates(kernel, args, kwargs)[1])):
                 for target in TARGETS:
                     job = Job(case, i, j, target)
