@@ -57,8 +57,8 @@ _GRAD_CONFIGS = configs(
     {"BLOCK_OWN": 32, "BLOCK_OTHER": 32},
 )
 # Tuned once per problem size (a training run has one) and variant; the autotuner adds dtypes.
-_FWD_KEY = ["Mq", "Mk", "D", "SELF_MASK", "WRITE_POS"]
-_GRAD_KEY = ["M_own", "M_other", "D", "KEY_SIDE", "HAS_COL", "SELF_MASK"]
+_FWD_KEY = ["Mq", "Mk", "D", "SELF_MASK", "WRITE_POS", "HAS_GROUPS"]
+_GRAD_KEY = ["M_own", "M_other", "D", "KEY_SIDE", "HAS_COL", "SELF_MASK", "HAS_GROUPS"]
 
 
 def _prune_fwd(configs, named_args, **kwargs):  # fp32: the 64-row block only (see above)
@@ -114,10 +114,10 @@ def _dot_tile(A, B, a_rows, b_rows, a_ok, b_ok, D, stride_a, stride_b,
                  prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _lse_fwd_kernel(
-    Q, K, INV_Q, INV_K, LSE, POS,
+    Q, K, INV_Q, INV_K, GQ, GK, LSE, POS,
     Mq, Mk, D, stride_q, stride_k, scale,
     key_offset, pos_shift, pos_mod,
-    SELF_MASK: tl.constexpr, WRITE_POS: tl.constexpr,
+    SELF_MASK: tl.constexpr, WRITE_POS: tl.constexpr, HAS_GROUPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -125,6 +125,8 @@ def _lse_fwd_kernel(
     q_scale = tl.load(INV_Q + rows, mask=row_ok, other=0.0) * scale
     pos_col = (rows + pos_shift) % pos_mod + key_offset
     self_col = rows + key_offset
+    if HAS_GROUPS:
+        g_q = tl.load(GQ + rows, mask=row_ok, other=0)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     p_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -138,6 +140,9 @@ def _lse_fwd_kernel(
         keep = col_ok[None, :]
         if SELF_MASK:
             keep = keep & (cols[None, :] != self_col[:, None])
+        if HAS_GROUPS:
+            g_k = tl.load(GK + cols, mask=col_ok, other=0)
+            keep = keep & ((g_k[None, :] != g_q[:, None]) | (cols[None, :] == pos_col[:, None]))
         logits = tl.where(keep, logits, float("-inf"))
         if WRITE_POS:
             p_i += tl.sum(tl.where(cols[None, :] == pos_col[:, None], logits, 0.0), axis=1)
@@ -157,12 +162,12 @@ def _lse_fwd_kernel(
                  prune_configs_by={"early_config_prune": _prune_grad})
 @triton.jit
 def _grad_kernel(
-    OWN, OTHER, INV_OWN, INV_OTHER, LSE_R, LSE_C, D_ROW, D_COL, D_POS, GSCALE, DZ,
+    OWN, OTHER, INV_OWN, INV_OTHER, G_OWN, G_OTHER, LSE_R, LSE_C, D_ROW, D_COL, D_POS, GSCALE, DZ,
     M_own, M_other, D, stride_own, stride_other, stride_dz, scale,
     key_offset, pos_shift, pos_mod,
     KEY_SIDE: tl.constexpr, HAS_COL: tl.constexpr, SELF_MASK: tl.constexpr, LOWP: tl.constexpr,
-    BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr,
+    HAS_GROUPS: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
     own = tl.program_id(0) * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
     own_ok = own < M_own
@@ -170,6 +175,8 @@ def _grad_kernel(
     dout_ok = dd_out < D
     inv_own = tl.load(INV_OWN + own, mask=own_ok, other=0.0)
     own_scale = inv_own * scale
+    if HAS_GROUPS:
+        g_own = tl.load(G_OWN + own, mask=own_ok, other=0)
     # Per-row statistics of this program's own rows (queries, or keys with KEY_SIDE).
     if KEY_SIDE:
         k_idx = own[:, None]
@@ -220,6 +227,9 @@ def _grad_kernel(
         keep = own_ok[:, None] & oth_ok[None, :]
         if SELF_MASK:
             keep = keep & (k_idx != self_q)
+        if HAS_GROUPS:
+            g_oth = tl.load(G_OTHER + oth, mask=oth_ok, other=0)
+            keep = keep & ((g_own[:, None] != g_oth[None, :]) | (k_idx == pos_q))
         # where(), not a product: masked entries may hold inf from exp2 of a masked logit.
         grad = tl.where(keep, grad, 0.0)
         rho += tl.sum(grad * logits, axis=1)
@@ -277,17 +287,19 @@ def inv_norms(z: torch.Tensor) -> torch.Tensor:
     return inv
 
 
-def _lse(zq, zk, inv_q, inv_k, lse, pos, scale, key_offset, pos_shift, pos_mod, self_mask,
+def _lse(zq, zk, inv_q, inv_k, gq, gk, lse, pos, scale, key_offset, pos_shift, pos_mod, self_mask,
          write_pos):
     mq, d = zq.shape
+    has_groups = gq is not None
     launch(_lse_fwd_kernel, lambda meta: (triton.cdiv(mq, meta["BLOCK_M"]),),
-           zq, zk, inv_q, inv_k, lse, pos, mq, zk.shape[0], d, zq.stride(0), zk.stride(0),
+           zq, zk, inv_q, inv_k, gq if has_groups else inv_q, gk if has_groups else inv_k, lse,
+           pos, mq, zk.shape[0], d, zq.stride(0), zk.stride(0),
            float(scale), key_offset, pos_shift, pos_mod, SELF_MASK=self_mask,
-           WRITE_POS=write_pos, BLOCK_D=_block_d(d, zq.dtype))
+           WRITE_POS=write_pos, HAS_GROUPS=has_groups, BLOCK_D=_block_d(d, zq.dtype))
 
 
 def info_nce_fwd(zq, zk, scale, key_offset=0, pos_shift=0, pos_mod=None, self_mask=False,
-                 col_lse=False):
+                 col_lse=False, groups_q=None, groups_k=None):
     """Statistics of one query/key problem; same contract as
     ``spcl_fast.reference.info_nce.info_nce_chunked_fwd``: returns fp32
     ``(row_lse (Mq,), pos (Mq,), col_lse (Mk,) or (0,), inv_q (Mq,), inv_k (Mk,))``."""
@@ -297,14 +309,16 @@ def info_nce_fwd(zq, zk, scale, key_offset=0, pos_shift=0, pos_mod=None, self_ma
     inv_q, inv_k = inv_norms(zq), inv_norms(zk)
     row, pos = new_output((mq,), zq, torch.float32), new_output((mq,), zq, torch.float32)
     col = new_output((mk if col_lse else 0,), zq, torch.float32)
-    _lse(zq, zk, inv_q, inv_k, row, pos, scale, key_offset, pos_shift, pos_mod, self_mask, True)
+    _lse(zq, zk, inv_q, inv_k, groups_q, groups_k, row, pos, scale, key_offset, pos_shift, pos_mod,
+         self_mask, True)
     if col_lse:  # the b -> a direction: the same kernel with the roles swapped
-        _lse(zk, zq, inv_k, inv_q, col, pos, scale, 0, 0, 1, False, False)
+        _lse(zk, zq, inv_k, inv_q, groups_k, groups_q, col, pos, scale, 0, 0, mk, False, False)
     return row, pos, col, inv_q, inv_k
 
 
 def info_nce_bwd(zq, zk, inv_q, inv_k, row_lse, col_lse, d_row, d_col, d_pos, scale,
-                 key_offset=0, pos_shift=0, pos_mod=None, self_mask=False):
+                 key_offset=0, pos_shift=0, pos_mod=None, self_mask=False, groups_q=None,
+                 groups_k=None):
     """``(dzq, dzk)`` in the input dtype from the statistics' gradients; same contract as
     ``spcl_fast.reference.info_nce.info_nce_chunked_bwd``."""
     zq, zk = _rows(zq), _rows(zk)
@@ -319,15 +333,19 @@ def info_nce_bwd(zq, zk, inv_q, inv_k, row_lse, col_lse, d_row, d_col, d_pos, sc
     gscale = (1.0 / torch.stack(weights).amax().clamp_min(1e-30)).reshape(1)
     dzq, dzk = new_output(zq.shape, zq, zq.dtype), new_output(zk.shape, zk, zk.dtype)
     block_do = _block_do(d, zq.dtype)
-    for own, other, inv_own, inv_other, dz, key_side in ((zq, zk, inv_q, inv_k, dzq, False),
-                                                         (zk, zq, inv_k, inv_q, dzk, True)):
+    has_groups = groups_q is not None
+    if not has_groups:  # placeholders the kernel never reads
+        groups_q, groups_k = inv_q, inv_k
+    for own, other, inv_own, inv_other, g_own, g_other, dz, key_side in (
+            (zq, zk, inv_q, inv_k, groups_q, groups_k, dzq, False),
+            (zk, zq, inv_k, inv_q, groups_k, groups_q, dzk, True)):
         m_own = own.shape[0]
         launch(
             _grad_kernel, lambda meta, m=m_own: (triton.cdiv(m, meta["BLOCK_OWN"]),
                                                  triton.cdiv(d, block_do)),
-            own, other, inv_own, inv_other, row_lse, col_lse, d_row, d_col, d_pos, gscale, dz,
-            m_own, other.shape[0], d, own.stride(0), other.stride(0), dz.stride(0),
+            own, other, inv_own, inv_other, g_own, g_other, row_lse, col_lse, d_row, d_col, d_pos,
+            gscale, dz, m_own, other.shape[0], d, own.stride(0), other.stride(0), dz.stride(0),
             float(scale), key_offset, pos_shift, pos_mod, KEY_SIDE=key_side, HAS_COL=has_col,
-            SELF_MASK=self_mask, LOWP=zq.dtype != torch.float32,
+            SELF_MASK=self_mask, LOWP=zq.dtype != torch.float32, HAS_GROUPS=has_groups,
             BLOCK_D=_block_d(d, zq.dtype), BLOCK_DO=block_do)
     return dzq, dzk

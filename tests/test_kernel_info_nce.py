@@ -34,7 +34,33 @@ MODES = [("cross", True), ("cross", False), ("all", True), ("all", False)]
 MODE_IDS = [f"{n}-{'sym' if s else 'asym'}" for n, s in MODES]
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
-pytestmark = pytest.mark.usefixtures("poison_outputs")
+
+
+@pytest.fixture
+def bf16_dot_in_interpreter(monkeypatch):
+    """Triton 3.9's interpreter multiplies the bf16 operands of ``tl.dot`` as their uint16 bit
+    patterns (a GPU multiplies the numbers); widen them to fp32 first, which is exact."""
+    if DEVICE == "cuda":
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def widen(x):
+        if x.dtype.scalar != tl.bfloat16:
+            return x
+        bits = x.data.astype(np.uint32) << 16
+        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, *args):
+        return original(self, widen(a), widen(b), *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+pytestmark = pytest.mark.usefixtures("poison_outputs", "bf16_dot_in_interpreter")
 
 
 def _inputs(m, d, dtype, seed=0, scale=1.0, device=DEVICE):
@@ -51,15 +77,18 @@ def _run(fn, za, zb):
     return loss.detach(), ga, gb
 
 
-def _check(za, zb, temperature, symmetric, negatives, dtype, kernel=None):
+def _check(za, zb, temperature, symmetric, negatives, dtype, kernel=None, groups=None):
     """Apply the pass rule to the kernel's loss and gradients; returns the kernel's results."""
     kernel = kernel or (lambda a, b: info_nce(a, b, temperature, symmetric, negatives,
-                                              impl="triton"))
+                                              impl="triton", groups=groups))
+
+    def ref(a, b):
+        return info_nce_ref(a, b, temperature, symmetric, negatives, groups)
+
     got = _run(kernel, za, zb)
-    gt = _run(lambda a, b: info_nce_ref(a, b, temperature, symmetric, negatives),
-              za.double(), zb.double())
+    gt = _run(ref, za.double(), zb.double())
     with reference_precision(dtype):
-        ref_lp = _run(lambda a, b: info_nce_ref(a, b, temperature, symmetric, negatives), za, zb)
+        ref_lp = _run(ref, za, zb)
     for name, g, w, lp in zip(("loss", "dz_a", "dz_b"), got, gt, ref_lp, strict=True):
         assert g.dtype == dtype and g.shape == w.shape, name
         assert torch.isfinite(g).all(), f"{name}: non-finite values"
@@ -82,6 +111,35 @@ def _check(za, zb, temperature, symmetric, negatives, dtype, kernel=None):
 def test_kernel_matches_reference(dtype, m, d, temperature, negatives, symmetric):
     za, zb = _inputs(m, d, dtype, seed=m * 100 + d)
     _check(za, zb, temperature, symmetric, negatives, dtype)
+
+
+@pytest.mark.interpret
+@needs_kernel
+@pytest.mark.parametrize("negatives,symmetric", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("groups", ["mixed", "one-group"])
+@pytest.mark.parametrize("dtype,m,d", [(torch.float32, 37, 20), (torch.bfloat16, 13, 7)],
+                         ids=["fp32", "bf16"])
+def test_kernel_groups_match_reference(dtype, m, d, groups, negatives, symmetric):
+    """Excluded pairs: ids shared by several rows across row and column blocks (int32 ids), or
+    one id for every row (each row keeps only its positive: loss and gradients 0)."""
+    ids = (torch.arange(m) * 7 % 5 if groups == "mixed" else torch.zeros(m)).to(torch.int32)
+    za, zb = _inputs(m, d, dtype, seed=m + d)
+    got = _check(za, zb, 0.05, symmetric, negatives, dtype, groups=ids.to(DEVICE))
+    if groups == "one-group":
+        assert all(g.abs().max() <= TOL[dtype] for g in got)
+
+
+@pytest.mark.interpret
+@needs_kernel
+def test_kernel_gather_distributed_with_groups_two_processes(tmp_path):
+    """The kernels with keys (and group ids) gathered from 2 gloo processes, every mode,
+    without and with groups, against one process on the whole batch."""
+    import torch.multiprocessing as mp
+    from test_info_nce import W, _dist_worker
+
+    if DEVICE == "cuda":
+        pytest.skip("gloo on CPU tensors: the interpreter's case")
+    mp.spawn(_dist_worker, args=(W, f"file://{tmp_path}/store", "triton"), nprocs=W, join=True)
 
 
 @pytest.mark.interpret

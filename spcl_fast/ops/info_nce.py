@@ -51,16 +51,20 @@ def _fwd(
     pos_mod: int,
     self_mask: bool,
     col_lse: bool,
+    groups_q: torch.Tensor | None,
+    groups_k: torch.Tensor | None,
     chunk: int,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     fwd, _ = _launchers(impl)
     extra = {} if impl == "triton" else {"chunk": chunk or None}
-    return fwd(zq, zk, scale, key_offset, pos_shift, pos_mod, self_mask, col_lse, **extra)
+    return fwd(zq, zk, scale, key_offset, pos_shift, pos_mod, self_mask, col_lse,
+               groups_q=groups_q, groups_k=groups_k, **extra)
 
 
 @_fwd.register_fake
-def _fwd_fake(zq, zk, scale, key_offset, pos_shift, pos_mod, self_mask, col_lse, chunk, impl):
+def _fwd_fake(zq, zk, scale, key_offset, pos_shift, pos_mod, self_mask, col_lse, groups_q,
+              groups_k, chunk, impl):
     sd = _stat_dtype(zq.dtype)
     mq, mk = zq.shape[0], zk.shape[0]
     return (zq.new_empty(mq, dtype=sd), zq.new_empty(mq, dtype=sd),
@@ -84,13 +88,15 @@ def _bwd(
     pos_shift: int,
     pos_mod: int,
     self_mask: bool,
+    groups_q: torch.Tensor | None,
+    groups_k: torch.Tensor | None,
     chunk: int,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _, bwd = _launchers(impl)
     extra = {} if impl == "triton" else {"chunk": chunk or None}
     return bwd(zq, zk, inv_q, inv_k, row_lse, col_lse, d_row, d_col, d_pos, scale, key_offset,
-               pos_shift, pos_mod, self_mask, **extra)
+               pos_shift, pos_mod, self_mask, groups_q=groups_q, groups_k=groups_k, **extra)
 
 
 @_bwd.register_fake
@@ -99,23 +105,25 @@ def _bwd_fake(zq, zk, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    zq, zk, scale, key_offset, pos_shift, pos_mod, self_mask, col_lse, chunk, impl = inputs
+    (zq, zk, scale, key_offset, pos_shift, pos_mod, self_mask, col_lse, groups_q, groups_k, chunk,
+     impl) = inputs
     row_lse, _, col, inv_q, inv_k = output
     ctx.mark_non_differentiable(inv_q, inv_k)
     ctx.set_materialize_grads(False)  # unused statistics get None, not (M,) zeros
-    ctx.save_for_backward(zq, zk, inv_q, inv_k, row_lse, col)
-    ctx.args = (scale, key_offset, pos_shift, pos_mod, self_mask, chunk, impl)
+    ctx.save_for_backward(zq, zk, inv_q, inv_k, row_lse, col, groups_q, groups_k)
+    ctx.args = (scale, key_offset, pos_shift, pos_mod, self_mask)
+    ctx.impl = (chunk, impl)
 
 
 def _backward(ctx, d_row, d_pos, d_col, _d_inv_q, _d_inv_k):
-    zq, zk, inv_q, inv_k, row_lse, col = ctx.saved_tensors
+    zq, zk, inv_q, inv_k, row_lse, col, groups_q, groups_k = ctx.saved_tensors
 
     def vec(g, like):  # autograd hands in None for unused outputs, expanded views for means
         return torch.zeros_like(like) if g is None else g.to(like.dtype).contiguous()
 
     dzq, dzk = _bwd(zq, zk, inv_q, inv_k, row_lse, col, vec(d_row, row_lse), vec(d_col, col),
-                    vec(d_pos, row_lse), *ctx.args)
-    return dzq, dzk, None, None, None, None, None, None, None, None
+                    vec(d_pos, row_lse), *ctx.args, groups_q, groups_k, *ctx.impl)
+    return dzq, dzk, None, None, None, None, None, None, None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -189,6 +197,19 @@ def _gather(x: torch.Tensor, world: int) -> torch.Tensor:
 
 
 MIN_TEMPERATURE = 1e-4
+GROUP_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _validate_groups(groups, z_a) -> None:
+    if groups is None:
+        return
+    if not isinstance(groups, torch.Tensor):
+        raise TypeError(f"{OP}: groups must be None or an (M,) integer tensor, got "
+                        f"{type(groups).__name__}")
+    require_dtype(groups, "groups", OP, GROUP_DTYPES)
+    require(groups.shape == z_a.shape[:1], OP, lambda: f"groups must have shape (M,) = "
+            f"({z_a.shape[0]},), one id per row of z_a and z_b, got {tuple(groups.shape)}")
+    require_same_device(OP, z_a=z_a, groups=groups)
 
 
 def _validate(z_a, z_b, temperature, symmetric, negatives, impl) -> None:
@@ -221,28 +242,36 @@ def _validate(z_a, z_b, temperature, symmetric, negatives, impl) -> None:
             lambda: f"negatives must be one of {NEGATIVES}, got {negatives!r}")
 
 
-def _loss(z_a, z_b, temperature, symmetric, negatives, gather_distributed, impl, chunk=0):
+def _loss(z_a, z_b, temperature, symmetric, negatives, gather_distributed, impl, chunk=0,
+          groups=None):
     """The loss from the statistics ops; ``chunk`` (columns per block of the torch path, 0 for
     the default) is for tests."""
     scale = 1.0 / float(temperature)
     m = z_a.shape[0]
     world, rank = _world() if gather_distributed else (1, 0)
 
-    def stats(zq, zk, key_offset, pos_shift, pos_mod, self_mask, col_lse):
-        return _fwd(zq, zk, scale, key_offset, pos_shift, pos_mod, self_mask, col_lse, chunk, impl)
+    def stats(zq, zk, key_offset, pos_shift, pos_mod, self_mask, col_lse, gq, gk):
+        return _fwd(zq, zk, scale, key_offset, pos_shift, pos_mod, self_mask, col_lse, gq, gk,
+                    chunk, impl)
 
+    if groups is not None:
+        groups = groups.to(torch.int64).contiguous()
     if negatives == "cross":
         if not gather_distributed:
-            # One pass gives both directions: the column LSE is the b -> a direction.
-            row, pos, col, _, _ = stats(z_a, z_b, 0, 0, m, False, symmetric)
+            # One pass gives both directions: the column LSE is the b -> a direction (the
+            # groups' exclusions are symmetric, so its candidates are the right ones too).
+            row, pos, col, _, _ = stats(z_a, z_b, 0, 0, m, False, symmetric, groups, groups)
             loss = 0.5 * (row.mean() + col.mean()) - pos.mean() if symmetric else (row - pos).mean()
         else:
             # Local queries against every rank's keys; the positive of local row i is global
             # key rank*M + i. The b -> a direction needs the other view gathered too.
-            row, pos, _, _, _ = stats(z_a, _gather(z_b, world), rank * m, 0, m, False, False)
+            all_groups = None if groups is None else _gather(groups, world)
+            row, pos, _, _, _ = stats(z_a, _gather(z_b, world), rank * m, 0, m, False, False,
+                                      groups, all_groups)
             loss = (row - pos).mean()
             if symmetric:
-                row, pos, _, _, _ = stats(z_b, _gather(z_a, world), rank * m, 0, m, False, False)
+                row, pos, _, _, _ = stats(z_b, _gather(z_a, world), rank * m, 0, m, False, False,
+                                          groups, all_groups)
                 loss = 0.5 * (loss + (row - pos).mean())
     else:
         # NT-Xent: rows [a; b] are queries and keys; the positive of row i is row (i + M) % 2M
@@ -250,7 +279,13 @@ def _loss(z_a, z_b, temperature, symmetric, negatives, gather_distributed, impl,
         z = torch.cat([z_a, z_b])
         keys = _gather(z, world)
         queries = z if symmetric else z[:m]
-        row, pos, _, _, _ = stats(queries, keys, rank * 2 * m, m, 2 * m, True, False)
+        ids = key_ids = None
+        if groups is not None:
+            ids = torch.cat([groups, groups])
+            key_ids = _gather(ids, world)
+            ids = ids if symmetric else groups
+        row, pos, _, _, _ = stats(queries, keys, rank * 2 * m, m, 2 * m, True, False, ids,
+                                  key_ids)
         loss = (row - pos).mean()
     return loss.to(z_a.dtype)
 
@@ -263,6 +298,7 @@ def info_nce(
     negatives: str = "cross",
     gather_distributed: bool = False,
     impl: str = "auto",
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean InfoNCE loss of the positive pairs ``(z_a[i], z_b[i])``, without an (M, M) matrix.
 
@@ -291,6 +327,12 @@ def info_nce(
             computing the loss on the whole batch. Raises ``RuntimeError`` without a group.
         impl: ``"auto"`` (Triton on CUDA, PyTorch otherwise; env ``SPCL_FAST_IMPL`` overrides),
             ``"triton"`` or ``"torch"``.
+        groups: optional ``(M,)`` integer ids on ``z_a``'s device, one per pair (e.g. the
+            patient of each film): two rows whose ids are equal are no negatives of each other
+            (in both views, and with ``"all"`` within a view), the positive pair always stays.
+            A row whose group holds every row keeps only its positive: its term is 0 with zero
+            gradient. With ``gather_distributed`` the ids are gathered with the rows, so they
+            must mean the same on every rank (global ids, not per-rank indices).
 
     Returns:
         A scalar tensor in the input dtype (computed in fp32, fp64 for fp64 inputs, then cast),
@@ -310,4 +352,6 @@ def info_nce(
     """
     impl = resolve_impl(impl, z_a, OP)
     _validate(z_a, z_b, temperature, symmetric, negatives, impl)
-    return _loss(z_a, z_b, temperature, symmetric, negatives, gather_distributed, impl)
+    _validate_groups(groups, z_a)
+    return _loss(z_a, z_b, temperature, symmetric, negatives, gather_distributed, impl,
+                 groups=groups)

@@ -16,6 +16,9 @@ The chunked pair works on one *query/key problem* (the op composes the loss from
   logits are ``L[i, j] = scale * <zq_i/|zq_i|, zk_j/|zk_j|>`` (``F.normalize``'s ``eps``).
 * query ``i``'s positive key is ``pos(i) = (i + pos_shift) % pos_mod + key_offset`` and, with
   ``self_mask``, key ``self(i) = i + key_offset`` is excluded from its candidates (NT-Xent).
+  With group ids ``groups_q (Mq,)`` and ``groups_k (Mk,)`` (integers), key ``j`` is also
+  excluded when ``groups_q[i] == groups_k[j]`` and ``j != pos(i)``: the positive always stays,
+  so every query keeps at least one candidate.
 * statistics: ``row_lse[i] = logsumexp_j L[i, j]`` over the candidates, ``pos[i] = L[i, pos(i)]``,
   and with ``col_lse`` the column log-sum-exp ``col_lse[j] = logsumexp_i L[i, j]`` (CLIP's
   ``b -> a`` direction; only without ``self_mask``); ``inv_q``/``inv_k`` the inverse row norms.
@@ -42,6 +45,7 @@ def info_nce_ref(
     temperature: float = 0.1,
     symmetric: bool = True,
     negatives: str = "cross",
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean InfoNCE loss of the pairs ``(z_a[i], z_b[i])``; scalar in the input dtype.
 
@@ -50,6 +54,13 @@ def info_nce_ref(
     the loss averages this with the ``z_b -> z_a`` direction. ``negatives="all"``: SimCLR's
     NT-Xent over the 2M x 2M matrix of ``cat(z_a, z_b)`` without self-similarities; with
     ``symmetric`` every one of the 2M rows is a query, without it only ``z_a``'s M rows.
+
+    ``groups`` (``(M,)`` integer ids, row ``i`` of both views has id ``groups[i]``) removes the
+    pairs of rows with the same id from the denominators, except the positive pair itself: with
+    ``"cross"``, ``z_b[j]`` is no candidate of ``z_a[i]`` (nor ``z_a[j]`` of ``z_b[i]``) when
+    ``j != i`` and ``groups[i] == groups[j]``; with ``"all"``, no row of id ``g`` other than its
+    positive is a candidate of a row of id ``g``. A row whose group holds every other row keeps
+    only its positive: its loss term is exactly 0, with zero gradient.
 
     Args:
         z_a, z_b: ``(M, d)`` float, row ``i`` of each a positive pair; un-normalised.
@@ -72,6 +83,9 @@ def info_nce_ref(
         True
         >>> info_nce_ref(z_a, z_b, negatives="all").shape
         torch.Size([])
+        >>> same = torch.zeros(8, dtype=torch.long)  # one group: only the positives are left
+        >>> info_nce_ref(z_a, z_b, groups=same).item()
+        0.0
     """
     if negatives not in NEGATIVES:
         raise ValueError(f"info_nce_ref: negatives must be one of {NEGATIVES}, got {negatives!r}")
@@ -81,17 +95,30 @@ def info_nce_ref(
     target = torch.arange(m, device=a.device)
     if negatives == "cross":
         logits = a @ b.T / temperature
+        if groups is not None:
+            logits = logits.masked_fill(_same_group(groups, groups, target), float("-inf"))
         loss = F.cross_entropy(logits, target)
         if symmetric:
             loss = 0.5 * (loss + F.cross_entropy(logits.T, target))
         return loss
     z = torch.cat([a, b])
     logits = z @ z.T / temperature
-    logits = logits.masked_fill(torch.eye(2 * m, dtype=torch.bool, device=a.device), float("-inf"))
     targets = torch.cat([target + m, target])
+    excluded = torch.eye(2 * m, dtype=torch.bool, device=a.device)
+    if groups is not None:
+        ids = torch.cat([groups, groups])
+        excluded |= _same_group(ids, ids, targets)
+    logits = logits.masked_fill(excluded, float("-inf"))
     if not symmetric:
         return F.cross_entropy(logits[:m], targets[:m])
     return F.cross_entropy(logits, targets)
+
+
+def _same_group(groups_q: torch.Tensor, groups_k: torch.Tensor,
+                positive: torch.Tensor) -> torch.Tensor:
+    """``(Mq, Mk)`` mask of the pairs that ``groups`` excludes: same id, not the positive."""
+    cols = torch.arange(groups_k.shape[0], device=groups_k.device)
+    return (groups_q[:, None] == groups_k[None, :]) & (cols[None, :] != positive[:, None])
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -135,6 +162,8 @@ def info_nce_chunked_fwd(
     pos_mod: int | None = None,
     self_mask: bool = False,
     col_lse: bool = False,
+    groups_q: torch.Tensor | None = None,
+    groups_k: torch.Tensor | None = None,
     chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Statistics of one query/key problem (module docstring), streamed over key blocks.
@@ -146,6 +175,8 @@ def info_nce_chunked_fwd(
             ``(i + pos_shift) % pos_mod + key_offset`` (``pos_mod`` defaults to ``Mq``).
         self_mask: exclude key ``i + key_offset`` from query ``i``'s candidates (NT-Xent).
         col_lse: also return the column log-sum-exps (not with ``self_mask``).
+        groups_q, groups_k: ``(Mq,)`` and ``(Mk,)`` integer ids, both or neither: key ``j`` is
+            no candidate of query ``i`` when their ids are equal and ``j != pos(i)``.
         chunk: key columns per block (default :func:`default_chunk`).
 
     Returns ``(row_lse (Mq,), pos (Mq,), col_lse (Mk,) or (0,), inv_q (Mq,), inv_k (Mk,))``,
@@ -181,8 +212,9 @@ def info_nce_chunked_fwd(
         j1 = min(j0 + chunk, mk)
         cols = torch.arange(j0, j1, device=zq.device)
         logits = (nq @ nk[j0:j1].T).mul_(scale)  # (Mq, C)
-        if self_mask:
-            logits.masked_fill_(self_col[:, None] == cols[None, :], float("-inf"))
+        excluded = _excluded(cols, pos_col, self_col, self_mask, groups_q, groups_k)
+        if excluded is not None:
+            logits.masked_fill_(excluded, float("-inf"))
         pos += torch.where(pos_col[:, None] == cols[None, :], logits, 0.0).sum(1)
         if col_lse:
             col[j0:j1] = torch.logsumexp(logits, dim=0)
@@ -209,6 +241,8 @@ def info_nce_chunked_bwd(
     pos_shift: int = 0,
     pos_mod: int | None = None,
     self_mask: bool = False,
+    groups_q: torch.Tensor | None = None,
+    groups_k: torch.Tensor | None = None,
     chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients ``(dzq, dzk)`` in the input dtype from the statistics' gradients.
@@ -220,8 +254,8 @@ def info_nce_chunked_bwd(
     ``<n_i, g_i> = sum_j G[i, j] L[i, j]`` comes from the same blocks.
 
     Args:
-        zq, zk, scale, key_offset, pos_shift, pos_mod, self_mask, chunk: as given to
-            :func:`info_nce_chunked_fwd`.
+        zq, zk, scale, key_offset, pos_shift, pos_mod, self_mask, groups_q, groups_k, chunk: as
+            given to :func:`info_nce_chunked_fwd`.
         inv_q, inv_k, row_lse, col_lse: its outputs, ``(Mq,)``, ``(Mk,)``, ``(Mq,)`` and
             ``(Mk,)`` or ``(0,)``.
         d_row: ``(Mq,)`` gradient of ``row_lse``; ``d_col``: ``(Mk,)`` of ``col_lse``, or empty;
@@ -266,13 +300,25 @@ def info_nce_chunked_bwd(
         if has_col:
             grad += torch.exp(logits - col_lse[None, j0:j1]).mul_(d_col[None, j0:j1].to(cd))
         grad += torch.where(pos_col[:, None] == cols[None, :], d_pos[:, None], 0.0)
-        if self_mask:
-            grad.masked_fill_(self_col[:, None] == cols[None, :], 0.0)
+        excluded = _excluded(cols, pos_col, self_col, self_mask, groups_q, groups_k)
+        if excluded is not None:
+            grad.masked_fill_(excluded, 0.0)
         g_q.addmm_(grad, nk[j0:j1])
         rho = logits.mul_(grad)  # G * L, reusing the logits' storage
         rho_q += rho.sum(1)
         dzk[j0:j1] = _normalize_bwd(grad.T @ nq, nk[j0:j1], inv_k[j0:j1], rho.sum(0), scale)
     return _normalize_bwd(g_q, nq, inv_q, rho_q, scale).to(zq.dtype), dzk
+
+
+def _excluded(cols, pos_col, self_col, self_mask, groups_q, groups_k):
+    """``(Mq, C)`` mask of the pairs that are no candidates in columns ``cols`` (None: all are)."""
+    excluded = None
+    if self_mask:
+        excluded = self_col[:, None] == cols[None, :]
+    if groups_q is not None:
+        same = _same_group(groups_q, groups_k[cols], pos_col - cols[0])
+        excluded = same if excluded is None else excluded | same
+    return excluded
 
 
 def _normalize_bwd(g, n, inv, rho, scale):
