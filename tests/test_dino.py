@@ -128,7 +128,16 @@ def test_forward_contract_and_center_only_moves_in_training():
     assert not out["teacher_entropy"].requires_grad and (model.center == 0).all()
     model.train()
     model(x)
-    assert (model.center != 0).any()
+    model(x)
+    assert (model.center == 0).all()  # it moves once per optimizer step, by the step's mean
+    rows = model.step_rows.item()
+    mean = model.step_logits / rows
+    model.after_step(0)
+    assert rows == 2 * 2 * 2  # two forwards of two global crops of two images
+    torch.testing.assert_close(model.center, (1 - model.center_momentum) * mean)
+    assert model.step_rows.item() == 0
+    model.after_step(1)  # a step without a forward leaves the centre
+    torch.testing.assert_close(model.center, (1 - model.center_momentum) * mean)
 
 
 def test_engine_trains_dino(tmp_path):

@@ -206,7 +206,7 @@ def _model(class_token=False, pos_embed="learned", in_chans=1, **kwargs):
 
 def _intra_reference(model, x, plan, seed):
     """The intra-image term image by image, without padding: the same draws (one priority row
-    per image and direction, as the model draws them), each image's predictor on its own; with
+    per image and direction, drawn image by image as the model draws them), each image's predictor on its own; with
     ``intra_negatives="batch"`` one cross-entropy over every image's drawn tokens; with
     ``intra_target="pixels"`` the targets are each drawn patch's pixels, written out with
     ``torch.std`` over the image and explicit slicing."""
@@ -217,13 +217,13 @@ def _intra_reference(model, x, plan, seed):
     length, q = plan.max_seqlen, min(model.intra_queries, plan.max_seqlen)
     p = model.token_predictor
     losses = []
+    priority = torch.rand(plan.num_images, 2, plan.num_tokens, generator=g)
     for ctx, tgt in ((0, 1), (1, 0)):
-        priority = torch.rand(plan.num_images, length, generator=g)
         terms, preds, targets = [], [], []
         for b in range(plan.num_images):
             context, target = rows[2 * b + ctx], rows[2 * b + tgt]
             n_q = min(q, target.shape[0])
-            pick = priority[b, : target.shape[0]].argsort(stable=True)[:n_q]
+            pick = priority[b, tgt, : target.shape[0]].argsort(stable=True)[:n_q]
             pos = model.encoder.pos_embed[0][positions[2 * b + tgt][pick]]
             pred = p(pos[None], p.kv(context)[None], torch.ones(1, context.shape[0],
                                                                  dtype=torch.bool))[0]

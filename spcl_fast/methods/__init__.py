@@ -2,13 +2,13 @@
 
 Every method takes the encoder first and keeps the contract of :mod:`spcl_fast.methods.base`
 (:class:`Method`: ``sample_plan``, ``forward``, ``train_flops``, ``from_config``; optionally
-:class:`AfterStep`), which also says how to add one. :data:`METHODS` maps the names that
-``--method`` takes to the classes.
+:class:`AfterStep` and :class:`BatchLoss`), which also says how to add one. :data:`METHODS`
+maps the names that ``--method`` takes to the classes.
 """
 
 from torch import nn
 
-from .base import AfterStep, BuildContext, Method, Plan
+from .base import AfterStep, BatchLoss, BuildContext, Method, Plan
 from .dino import DINO, DINOHead
 from .mae import MAE
 from .simclr import SimCLR
@@ -31,5 +31,5 @@ def build_method(name: str, encoder: nn.Module, **kwargs) -> nn.Module:
     return METHODS[name](encoder, **kwargs)
 
 
-__all__ = ["DINO", "MAE", "METHODS", "SPCL", "AfterStep", "BuildContext", "DINOHead", "Method",
-           "Plan", "Projector", "SimCLR", "build_method"]
+__all__ = ["DINO", "MAE", "METHODS", "SPCL", "AfterStep", "BatchLoss", "BuildContext",
+           "DINOHead", "Method", "Plan", "Projector", "SimCLR", "build_method"]

@@ -16,7 +16,12 @@ attribute ``label`` in logs, that offers:
   section (``settings``: that section as a dict of constructor arguments) and the run's
   :class:`BuildContext`.
 * optionally ``after_step(step)``: called after every optimizer step (:class:`AfterStep`;
-  DINO's teacher EMA).
+  DINO's centre and teacher EMA).
+* a loss that couples the images of a batch (in-batch negatives, batch statistics) splits the
+  forward pass in two (:class:`BatchLoss`): ``forward(images, plan=plan, embed_only=True)``
+  returns the step's per-image outputs (every parameter acts here) and ``batch_loss(embedded)``
+  the loss over them, so gradient accumulation stays exact (S-PCL, SimCLR). A loss that is a
+  mean of per-image terms needs neither (MAE; DINO's batch centre moves in ``after_step``).
 
 Adding a method ``foo``:
 
@@ -89,3 +94,23 @@ class AfterStep(Protocol):
     """A method with work after each optimizer step (``step``: the 0-based step just done)."""
 
     def after_step(self, step: int) -> None: ...
+
+
+@runtime_checkable
+class BatchLoss(Protocol):
+    """A method whose loss couples the images of a batch, split so the trainer accumulates
+    micro-batches exactly (GradCache, Gao et al., 2021): it embeds every micro-batch without a
+    graph (``forward(..., embed_only=True)``), computes ``batch_loss`` over all of them at once
+    and backpropagates, then runs each micro-batch again with a graph and backpropagates its
+    share of the embeddings' gradient (replaying the RNG, so the second pass draws what the
+    first did).
+
+    ``forward(images, generator, plan, embed_only=True)`` returns a dict of tensors whose dim 0
+    runs over the images in order; micro-batches' tensors are joined with ``torch.cat`` on dim
+    0, padded with zeros (``False``) where they differ in a later dim, so padding must mean
+    "absent" to ``batch_loss``. ``batch_loss(embedded)`` has no parameters and returns what
+    ``forward`` does (``loss`` and detached numbers); ``forward`` without ``embed_only`` is
+    ``batch_loss`` of its embedding.
+    """
+
+    def batch_loss(self, embedded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...

@@ -207,7 +207,9 @@ class DINO(nn.Module):
     ``forward(images (B,C,S,S), generator=None, plan=None)`` returns ``loss`` (differentiable;
     only the student gets gradients) and the detached ``teacher_entropy`` (mean entropy of the
     teacher's targets, in nats: near 0 means collapse to one prototype, near ``log(out_dim)``
-    collapse to uniform). Call :meth:`after_step` after each optimizer step (the engine does).
+    collapse to uniform). Call :meth:`after_step` after each optimizer step (the engine does):
+    it moves the centre by the step's teacher logits (so accumulated micro-batches all see the
+    centre of the step, as one batch does) and the teacher by the student.
 
     Example::
 
@@ -261,6 +263,9 @@ class DINO(nn.Module):
         self.teacher_encoder = copy.deepcopy(encoder).requires_grad_(False)
         self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
         self.register_buffer("center", torch.zeros(1, out_dim))
+        # teacher logits summed over the forward passes of this optimizer step (not saved)
+        self.register_buffer("step_logits", torch.zeros(1, out_dim), persistent=False)
+        self.register_buffer("step_rows", torch.zeros(()), persistent=False)
 
     @classmethod
     def from_config(cls, encoder: VisionTransformer, settings, context: BuildContext) -> DINO:
@@ -292,18 +297,28 @@ class DINO(nn.Module):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        """EMA update of the teacher from the student: ``t = m * t + (1 - m) * s``."""
+        """The step's centre update (:meth:`update_center` on the mean teacher logits of every
+        training forward since the last step), then the teacher's EMA from the student:
+        ``t = m * t + (1 - m) * s``."""
+        self.update_center(self.step_logits / self.step_rows.clamp(min=1), rows=self.step_rows)
+        self.step_logits.zero_()
+        self.step_rows.zero_()
         m = self.momentum_at(step)
         teacher = [*self.teacher_encoder.parameters(), *self.teacher_head.parameters()]
         student = [*self.encoder.parameters(), *self.head.parameters()]
         torch._foreach_lerp_(teacher, student, 1.0 - m)  # one fused pass over all tensors
 
     @torch.no_grad()
-    def update_center(self, teacher_logits: torch.Tensor) -> None:
-        """EMA of the mean teacher logits (over all ranks when distributed)."""
+    def update_center(self, teacher_logits: torch.Tensor,
+                      rows: torch.Tensor | None = None) -> None:
+        """EMA of the mean teacher logits (over all ranks when distributed). ``rows``: how many
+        logits ``teacher_logits`` (then already their mean) stands for; with 0 the centre
+        stays (a step without a training forward)."""
         batch_center = distributed.all_reduce_mean_(teacher_logits.float().mean(dim=0,
                                                                                 keepdim=True))
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        keep = self.center_momentum if rows is None else torch.where(
+            rows > 0, self.center_momentum, 1.0)
+        self.center.mul_(keep).add_(batch_center * (1 - keep))
 
     def distillation_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                           batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -357,8 +372,10 @@ class DINO(nn.Module):
         with torch.no_grad():
             teacher_logits = self.teacher_head(encode_dense(self.teacher_encoder, crops[0]))
         loss, targets = self.distillation_loss(student_logits, teacher_logits, b)
-        if self.training:
-            self.update_center(teacher_logits)
+        if self.training:  # the centre moves once per optimizer step, in after_step, so
+            # accumulated micro-batches see the centre one batch would
+            self.step_logits.add_(teacher_logits.detach().float().sum(dim=0, keepdim=True))
+            self.step_rows.add_(teacher_logits.shape[0])
         with torch.no_grad():
             entropy = -(targets * targets.clamp(min=1e-12).log()).sum(dim=-1).mean()
         return {"loss": loss, "teacher_entropy": entropy}

@@ -36,7 +36,9 @@ class SimCLR(nn.Module):
             negatives.
 
     ``forward(images (B,C,S,S), generator=None, plan=None)`` returns ``loss`` (differentiable)
-    and the detached ``acc`` (how often crop 1 of an image finds its crop 2 in the batch).
+    and the detached ``acc`` (how often crop 1 of an image finds its crop 2 in the batch); it
+    is :meth:`batch_loss` of :meth:`embed`, so gradient accumulation stays exact
+    (:class:`~spcl_fast.methods.base.BatchLoss`).
 
     Example::
 
@@ -99,10 +101,18 @@ class SimCLR(nn.Module):
         images: torch.Tensor,
         generator: torch.Generator | None = None,
         plan: CropPlan | None = None,
+        embed_only: bool = False,
     ) -> dict[str, torch.Tensor]:
-        b = images.shape[0]
+        """``loss`` and ``acc`` (:meth:`batch_loss` of :meth:`embed`); ``embed_only``:
+        :meth:`embed`'s output itself (:class:`~spcl_fast.methods.base.BatchLoss`)."""
         if plan is None:
-            plan = self.sample_plan(b, generator, images.device)
+            plan = self.sample_plan(images.shape[0], generator, images.device)
+        embedded = self.embed(images, plan)
+        return embedded if embed_only else self.batch_loss(embedded)
+
+    def embed(self, images: torch.Tensor, plan: CropPlan) -> dict[str, torch.Tensor]:
+        """``z (B, 2, d)``: each image's two projected crops, at least fp32."""
+        b = images.shape[0]
         if plan.num_crops != 2 or plan.num_images != b:
             raise ValueError(f"plan has {plan.num_crops} crops of {plan.num_images} images, the "
                              f"model takes 2 crops of {b}")
@@ -111,9 +121,14 @@ class SimCLR(nn.Module):
         z = self.projector(self.encoder(crops))
         # at least fp32 into the loss, as S-PCL does (exact logged loss under bf16 autocast)
         z = z.to(torch.promote_types(z.dtype, torch.float32))
-        z_1, z_2 = z[:b], z[b:]
+        return {"z": z.view(2, b, -1).transpose(0, 1)}
+
+    def batch_loss(self, embedded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """InfoNCE between the crops of :meth:`embed`'s ``z`` (one batch, or micro-batches
+        joined along dim 0) and the retrieval accuracy ``acc``."""
+        z_1, z_2 = embedded["z"].unbind(1)
         loss = info_nce(z_1, z_2, self.temperature, gather_distributed=self.gather_distributed)
         with torch.no_grad():
             sim = nn.functional.normalize(z_1, dim=-1) @ nn.functional.normalize(z_2, dim=-1).T
-            acc = (sim.argmax(dim=1) == torch.arange(b, device=sim.device)).float().mean()
+            acc = (sim.argmax(dim=1) == torch.arange(len(z_1), device=sim.device)).float().mean()
         return {"loss": loss, "acc": acc}

@@ -476,9 +476,25 @@ class SPCL(nn.Module):
         images: torch.Tensor,
         generator: torch.Generator | None = None,
         plan: PartitionPlan | None = None,
+        embed_only: bool = False,
     ) -> dict[str, torch.Tensor]:
+        """The loss and logged numbers (the class docstring): :meth:`batch_loss` of
+        :meth:`embed`; ``embed_only``: :meth:`embed`'s output itself (what the trainer's exact
+        gradient accumulation caches, :class:`~spcl_fast.methods.base.BatchLoss`)."""
         if plan is None:
             plan = self.sample_plan(images.shape[0], generator, images.device, images)
+        embedded = self.embed(images, plan, generator)
+        return embedded if embed_only else self.batch_loss(embedded)
+
+    def embed(self, images: torch.Tensor, plan: PartitionPlan,
+              generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Everything of a step that has parameters, image by image (dim 0 runs over the
+        images, so the outputs of micro-batches join with ``torch.cat``), at least fp32:
+        ``z (B, K, d)``, each subset's projected embedding; with a predictor ``queries
+        (B, K-1, d)``, its output on subsets ``0..K-2``; with the intra-image term, per
+        direction (A to B, B to A) the predictions ``intra_pred (B, 2, q, d')`` of the drawn
+        positions, their targets ``intra_target`` and which are real ``intra_valid (B, 2, q)``
+        (``q = min(intra_queries, longest subset)``; a smaller subset pads with ``False``)."""
         images = self.crop_images(images, plan.crop)
         if (self.subset_jitter > 0 or self.subset_warp > 0) and self.training:
             images = self._jitter_subsets(images, plan, generator)
@@ -494,9 +510,18 @@ class SPCL(nn.Module):
         # exact under bf16 autocast.
         z = self.projector(pooled).view(images.shape[0], self.num_subsets, -1)
         dtype = torch.promote_types(z.dtype, torch.float32)
-        z = z.to(dtype)
-        # subsets 0..K-2 are the queries of the pairs (i, j > i); the last is only a target
-        queries = z[:, :-1] if self.predictor is None else self.predictor(z[:, :-1]).to(dtype)
+        out = {"z": z.to(dtype)}
+        if self.predictor is not None:  # subsets 0..K-2 query the pairs (i, j > i)
+            out["queries"] = self.predictor(out["z"][:, :-1]).to(dtype)
+        if tokens is not None:
+            out.update(self._intra_predictions(tokens, plan, generator, dtype, images))
+        return out
+
+    def batch_loss(self, embedded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The loss and logged numbers of :meth:`forward` from :meth:`embed`'s output, of one
+        batch or of several micro-batches joined along dim 0 (no parameters act here)."""
+        z = embedded["z"]
+        queries = embedded["queries"] if "queries" in embedded else z[:, :-1]
         losses, stats = [], None
         for i, j in itertools.combinations(range(self.num_subsets), 2):
             losses.append(self._contrastive(queries[:, i], z[:, j]))
@@ -511,9 +536,8 @@ class SPCL(nn.Module):
                                    torch.stack([vicreg_variance(s) for s in subsets]).mean())
             terms["vicreg_cov"] = (self.vicreg_cov,
                                    torch.stack([vicreg_covariance(s) for s in subsets]).mean())
-        if tokens is not None:
-            terms["intra"] = (self.intra_weight,
-                              self._intra(tokens, plan, generator, dtype, images))
+        if "intra_pred" in embedded:
+            terms["intra"] = (self.intra_weight, self._intra_loss(embedded))
         if not terms:
             return {"loss": loss, **stats}
         total = loss
@@ -522,12 +546,13 @@ class SPCL(nn.Module):
         return {"loss": total, **stats, "contrastive": loss.detach(),
                 **{name: value.detach() for name, (_, value) in terms.items()}}
 
-    def _intra(self, tokens: torch.Tensor, plan: PartitionPlan, generator, dtype,
-               images: torch.Tensor) -> torch.Tensor:
-        """The intra-image term: the mean of A predicting B's drawn tokens and B predicting
-        A's, each :func:`~spcl_fast.methods.losses.intra_image_nce` over one image's drawn
-        positions (``tokens``: the ``(T, D)`` packed token outputs of a two-subset plan;
-        ``images``: what the encoder saw, the targets of ``intra_target="pixels"``)."""
+    def _intra_predictions(self, tokens: torch.Tensor, plan: PartitionPlan, generator, dtype,
+                           images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The intra-image term's predictions and targets (:meth:`embed`): A predicting B's
+        drawn tokens and B predicting A's (``tokens``: the ``(T, D)`` packed token outputs of a
+        two-subset plan; ``images``: what the encoder saw, the targets of
+        ``intra_target="pixels"``). The positions are drawn as one row of ``2 N`` numbers per
+        image, so a batch cut into micro-batches draws what the whole batch would."""
         b, n, length = plan.num_images, plan.num_tokens, plan.max_seqlen
         seg = plan.segment_ids()
         col = torch.arange(plan.total_tokens, device=seg.device) - plan.cu_seqlens.long()[seg]
@@ -545,11 +570,12 @@ class SPCL(nn.Module):
             t.view(b, 2, length, *t.shape[2:]) for t in (padded_kv, padded, valid, position))
         q = min(self.intra_queries, length)
         pixels = self.pixel_targets(images) if self.pixel_head is not None else None
-        losses = []
+        priority = torch.rand(b, 2, n, generator=generator).to(seg.device)
+        preds, targets, picks = [], [], []
         for ctx, tgt in ((0, 1), (1, 0)):
             # q random positions of the target subset (fewer real ones where it is smaller)
-            priority = torch.rand(b, length, generator=generator).to(seg.device)
-            pick = priority.masked_fill(~valid[:, tgt], 2.0).argsort(dim=1, stable=True)[:, :q]
+            pick = priority[:, tgt, :length].masked_fill(~valid[:, tgt], 2.0)
+            pick = pick.argsort(dim=1, stable=True)[:, :q]
             where = position[:, tgt].gather(1, pick)  # (B, q) patch indices
             pred = self.token_predictor(self.encoder.pos_embed[0][where], padded_kv[:, ctx],
                                         valid[:, ctx])
@@ -558,13 +584,25 @@ class SPCL(nn.Module):
             else:
                 pred = self.pixel_head(pred)
                 target = pixels.gather(1, where[..., None].expand(-1, -1, pixels.shape[-1]))
-            picked = valid[:, tgt].gather(1, pick)
+            preds.append(pred.to(dtype))
+            targets.append(target.to(dtype))
+            picks.append(valid[:, tgt].gather(1, pick))
+        return {"intra_pred": torch.stack(preds, 1), "intra_target": torch.stack(targets, 1),
+                "intra_valid": torch.stack(picks, 1)}
+
+    def _intra_loss(self, embedded: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The intra-image term: the mean over both directions of
+        :func:`~spcl_fast.methods.losses.intra_image_nce`, each prediction against the drawn
+        positions of its image (``intra_negatives="batch"``: of every image)."""
+        losses = []
+        for k in range(2):
+            pred, target, valid = (embedded[key][:, k] for key in
+                                   ("intra_pred", "intra_target", "intra_valid"))
             if self.intra_negatives == "batch":  # one "image" of every drawn token
-                pred, target, picked = (t.reshape(1, b * q, *t.shape[2:])
-                                        for t in (pred, target, picked))
-            with torch.autocast(seg.device.type, enabled=False):  # logits in fp32 (at least)
-                losses.append(intra_image_nce(pred.to(dtype), target.to(dtype),
-                                              self.intra_temperature, picked))
+                pred, target, valid = (t.reshape(1, -1, *t.shape[2:])
+                                       for t in (pred, target, valid))
+            with torch.autocast(pred.device.type, enabled=False):  # logits in fp32 (at least)
+                losses.append(intra_image_nce(pred, target, self.intra_temperature, valid))
         return 0.5 * (losses[0] + losses[1])
 
     def pixel_targets(self, images: torch.Tensor) -> torch.Tensor:

@@ -229,7 +229,7 @@ class SimCLRConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     batch_size: int = 64  # images per optimizer step, over processes and accumulation steps
-    accum_steps: int = 1  # micro-batches per optimizer step (the loss sees one at a time)
+    accum_steps: int = 1  # micro-batches per optimizer step (the same step as one batch)
     steps: int = 200  # optimizer steps in total
     lr: float = 1e-3  # peak learning rate (after warmup)
     lr_base_batch: int = 0  # scale lr and min_lr by batch_size / lr_base_batch (0: as given)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..data.errors import one_line
 from ..eval import extract_features, linear_probe, paired_bootstrap
+from ..methods import BatchLoss
 from ..run.checkpoint import (
     PATTERN,
     checkpoint_path,
@@ -250,9 +251,11 @@ def _start(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> tupl
         config.check()
         state, path = _claim_and_resume(resume, out_dir, ctx)
         trainer = Trainer(config, ctx, state=state)
-        # Per image of the loss's batch (every process's micro-batch: the negatives it sees).
-        plan = trainer.model.sample_plan(config.optim.batch_size // config.optim.accum_steps,
-                                         torch.Generator().manual_seed(0), "cpu")
+        # Per image of the loss's batch (the negatives it sees: every process's images, of
+        # the whole step where accumulation caches the embeddings, else of one micro-step).
+        loss_batch = config.optim.batch_size // (
+            1 if isinstance(trainer.model, BatchLoss) else config.optim.accum_steps)
+        plan = trainer.model.sample_plan(loss_batch, torch.Generator().manual_seed(0), "cpu")
     except (ValueError, OSError, RuntimeError) as exc:
         if ctx.is_main and created:
             with contextlib.suppress(OSError):  # only if still empty: nothing else to undo

@@ -171,8 +171,9 @@ class PlanSampler:
     rank samples only its own images (a global plan of thousands of images costs tens of ms of
     host time per step). What a method draws in its forward pass instead comes from each
     process's torch RNG (checkpointed, so resuming stays exact): S-PCL's intra-image queries
-    (only a choice when a subset has more tokens than ``intra_queries``) and its subset jitter
-    and warp, so there a one-process replay differs from the ``W``-process run.
+    (only a choice when a subset has more tokens than ``intra_queries``; drawn image by image,
+    so accumulated micro-batches draw what their whole batch would) and its subset jitter and
+    warp, so there a one-process replay differs from the ``W``-process run.
     """
 
     def __init__(self, seed: int, num_shards: int, rank: int = 0, world: int = 1):

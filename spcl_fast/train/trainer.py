@@ -17,8 +17,9 @@ import dataclasses
 import warnings
 
 import torch
+import torch.nn.functional as F
 
-from ..methods import AfterStep
+from ..methods import AfterStep, BatchLoss
 from ..run.config import OptimConfig, TrainConfig
 from ..run.data import intensity_stats, load_split, normalizer
 from ..run.device import resolve_device
@@ -60,6 +61,33 @@ def step_lr(step: int, optim: OptimConfig) -> float:
     """The learning rate of optimizer step ``step``: warmup, then cosine to the minimum."""
     return lr_at(step, optim.steps, optim.warmup_steps, *peak_lrs(optim))
 
+
+
+def _rng_state(device: torch.device) -> tuple:
+    """The global RNG states a forward pass draws from (the CPU's, and the device's)."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda"
+                                   else None)
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Micro-batches' tensors joined along dim 0, each padded with zeros (``False``) to the
+    largest size in every later dim."""
+    shape = [max(sizes) for sizes in zip(*(p.shape[1:] for p in parts), strict=True)]
+    return torch.cat([F.pad(p, [w for size, most in zip(p.shape[1:][::-1], shape[::-1],
+                                                        strict=True) for w in (0, most - size)])
+                      for p in parts])
+
+
+def _part(joined: torch.Tensor, part: torch.Tensor, offset: int) -> torch.Tensor:
+    """The rows of ``joined`` (from :func:`_join`) that hold ``part``, its padding cut off."""
+    return joined[(slice(offset, offset + part.shape[0]),
+                   *(slice(0, size) for size in part.shape[1:]))]
 
 
 class Trainer:
@@ -141,18 +169,10 @@ class Trainer:
         images = self.stream.next()
         self.optimizer.zero_grad(set_to_none=True)
         micro = images.split(self.stream.micro)
-        sums: dict[str, torch.Tensor] = {}
-        for k, x in enumerate(micro):
-            x = self.transform(x.to(self.device, non_blocking=True))
-            plan = plan_to(self.plans.sample(self.model, x), self.device)
-            with self._grad_sync(k == len(micro) - 1):
-                with autocast(cfg.precision, self.device):
-                    out = self.net(x, plan=plan)
-                loss = out["loss"].float() / len(micro)
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-            for key, value in out.items():
-                value = value.detach().float() / len(micro)
-                sums[key] = sums[key] + value if key in sums else value
+        if len(micro) > 1 and isinstance(self.model, BatchLoss):
+            sums = self._cached_backward(micro)
+        else:
+            sums = self._accumulated_backward(micro)
         means = dict(zip(sums, self.ctx.mean_(torch.stack(list(sums.values()))), strict=True))
 
         if self.scaler is not None:
@@ -178,6 +198,64 @@ class Trainer:
             self.after_step(self.step)  # student as it was, so the EMA stays sound)
         self.step += 1
         return {**means, "grad_norm": grad_norm.detach(), "lr": lr}
+
+    def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """A micro-batch on the device, normalised, and its plan."""
+        x = self.transform(x.to(self.device, non_blocking=True))
+        return x, plan_to(self.plans.sample(self.model, x), self.device)
+
+    def _accumulated_backward(self, micro: tuple[torch.Tensor, ...]) -> dict:
+        """Each micro-batch's loss (over its own images) backpropagated in turn, weighted
+        ``1 / len(micro)``: exact for losses that are means of per-image terms. Returns the
+        detached numbers averaged over micro-batches."""
+        cfg = self.config.optim
+        sums: dict[str, torch.Tensor] = {}
+        for k, x in enumerate(micro):
+            x, plan = self._inputs(x)
+            with self._grad_sync(k == len(micro) - 1):
+                with autocast(cfg.precision, self.device):
+                    out = self.net(x, plan=plan)
+                loss = out["loss"].float() / len(micro)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            for key, value in out.items():
+                value = value.detach().float() / len(micro)
+                sums[key] = sums[key] + value if key in sums else value
+        return sums
+
+    def _cached_backward(self, micro: tuple[torch.Tensor, ...]) -> dict:
+        """The gradient of a :class:`~spcl_fast.methods.base.BatchLoss` over all micro-batches
+        at once (GradCache): every micro-batch embedded without a graph, the loss of the whole
+        batch backpropagated to the embeddings, then each micro-batch embedded again with a
+        graph (the RNG replayed: the same draws) and backpropagated with its share of that
+        gradient. Returns the loss's detached numbers."""
+        cfg = self.config.optim
+        inputs, cached = [], []
+        for x in micro:
+            x, plan = self._inputs(x)
+            inputs.append((x, plan, _rng_state(self.device)))
+            with torch.no_grad(), autocast(cfg.precision, self.device):
+                cached.append(self.net(x, plan=plan, embed_only=True))
+        after = _rng_state(self.device)
+        embedded = {name: _join([c[name] for c in cached]) for name in cached[0]}
+        for value in embedded.values():
+            value.requires_grad_(value.is_floating_point())
+        with autocast(cfg.precision, self.device):
+            out = self.model.batch_loss(embedded)
+        loss = out["loss"].float()
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        offset = 0
+        for k, (x, plan, state) in enumerate(inputs):
+            _set_rng_state(state, self.device)
+            with self._grad_sync(k == len(inputs) - 1):
+                with autocast(cfg.precision, self.device):
+                    again = self.net(x, plan=plan, embed_only=True)
+                pairs = [(value, _part(embedded[name].grad, value, offset))
+                         for name, value in again.items()
+                         if value.requires_grad and embedded[name].grad is not None]
+                torch.autograd.backward(*zip(*pairs, strict=True))
+            offset += x.shape[0]
+        _set_rng_state(after, self.device)
+        return {key: value.detach().float() for key, value in out.items()}
 
     def _optimizer_step(self, skip: torch.Tensor) -> None:
         if self.optimizer.param_groups[0].get("fused"):

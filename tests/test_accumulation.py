@@ -1,0 +1,88 @@
+"""Gradient accumulation is the same optimisation as one big batch (issue 38, item 2): for the
+methods whose loss couples the batch (:class:`~spcl_fast.methods.base.BatchLoss`: in-batch
+negatives) the trainer caches the micro-batches' embeddings and takes the loss over all of them
+(GradCache), so an accumulated step's gradients equal those of the whole batch in one pass, on
+the same draws; for per-image losses (MAE, DINO) plain accumulation is exact."""
+
+import copy
+
+import pytest
+import torch
+
+from spcl_fast.methods import BatchLoss
+from spcl_fast.run.presets import smoke
+from spcl_fast.train.trainer import Trainer, _join, _part
+
+CASES = {
+    "spcl": {},
+    "spcl_intra": dict(intra_weight=1.0, intra_queries=3),
+    # unequal subsets: micro-batches draw different query counts (padded when joined)
+    "spcl_intra_batch": dict(intra_weight=0.5, intra_queries=12, intra_negatives="batch",
+                             ratio_range=(0.2, 0.8)),
+    "spcl_intra_pixels": dict(intra_weight=1.0, intra_queries=3, intra_target="pixels"),
+    "spcl_predictor_vicreg_3": dict(predictor_hidden=16, vicreg_var=1.0, vicreg_cov=0.1,
+                                    num_subsets=3, negatives="all"),
+    "spcl_bounded_crop": dict(similarity="bounded", crop_scale=(0.5, 1.0), keep=0.5),
+    "simclr": dict(method="simclr", simclr_proj_hidden=32, simclr_proj_dim=16),
+    "mae": dict(method="mae", decoder_dim=32, decoder_depth=1, decoder_heads=2),
+    "dino": dict(method="dino", dino_out_dim=64, dino_local_crops=2),
+}
+
+
+def _step_and_reference(options: dict, accum_steps: int = 2):
+    """One accumulated training step, and the same step's loss and gradients from one forward
+    pass over the whole batch on the same plans (joined) and the same global RNG state."""
+    config = smoke().replace(batch_size=8, accum_steps=accum_steps, grad_clip=0.0, depth=1,
+                             **options)
+    trainer = Trainer(config)
+    initial = copy.deepcopy(trainer.model)
+    seen = {"plans": []}
+    draw, next_batch = trainer.plans.sample, trainer.stream.next
+
+    def sample(model, x):
+        seen["plans"].append(draw(model, x))
+        return seen["plans"][-1]
+
+    def batch():
+        seen["images"] = next_batch()
+        return seen["images"]
+
+    trainer.plans.sample, trainer.stream.next = sample, batch
+    rng = torch.get_rng_state()
+    out = trainer.train_step()
+
+    torch.set_rng_state(rng)
+    plan = type(seen["plans"][0]).concat(seen["plans"])
+    want = initial(trainer.transform(seen["images"]), plan=plan)
+    want["loss"].backward()
+    return trainer, initial, out, want
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_an_accumulated_step_has_the_gradients_of_the_whole_batch(case):
+    trainer, initial, out, want = _step_and_reference(CASES[case])
+    assert len(trainer.stream.next().split(trainer.micro_batch)) == 2
+    torch.testing.assert_close(out["loss"], want["loss"].detach(), rtol=1e-5, atol=1e-6)
+    grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+    want_grads = {n: p.grad for n, p in initial.named_parameters() if p.grad is not None}
+    assert grads.keys() == want_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    if case == "dino":  # the centre moves once per step, by the whole batch's teacher logits
+        initial.after_step(0)
+        torch.testing.assert_close(trainer.model.center, initial.center)
+
+
+def test_contrastive_methods_are_batch_losses_and_per_image_ones_are_not():
+    kinds = {case: isinstance(Trainer(smoke().replace(depth=1, **CASES[case])).model, BatchLoss)
+             for case in ("spcl", "simclr", "mae")}
+    assert kinds == {"spcl": True, "simclr": True, "mae": False}
+
+
+def test_join_pads_later_dims_and_part_cuts_the_padding_off():
+    a, b = torch.ones(2, 3, 4), torch.full((1, 5, 4), 2.0)
+    joined = _join([a, b])
+    assert joined.shape == (3, 5, 4) and joined[:2, 3:].eq(0).all()
+    assert torch.equal(_part(joined, a, 0), a) and torch.equal(_part(joined, b, 2), b)
+    flags = _join([torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 1, dtype=torch.bool)])
+    assert flags.tolist() == [[True, True], [True, False]]
