@@ -4,6 +4,7 @@ summary written, the end-of-run probe skipped with one line (issue 38, item 1)."
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from spcl_fast.train.__main__ import _report, main
@@ -42,3 +43,14 @@ def test_report_names_what_each_time_is(capsys):
                "probe_seconds": 48.0}
     _report(summary, "run", 54.0)
     assert "finished 3 steps (training 2 s, probe 48 s; 54 s in all)" in capsys.readouterr().out
+
+
+def test_an_impl_that_cannot_run_here_is_refused_before_anything_is_written(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        main(["--preset", "smoke", "--impl", "triton", "--device", "cpu", "--out", str(out)])
+    message = str(exc.value.code)
+    assert message.startswith("error: --impl triton") and "CUDA" in message
+    assert "\n" not in message and not out.exists()

@@ -19,6 +19,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .._impl import resolve_impl
 from ..methods import AfterStep, BatchLoss
 from ..run.config import OptimConfig, TrainConfig
 from ..run.data import intensity_stats, load_split, normalizer
@@ -108,11 +109,18 @@ class Trainer:
         self.ctx = ctx = ctx or DistContext(resolve_device(config.run.device))
         self.device = ctx.device
         self.fsdp = optim.fsdp and ctx.world > 1
+        # an explicit --impl triton that cannot run here: refused before any data is read
+        resolve_impl(config.model.impl, torch.empty(0, device=self.device),
+                     f"--impl {config.model.impl}")
         self.class_names = None  # the training set's classes (None: a given source)
         if source is None:
             source, _, self.class_names = load_split(config, "train")
-        self.stats = (tuple(state["intensity_stats"]) if state and "intensity_stats" in state
-                      else intensity_stats(data.dataset, source, data.num_workers))
+        if state and "intensity_stats" in state:
+            self.stats = tuple(state["intensity_stats"])
+        else:
+            if data.dataset != "synthetic" and ctx.is_main:
+                print("measuring the intensity statistics of the training images", flush=True)
+            self.stats = intensity_stats(data.dataset, source, data.num_workers)
         self.transform = normalizer(data.normalize, self.stats)
         self.stream = BatchStream(source, optim.batch_size, config.run.seed, data.num_workers,
                                   ctx.rank, ctx.world, optim.accum_steps, self.device,
