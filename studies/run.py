@@ -55,7 +55,7 @@ from spcl_fast.run.config import TrainConfig, apply_overrides
 from spcl_fast.run.data import intensity_stats, load_split, materialize, normalizer
 from spcl_fast.run.device import resolve_device
 from spcl_fast.run.model import build_model
-from spcl_fast.run.presets import demo
+from spcl_fast.run.presets import PRESETS
 from spcl_fast.train.engine import SetupError, probe_features, probe_splits, train
 
 SETS = ("synthetic", "chestxray14")
@@ -89,7 +89,8 @@ RECIPES, ABLATIONS = load_recipes()
 DEFAULT_RECIPES = ("k05_intra_similar_g1", "k05_intra", "spcl_keep05", "spcl", "mae", "simclr")
 
 
-def set_overrides(name: str, cxr_root: str | None, cache_root: Path) -> dict[str, str]:
+def set_overrides(name: str, cxr_root: str | None, cache_root: Path,
+                  image_size: int) -> dict[str, str]:
     if name == "synthetic":
         return {}
     if name == "chestxray14":
@@ -97,18 +98,19 @@ def set_overrides(name: str, cxr_root: str | None, cache_root: Path) -> dict[str
             raise SystemExit("error: --sets chestxray14 needs --cxr-root (an official-layout "
                              "folder)")
         return {"dataset": "chestxray14", "data_root": cxr_root, "num_workers": "0",
-                "data_cache": str(_cxr_cache(cxr_root, cache_root))}
+                "data_cache": str(_cxr_cache(cxr_root, cache_root, image_size))}
     raise SystemExit(f"error: unknown set {name!r}; choose from {', '.join(SETS)}")
 
 
-def _cxr_cache(root: str, cache_root: Path) -> Path:
-    """Decode the ChestX-ray14 folder once at the demo's 64 px (resumes if interrupted)."""
+def _cxr_cache(root: str, cache_root: Path, image_size: int) -> Path:
+    """Decode the ChestX-ray14 folder once at the study's image size (resumes if
+    interrupted)."""
     from spcl_fast.data.prepare import prepare
 
-    out = cache_root / f"chestxray14-{demo().data.image_size}"
+    out = cache_root / f"chestxray14-{image_size}"
     if not (out / "done").exists():
         try:
-            report = prepare("chestxray14", root, str(out), demo().data.image_size, workers=2)
+            report = prepare("chestxray14", root, str(out), image_size, workers=2)
         except ValueError as exc:
             raise SystemExit(f"error: {exc}") from None
         if not report["complete"]:
@@ -121,9 +123,16 @@ def _method(recipe: str) -> str:
     return RECIPES[recipe][1].get("method", "spcl")
 
 
-def run_config(set_over: dict, recipe: str, seed: int, steps: int) -> TrainConfig:
+def base_config(preset: str = "demo") -> TrainConfig:
+    """The preset every recipe overrides, with the end-of-run probe on (the study's
+    measurement)."""
+    return PRESETS[preset]().replace(probe=True)
+
+
+def run_config(set_over: dict, recipe: str, seed: int, steps: int,
+               preset: str = "demo") -> TrainConfig:
     over = {**set_over, **RECIPES[recipe][1], "seed": str(seed), "steps": str(steps)}
-    return apply_overrides(demo(), over)
+    return apply_overrides(base_config(preset), over)
 
 
 def _train(config: TrainConfig, out: Path) -> dict:
@@ -179,9 +188,10 @@ def raw_pixel_probe(config: TrainConfig, splits: dict | None = None,
 
 
 def _run_records(config: TrainConfig, run: Path, summary: dict, set_name: str, recipe: str,
-                 with_init: bool) -> list[dict]:
+                 with_init: bool, preset: TrainConfig) -> list[dict]:
     """The study's records of one finished run: the trained encoder's and, when ``with_init``,
-    its initialisation's probe (and metadata probe on sets that have it)."""
+    its initialisation's probe (and metadata probe on sets that have it); ``preset`` is the
+    config the recipes override."""
     probe, base = summary["probe"], {"set": set_name, "recipe": recipe,
                                      "seed": config.run.seed}
     trained = {**base, "row": recipe, "steps": summary["steps"],
@@ -191,7 +201,7 @@ def _run_records(config: TrainConfig, run: Path, summary: dict, set_name: str, r
                "config": dataclasses.asdict(config)}
     records = [trained]
     if with_init:
-        records.append({**base, "row": _init_row(config),
+        records.append({**base, "row": _init_row(config, preset),
                         "mean_auroc": probe["init"]["mean_auroc"],
                         "per_class_auroc": probe["init"]["per_class_auroc"]})
     scores = run / "probe_scores.pt"
@@ -398,7 +408,9 @@ class StudyArgs:
     recipes: Annotated[str, tyro.conf.arg(help=(
         f"comma-separated, from {', '.join(RECIPES)}; or 'ablations' (the keep 0.5 recipe and "
         f"each ablation of it)"))] = ",".join(DEFAULT_RECIPES)
-    steps: int = demo().optim.steps  # steps of every S-PCL recipe (MAE: the first recipe's time)
+    # the preset every recipe overrides (a name of spcl_fast.run.presets; smoke: seconds)
+    preset: str = "demo"
+    steps: int | None = None  # steps of every S-PCL recipe (None: the preset's; MAE: by time)
     # comma-separated rows every other row is bootstrapped against: reference rows
     # ('raw pixels (dataset)', 'init (dataset)') or recipes
     compare_to: str = "raw pixels (dataset)"
@@ -426,7 +438,10 @@ def _checked(args) -> tuple[list[str], list[str], list[int], Path]:
     if "chestxray14" in sets and not args.cxr_root:
         raise SystemExit("error: --sets chestxray14 needs --cxr-root (an official-layout "
                          "folder)")
-    if args.steps < 1:
+    if args.preset not in PRESETS:
+        raise SystemExit(f"error: unknown --preset {args.preset!r}; choose from "
+                         f"{', '.join(PRESETS)}")
+    if args.steps is not None and args.steps < 1:
         raise SystemExit(f"error: --steps must be >= 1, got {args.steps}")
     out = Path(args.out)
     try:
@@ -439,21 +454,22 @@ def _checked(args) -> tuple[list[str], list[str], list[int], Path]:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     sets, recipes, seeds, out = _checked(args)
+    base = base_config(args.preset)
     records, started = [], time.time()
     for set_name in sets:
-        set_over = set_overrides(set_name, args.cxr_root, out / "cache")
+        set_over = set_overrides(set_name, args.cxr_root, out / "cache", base.data.image_size)
         budget_s, step_s, init_seen = None, {}, set()
         for recipe in recipes:
             for seed in seeds:
-                steps = args.steps
+                steps = args.steps or base.optim.steps
                 if _method(recipe) != "spcl":  # equal wall-clock: the first recipe's time
                     if recipe not in step_s:  # in this baseline's own steps
                         step_s[recipe] = seconds_per_step(
-                            run_config(set_over, recipe, 0, steps),
+                            run_config(set_over, recipe, 0, steps, args.preset),
                             out / set_name / f"timing-{recipe}")
                     steps = max(1, round(budget_s / step_s[recipe]))
                 run = out / set_name / recipe / f"seed{seed}"
-                config = run_config(set_over, recipe, seed, steps)
+                config = run_config(set_over, recipe, seed, steps, args.preset)
                 print(f"== {set_name} / {recipe} / seed {seed}: {steps} steps -> {run}",
                       flush=True)
                 summary = _train(config, run)
@@ -461,10 +477,11 @@ def main(argv: list[str] | None = None) -> dict:
                     budget_s = summary["train_seconds"]
                 new_init = config.method == "spcl" and _init_key(config, seed) not in init_seen
                 init_seen.add(_init_key(config, seed))
-                records += _run_records(config, run, summary, set_name, recipe, new_init)
-        used = [run_config(set_over, r, 0, args.steps).data.normalize for r in recipes]
+                records += _run_records(config, run, summary, set_name, recipe, new_init,
+                                        base)
+        used = [run_config(set_over, r, 0, 1, args.preset).data.normalize for r in recipes]
         for norm in dict.fromkeys(["dataset", "image", *used]):
-            config = apply_overrides(demo(), {**set_over, "normalize": norm})
+            config = apply_overrides(base, {**set_over, "normalize": norm})
             splits = probe_splits(config)
             raw = raw_pixel_probe(config, splits, return_scores=True)
             scores = out / set_name / f"raw-pixels-{norm}-scores.pt"
@@ -507,13 +524,14 @@ def _init_key(config, seed: int) -> tuple:
             model.patch_norm, model.embed_dim, model.depth, seed)
 
 
-def _init_row(config) -> str:
+def _init_row(config: TrainConfig, base: TrainConfig) -> str:
+    """The init row's name: what sets the initial encoder apart from the base preset's."""
     model = config.model
     pos = "" if model.pos_embed == "sincos" else f", {model.pos_embed} pos"
-    patch = "" if model.patch_size == demo().model.patch_size else f", patch {model.patch_size}"
+    patch = "" if model.patch_size == base.model.patch_size else f", patch {model.patch_size}"
     cls = ", cls token" if model.class_token else ""
     norm = "" if model.patch_norm == "none" else f", patch norm {model.patch_norm}"
-    size = ("" if (model.embed_dim, model.depth) == (demo().model.embed_dim, demo().model.depth)
+    size = ("" if (model.embed_dim, model.depth) == (base.model.embed_dim, base.model.depth)
             else f", {model.depth}x{model.embed_dim}")
     return f"init ({config.data.normalize}{pos}{patch}{cls}{norm}{size})"
 

@@ -13,8 +13,7 @@ from studies import run as study
 @pytest.fixture
 def tiny(monkeypatch):
     """The study's base preset shrunk to the smoke one, probing on (32 px) synthetic images."""
-    monkeypatch.setattr(study, "demo", lambda: smoke().replace(probe=True,
-                                                                   probe_steps=20))
+    monkeypatch.setitem(study.PRESETS, "demo", lambda: smoke().replace(probe_steps=20))
 
 
 def test_study_table_resume_and_plot(tiny, tmp_path, monkeypatch):
@@ -142,10 +141,10 @@ def test_cxr_cache_is_marked_done_only_when_complete(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prepare_mod, "prepare", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        study._cxr_cache(root, tmp_path / "cache")
+        study._cxr_cache(root, tmp_path / "cache", 64)
     assert not (tmp_path / "cache" / "chestxray14-64" / "done").exists()
     monkeypatch.undo()
-    out = study._cxr_cache(root, tmp_path / "cache")
+    out = study._cxr_cache(root, tmp_path / "cache", 64)
     assert (out / "done").exists() and json.loads((out / "report.json").read_text())["complete"]
 
 
@@ -154,6 +153,7 @@ def test_cxr_cache_is_marked_done_only_when_complete(tmp_path, monkeypatch):
     (["--sets", "chestxray14"], "needs --cxr-root"),
     (["--seeds", "a"], "--seeds takes integers"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--preset", "nope"], "unknown --preset 'nope'"),
     (["--recipes", "nope"], "unknown recipe 'nope'"),
     (["--out", "{file}"], "cannot use --out"),
 ])
@@ -182,7 +182,8 @@ def test_study_probes_sex_and_view_position_on_chestxray14(tiny, tmp_path):
     assert "| spcl_keep05 |" in result["metadata_markdown"]
     assert "steps" not in result["metadata_markdown"].splitlines()[0]
 
-    config = study.run_config(study.set_overrides("chestxray14", root, tmp_path / "s" / "cache"),
+    config = study.run_config(study.set_overrides("chestxray14", root, tmp_path / "s" / "cache",
+                                                  32),
                               "spcl_keep05", 0, 2)
     splits = study.metadata_splits(config)
     with open(f"{root}/Data_Entry_2017.csv") as f:
