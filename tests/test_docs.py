@@ -1,4 +1,4 @@
-"""Every docstring example in the package runs (DESIGN.md §3: docstrings carry runnable
+"""Every docstring example in the package runs (docs/architecture.md §3: docstrings carry runnable
 examples), and every public function of the top-level API is documented."""
 
 import doctest

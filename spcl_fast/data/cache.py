@@ -68,7 +68,7 @@ class CacheReader:
     Example::
 
         >>> import tempfile
-        >>> from spcl_fast.data.fixtures import make_chestxray14
+        >>> from devtools.fixtures import make_chestxray14
         >>> from spcl_fast.data.prepare import prepare
         >>> root, out = make_chestxray14(tempfile.mkdtemp(), n=6), tempfile.mkdtemp()
         >>> _ = prepare("chestxray14", root, out, size=64, workers=0, progress=False)

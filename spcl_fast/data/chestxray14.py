@@ -63,7 +63,7 @@ class ChestXray14(CXRDataset):
     Example::
 
         >>> import tempfile
-        >>> from spcl_fast.data.fixtures import make_chestxray14
+        >>> from devtools.fixtures import make_chestxray14
         >>> root = make_chestxray14(tempfile.mkdtemp(), n=12)  # a tiny copy of the layout
         >>> ds = ChestXray14(root, "test", image_size=64)
         >>> len(ds), ds[0]["image"].shape, ds.labels.shape, ds.ids[0]

@@ -67,7 +67,7 @@ class CheXpert(CXRDataset):
     Example::
 
         >>> import tempfile
-        >>> from spcl_fast.data.fixtures import make_chexpert
+        >>> from devtools.fixtures import make_chexpert
         >>> root = make_chexpert(tempfile.mkdtemp(), n_train=8, n_valid=3)
         >>> ds = CheXpert(root, "test", image_size=64)
         >>> len(ds), ds[0]["image"].shape, ds.labels.shape

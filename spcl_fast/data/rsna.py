@@ -62,7 +62,7 @@ class RSNAPneumonia(CXRDataset):
     Example::
 
         >>> import tempfile
-        >>> from spcl_fast.data.fixtures import make_rsna
+        >>> from devtools.fixtures import make_rsna
         >>> ds = RSNAPneumonia(make_rsna(tempfile.mkdtemp(), n=6, size=32), "all", 64)
         >>> ds[0]["image"].shape, ds.labels[:, 0].tolist(), ds.boxes[0].shape
         (torch.Size([1, 64, 64]), [1.0, 0.0, 0.0, 1.0, 0.0, 0.0], (1, 4))

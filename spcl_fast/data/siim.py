@@ -130,7 +130,7 @@ class SIIMPneumothorax(CXRDataset):
     Example::
 
         >>> import tempfile
-        >>> from spcl_fast.data.fixtures import make_siim
+        >>> from devtools.fixtures import make_siim
         >>> ds = SIIMPneumothorax(make_siim(tempfile.mkdtemp(), n=4, size=32), "all", 32)
         >>> item = ds[1]
         >>> item["mask"].shape, float(item["mask"].sum()), ds.labels[:, 0].tolist()
