@@ -1,8 +1,10 @@
 """PartitionAdapter: another codebase's ViT (timm's code, written down here so the test runs
-without timm; the real timm model when it imports) attends within the plan's segments, on
-values and gradients, and runs unchanged outside a plan block."""
+without timm; real timm models in the timm tier, tests/test_timm_tier.py) attends within the
+plan's segments, on values and gradients, and runs unchanged outside a plan block."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -75,21 +77,30 @@ class TimmViT(nn.Module):
         return self.norm(self.blocks(self.embed(images)))
 
 
-def _zero_context_block(block, x):
-    """A block for a row that attends to nothing: its attention context is zero."""
-    attn = block.attn
-    x = x + attn.proj(attn.norm(torch.zeros_like(x)))
-    return x + block.mlp(block.norm2(x))
+@contextlib.contextmanager
+def _attending_to_nothing(model):
+    """Every attention layer of ``model`` gives what a row with a zero attention context gets:
+    its output projection (after the attention's own norm, if any) of zeros."""
+    for block in model.blocks:
+        attn = block.attn
+        norm = getattr(attn, "norm", nn.Identity())
+        attn.forward = lambda x, *_, a=attn, norm=norm, **__: a.proj(norm(torch.zeros_like(x)))
+    try:
+        yield
+    finally:
+        for block in model.blocks:
+            del block.attn.forward
 
 
-def _reference(model, images, plan):
-    """Segment by segment: the model's own dense forward on only that segment's patch tokens;
-    every other row (the class token, patches in no segment) with a zero attention context."""
-    x0 = model.embed(images)
-    b, seq_len, _ = x0.shape
-    out = x0.new_zeros(b * seq_len, D)
-    flat = x0.reshape(b * seq_len, D)
-    rows = plan.token_index // N * seq_len + 1 + plan.token_index % N
+def _reference(model, x0, plan, num_prefix):
+    """Segment by segment: the model's own blocks and final norm, dense, on only that segment's
+    patch tokens (``x0``: the embedded ``(B, P + N, D)`` sequences); every other row (prefix
+    tokens, patches in no segment) with a zero attention context."""
+    b, seq_len, d = x0.shape
+    n = plan.num_tokens
+    out = x0.new_zeros(b * seq_len, d)
+    flat = x0.reshape(b * seq_len, d)
+    rows = plan.token_index // n * seq_len + num_prefix + plan.token_index % n
     cu = plan.cu_seqlens.tolist()
     for s in range(plan.num_segments):
         seg = rows[cu[s]:cu[s + 1]]
@@ -97,11 +108,10 @@ def _reference(model, images, plan):
             out = out.index_put((seg,), model.norm(model.blocks(flat[seg][None]))[0])
     others = torch.ones(b * seq_len, dtype=torch.bool)
     others[rows] = False
-    x = flat[others]
-    for block in model.blocks:
-        x = _zero_context_block(block, x)
-    out = out.index_put((others.nonzero()[:, 0],), model.norm(x))
-    return out.reshape(b, seq_len, D)
+    with _attending_to_nothing(model):
+        x = model.norm(model.blocks(flat[others][None]))[0]
+    out = out.index_put((others.nonzero()[:, 0],), x)
+    return out.reshape(b, seq_len, d)
 
 
 @pytest.mark.parametrize("norms", [{}, {"qk_norm": True, "scale_norm": True}],
@@ -119,7 +129,7 @@ def test_adapted_timm_vit_matches_per_segment_dense_forward(norms, plan_kwargs):
         got = model.forward_features(images)
     grads = torch.autograd.grad(pool_segments(got, plan, 1).square().sum() + got[:, 0].sum(),
                                 list(model.parameters()))
-    want = _reference(model, images, plan)
+    want = _reference(model, model.embed(images), plan, 1)
     want_grads = torch.autograd.grad(pool_segments(want, plan, 1).square().sum()
                                      + want[:, 0].sum(), list(model.parameters()))
     torch.testing.assert_close(got, want)
@@ -145,7 +155,7 @@ def test_empty_and_one_token_segments():
     pooled = pool_segments(got, plan, 1)
     grads = torch.autograd.grad(pooled.square().sum(), list(model.parameters()),
                                 allow_unused=True)
-    want = _reference(model, images, plan)
+    want = _reference(model, model.embed(images), plan, 1)
     want_grads = torch.autograd.grad(pool_segments(want, plan, 1).square().sum(),
                                      list(model.parameters()), allow_unused=True)
     torch.testing.assert_close(got, want)
@@ -209,22 +219,33 @@ def test_adapter_errors_name_the_problem():
         pool_segments(torch.zeros(2, N, D), plan, 1)
 
 
-def test_real_timm_vision_transformer():
-    timm = pytest.importorskip("timm")
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG,
-                              patch_size=PATCH, in_chans=1, num_classes=0).double()
-    images = torch.randn(2, 1, IMG, IMG, dtype=torch.float64)
-    plan = sample_partitions(2, N, generator=torch.Generator().manual_seed(0))
+# Real timm models (run by the timm tier, tests/test_timm_tier.py, where timm imports):
+# timm's default ViT-S/16, and DINOv2's ViT-S/14 with a class token, 4 register tokens and
+# LayerScale, whose positions skip the prefix tokens.
+TIMM_MODELS = {"vit_small_patch16_224": {}, "vit_small_patch14_reg4_dinov2": {"img_size": 98}}
+
+
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_real_timm_matches_dense_per_subset_forward(name):
+    timm = pytest.importorskip("timm", reason="timm runs in the timm tier (test_timm_tier.py)")
+    model = timm.create_model(name, pretrained=False, num_classes=0, **TIMM_MODELS[name])
+    model = model.double()
+    p, n = model.num_prefix_tokens, model.patch_embed.num_patches
+    assert p == (5 if "reg4" in name else 1)
+    images = torch.randn(2, 3, *model.patch_embed.img_size, dtype=torch.float64)
+    plan = sample_partitions(2, n, keep=0.75, ratio_range=(0.3, 0.7),
+                             generator=torch.Generator().manual_seed(0))
+    weight = torch.randn(2, p + n, model.embed_dim, dtype=torch.float64)
+    params = list(model.parameters())
+    # timm's own embedding (patches, class / register tokens, positions), then its blocks
+    want = _reference(model, model.norm_pre(model._pos_embed(model.patch_embed(images))), plan, p)
+    want_grads = torch.autograd.grad((want * weight).sum(), params)
     with PartitionAdapter(model, impl="torch").plan(plan):
-        got = pool_segments(model.forward_features(images), plan, model.num_prefix_tokens)
-    # each subset alone through timm's own code: its patch tokens and no class token
-    x = model.patch_embed(images) + model.pos_embed[:, model.num_prefix_tokens:]
-    flat = x.reshape(-1, x.shape[-1])
-    cu = plan.cu_seqlens.tolist()
-    for s in range(plan.num_segments):
-        seg = flat[plan.token_index[cu[s]:cu[s + 1]]][None]
-        want = model.norm(model.blocks(seg)).mean(1)[0]
-        torch.testing.assert_close(got[s], want)
+        got = model.forward_features(images)
+        grads = torch.autograd.grad((got * weight).sum(), params)
+    torch.testing.assert_close(got, want)
+    for (param, _), g, w in zip(model.named_parameters(), grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, msg=param)
 
 
 def test_copies_pickles_removal_and_checkpointing():

@@ -18,6 +18,7 @@ from dataclasses import astuple
 from pathlib import Path
 
 import pytest
+from venv_tier import tier_venv
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -28,22 +29,13 @@ ALL_KERNELS = DOT_KERNELS | {"_bwd_preprocess_kernel", "_inv_norm_kernel"}
 pytestmark = pytest.mark.aot
 
 
-def _python_with_triton(version: str, root: Path) -> str:
-    """A venv over this environment with ``triton==<version>.*`` (the GPU image's Triton);
+def _python_with_triton(version: str) -> str:
+    """A Python with ``triton==<version>.*`` (the GPU image's Triton) over this environment's
+    packages: a cached tier venv (tests/venv_tier.py), correct inside a virtualenv too;
     ``SPCL_FAST_TRITON_<major>_<minor>_PYTHON`` names a ready one. Skips if pip cannot install
     it (no index reachable)."""
-    ready = os.environ.get(f"SPCL_FAST_TRITON_{version.replace('.', '_')}_PYTHON")
-    if ready:
-        return ready
-    venv = root / f"triton-{version}"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-                   check=True)
-    python = str(venv / "bin" / "python")
-    proc = subprocess.run([python, "-m", "pip", "install", "-q", f"triton=={version}.*"],
-                          capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        pytest.skip(f"triton=={version}.* cannot be installed: {proc.stderr.strip()[-300:]}")
-    return python
+    with tier_venv(f"triton-{version}", [f"triton=={version}.*"], inherit=True) as python:
+        return python
 
 
 @pytest.fixture(scope="module", params=["installed", pytest.param("3.6", marks=pytest.mark.slow)])
@@ -52,7 +44,7 @@ def compiled(request, tmp_path_factory):
     Triton or (slow tier) the GPU image's Triton 3.6."""
     root = tmp_path_factory.mktemp("aot")
     python = (sys.executable if request.param == "installed"
-              else _python_with_triton(request.param, root))
+              else _python_with_triton(request.param))
     out = root / "rows.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(

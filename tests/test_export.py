@@ -3,8 +3,8 @@
 timm cannot be installed beside the CPU torch wheel here (it needs torchvision), so the layout is
 checked against a key/shape map and a forward pass written down from timm's
 ``timm/models/vision_transformer.py`` (VisionTransformer.__init__, _pos_embed, forward_features,
-forward_head, global_pool_nlc; Block; Attention; Mlp). If timm is importable, one more test
-loads the export into a real timm model.
+forward_head, global_pool_nlc; Block; Attention; Mlp). The ``real_timm`` tests load the export
+into a real timm model; they run in the timm tier (tests/test_timm_tier.py).
 """
 
 from __future__ import annotations
@@ -279,13 +279,18 @@ def test_spcl_checkpoint_at_another_size(run, tmp_path):
 
 @pytest.mark.parametrize("class_token", [False, True])
 def test_real_timm_loads_export(tmp_path, class_token):
-    timm = pytest.importorskip("timm")
+    """Run by the timm tier (tests/test_timm_tier.py): every token's features and the pooled
+    output of timm's model on the exported weights are the encoder's."""
+    timm = pytest.importorskip("timm", reason="timm runs in the timm tier (test_timm_tier.py)")
     path, _, model = write_run(tmp_path / "run", pos_embed="learned", class_token=class_token)
     cfg = export_encoder(path, tmp_path / "t")
     net = timm.create_model(cfg["timm_model"], checkpoint_path=str(tmp_path / "t" /
                             "model.safetensors"), **cfg["timm_kwargs"]).eval()
     x = torch.rand(2, 1, 32, 32)
-    torch.testing.assert_close(net(x), model.encoder.eval()(x), rtol=1e-5, atol=1e-5)
+    encoder = model.encoder.eval()
+    torch.testing.assert_close(net.forward_features(x), encoder.forward_features(x),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net(x), encoder(x), rtol=1e-5, atol=1e-5)
 
 
 def test_export_cli_reports_unreadable_checkpoints_in_one_line(tmp_path):
