@@ -1,4 +1,6 @@
-"""Downstream evaluation: linear probe, fine-tuning, segmentation, metrics, encoder loading.
+"""Downstream evaluation: linear probe, fine-tuning, segmentation, metrics, encoder loading,
+and the patient-level instrument (:mod:`~spcl_fast.eval.patient`: grouped splits, probes
+tuned on training patients, the cluster bootstrap, readouts, label fractions, shortcuts).
 
 ``python -m spcl_fast.eval {linear-probe,finetune,segment} --checkpoint C --dataset NAME ...``
 """
@@ -16,6 +18,14 @@ from .metrics import (
     paired_bootstrap,
     roc_curve,
 )
+from .patient import (
+    cluster_bootstrap,
+    fit_probe,
+    patient_folds,
+    patient_split,
+    readout_features,
+)
+from .patient_probe import format_patient_probe, patient_probe
 from .segment import SegmentationDecoder, SegmentSettings, segment
 
 __all__ = [
@@ -27,6 +37,7 @@ __all__ = [
     "SegmentationDecoder",
     "auroc",
     "bootstrap_mean_auroc",
+    "cluster_bootstrap",
     "convert_timm_state",
     "dice_per_image",
     "dice_summary",
@@ -34,12 +45,18 @@ __all__ = [
     "extract_features",
     "finetune",
     "fit_logistic",
+    "fit_probe",
+    "format_patient_probe",
     "label_fraction_view",
     "linear_probe",
     "load_encoder",
     "masked_bce",
     "multilabel_auroc",
     "paired_bootstrap",
+    "patient_folds",
+    "patient_probe",
+    "patient_split",
+    "readout_features",
     "roc_curve",
     "sample_patients",
     "segment",
