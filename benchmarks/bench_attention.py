@@ -20,8 +20,9 @@ Providers (CUDA, bf16):
 * ``flash-attn varlen`` and ``xformers BlockDiagonalMask`` only when importable.
 
 Shapes: ViT-B (H=12, Dh=64) and ViT-L (H=16, Dh=64); 256 images at 224 px (196 tokens: 98 per
-segment at ratio 0.5, and ratio_range (0.3, 0.7)), at 448 px (784 tokens) and 512 px (1024
-tokens); plus 32 images at 224 px for the per-segment provider. GPU rows skip on CPU; the CPU rows
+segment at ratio 0.5, and ratio_range (0.3, 0.7); 49 per segment at keep 0.5, ViT-B only), at
+448 px (784 tokens) and 512 px (1024 tokens); plus 32 images at 224 px (98 and 49 tokens per
+segment) for the per-segment provider. GPU rows skip on CPU; the CPU rows
 (the PyTorch fallback against gather+pad+SDPA at a small shape, fp32) keep the suite runnable
 anywhere. ``pytest benchmarks/bench_attention.py --benchmark-only -k "vitb-224-r0.5 and cuda"``
 selects a subset.
@@ -49,11 +50,14 @@ class Shape:
     head_dim: int = 64
     ratio: float = 0.5
     ratio_range: tuple[float, float] | None = None
+    keep: float = 1.0  # fraction of each image's tokens in a segment (0.5: two 25% subsets)
 
 
 GPU_SHAPES = [
     Shape("vitb-224-r0.5-b32", 32, 196, 12),
     Shape("vitb-224-r0.5", 256, 196, 12),
+    Shape("vitb-224-k0.5-b32", 32, 196, 12, keep=0.5),
+    Shape("vitb-224-k0.5", 256, 196, 12, keep=0.5),
     Shape("vitb-224-r0.3-0.7", 256, 196, 12, ratio_range=(0.3, 0.7)),
     Shape("vitl-224-r0.5", 256, 196, 16),
     Shape("vitl-224-r0.3-0.7", 256, 196, 16, ratio_range=(0.3, 0.7)),
@@ -261,7 +265,7 @@ def _problem(shape: Shape, device: str, dtype: torch.dtype) -> Problem:
     if key not in _PROBLEM:
         _PROBLEM.clear()
         plan = sample_partitions(shape.images, shape.tokens, ratio=shape.ratio,
-                                 ratio_range=shape.ratio_range,
+                                 ratio_range=shape.ratio_range, keep=shape.keep,
                                  generator=torch.Generator().manual_seed(0)).to(device)
         gen = torch.Generator(device).manual_seed(0)
         qkv = torch.randn(shape.images * shape.tokens, 3, shape.heads, shape.head_dim,

@@ -44,3 +44,23 @@ def test_every_step_selects_existing_tests(part):
         collected = re.search(r"(\d+)(?:/\d+)? tests? collected", proc.stdout)
         assert proc.returncode == 0 and collected and int(collected.group(1)) > 0, (
             f"{shlex.join(command)} selects nothing:\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
+
+
+def test_core_times_the_peers_at_49_and_98_tokens():
+    # One `core` call times the kernel beside torch's varlen attention (it skips on a torch
+    # without it) and SDPA per segment, at segments of 98 (r0.5) and 49 (k0.5) tokens.
+    env = {**os.environ, "DRY_RUN": "1"}
+    out = subprocess.run(["bash", str(SCRIPT), "core"], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    command = next(shlex.split(line) for line in out.splitlines() if "bench_attention" in line)
+    args = [a for a in command[3:] if a != "--benchmark-only"]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", *args],
+                          cwd=ROOT, capture_output=True, text=True)
+    ids = proc.stdout
+    for shape in ("vitb-224-r0.5", "vitb-224-k0.5"):
+        for provider, images in (("torch_varlen_attn", ""), ("SDPA_per_segment", "-b32"),
+                                 ("spcl_fast_triton_packed", ""),
+                                 ("spcl_fast_triton_packed", "-b32")):
+            for pass_ in ("fwd", "bwd"):
+                case = f"[cuda-{shape}{images}-{pass_}-{provider}]"
+                assert case in ids, f"{case} is not in core's attention step:\n{ids[-1500:]}"
