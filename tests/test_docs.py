@@ -50,3 +50,55 @@ def test_every_subpackage_is_in_the_wheel():
              for p in root.rglob("__init__.py")} | {"spcl_fast.kernels"}
     found = {name.rstrip(".") for name in found}
     assert found == listed
+
+
+def _markdown_files():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    return root, [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def _anchors(path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to dashes."""
+    import re
+
+    heads = re.findall(r"^#+ (.+)$", path.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
+def test_every_doc_link_exists():
+    """Every relative link and picture of README.md and docs/*.md names a file of the
+    repository (and a heading of it, for ``#anchor`` links); README indexes every doc."""
+    import re
+
+    root, docs = _markdown_files()
+    broken = []
+    for doc in docs:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (doc.parent / path).resolve() if path else doc
+            if not file.exists():
+                broken.append(f"{doc.name}: {target} (no such file)")
+            elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
+                broken.append(f"{doc.name}: {target} (no such heading)")
+    assert not broken
+    readme = (root / "README.md").read_text()
+    assert all(f"](docs/{d.name})" in readme for d in docs[1:]), "a doc missing from README"
+
+
+def test_cited_architecture_sections_exist():
+    """Code and tests cite "architecture.md §N": every such section exists."""
+    import re
+
+    root, _ = _markdown_files()
+    sections = set(re.findall(r"^## (\d+)\. ", (root / "docs" / "architecture.md").read_text(),
+                              re.M))
+    cited = {}
+    for folder in ("spcl_fast", "kernels", "tests", "benchmarks", "studies", "devtools"):
+        for path in (root / folder).rglob("*.py"):
+            for n in re.findall(r"architecture\.md §(\d+)", path.read_text()):
+                cited.setdefault(n, []).append(path.name)
+    assert cited and not {n: where for n, where in cited.items() if n not in sections}
