@@ -46,11 +46,12 @@ The reverse direction, timm or MAE weights into this package's ViT, is
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from .cli import THREADS_HELP, ArgumentParser, positive_int, set_threads
 from .data import synthetic
 from .eval.encoders import load_encoder, vit_state_keys
 from .run.checkpoint import list_checkpoints
@@ -154,12 +155,15 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path,
     metadata = {"format": "pt", "layout": f"timm.VisionTransformer({layout}, fc_norm=False, "
                 "num_classes=0, in_chans=1)"}
     save_file(state, str(out_dir / "model.safetensors"), metadata=metadata)
+    umask = os.umask(0)  # safetensors writes 0600; the file is as readable as config.json
+    os.umask(umask)
+    os.chmod(out_dir / "model.safetensors", 0o666 & ~umask)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return config
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m spcl_fast.export",
         description="Export an encoder as timm-layout safetensors (+ config.json).")
     parser.add_argument("--checkpoint", required=True,
@@ -167,7 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--image-size", type=int, default=None,
                         help="export for this input size (position embeddings adapted)")
+    parser.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    set_threads(args.threads)
     try:
         config = export_encoder(args.checkpoint, args.out, args.image_size)
     except (OSError, ValueError) as exc:  # EncoderLoadError, CheckpointError too

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cli import THREADS_HELP, ArgumentParser, positive_int, set_threads
 from .partition import sample_partitions
 from .run.config import TrainConfig
 from .run.presets import demo
@@ -59,7 +60,10 @@ def load_image(spec: str, image_size: int) -> torch.Tensor:
     if spec.startswith("synthetic:"):
         from .data import SyntheticCXR
 
-        index = int(spec.split(":", 1)[1])
+        index = spec.split(":", 1)[1]
+        if not index.isdigit():
+            raise ValueError(f"--image synthetic:<index> takes a whole number >= 0, got {spec!r}")
+        index = int(index)
         return SyntheticCXR("test", num_images=index + 1, image_size=image_size)[index]["image"]
     path = Path(spec)
     if not path.exists():
@@ -251,11 +255,12 @@ def _save(fig, out, plt) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m spcl_fast.viz", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m spcl_fast.viz", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     for what in ("partition", "attention"):
         p = sub.add_parser(what)
+        p.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
         p.add_argument("--image", required=True, help="image file or synthetic:<index>")
         p.add_argument("--checkpoint", required=what == "attention",
                        help="run folder or checkpoint (partition settings, encoder)")
@@ -266,6 +271,7 @@ def main(argv: list[str] | None = None) -> Path:
         if what == "partition":
             p.add_argument("--patch-size", type=int, default=None)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    set_threads(args.threads)
     try:
         if args.what == "partition":
             path = draw_partition(args.image, args.out, args.checkpoint, args.image_size,

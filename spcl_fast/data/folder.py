@@ -81,7 +81,8 @@ class CXRPool(Dataset):
 
     Args:
         datasets: members; all must return the same image size.
-        names: prefix of each member's ids (default: its ``name`` attribute, else ``d<k>``).
+        names: prefix of each member's ids (default: its ``name`` attribute, else ``d<k>``); a
+            repeated name (one dataset from two roots) is numbered: ``name``, ``name-2``, ...
 
     Example::
 
@@ -96,9 +97,15 @@ class CXRPool(Dataset):
         self.datasets = list(datasets)
         if not self.datasets:
             raise ValueError("CXRPool needs at least one dataset")
-        if names is None:
-            names = [getattr(d, "name", "") or f"d{k}" for k, d in enumerate(self.datasets)]
-        if len(names) != len(self.datasets) or len(set(names)) != len(names):
+        names = list(names) if names is not None else [
+            getattr(d, "name", "") or f"d{k}" for k, d in enumerate(self.datasets)]
+        if len(names) != len(self.datasets):
+            raise ValueError(f"names must be one per dataset, got {names!r}")
+        count: dict[str, int] = {}
+        for k, name in enumerate(names):  # one dataset from several roots: name, name-2, ...
+            count[name] = count.get(name, 0) + 1
+            names[k] = name if count[name] == 1 else f"{name}-{count[name]}"
+        if len(set(names)) != len(names):
             raise ValueError(f"names must be unique, one per dataset, got {names!r}")
         sizes = {int(d.image_size) for d in self.datasets}
         if len(sizes) != 1:

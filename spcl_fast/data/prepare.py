@@ -18,7 +18,6 @@ datasets given the cache drop them. Nothing from DICOM headers is written anywhe
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import multiprocessing
@@ -28,6 +27,7 @@ import sys
 
 import numpy as np
 
+from ..cli import THREADS_HELP, ArgumentParser, positive_int, set_threads
 from .cache import FORMAT, quantize, save_npy, shard_name, write_json
 from .errors import ImageReadError
 
@@ -189,8 +189,8 @@ def _finish(out: str, ds, shards, meta) -> dict:
 def main(argv=None) -> int:
     from . import DATASETS
 
-    p = argparse.ArgumentParser(prog="python -m spcl_fast.data.prepare",
-                                description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m spcl_fast.data.prepare",
+                       description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True, choices=[d for d in DATASETS if d != "synthetic"])
     p.add_argument("--root", required=True, help="dataset folder in its official layout")
     p.add_argument("--out", required=True, help="cache folder (created; resumed if present)")
@@ -202,7 +202,9 @@ def main(argv=None) -> int:
                    help="write at most this many new shards, then stop (resume later)")
     p.add_argument("--all-views", action="store_true", help="CheXpert: keep lateral views too")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
     a = p.parse_args(argv)
+    set_threads(a.threads)
     kwargs = {"frontal_only": False} if a.all_views and a.dataset == "chexpert" else {}
     try:
         report = prepare(a.dataset, a.root, a.out, a.size, a.workers, a.dtype, a.shard_size,

@@ -21,12 +21,13 @@ DICOM headers stay in the files (the library reads only their pixel-module tags)
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
 import os
 import secrets
 import sys
+
+from ..cli import ArgumentParser
 
 KEY_BYTES = 32
 
@@ -87,8 +88,8 @@ def pseudonymize(src, dst, key: bytes) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m spcl_fast.data.pseudonymize",
-                                description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m spcl_fast.data.pseudonymize",
+                       description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="image tree whose names may identify patients")
     p.add_argument("dst", help="folder for the pseudonymous tree of links (created)")
     p.add_argument("--key-file", required=True,

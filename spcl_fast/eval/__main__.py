@@ -29,6 +29,7 @@ import tyro
 
 from .. import __version__
 from .. import data as data_lib
+from ..cli import set_threads, tyro_cli
 from ..data.errors import one_line
 from ..run.config import Normalize
 from ..run.data import intensity_stats
@@ -74,6 +75,7 @@ class EvalArgs:
     device: str = "auto"  # cpu | cuda | cuda:N | auto
     batch_size: int | None = None  # images per batch (None: 256, 64, 32 by task)
     workers: Annotated[int, tyro.conf.arg(aliases=("--num-workers",))] = 0  # DataLoader workers
+    threads: int | None = None  # CPU threads for torch (None: torch's default, often all cores)
 
 
 @dataclass
@@ -99,11 +101,29 @@ TASKS = {cls.task: cls for cls in (LinearProbeArgs, FinetuneArgs, SegmentArgs)}
 DEFAULT_BATCH = {"linear-probe": 256, "finetune": 64, "segment": 32}
 
 
+def _flags(cls) -> list[str]:
+    """Every ``--flag`` of a task's arguments (nested settings without their prefix; yes/no
+    fields also as ``--no-flag``), for suggestions."""
+    flags = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.default_factory, type)
+                                                and dataclasses.is_dataclass(f.default_factory)):
+            flags += _flags(f.default_factory)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        flags += [flag, "--no-" + flag[2:]] if f.type in (bool, "bool") else [flag]
+    return flags
+
+
 def parse_args(argv: list[str]) -> EvalArgs:
-    """The task's arguments (tyro: one subcommand per task, flags without prefixes)."""
-    return tyro.extras.subcommand_cli_from_dict(
-        TASKS, args=argv, prog="python -m spcl_fast.eval", description=__doc__,
-        config=(tyro.conf.OmitArgPrefixes,))
+    """The task's arguments (tyro: one subcommand per task, flags without prefixes); bad input
+    ends in one ``error:`` line."""
+    flags = {f for cls in TASKS.values() for f in _flags(cls)} | {"--num-workers"}
+    return tyro_cli(
+        lambda args, prog: tyro.extras.subcommand_cli_from_dict(
+            TASKS, args=args, prog=prog, description=__doc__,
+            config=(tyro.conf.OmitArgPrefixes,)),
+        argv, "python -m spcl_fast.eval", flags=sorted(flags), subcommands=list(TASKS))
 
 
 class EvalError(Exception):
@@ -119,6 +139,7 @@ def check_args(args) -> None:
         ("--max-images", args.max_images, args.max_images is None or args.max_images >= 1,
          ">= 1"),
         ("--workers", args.workers, args.workers >= 0, ">= 0"),
+        ("--threads", args.threads, args.threads is None or args.threads >= 1, ">= 1"),
     ]
     if args.task == "linear-probe":
         rules += [("--probe-steps", args.probe_steps, args.probe_steps >= 1, ">= 1"),
@@ -162,6 +183,9 @@ def build_splits(args, image_size: int) -> dict:
             ds = data_lib.build_dataset(args.dataset, args.root, split, image_size, **kwargs)
         except (FileNotFoundError, ValueError) as exc:
             raise EvalError(f"cannot build {args.dataset}/{split}: {exc}") from exc
+        if args.task != "segment" and not len(ds.class_names):
+            raise EvalError(f"{args.task} needs labels; dataset {args.dataset!r} has none (it "
+                            "is for pre-training only: evaluate on a labelled dataset)")
         skipped[split] = dict(getattr(ds, "skipped", {}))  # absent, or unreadable in the cache
         if args.max_images is not None:
             ds = DatasetView(ds, range(min(args.max_images, len(ds))))
@@ -169,15 +193,21 @@ def build_splits(args, image_size: int) -> dict:
             raise EvalError(f"the {split} split of {args.dataset} ({args.root}) is empty"
                             + (" (--max-images)" if args.max_images is not None else ""))
         splits[split] = ds
-    if args.task != "segment" and not len(splits["test"].class_names):
-        raise EvalError(f"{args.task} needs labels; dataset {args.dataset!r} has none (it is "
-                        "for pre-training only)")
     splits["_skipped"] = skipped
     full_train = splits["full_train"] = splits["train"]
     splits["train"] = label_fraction_view(full_train, args.label_fraction, args.fraction_seed)
     splits["_train_patients"] = (len(set(patient_ids_of(full_train))),
                                  len(set(patient_ids_of(splits["train"]))))
     return splits
+
+
+def classes_without_both_labels(dataset) -> list[str]:
+    """The classes of ``dataset`` (``labels (n, C)``, NaN unknown) that have no positive or no
+    negative label: a classifier trained on them learns nothing about that class."""
+    labels = torch.as_tensor(dataset.labels, dtype=torch.float32)
+    positive, negative = (labels == 1).any(dim=0), (labels == 0).any(dim=0)
+    return [name for name, p, n in zip(dataset.class_names, positive.tolist(),
+                                       negative.tolist(), strict=True) if not (p and n)]
 
 
 def _dataset_info(args, splits, image_size) -> dict:
@@ -189,6 +219,8 @@ def _dataset_info(args, splits, image_size) -> dict:
         "label_fraction": args.label_fraction, "fraction_seed": args.fraction_seed,
         "train_patients": used, "train_patients_total": total,
         "skipped": splits["_skipped"],  # id -> reason, per split: listed but not evaluated
+        # classes the training labels cannot teach (no positive or no negative among them)
+        "classes_without_both_labels": classes_without_both_labels(splits["train"]),
     }
 
 
@@ -196,6 +228,7 @@ def run(args: EvalArgs) -> dict:
     """Run one evaluation task from parsed arguments; returns the results dict."""
     started = time.perf_counter()
     check_args(args)
+    threads = set_threads(args.threads)
     settings = task_settings(args)
     try:
         device = resolve_device(args.device)
@@ -222,9 +255,14 @@ def run(args: EvalArgs) -> dict:
     class_names = list(test.class_names)
     print(f"{args.task}: encoder {loaded.kind} ({loaded.source}), {image_size}px, normalize "
           f"{loaded.normalize}; {args.dataset} train {len(train)} / val {len(val)} / test "
-          f"{len(test)}, label fraction {args.label_fraction}; device {device}")
+          f"{len(test)}, label fraction {args.label_fraction}; device {device}; {threads}")
     for note in loaded.notes:
         print(f"  note: {note}")
+    if args.task != "segment" and (untrained := classes_without_both_labels(train)):
+        print(f"  warning: {', '.join(untrained)} have no positive or no negative training "
+              f"label among the {len(train)} training images (label fraction "
+              f"{args.label_fraction}): their probe learns nothing from labels, so their test "
+              "AUROC measures nothing learned; raise --label-fraction")
     if any(splits["_skipped"].values()):
         counts = ", ".join(f"{k} {len(v)}" for k, v in splits["_skipped"].items() if v)
         print(f"  note: listed files not evaluated (absent or unreadable): {counts}; ids and "

@@ -97,7 +97,10 @@ def load_error(exc: Exception) -> str:
     if not lines:
         return f"{type(exc).__name__}: the file is empty or cut off" if isinstance(
             exc, EOFError) else type(exc).__name__
-    return f"{type(exc).__name__}: {lines[0][:200]}"
+    first = lines[0].split(". ", 1)[0].rstrip(".")  # its first sentence, whole
+    if len(first) > 200:
+        first = first[:200].rsplit(" ", 1)[0] + " ..."
+    return f"{type(exc).__name__}: {first}"
 
 
 def _reason(path: Path, exc: Exception) -> str:

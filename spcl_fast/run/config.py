@@ -426,6 +426,14 @@ def _coerce_loaded(value, tp):
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
+def flag_values(key: str) -> int:
+    """How many words ``--key`` takes on a command line: 2 for a pair (``--betas 0.9 0.99``,
+    also written ``0.9,0.99``), else 1 (an unknown key: 1, refused later)."""
+    tp = FLAG_TYPES.get(key.replace("-", "_"))
+    base, _ = _strip_optional(tp)
+    return len(typing.get_args(base)) if typing.get_origin(base) is tuple else 1
+
+
 def _tyro_args(key: str, text: str) -> list[str]:
     """One ``--key text`` override in tyro's spelling: ``none`` for optional fields, yes/no
     words for booleans, ``a,b`` for pairs (the forms this CLI has always taken)."""
@@ -442,7 +450,7 @@ def _tyro_args(key: str, text: str) -> list[str]:
         words = [p for p in text.replace(",", " ").split() if p]
         if len(words) != len(typing.get_args(base)):
             raise ValueError(f"--{flag.replace('_', '-')} takes {len(typing.get_args(base))} "
-                             f"values (e.g. 'a,b'), got {text!r}")
+                             f"values ('a b' or 'a,b'), got {text!r}")
     return [f"--{flag.replace('_', '-')}", *words]
 
 
@@ -506,9 +514,13 @@ def _quiet_cli(args: list[str], default: TrainConfig) -> TrainConfig:
 
 
 def print_help(config: TrainConfig, prog: str) -> None:
-    """tyro's help: every flag, by section, with its comment and its value in ``config``."""
-    try:
+    """tyro's help: every flag, by section, with its comment and its value in ``config``
+    (without tyro's usage line: the caller prints its own)."""
+    text = io.StringIO()
+    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(text):
         tyro.cli(_cli_type(), args=["--help"], default=config, prog=prog,
                  description="Every setting, by section.")
-    except SystemExit:
-        pass
+    lines = text.getvalue().splitlines()
+    while lines and (lines[0].startswith("usage:") or not lines[0].strip()):
+        lines.pop(0)
+    print("\n".join(lines))

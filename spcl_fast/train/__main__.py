@@ -20,7 +20,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from ..run.config import FLAG_TYPES, TrainConfig, apply_overrides, print_help
+from ..run.config import FLAG_TYPES, TrainConfig, apply_overrides, flag_values, print_help
 from ..run.presets import PRESETS
 from .distributed import setup, teardown
 from .engine import NonFiniteStop, SaveError, SetupError, train
@@ -34,7 +34,8 @@ Pre-train a ViT with S-PCL. Presets (default: demo):
 --resume continues a run exactly from its newest readable checkpoint (default: the --out folder),
 using the run's saved config; --KEY VALUE options given with it override that config (the
 run prints what they change and keeps the config of before as config-step<N>.json).
-Yes/no options may stand alone (--compile means --compile true). SIGTERM or Ctrl-C: the step
+Yes/no options may stand alone (--compile means --compile true); pairs take two words or
+one with a comma (--betas 0.9 0.99 or --betas 0.9,0.99). SIGTERM or Ctrl-C: the step
 finishes, a checkpoint is written, exit status 128 + signal; Ctrl-C twice aborts.
 
 Options: every config field below, by section (dashes or underscores; defaults are the demo
@@ -66,8 +67,14 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, str], str | None]:
             elif not has_value:
                 raise SystemExit(f"error: --{key} needs a value")
             else:
-                i += 1
-                value = argv[i]
+                # a pair takes 'a,b' or 'a b' (as --help shows it)
+                words = argv[i + 1:i + 1 + flag_values(key)]
+                words = words[:next((n for n, w in enumerate(words) if w.startswith("--")),
+                                    len(words))]
+                if "," in words[0] or words[0].lower() in ("none", "null"):
+                    words = words[:1]
+                i += len(words)
+                value = " ".join(words)
         if key == "preset":
             if value not in PRESETS:
                 raise SystemExit(

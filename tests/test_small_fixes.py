@@ -1,0 +1,43 @@
+"""Issue 38, item 9's smaller ones: exported weights readable as the config beside them, a
+torn checkpoint's warning in whole sentences, one dataset pooled from two roots."""
+
+import os
+import stat
+import warnings
+
+import torch
+from eval_helpers import write_run
+
+from spcl_fast.data import CXRPool, SyntheticCXR
+from spcl_fast.export import export_encoder
+from spcl_fast.run.checkpoint import load_checkpoint
+
+
+def test_exported_weights_get_the_mode_of_the_config_beside_them(tmp_path):
+    path, _, _ = write_run(tmp_path / "run")
+    export_encoder(path, tmp_path / "export")
+    weights, config = (stat.S_IMODE(os.stat(tmp_path / "export" / name).st_mode)
+                       for name in ("model.safetensors", "config.json"))
+    assert weights == config and weights & stat.S_IRGRP
+
+
+def test_a_torn_checkpoint_is_named_in_whole_sentences(tmp_path):
+    torch.save({"step": 1}, tmp_path / "ckpt-00000001.pt")
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "ckpt-00000002.pt")
+    data = (tmp_path / "ckpt-00000002.pt").read_bytes()
+    (tmp_path / "ckpt-00000002.pt").write_bytes(data[: len(data) // 2])  # a write cut short
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state, path = load_checkpoint(tmp_path)
+    assert path.name == "ckpt-00000001.pt" and state["step"] == 1
+    message = str(caught[0].message)
+    assert "failed finding central directory)" in message  # the sentence ends; no cut word
+    assert message.endswith("; trying ckpt-00000001.pt")
+
+
+def test_one_dataset_from_two_roots_pools_under_numbered_names():
+    a, b = SyntheticCXR("val", num_images=2), SyntheticCXR("test", num_images=3)
+    pool = CXRPool([a, b], names=["chestxray14", "chestxray14"])
+    assert pool.names == ["chestxray14", "chestxray14-2"] and len(pool) == 5
+    assert pool.ids[2] == "chestxray14-2/synthetic-test-000000"
+    assert len(set(pool.patient_ids)) == len(pool.patient_ids)
