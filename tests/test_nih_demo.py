@@ -93,3 +93,16 @@ def test_embedded_file_is_what_the_builder_writes(tmp_path):
     assert rebuilt.keys() == embedded.keys()
     for key in embedded:
         np.testing.assert_array_equal(rebuilt[key], embedded[key], err_msg=key)
+
+
+def test_training_on_nih_demo_ends_with_the_patient_probe(tmp_path, capsys):
+    from spcl_fast.train.__main__ import main
+
+    summary = main(["--preset", "smoke", "--dataset", "nih-demo", "--num-images", "128",
+                    "--probe", "true", "--out", str(tmp_path / "run")])
+    probe = summary["patient_probe"]
+    assert list(probe["auroc"]) == ["pretrained", "init", "raw_pixels"]
+    assert probe["test_patients"] == len(set(NIHDemo("test").patient_ids))
+    assert probe["train_films"] == 128 + len(NIHDemo("val"))
+    out = capsys.readouterr().out
+    assert "nih-demo Abnormal AUROC by patient" in out and "pre-trained - raw pixels" in out

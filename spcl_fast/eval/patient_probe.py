@@ -33,19 +33,24 @@ LABELS = {"pretrained": "pre-trained", "init": "init", "raw_pixels": "raw pixels
 
 def split_arrays(source) -> tuple[torch.Tensor, np.ndarray, list[str]]:
     """``(images (n, 1, S, S), labels (n,), patient ids)`` of a dataset with one label column
-    and ``patient_ids`` (e.g. :class:`~spcl_fast.data.NIHDemo`)."""
-    pids = getattr(source, "patient_ids", None)
-    labels = torch.as_tensor(source.labels)
+    and ``patient_ids`` (e.g. :class:`~spcl_fast.data.NIHDemo`), or of a ``Subset`` of one
+    (``--num-images``)."""
+    base, rows = source, None
+    if isinstance(source, torch.utils.data.Subset):
+        base, rows = source.dataset, list(source.indices)
+    pids = getattr(base, "patient_ids", None)
+    labels = torch.as_tensor(base.labels)
     if pids is None or labels.dim() != 2 or labels.shape[1] != 1:
         raise ValueError(f"a patient probe needs patient ids and one label column; "
-                         f"{type(source).__name__} has labels {tuple(labels.shape)} and "
-                         f"{'no' if pids is None else ''} patient ids")
-    images = source.images() if hasattr(source, "images") else torch.stack(
-        [source[i]["image"] for i in range(len(source))])
-    return images, labels[:, 0].numpy(), [str(p) for p in pids]
+                         f"{type(base).__name__} has labels {tuple(labels.shape)} and "
+                         f"{'no ' if pids is None else ''}patient ids")
+    rows = list(range(len(base))) if rows is None else rows
+    images = base.images()[rows] if hasattr(base, "images") else torch.stack(
+        [base[i]["image"] for i in rows])
+    return images, labels[rows, 0].numpy(), [str(pids[i]) for i in rows]
 
 
-def patient_probe(train: tuple, test: tuple, encoders: dict[str, nn.Module],
+def probe_by_patient(train: tuple, test: tuple, encoders: dict[str, nn.Module],
                   transform: Callable[[torch.Tensor], torch.Tensor], endpoint: str = "",
                   resamples: int = 2000, seed: int = 0) -> dict:
     """Linear probes on mean-pooled tokens of each encoder and on raw pixels, trained on
@@ -78,7 +83,7 @@ def patient_probe(train: tuple, test: tuple, encoders: dict[str, nn.Module],
 
 
 def format_patient_probe(result: dict) -> str:
-    """The printed lines of a :func:`patient_probe` result."""
+    """The printed lines of a :func:`probe_by_patient` result."""
     level = round(100 * result["level"])
     lines = [f"{result['endpoint'] or 'test'} AUROC by patient: linear probe on mean-pooled "
              f"tokens, trained on {result['train_films']} films of {result['train_patients']} "
@@ -96,10 +101,19 @@ def format_patient_probe(result: dict) -> str:
     return "\n".join(lines)
 
 
+def applies(config) -> bool:
+    """Whether a run's dataset gets :func:`probe_run` at its end: its test split has patient
+    ids and one label column (``nih-demo``: normal vs abnormal)."""
+    from ..run.data import load_split
+
+    source, labels, _ = load_split(config, "test")
+    return getattr(source, "patient_ids", None) is not None and tuple(labels.shape[1:]) == (1,)
+
+
 def probe_run(config, encoder: nn.Module, init_encoder: nn.Module,
               transform: Callable[[torch.Tensor], torch.Tensor], resamples: int = 2000
               ) -> dict:
-    """:func:`patient_probe` of a training run: its dataset's ``train`` + ``val`` splits (the
+    """:func:`probe_by_patient` of a training run: its dataset's ``train`` + ``val`` splits (the
     training patients) against ``test``, the run's encoder against ``init_encoder``."""
     from ..run.data import load_split
 
@@ -111,7 +125,7 @@ def probe_run(config, encoder: nn.Module, init_encoder: nn.Module,
     encoder.eval()
     init_encoder.eval()
     try:
-        return patient_probe(train, parts[2], {"pretrained": encoder, "init": init_encoder},
+        return probe_by_patient(train, parts[2], {"pretrained": encoder, "init": init_encoder},
                              transform, endpoint=f"{config.data.dataset} {names[0]}",
                              resamples=resamples, seed=config.run.seed)
     finally:

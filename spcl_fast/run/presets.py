@@ -13,13 +13,17 @@ from .config import TrainConfig
 
 
 def demo() -> TrainConfig:
-    """The no-argument demo: a small ViT (6 blocks x 192, patch 8) on synthetic X-rays at 64 px,
-    on the CPU. Its S-PCL recipe is the best of the recipe study (``docs/study.md``): two 25%
-    subsets per image (``keep=0.5``), the intra-image term (``intra_weight=1``) and batches of
-    films of like mean brightness (``batch_grouping="similar"``, ``group_grid=1``)."""
+    """The no-argument demo: a small ViT (6 blocks x 192, patch 8) pre-trained at 64 px on the
+    CPU on real NIH chest X-rays embedded in the package (``nih-demo``: the training patients
+    only), then probed by patient for normal vs abnormal against its initialisation and raw
+    pixels (:mod:`spcl_fast.eval.patient_probe`). Its S-PCL recipe is the best of the recipe
+    study (``docs/study.md``): two 25% subsets per image (``keep=0.5``), the intra-image term
+    (``intra_weight=1``) and batches of films of like mean brightness
+    (``batch_grouping="similar"``, ``group_grid=1``). ``--dataset synthetic`` runs it on the
+    built-in phantoms."""
     return TrainConfig().replace(embed_dim=192, depth=6, num_heads=3, batch_size=64, steps=180,
                                   keep=0.5, intra_weight=1.0, batch_grouping="similar",
-                                  group_grid=1)
+                                  group_grid=1, dataset="nih-demo", num_workers=0)
 
 
 def smoke() -> TrainConfig:

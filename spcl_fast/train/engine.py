@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.errors import one_line
-from ..eval import extract_features, linear_probe, paired_bootstrap
+from ..eval import extract_features, linear_probe, paired_bootstrap, patient_probe
 from ..methods import BatchLoss
 from ..run.checkpoint import (
     PATTERN,
@@ -336,8 +336,15 @@ def _probe(trainer: Trainer, out_dir: Path, summary: dict) -> None:
         return
     started = time.perf_counter()
     try:
-        summary["probe"] = probe_encoders(trainer.config, full, trainer.device, trainer.stats,
-                                          out_dir / "probe_scores.pt")
+        if patient_probe.applies(trainer.config):  # by patient: pre-trained, init, raw pixels
+            init = build_model(trainer.config).encoder.to(trainer.device)
+            summary["patient_probe"] = patient_probe.probe_run(
+                trainer.config, full.encoder, init, normalizer(trainer.config.data.normalize,
+                                                               trainer.stats))
+            print(patient_probe.format_patient_probe(summary["patient_probe"]), flush=True)
+        else:
+            summary["probe"] = probe_encoders(trainer.config, full, trainer.device,
+                                              trainer.stats, out_dir / "probe_scores.pt")
     except ValueError as exc:
         summary["probe_skipped"] = f"the end-of-run probe could not run: {one_line(exc)}"
         print(summary["probe_skipped"], flush=True)
