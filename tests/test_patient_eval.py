@@ -26,7 +26,7 @@ from spcl_fast.eval.patient import (
     resampled_aurocs,
     shortcut_targets,
 )
-from spcl_fast.eval.patient_probe import format_patient_probe, patient_probe
+from spcl_fast.eval.patient_probe import format_patient_probe, probe_by_patient
 from spcl_fast.nn import VisionTransformer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -178,7 +178,7 @@ def test_patient_probe_reports_every_row_and_difference():
         x = torch.rand(n, 1, 16, 16) + torch.as_tensor(y, dtype=torch.float32)[:, None, None,
                                                                                  None]
         return x, y, [f"{prefix}{i // 2}" for i in range(n)]
-    res = patient_probe(part(40, "tr"), part(30, "te"), {"pretrained": enc, "init": enc},
+    res = probe_by_patient(part(40, "tr"), part(30, "te"), {"pretrained": enc, "init": enc},
                         transform=None, endpoint="toy", resamples=100)
     assert list(res["auroc"]) == ["pretrained", "init", "raw_pixels"]
     assert list(res["difference"]) == ["pretrained - init", "pretrained - raw_pixels"]
@@ -186,7 +186,7 @@ def test_patient_probe_reports_every_row_and_difference():
     text = format_patient_probe(res)
     assert "raw pixels" in text and "15 other patients" in text
     with pytest.raises(ValueError, match="share patients"):
-        patient_probe(part(10, "a"), part(10, "a"), {"pretrained": enc}, None)
+        probe_by_patient(part(10, "a"), part(10, "a"), {"pretrained": enc}, None)
 
 
 def test_nih_endpoints_keep_findings_with_enough_positives():

@@ -25,7 +25,7 @@ from .patient import (
     patient_split,
     readout_features,
 )
-from .patient_probe import format_patient_probe, patient_probe
+from .patient_probe import format_patient_probe, probe_by_patient
 from .segment import SegmentationDecoder, SegmentSettings, segment
 
 __all__ = [
@@ -54,7 +54,7 @@ __all__ = [
     "multilabel_auroc",
     "paired_bootstrap",
     "patient_folds",
-    "patient_probe",
+    "probe_by_patient",
     "patient_split",
     "readout_features",
     "roc_curve",
