@@ -134,3 +134,27 @@ def test_the_engine_knows_no_method_by_name():
         consts = {n.value for n in ast.walk(ast.parse(path.read_text()))
                   if isinstance(n, ast.Constant) and isinstance(n.value, str)}
         assert not consts & names, (name, consts & names)
+
+
+def _method_modules() -> set[str]:
+    """The modules of the classes in ``spcl_fast.methods.METHODS``, read from its source."""
+    tree = ast.parse(MODULES["spcl_fast.methods"].read_text())
+    where = {a.asname or a.name: f"spcl_fast.methods.{node.module}" for node in tree.body
+             if isinstance(node, ast.ImportFrom) and node.level == 1 for a in node.names}
+    registry = next(node.value for node in tree.body if isinstance(node, ast.AnnAssign)
+                    and ast.unparse(node.target) == "METHODS")
+    return {where[v.id] for v in registry.values}
+
+
+def test_no_method_imports_another():
+    """Methods are siblings: what two share (crops, heads, patches, loss terms) lives below
+    them, so no method module reaches another one, directly or through others."""
+    methods = _method_modules()
+    assert methods == {f"spcl_fast.methods.{m}" for m in ("spcl", "mae", "dino", "simclr")}
+    for method in methods:
+        seen, todo = set(), [method]
+        while todo:
+            for dep in GRAPH[todo.pop()] - seen:
+                seen.add(dep)
+                todo.append(dep)
+        assert not seen & (methods - {method}), (method, sorted(seen & methods))

@@ -9,10 +9,10 @@ import torch
 
 from spcl_fast import flops
 from spcl_fast.methods import SimCLR
-from spcl_fast.methods.dino import resized_crops
 from spcl_fast.nn import vit_tiny_patch16
 from spcl_fast.reference import info_nce_ref
 from spcl_fast.run.presets import smoke
+from spcl_fast.views import resized_crops
 
 
 def _model(class_token=False, **kwargs):

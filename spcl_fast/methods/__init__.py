@@ -9,10 +9,10 @@ maps the names that ``--method`` takes to the classes.
 from torch import nn
 
 from .base import AfterStep, BatchLoss, BuildContext, Method, Plan
-from .dino import DINO, DINOHead
+from .dino import DINO
 from .mae import MAE
 from .simclr import SimCLR
-from .spcl import SPCL, Projector
+from .spcl import SPCL
 
 METHODS: dict[str, type[Method]] = {"spcl": SPCL, "mae": MAE, "dino": DINO, "simclr": SimCLR}
 
@@ -31,5 +31,5 @@ def build_method(name: str, encoder: nn.Module, **kwargs) -> nn.Module:
     return METHODS[name](encoder, **kwargs)
 
 
-__all__ = ["DINO", "MAE", "METHODS", "SPCL", "AfterStep", "BatchLoss", "BuildContext",
-           "DINOHead", "Method", "Plan", "Projector", "SimCLR", "build_method"]
+__all__ = ["DINO", "MAE", "METHODS", "SPCL", "AfterStep", "BatchLoss", "BuildContext", "Method",
+           "Plan", "SimCLR", "build_method"]

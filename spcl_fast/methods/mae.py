@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import flops
 from ..nn.vit import Block, VisionTransformer, sincos_pos_embed
+from ..views import patchify
 from .base import BuildContext
 
 
@@ -81,14 +82,6 @@ def sample_mask(
     noise = torch.rand(batch_size, num_tokens, generator=generator, device=gen_device)
     ids_keep = noise.argsort(dim=1)[:, :num_visible].sort(dim=1).values
     return MaskPlan(ids_keep.to(device or gen_device), num_tokens)
-
-
-def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """``(B, C, S, S)`` -> ``(B, N, p*p*C)`` in the patch embedding's row-major patch order."""
-    b, c, s, _ = images.shape
-    g = s // patch_size
-    x = images.reshape(b, c, g, patch_size, g, patch_size)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, patch_size * patch_size * c)
 
 
 class MAE(nn.Module):

@@ -2,11 +2,12 @@
 
 Two random resized crops of every image, each with its own intensity jitter, go through the same
 encoder (one dense batch of ``2B`` crops at the encoder's image size), are pooled (token mean,
-or the class token when the encoder has one), projected by S-PCL's :class:`Projector` and paired
-by the fused :func:`spcl_fast.info_nce`. Chest-X-ray choices: mild crops (area ``crop_scale``,
+or the class token when the encoder has one), projected by an MLP
+(:class:`~spcl_fast.nn.heads.Projector`, as S-PCL's) and paired by the fused
+:func:`spcl_fast.info_nce`. Chest-X-ray choices: mild crops (area ``crop_scale``,
 default 0.5 to 1), gain/offset jitter only, no flip (laterality is meaningful), no colour or
-blur. The crops come from DINO's :func:`~spcl_fast.methods.dino.sample_crops` (drawn on the host
-as a :class:`~spcl_fast.methods.dino.CropPlan`, so the engine seeds and resumes them).
+blur. The crops come from :func:`~spcl_fast.views.sample_crops` (drawn on the host as a
+:class:`~spcl_fast.views.CropPlan`, so the engine seeds and resumes them).
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import torch
 from torch import nn
 
 from .. import flops
+from ..nn.heads import Projector
 from ..nn.vit import VisionTransformer
 from ..ops import info_nce
+from ..views import CropPlan, resized_crops, sample_crops
 from .base import BuildContext
-from .dino import CropPlan, resized_crops, sample_crops
-from .spcl import Projector
 
 
 class SimCLR(nn.Module):

@@ -27,30 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed, flops
+from ..nn.heads import Projector
 from ..nn.vit import Mlp, VisionTransformer
 from ..ops import info_nce
 from ..partition import PartitionPlan, sample_partitions
+from ..views import patchify, resized_crops, sample_crops
 from .base import BuildContext
-from .dino import resized_crops, sample_crops
 from .losses import bounded_info_nce, intra_image_nce, vicreg_covariance, vicreg_variance
-from .mae import patchify
-
-
-class Projector(nn.Module):
-    """``Linear -> LayerNorm -> GELU -> Linear`` head (``depth`` hidden layers)."""
-
-    def __init__(self, in_dim: int, hidden_dim: int = 512, out_dim: int = 128, depth: int = 1):
-        super().__init__()
-        layers: list[nn.Module] = []
-        dim = in_dim
-        for _ in range(depth):
-            layers += [nn.Linear(dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.GELU()]
-            dim = hidden_dim
-        layers.append(nn.Linear(dim, out_dim))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 class TokenPredictor(nn.Module):
@@ -102,7 +85,7 @@ class SPCL(nn.Module):
     Args:
         encoder: a :class:`~spcl_fast.nn.VisionTransformer`.
         proj_hidden, proj_dim, proj_depth: projector width, output size and hidden layers.
-        projector: ``"mlp"`` (the :class:`Projector` above) or ``"none"``: the pooled,
+        projector: ``"mlp"`` (a :class:`~spcl_fast.nn.heads.Projector`) or ``"none"``: the pooled,
             final-normed encoder output goes straight into the loss (OCL; ``proj_*`` unused).
         temperature: InfoNCE temperature.
         similarity: the loss's logits: ``"cosine"`` (``cos / temperature``, the fused
@@ -149,8 +132,8 @@ class SPCL(nn.Module):
             tokens at the same position are negatives too (position alone, which the queries
             carry, no longer finds the target; with ``"image"`` it can).
         crop_scale: ``(lo, hi)``: one random resized crop per image (area fraction
-            ``U(lo, hi)``, aspect ratio in [3/4, 4/3], no flip; DINO's
-            :func:`~spcl_fast.methods.dino.sample_crops`) resampled back to the image size
+            ``U(lo, hi)``, aspect ratio in [3/4, 4/3], no flip;
+            :func:`~spcl_fast.views.sample_crops`) resampled back to the image size
             before partitioning, so both subsets come from the same crop (OCL). Drawn with the
             plan (``plan.crop``). ``None``: off.
         predictor_hidden: width of a small MLP predictor (``Linear -> LayerNorm -> GELU ->
@@ -290,7 +273,8 @@ class SPCL(nn.Module):
         if weight > 0 and self.num_subsets != 2:
             raise ValueError(f"intra_weight > 0 predicts subset B from A and back: it needs "
                              f"num_subsets=2, got {self.num_subsets}")
-        if weight > 0 and not self.encoder.pos_embed.detach().any():
+        pos = self.encoder.pos_embed  # (on the meta device, as for FLOP counts: no values)
+        if weight > 0 and not pos.is_meta and not pos.detach().any():
             raise ValueError("intra_weight > 0 queries positions through the encoder's position "
                              "embeddings, which are all zero (pos_embed='none')")
         self.intra_weight, self.intra_queries = weight, queries
@@ -606,8 +590,9 @@ class SPCL(nn.Module):
         return 0.5 * (losses[0] + losses[1])
 
     def pixel_targets(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, N, p^2 C)`` float: each image's patches (MAE's :func:`patchify`), its pixels
-        standardised over the whole image first (the targets of ``intra_target="pixels"``)."""
+        """``(B, N, p^2 C)`` float: each image's patches (:func:`~spcl_fast.views.patchify`),
+        its pixels standardised over the whole image first (the targets of
+        ``intra_target="pixels"``)."""
         x = images.detach().float().flatten(1)
         x = (x - x.mean(dim=1, keepdim=True)) / (x.std(dim=1, keepdim=True) + 1e-6)
         return patchify(x.view(images.shape), self.encoder.patch_embed.patch_size)
