@@ -1,4 +1,5 @@
-"""Every command in a ```bash block of README.md and docs/*.md runs as printed (issue 38).
+"""Every command in a ```bash block of README.md and docs/*.md runs as printed (issue 38), and
+so does every ```python block (those importing timm where timm imports).
 
 The blocks run in document order (README first, then docs/ by name) in one scratch folder, so
 ``runs/demo`` made by one block is there for the next. What the test changes, and nothing else:
@@ -131,3 +132,22 @@ def test_command_runs_as_printed(where, command, workspace):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (f"{where}: {command}\nexit {done.returncode}\n"
                                   f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+
+
+def python_blocks() -> list[tuple[str, str]]:
+    found = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for block in re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M):
+            found.append((f"{doc.relative_to(ROOT)}:{text[:block.start()].count(chr(10)) + 2}",
+                          block[1]))
+    return found
+
+
+@pytest.mark.parametrize("where, code", python_blocks(), ids=[w for w, _ in python_blocks()])
+def test_python_block_runs_as_printed(where, code, tmp_path):
+    if re.search(r"^import timm|^from timm", code, re.M):
+        pytest.importorskip("timm", reason="the block needs timm, which does not import here")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, f"{where}\n{code}\n{done.stderr[-3000:]}"
