@@ -3,7 +3,13 @@
 Every case calls :func:`run` with the function to time and its algorithmic FLOPs; rows collect
 per suite and, at the end of the session, ``benchmarks/conftest.py`` prints one table per suite
 (with each row's ratio to the suite's baseline rows of the same group) and writes
-``benchmarks/results/<suite>-<device>.json``.
+``<suite>-<device>.json`` to :data:`RESULTS_DIR`.
+
+:data:`RESULTS_DIR` is the folder the user names (``pytest benchmarks/ --benchmark-only
+--results-dir DIR``, or the environment variable ``SPCL_BENCH_RESULTS``), by default
+``runs/benchmarks`` (git-ignored). The committed reference results in
+:data:`REFERENCE_DIR` (``benchmarks/results``, which the docs' tables are generated from)
+change only on purpose: ``--results-dir benchmarks/results``.
 """
 
 from __future__ import annotations
@@ -18,7 +24,16 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).parent / "results"
+REFERENCE_DIR = Path(__file__).parent / "results"  # committed; rewritten only when named
+DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent.parent / "runs" / "benchmarks"
+RESULTS_ENV = "SPCL_BENCH_RESULTS"
+RESULTS_DIR = DEFAULT_RESULTS_DIR  # this session's: set by conftest.py from the options
+
+
+def results_dir(option: str | None = None) -> Path:
+    """Where a session writes: ``option`` (``--results-dir``), else ``$SPCL_BENCH_RESULTS``,
+    else :data:`DEFAULT_RESULTS_DIR`."""
+    return Path(option or os.environ.get(RESULTS_ENV) or DEFAULT_RESULTS_DIR)
 ROWS: dict[str, list[dict]] = defaultdict(list)
 
 

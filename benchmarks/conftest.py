@@ -1,4 +1,7 @@
-"""Prints each suite's table with ratios to its baseline and saves the rows as JSON."""
+"""Prints each suite's table with ratios to its baseline and saves the rows as JSON in the
+folder ``--results-dir`` names (``$SPCL_BENCH_RESULTS``, else the git-ignored
+``runs/benchmarks``; ``--results-dir benchmarks/results`` updates the committed reference
+results on purpose)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,18 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import common  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--results-dir", default=None,
+                     help=f"folder for the benchmark JSON and charts (default: "
+                          f"${common.RESULTS_ENV}, else {common.DEFAULT_RESULTS_DIR}; "
+                          f"{common.REFERENCE_DIR} holds the committed reference results)")
+
+
+def pytest_configure(config):
+    # before any benchmark module is imported (they read common.RESULTS_DIR at import)
+    common.RESULTS_DIR = common.results_dir(config.getoption("--results-dir"))
 
 
 def _fmt(value) -> str:
