@@ -140,8 +140,9 @@ def test_nothing_identifying_is_written(tmp_path, capsys):
 def test_cache_checks_and_pickling(nih, tmp_path):
     out = tmp_path / "c"
     prepare("chestxray14", nih, out, S, workers=0, shard_size=8, progress=False)
-    with pytest.raises(DataFormatError, match="image_size=32"):
+    with pytest.raises(DataFormatError, match="image_size=32") as exc:
         ChestXray14(nih, "all", 64, cache=str(out))
+    assert "prepare one with --size 64, or train at --image-size 32" in str(exc.value)
     with pytest.raises(DataFormatError, match="cache of 'chestxray14'"):
         CXRFolder(nih, "all", S, cache=str(out))
     with pytest.raises(DataFormatError, match="not a cache folder"):

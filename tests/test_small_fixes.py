@@ -41,3 +41,18 @@ def test_one_dataset_from_two_roots_pools_under_numbered_names():
     assert pool.names == ["chestxray14", "chestxray14-2"] and len(pool) == 5
     assert pool.ids[2] == "chestxray14-2/synthetic-test-000000"
     assert len(set(pool.patient_ids)) == len(pool.patient_ids)
+
+
+def test_look_alike_batches_show_progress_while_a_dataset_is_read(tmp_path, capsys):
+    from PIL import Image
+
+    from spcl_fast.data import CXRFolder
+    from spcl_fast.train.sharding import thumbnails
+
+    for i in range(3):
+        Image.new("L", (8, 8), color=40 * i).save(tmp_path / f"{i}.png")
+    folder = CXRFolder(tmp_path, image_size=32)
+    quiet = thumbnails(folder, 1)
+    assert "thumbnails" not in capsys.readouterr().err
+    assert torch.equal(thumbnails(folder, 1, progress=True), quiet)
+    assert "look-alike batches: thumbnails" in capsys.readouterr().err

@@ -117,7 +117,8 @@ class CacheReader:
             raise DataFormatError(f"{self.path}: cache of {self.dataset!r}, not {dataset!r}")
         if image_size != self.image_size:
             raise DataFormatError(f"{self.path}: cache built at image_size={self.image_size}, "
-                                  f"dataset asks for {image_size}; prepare one at that size")
+                                  f"dataset asks for {image_size}: prepare one with --size "
+                                  f"{image_size}, or train at --image-size {self.image_size}")
         if has_mask and not self.has_mask:
             raise DataFormatError(f"{self.path}: cache holds no masks")
 

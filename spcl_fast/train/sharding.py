@@ -19,6 +19,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 
 class BatchStream:
@@ -56,7 +57,7 @@ class BatchStream:
         self.epoch, self.position = 0, 0
         if grouping not in ("random", "similar"):
             raise ValueError(f"batch_grouping must be 'random' or 'similar', got {grouping!r}")
-        self.descriptors = (thumbnails(source, group_grid, num_workers)
+        self.descriptors = (thumbnails(source, group_grid, num_workers, progress=rank == 0)
                             if grouping == "similar" else None)
         self._loader = None
         self._order_cache: tuple[int, torch.Tensor] | None = None
@@ -108,21 +109,22 @@ class BatchStream:
         self._loader = None
 
 
-def thumbnails(source, grid: int, num_workers: int = 0) -> torch.Tensor:
+def thumbnails(source, grid: int, num_workers: int = 0, progress: bool = False) -> torch.Tensor:
     """``(n, grid * grid)`` float32 descriptors of the images of ``source`` (a ``(n, 1, S, S)``
     tensor or a dataset of ``{"image": ...}`` items): each image average-pooled to a
     ``grid x grid`` thumbnail, then every cell standardised over the images, so distances weigh
     all cells alike. ``grid=1`` is the film's mean brightness (exposure); a coarse grid such
     as 4 also holds position and size of the thorax, but little of a finding's detail. With
     the intra-image term, grid 1 helps on the real sample and grid 4 hurts (README, the
-    recipe study)."""
+    recipe study). ``progress``: a progress bar while a dataset is read."""
     if grid < 1:
         raise ValueError(f"group_grid must be >= 1, got {grid}")
     if isinstance(source, torch.Tensor):
         batches = source.split(1024)
     else:
         loader = torch.utils.data.DataLoader(source, batch_size=256, num_workers=num_workers)
-        batches = (b["image"] for b in loader)
+        batches = (b["image"] for b in tqdm(loader, desc="look-alike batches: thumbnails",
+                                            unit="batch", disable=not progress))
     thumbs = torch.cat([F.adaptive_avg_pool2d(b.float().cpu(), grid).flatten(1)
                         for b in batches])
     return (thumbs - thumbs.mean(0)) / thumbs.std(0).clamp_min(1e-6)
