@@ -18,7 +18,8 @@ cd "$(dirname "$0")/.."
 PART=${1:-core}
 OUT=${OUT:-benchmarks/results/gpu-check}
 DRY_RUN=${DRY_RUN:-0}
-export PYTHONUNBUFFERED=1 SPCL_FAST_CHECKS=0
+# The benchmarks write their JSON straight into $OUT (benchmarks/common.py reads it).
+export PYTHONUNBUFFERED=1 SPCL_FAST_CHECKS=0 SPCL_BENCH_RESULTS="$OUT"
 
 status=0
 step() {  # step NAME SECONDS CMD...: run with a time limit, keep the log, remember failures
@@ -82,7 +83,6 @@ case "$PART" in
 esac
 [ "$DRY_RUN" = 1 ] && exit 0
 
-find benchmarks/results -maxdepth 1 -name "*.json" -newer "$OUT/device.txt" -exec cp {} "$OUT"/ \;
 python3 benchmarks/gpu_summary.py "$OUT" | tee "$OUT/summary.md"
 # A benchmark step that ran but wrote no JSON measured nothing (e.g. every row skipped).
 if [ "$PART" != tests ] && ! ls "$OUT"/*.json >/dev/null 2>&1; then
