@@ -106,6 +106,8 @@ def applies(config) -> bool:
     ids and one label column (``nih-demo``: normal vs abnormal)."""
     from ..run.data import load_split
 
+    if config.data.dataset == "synthetic":  # the phantoms have no patients
+        return False
     source, labels, _ = load_split(config, "test")
     return getattr(source, "patient_ids", None) is not None and tuple(labels.shape[1:]) == (1,)
 
