@@ -1,9 +1,10 @@
-"""Training GFLOPs per image of S-PCL (and its variants), MAE and DINO (suite ``flops``).
+"""Training GFLOPs per image of plain S-PCL (and its variants), the default recipe the presets
+train, MAE and DINO (suite ``flops``).
 
-Nothing heavy runs here: every count is analytic (``spcl_fast.methods.flops_table``: each method
+Nothing heavy runs here: every count is analytic (``spcl_fast.run.flops_table``: each method
 built on the meta device and counted by its own ``train_flops``, the formulas that
 ``tests/test_flops.py`` checks against ``FlopCounterMode`` on real training steps). The timed
-call is the table computation itself, so the suite costs about a second.
+call is the table computation itself, so the suite costs seconds.
 
 Per image, 224 px, 1-channel ViT-S/16, ViT-B/16, ViT-L/16; forward + backward of everything
 trained, forward of teachers, the loss's matmuls (FLOP = 2 x MAC). The table prints at the end of
@@ -19,6 +20,7 @@ import pytest
 from common import RESULTS_DIR, env_info
 
 from spcl_fast.methods import flops_table as flops
+from spcl_fast.run.flops_table import recipe_variant, table_variants
 
 RECORDS: list[dict] = []
 JSON_PATH = RESULTS_DIR / "flops-analytic.json"
@@ -40,10 +42,14 @@ def _report(request):
 
 @pytest.mark.parametrize("model", flops.TABLE_MODELS)
 def test_training_flops_table(benchmark, model):
-    records = benchmark.pedantic(flops.flops_table, args=([model], 224), rounds=1, iterations=1)
+    records = benchmark.pedantic(flops.flops_table, args=([model], 224, table_variants()),
+                                 rounds=1, iterations=1)
     RECORDS.extend(records)
     by_variant = {r["variant"]: r for r in records}
     benchmark.extra_info.update({r["variant"]: r["gflops"] for r in records})
     # The claim the table exists for: S-PCL's cost is one encoder pass over the image's tokens.
     assert by_variant["50/50 split"]["vs_spcl"] == 1.0
+    # what users train: keep 0.5's tokens plus the intra-image predictor
+    recipe = by_variant[recipe_variant()[1]]["gflops"]
+    assert by_variant["keep 0.5 (two 25% subsets)"]["gflops"] < recipe
     assert all(r["gflops"] > 0 for r in records)

@@ -1,6 +1,8 @@
 """Training-FLOP counts: analytic formulas against FlopCounterMode, ViT-B/16 against the DeiT
-and timm tables, the method table and ``python -m spcl_fast.methods.flops_table``."""
+and timm tables, the method table with the default recipe's row and
+``python -m spcl_fast.run.flops_table``."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,6 +14,8 @@ import torch.nn.functional as F
 from spcl_fast import flops
 from spcl_fast.methods import build_method, flops_table
 from spcl_fast.nn import vit_base_patch16, vit_tiny_patch16
+from spcl_fast.run import flops_table as run_flops
+from spcl_fast.run.presets import PRESETS
 
 TINY = {
     "spcl": dict(proj_hidden=32, proj_dim=16, ratio_range=(0.3, 0.7), keep=0.75),
@@ -84,23 +88,71 @@ def test_table_matches_reference_numbers_and_variants():
     assert gf["keep 0.5 (two 25% subsets)"] == pytest.approx(spcl / 2, rel=0.02)
 
 
+def test_the_default_recipe_row_is_what_the_presets_train():
+    method, label, settings = run_flops.recipe_variant()
+    for name in [n for n in PRESETS if n == "demo" or n.startswith("vit_")]:
+        config = PRESETS[name]()
+        section = dataclasses.asdict(config.method_section)
+        assert (config.method, section) == (method, settings), name
+    assert settings["keep"] == 0.5 and settings["intra_weight"] > 0  # what the row is for
+    assert label == "default: keep 0.5, intra-image term"
+
+
+def test_flop_counter_matches_the_default_recipe():
+    """The formula the recipe's row is computed by, against FlopCounterMode on a training step
+    with every setting of the presets' recipe (intra-image predictor included)."""
+    _, _, settings = run_flops.recipe_variant()
+    encoder = vit_tiny_patch16(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    model = build_method("spcl", encoder, **settings)
+    x = torch.rand(3, 1, 32, 32)
+    plan = model.sample_plan(3, torch.Generator().manual_seed(0), "cpu")
+    counted = flops.measure_flops(lambda: model(x, plan=plan)["loss"].backward())
+    assert counted == pytest.approx(model.train_flops(plan), rel=0.01)
+
+
+def test_table_has_the_default_recipe_row_at_vit_s_b_l():
+    variants, recipe = run_flops.table_variants(), run_flops.recipe_variant()
+    plain = [v for v in flops_table.VARIANTS if v[0] == "spcl"]
+    assert variants[:len(plain) + 1] == (*plain, recipe)  # after the plain S-PCL rows
+    keep = next(v for v in plain if v[1] == "keep 0.5 (two 25% subsets)")
+    records = flops_table.flops_table(flops_table.TABLE_MODELS, 224, [variants[0], keep, recipe])
+    for model in flops_table.TABLE_MODELS:
+        row = {r["variant"]: r for r in records if r["model_name"] == model}
+        want = flops_table.method_train_flops("spcl", model, 224, **recipe[2]) / 1e9
+        assert row[recipe[1]]["gflops"] == round(want, 3)
+        # the same tokens as keep 0.5, plus the intra-image predictor's few percent
+        kept = row[keep[1]]["gflops"]
+        assert kept < row[recipe[1]]["gflops"] < 1.1 * kept, model
+        assert 0.5 <= row[recipe[1]]["vs_spcl"] < 0.55
+
+
 def test_cli_json_parses():
-    proc = subprocess.run([sys.executable, "-m", "spcl_fast.methods.flops_table", "--json",
+    proc = subprocess.run([sys.executable, "-m", "spcl_fast.run.flops_table", "--json",
                            "--models", "vit_small_patch16", "vit_base_patch16"],
-                          capture_output=True, text=True, timeout=120, check=True)
+                          capture_output=True, text=True, timeout=300, check=True)
     records = json.loads(proc.stdout)
     assert "Warning" not in proc.stderr, proc.stderr
-    assert len(records) == 2 * len(flops_table.VARIANTS)
+    assert len(records) == 2 * len(run_flops.table_variants())
     for r in records:
-        assert {"method", "model", "img_size", "gflops", "gmacs"} <= set(r)
+        assert {"method", "model", "image_size", "gflops", "gmacs"} <= set(r)
         assert r["gmacs"] == pytest.approx(r["gflops"] / 2, abs=1e-3)
     assert {r["model"] for r in records} == {"ViT-S/16", "ViT-B/16"}
+    assert sum(r["variant"] == run_flops.recipe_variant()[1] for r in records) == 2
 
 
 @pytest.mark.parametrize("size", ["225", "0", "-16"])
-def test_cli_rejects_sizes_off_the_patch_grid(size, capsys):
-    with pytest.raises(SystemExit) as info:
-        flops_table.main(["--img-size", size])
-    assert info.value.code == 2
-    assert f"--img-size must be a positive multiple of the patch size 16, got {size}" in \
-        capsys.readouterr().err
+def test_cli_rejects_sizes_off_the_patch_grid(size):
+    with pytest.raises(SystemExit, match=f"^error: --image-size must be a positive multiple of "
+                                         f"the patch size 16, got {size} "):
+        run_flops.main(["--image-size", size])
+
+
+def test_cli_names_the_renamed_flag_and_the_moved_command():
+    with pytest.raises(SystemExit, match=r"^error: --img-size is now --image-size \(as in "
+                                         r"train\): use --image-size 224 "):
+        run_flops.main(["--img-size", "224"])
+    proc = subprocess.run([sys.executable, "-m", "spcl_fast.methods.flops_table"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("error: the FLOP table's command moved: "
+                                   "python -m spcl_fast.run.flops_table")

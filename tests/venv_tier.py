@@ -112,8 +112,11 @@ def _build(folder: Path, requirements: Sequence[str], inherit: bool, min_free_gb
         purelib = subprocess.run([python, "-c", "import sysconfig; "
                                   "print(sysconfig.get_paths()['purelib'])"],
                                  capture_output=True, text=True, check=True).stdout.strip()
+        dirs = outer_site_dirs()  # site folders, so that their own .pth files are read
         Path(purelib, "_spcl_outer_site.pth").write_text(
-            f"import site; [site.addsitedir(d) for d in {outer_site_dirs()!r}]\n")
+            f"import site; list(map(site.addsitedir, {dirs!r}))\n")
+        subprocess.run([python, "-c", f"import sys; assert set({dirs!r}) <= set(sys.path)"],
+                       check=True)
     try:
         proc = subprocess.run([python, "-m", "pip", "install", "--no-cache-dir", "-q",
                                *requirements], capture_output=True, text=True, timeout=timeout)

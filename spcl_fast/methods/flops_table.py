@@ -1,14 +1,13 @@
-"""Training FLOPs per image of each method at ViT-S/B/L: the table behind the README's numbers.
+"""Training FLOPs per image of each method at ViT-S/B/L: the counting behind the README's table.
 
-``python -m spcl_fast.methods.flops_table [--json] [--img-size S] [--models NAME ...]`` prints
-the training FLOPs per image of S-PCL (and its variants), MAE and DINO (:func:`flops_table`),
-each counted by the method's own ``train_flops`` on an encoder built on the meta device.
+:func:`flops_table` counts S-PCL (and its variants), MAE and DINO, each by the method's own
+``train_flops`` on an encoder built on the meta device. The command that prints the table, with
+the default recipe the presets train in its own row, is ``python -m spcl_fast.run.flops_table``
+(:mod:`spcl_fast.run.flops_table`: the presets live above this layer).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Sequence
 
 import torch
@@ -39,7 +38,7 @@ VARIANTS: tuple[tuple[str, str, dict], ...] = (
 def method_train_flops(
     method: str,
     model: str = "vit_base_patch16",
-    img_size: int = 224,
+    image_size: int = 224,
     patch_size: int = 16,
     batch_size: int = 256,
     seed: int = 0,
@@ -53,7 +52,7 @@ def method_train_flops(
     Args:
         method: ``"spcl"``, ``"mae"`` or ``"dino"``.
         model: a ``spcl_fast.nn`` preset name.
-        img_size, patch_size: encoder geometry.
+        image_size, patch_size: encoder geometry.
         batch_size: images in the step the plan is drawn for.
         seed: seed of the plan's generator.
         **kwargs: the method's keyword arguments (e.g. ``keep=0.5``, ``ratio_range=(lo, hi)``).
@@ -67,7 +66,7 @@ def method_train_flops(
         102.5
     """
     with torch.device("meta"):
-        encoder = create_vit(model, img_size=img_size, patch_size=patch_size)
+        encoder = create_vit(model, img_size=image_size, patch_size=patch_size)
         net = build_method(method, encoder, **kwargs)
     plan = net.sample_plan(batch_size, torch.Generator().manual_seed(seed), "cpu")
     return net.train_flops(plan) / batch_size
@@ -75,21 +74,21 @@ def method_train_flops(
 
 def flops_table(
     models: Sequence[str] = TABLE_MODELS,
-    img_size: int = 224,
+    image_size: int = 224,
     variants: Sequence[tuple[str, str, dict]] = VARIANTS,
 ) -> list[dict]:
     """One record per (variant, model): ``method``, ``variant``, ``model``, ``model_name``,
-    ``img_size``, ``gflops`` (2 x MAC), ``gmacs`` and ``vs_spcl`` (ratio to the first S-PCL
+    ``image_size``, ``gflops`` (2 x MAC), ``gmacs`` and ``vs_spcl`` (ratio to the first S-PCL
     variant of the same model).
 
     Args:
         models: ``spcl_fast.nn`` preset names (patch 16).
-        img_size: image side in pixels.
+        image_size: image side in pixels.
         variants: ``(method, label, method kwargs)`` triples, as in :data:`VARIANTS`.
 
     Example::
 
-        >>> recs = flops_table(["vit_small_patch16"], img_size=64,
+        >>> recs = flops_table(["vit_small_patch16"], image_size=64,
         ...                    variants=[VARIANTS[0], VARIANTS[2]])
         >>> [(r["variant"], r["gflops"], r["vs_spcl"]) for r in recs]
         [('50/50 split', 2.056, 1.0), ('keep 0.5 (two 25% subsets)', 1.031, 0.501)]
@@ -98,11 +97,11 @@ def flops_table(
     for model in models:
         base = None
         for method, variant, kwargs in variants:
-            gflops = method_train_flops(method, model, img_size, **kwargs) / 1e9
+            gflops = method_train_flops(method, model, image_size, **kwargs) / 1e9
             base = base if base is not None or method != "spcl" else gflops
             records.append({
                 "method": method, "variant": variant, "model": MODEL_LABELS.get(model, model),
-                "model_name": model, "img_size": img_size, "gflops": round(gflops, 3),
+                "model_name": model, "image_size": image_size, "gflops": round(gflops, 3),
                 "gmacs": round(gflops / 2, 3),
                 "vs_spcl": round(gflops / base, 3) if base else None,
             })
@@ -131,7 +130,8 @@ def format_table(records: list[dict]) -> str:
     models = list(dict.fromkeys(r["model"] for r in records))
     rows = list(dict.fromkeys((r["method"], r["variant"]) for r in records))
     cell = {(r["method"], r["variant"], r["model"]): r for r in records}
-    head = f"{'method':<7} {'variant':<28}" + "".join(f"{m:>22}" for m in models)
+    width = max(28, *(len(v) for _, v in rows))
+    head = f"{'method':<7} {'variant':<{width}}" + "".join(f"{m:>22}" for m in models)
     lines = [head, "-" * len(head)]
     for method, variant in rows:
         cells = []
@@ -139,51 +139,9 @@ def format_table(records: list[dict]) -> str:
             r = cell.get((method, variant, m))
             cells.append(f"{r['gflops']:>9.1f} ({r['gmacs']:.1f}) x{r['vs_spcl']:<4.2f}" if r
                          else f"{'-':>22}")
-        lines.append(f"{method:<7} {variant:<28}" + "".join(f"{c:>22}" for c in cells))
+        lines.append(f"{method:<7} {variant:<{width}}" + "".join(f"{c:>22}" for c in cells))
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-    """``python -m spcl_fast.methods.flops_table [--json] [--img-size S] [--models NAME ...]``.
-
-    Args:
-        argv: command-line arguments (default ``sys.argv[1:]``).
-
-    Returns:
-        the records of :func:`flops_table`, also printed (a table, or JSON with ``--json``).
-
-    Example::
-
-        >>> import contextlib, io
-        >>> with contextlib.redirect_stdout(io.StringIO()) as out:
-        ...     recs = main(["--json", "--img-size", "64", "--models", "vit_small_patch16"])
-        >>> len(recs), recs[0]["gflops"], json.loads(out.getvalue()) == recs
-        (6, 2.056, True)
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m spcl_fast.methods.flops_table",
-        description="Training FLOPs per image of S-PCL (and variants), MAE and DINO.",
-    )
-    parser.add_argument("--json", action="store_true", help="print a JSON list of records")
-    parser.add_argument("--img-size", type=int, default=224,
-                        help="image side in pixels, a multiple of the patch size 16")
-    parser.add_argument("--models", nargs="+", default=list(TABLE_MODELS),
-                        choices=sorted(MODEL_LABELS), help="encoder presets (patch 16)")
-    args = parser.parse_args(argv)
-    if args.img_size < 16 or args.img_size % 16:
-        parser.error(f"--img-size must be a positive multiple of the patch size 16, got "
-                     f"{args.img_size}")
-    records = flops_table(args.models, args.img_size)
-    if args.json:
-        print(json.dumps(records, indent=2))
-    else:
-        print(f"Training FLOPs per image at {args.img_size}x{args.img_size}, 1-channel input: "
-              f"GFLOPs (GMACs) xRatio-to-S-PCL-50/50.\nCounted: forward + backward of trained "
-              f"layers, teacher forwards, loss matmuls; matmul/conv/attention only (FLOP = 2 "
-              f"x MAC; norms, activations, softmax excluded).")
-        print(format_table(records))
-    return records
-
-
 if __name__ == "__main__":
-    main()
+    raise SystemExit("error: the FLOP table's command moved: python -m spcl_fast.run.flops_table")
