@@ -1,4 +1,5 @@
-"""Triton kernels for the InfoNCE statistics: tiled log-sum-exps forward, recompute backward.
+"""Triton kernels for the InfoNCE statistics: a one-pass forward, a backward that computes each
+logit once and keeps ``dL/dlogits`` in a bounded row chunk for the transposed product.
 
 One *query/key problem* (see ``spcl_fast.reference.info_nce`` for the maths and the PyTorch
 twin of these launchers): un-normalised rows ``zq (Mq, d)`` and ``zk (Mk, d)``, logits
@@ -6,24 +7,36 @@ twin of these launchers): un-normalised rows ``zq (Mq, d)`` and ``zk (Mk, d)``, 
 once by a small kernel, so the normalisation is fused into the tiles and no normalised copy is
 ever written. Positive of query ``i``: key ``(i + pos_shift) % pos_mod + key_offset``; with
 ``SELF_MASK`` key ``i + key_offset`` is not a candidate (NT-Xent over ``[a; b]``, where queries
-and keys are the same rows). These two index rules are runtime integers and a constexpr flag,
-so CLIP's cross-view loss, NT-Xent and both of them against all-gathered keys of other ranks
-run the same three kernels.
+and keys are the same rows); with ``HAS_GROUPS`` neither is a key of the query's group id other
+than its positive. These rules are runtime integers and constexpr flags, so CLIP's cross-view
+loss, NT-Xent and both of them against all-gathered keys of other ranks run the same kernels.
 
-* ``_lse_fwd_kernel``: one program per block of query rows streams over key blocks (and over
-  ``d`` in ``BLOCK_D`` chunks inside each tile), keeping a running max and sum in fp32: the
-  row log-sum-exp and the positive logit, picked out of the tile it falls in. The column
-  log-sum-exp of the symmetric loss is the same kernel with the roles swapped.
-* ``_grad_kernel``: one program per block of *own* rows and per ``BLOCK_DO`` chunk of output
-  features loops over the other side's blocks, recomputes the logits tile, forms
-  ``G = dL/dlogits`` from the saved log-sum-exps and accumulates ``G @ n_other``; launched once
-  with the queries as own rows (``dzq``) and once with the keys (``dzk``, ``KEY_SIDE``). Each
-  output row is written by exactly one program: no atomics, bitwise deterministic.
-  The normalisation's backward ``dz = inv * (g - n <n, g>)`` needs ``<n_i, g_i>``, a dot over
-  all of ``d``; it equals ``sum_j G[i, j] L[i, j]``, which each program sums from its tiles, so
-  the output can be split over ``d`` without a second pass.
+The launchers pad ``d`` to a multiple of 16 (a zero-padded copy where the rows are not already
+16-aligned: zeros change neither the dots nor the norms), so every feature load is a vector load.
+Widths up to ``RESIDENT_D`` keep a block's own rows in registers across all key blocks (and, in
+the backward, its gradient rows); wider rows are streamed in ``BLOCK_D`` chunks.
 
-Extra memory is ``O(Mq + Mk)`` fp32 on top of the gradients: never ``O(Mq * Mk)``.
+* ``_fwd_kernel``: one program per block of ``BLOCK_M`` query rows streams over key blocks,
+  keeping a running max and sum in fp32: the row log-sum-exp and the positive logit. With
+  ``WRITE_COL`` (CLIP's symmetric loss) the same logits tile also gives each key column's max
+  and sum over this row block, written as partials; ``_col_lse_kernel`` merges them in row-block
+  order. So the column log-sum-exp costs no second pass over the logits.
+* ``_bwd_rows_kernel``: per block of query rows of a row chunk, recomputes the logits once
+  (the key tile is loaded once for both dots), forms ``G = dL/dlogits`` from the saved
+  log-sum-exps, stores ``G`` (scaled to ~[-1, 1], in the input dtype) into the chunk's buffer
+  and, for resident widths, accumulates ``G @ n_k`` and writes ``dzq`` itself.
+* ``_gemm_kernel``: ``G^T @ n_q`` over the chunk's rows into an fp32 accumulator of ``dzk``
+  (and ``G @ n_k`` into ``dzq``'s for wide rows): plain matmuls over the stored ``G``, no
+  logits recomputed. ``_normalize_bwd_kernel`` applies the normalisation's backward
+  ``dz = inv * (g - n <n, g>)`` to the accumulators.
+
+Work per training step (fwd + bwd): ``8 Mq Mk d`` FLOPs (logits twice, two gradient matmuls)
+against the algorithmic ``6 Mq Mk d``, at any width; traffic beyond the inputs is ``G`` once
+written and once read per chunk (twice for wide rows). Every output element is written by one
+program in a fixed order: no atomics, bitwise deterministic. Extra memory: the column partials
+``8 * ceil(Mq / BLOCK_M) * Mk`` bytes (symmetric CLIP only), the ``G`` chunk (at most
+``G_CHUNK_COPIES`` times the bytes of the padded keys, at least 256 rows) and fp32 gradient
+accumulators: ``O((Mq + Mk) d)``, never ``O(Mq * Mk)`` beyond the chunk.
 """
 
 from __future__ import annotations
@@ -40,42 +53,51 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Rows whose norm was clamped to eps (inv == 1/eps) take no projection term in the backward.
 INV_EPS_HALF = tl.constexpr(0.5 / NORM_EPS)
 
+# Widest padded rows a program keeps in registers: its query rows in the forward; its query rows
+# and their fp32 gradient rows in the backward (16-bit at 256 and fp32 at 128 spill there at 32
+# and 64 rows: aot tier, sm_80/sm_90). The interpreter's 64 makes the tests' d = 70 and 1000
+# take the streamed path.
+RESIDENT_D = {"fwd": {torch.float16: 256, torch.bfloat16: 256, torch.float32: 128},
+              "bwd": {torch.float16: 128, torch.bfloat16: 128, torch.float32: 64}}
+INTERPRET_RESIDENT_D = 64
+# Streamed feature chunk (fp32 operands take twice the registers and shared memory).
+STREAM_BLOCK_D = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}
+# Query rows per forward program: fixed by the launcher (not tuned), since the column partials
+# have one row per block.
+FWD_BLOCK_M = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 64}
+# The backward's G chunk holds at most this many times the padded keys' bytes (>= 256 rows).
+G_CHUNK_COPIES = 16
+G_CHUNK_MIN_ROWS = 256
 
-# Row blocks per program (the autotuner picks: small batches want more, smaller programs so every
-# SM has work); feature chunks are the launcher's. Some spill for some operands (aot tier,
-# sm_80/sm_90, Triton 3.9/3.6: fp32 forward blocks other than 64 rows): the prunes drop them
-# there (never the interpreter's configs).
+# 8 warps: 4 spill at 128 resident 16-bit rows (sm_80).
 _FWD_CONFIGS = configs(
-    [({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3),
-     ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 3),
-     ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 3)],
+    [({"BLOCK_N": 64}, 8, 3),
+     ({"BLOCK_N": 32}, 8, 3)],
+    {"BLOCK_N": 32},
+)
+_ROWS_CONFIGS = configs(
+    [({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 2),
+     ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 2),
+     ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 2)],
     {"BLOCK_M": 32, "BLOCK_N": 32},
 )
-_GRAD_CONFIGS = configs(
-    [({"BLOCK_OWN": 64, "BLOCK_OTHER": 64}, 8, 2),
-     ({"BLOCK_OWN": 16, "BLOCK_OTHER": 64}, 4, 2)],
-    {"BLOCK_OWN": 32, "BLOCK_OTHER": 32},
+_GEMM_CONFIGS = configs(
+    [({"BLOCK_O": 128, "BLOCK_R": 64}, 8, 3),
+     ({"BLOCK_O": 64, "BLOCK_R": 64}, 4, 3)],
+    {"BLOCK_O": 32, "BLOCK_R": 32},
 )
 # Tuned once per problem size (a training run has one) and variant; the autotuner adds dtypes.
-_FWD_KEY = ["Mq", "Mk", "D", "SELF_MASK", "WRITE_POS", "HAS_GROUPS"]
-_GRAD_KEY = ["M_own", "M_other", "D", "KEY_SIDE", "HAS_COL", "SELF_MASK", "HAS_GROUPS"]
+_FWD_KEY = ["Mq", "Mk", "D", "SELF_MASK", "HAS_GROUPS", "WRITE_COL"]
+_ROWS_KEY = ["Mk", "D", "HAS_COL", "SELF_MASK", "HAS_GROUPS"]  # not row_end: one per chunk
+_GEMM_KEY = ["D", "stride_g_out", "stride_g_red"]  # the keys (padded Mk) and orientation
 
 
-def _prune_fwd(configs, named_args, **kwargs):  # fp32: the 64-row block only (see above)
-    fp32 = named_args["Q"].dtype == torch.float32
-    return tuned([c for c in configs if not fp32 or INTERPRET or c.kwargs["BLOCK_M"] == 64])
-
-
-def _prune_grad(configs, named_args, **kwargs):
-    # fp32: 16 own rows only; 16-bit: 16 rows spill once d spans several output chunks.
-    fp32 = named_args["OWN"].dtype == torch.float32
-    several = named_args["D"] > kwargs["BLOCK_DO"]
-
-    def fits(c):
-        return INTERPRET or (c.kwargs["BLOCK_OWN"] <= 16 if fp32 else
-                             not (several and c.kwargs["BLOCK_OWN"] == 16))
-
-    return tuned([c for c in configs if fits(c)])
+def _prune_rows(configs, named_args, **kwargs):
+    # Resident rows and their fp32 gradient rows spill beyond 64 rows of 16-bit features and
+    # 32 of fp32 (aot tier, sm_80/sm_90); streamed rows hold no gradient rows.
+    most = 32 if named_args["Q"].dtype == torch.float32 else 64
+    return tuned([c for c in configs
+                  if INTERPRET or not kwargs["RESIDENT"] or c.kwargs["BLOCK_M"] <= most])
 
 
 @triton.jit
@@ -94,39 +116,55 @@ def _inv_norm_kernel(Z, INV, M, D, stride_z, eps, BLOCK_M: tl.constexpr, BLOCK_D
 
 
 @triton.jit
-def _dot_tile(A, B, a_rows, b_rows, a_ok, b_ok, D, stride_a, stride_b,
-              BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``A[a_rows] @ B[b_rows]^T`` as a ``(BLOCK_A, BLOCK_B)`` fp32 tile, ``d`` in chunks."""
+def _streamed_dot(q_base, k_base, row_ok, col_ok, D,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``Q[rows] @ K[cols]^T`` as a ``(BLOCK_M, BLOCK_N)`` fp32 tile, ``d`` in chunks."""
     offs_d = tl.arange(0, BLOCK_D)
-    a_base = A + a_rows.to(tl.int64)[:, None] * stride_a
-    b_base = B + b_rows.to(tl.int64)[None, :] * stride_b
-    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        dd = d0 + offs_d
-        d_ok = dd < D
-        a = tl.load(a_base + dd[None, :], mask=a_ok[:, None] & d_ok[None, :], other=0.0)
-        bt = tl.load(b_base + dd[:, None], mask=d_ok[:, None] & b_ok[None, :], other=0.0)
-        acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION)
+        d_ok = (d0 + offs_d) < D
+        q = tl.load(q_base + d0, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(k_base + d0, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(q, tl.trans(k), acc, input_precision=DOT_PRECISION)
     return acc
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_FWD_KEY,
-                 prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
-def _lse_fwd_kernel(
-    Q, K, INV_Q, INV_K, GQ, GK, LSE, POS,
+def _candidates(cols, row_ok, col_ok, pos_col, self_col, g_q, GK,
+                SELF_MASK: tl.constexpr, HAS_GROUPS: tl.constexpr):
+    """Which (query, key) pairs of the tile are candidates: in range, not the query itself
+    (``SELF_MASK``), not a key of the query's group other than its positive (``HAS_GROUPS``)."""
+    keep = row_ok[:, None] & col_ok[None, :]
+    if SELF_MASK:
+        keep = keep & (cols[None, :] != self_col[:, None])
+    if HAS_GROUPS:
+        g_k = tl.load(GK + cols, mask=col_ok, other=0)
+        keep = keep & ((g_k[None, :] != g_q[:, None]) | (cols[None, :] == pos_col[:, None]))
+    return keep
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_FWD_KEY)
+@triton.jit
+def _fwd_kernel(
+    Q, K, INV_Q, INV_K, GQ, GK, LSE, POS, COL_M, COL_S,
     Mq, Mk, D, stride_q, stride_k, scale,
     key_offset, pos_shift, pos_mod,
-    SELF_MASK: tl.constexpr, WRITE_POS: tl.constexpr, HAS_GROUPS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SELF_MASK: tl.constexpr, HAS_GROUPS: tl.constexpr, WRITE_COL: tl.constexpr,
+    RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Mq
     q_scale = tl.load(INV_Q + rows, mask=row_ok, other=0.0) * scale
     pos_col = (rows + pos_shift) % pos_mod + key_offset
     self_col = rows + key_offset
+    g_q = rows
     if HAS_GROUPS:
         g_q = tl.load(GQ + rows, mask=row_ok, other=0)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = Q + rows.to(tl.int64)[:, None] * stride_q + offs_d[None, :]
+    if RESIDENT:  # the block's rows stay in registers across all key blocks
+        q = tl.load(q_base, mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     p_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -134,18 +172,17 @@ def _lse_fwd_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < Mk
         inv_k = tl.load(INV_K + cols, mask=col_ok, other=0.0)
-        logits = _dot_tile(Q, K, rows, cols, row_ok, col_ok, D, stride_q, stride_k,
-                           BLOCK_M, BLOCK_N, BLOCK_D)
+        k_base = K + cols.to(tl.int64)[:, None] * stride_k + offs_d[None, :]
+        if RESIDENT:
+            k = tl.load(k_base, mask=col_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+            logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        else:
+            logits = _streamed_dot(q_base, k_base, row_ok, col_ok, D, BLOCK_M, BLOCK_N, BLOCK_D)
         logits = logits * q_scale[:, None] * inv_k[None, :]
-        keep = col_ok[None, :]
-        if SELF_MASK:
-            keep = keep & (cols[None, :] != self_col[:, None])
-        if HAS_GROUPS:
-            g_k = tl.load(GK + cols, mask=col_ok, other=0)
-            keep = keep & ((g_k[None, :] != g_q[:, None]) | (cols[None, :] == pos_col[:, None]))
+        keep = _candidates(cols, row_ok, col_ok, pos_col, self_col, g_q, GK, SELF_MASK,
+                           HAS_GROUPS)
         logits = tl.where(keep, logits, float("-inf"))
-        if WRITE_POS:
-            p_i += tl.sum(tl.where(cols[None, :] == pos_col[:, None], logits, 0.0), axis=1)
+        p_i += tl.sum(tl.where(cols[None, :] == pos_col[:, None], logits, 0.0), axis=1)
         # Online log-sum-exp in base 2 (exp2 is the hardware instruction); a row whose
         # candidates so far are all masked keeps m = -inf and is shifted by 0 instead.
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
@@ -153,128 +190,200 @@ def _lse_fwd_kernel(
         s_i = s_i * tl.exp2((m_i - m_use) * LOG2E) + tl.sum(
             tl.exp2((logits - m_use[:, None]) * LOG2E), axis=1)
         m_i = m_new
+        if WRITE_COL:  # this row block's max and sum of every key column, from the same tile
+            c_m = tl.max(logits, axis=0)
+            c_use = tl.where(c_m == float("-inf"), 0.0, c_m)
+            c_s = tl.sum(tl.exp2((logits - c_use[None, :]) * LOG2E), axis=0)
+            part = pid.to(tl.int64) * Mk + cols
+            tl.store(COL_M + part, c_m, mask=col_ok)
+            tl.store(COL_S + part, c_s, mask=col_ok)
     tl.store(LSE + rows, m_i + tl.log2(s_i) * LN2, mask=row_ok)
-    if WRITE_POS:
-        tl.store(POS + rows, p_i, mask=row_ok)
+    tl.store(POS + rows, p_i, mask=row_ok)
 
 
-@triton.autotune(configs=_GRAD_CONFIGS, key=_GRAD_KEY,
-                 prune_configs_by={"early_config_prune": _prune_grad})
 @triton.jit
-def _grad_kernel(
-    OWN, OTHER, INV_OWN, INV_OTHER, G_OWN, G_OTHER, LSE_R, LSE_C, D_ROW, D_COL, D_POS, GSCALE, DZ,
-    M_own, M_other, D, stride_own, stride_other, stride_dz, scale,
+def _col_lse_kernel(COL_M, COL_S, LSE, Mk, n_blocks, BLOCK: tl.constexpr):
+    """Merge the forward's per-row-block column partials, in row-block order."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < Mk
+    m = tl.full((BLOCK,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK,), dtype=tl.float32)
+    for b in range(0, n_blocks):
+        part = b * Mk.to(tl.int64) + cols
+        m_b = tl.load(COL_M + part, mask=ok, other=float("-inf"))
+        s_b = tl.load(COL_S + part, mask=ok, other=0.0)
+        m_new = tl.maximum(m, m_b)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp2((m - m_use) * LOG2E) + s_b * tl.exp2((m_b - m_use) * LOG2E)
+        m = m_new
+    tl.store(LSE + cols, m + tl.log2(s) * LN2, mask=ok)
+
+
+@triton.autotune(configs=_ROWS_CONFIGS, key=_ROWS_KEY,
+                 prune_configs_by={"early_config_prune": _prune_rows})
+@triton.jit
+def _bwd_rows_kernel(
+    Q, K, INV_Q, INV_K, GQ, GK, LSE_R, LSE_C, D_ROW, D_COL, D_POS, GSCALE, GBUF, DZ,
+    row0, row_end, Mk, D, stride_q, stride_k, stride_g, stride_dz, scale,
     key_offset, pos_shift, pos_mod,
-    KEY_SIDE: tl.constexpr, HAS_COL: tl.constexpr, SELF_MASK: tl.constexpr, LOWP: tl.constexpr,
-    HAS_GROUPS: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    HAS_COL: tl.constexpr, SELF_MASK: tl.constexpr, HAS_GROUPS: tl.constexpr,
+    RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    own = tl.program_id(0) * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
-    own_ok = own < M_own
-    dd_out = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    dout_ok = dd_out < D
-    inv_own = tl.load(INV_OWN + own, mask=own_ok, other=0.0)
-    own_scale = inv_own * scale
+    rows = row0 + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    inv_q = tl.load(INV_Q + rows, mask=row_ok, other=0.0)
+    q_scale = inv_q * scale
+    r = tl.load(LSE_R + rows, mask=row_ok, other=0.0)
+    alpha = tl.load(D_ROW + rows, mask=row_ok, other=0.0)
+    gamma = tl.load(D_POS + rows, mask=row_ok, other=0.0)
+    pos_col = (rows + pos_shift) % pos_mod + key_offset
+    self_col = rows + key_offset
+    g_q = rows
     if HAS_GROUPS:
-        g_own = tl.load(G_OWN + own, mask=own_ok, other=0)
-    # Per-row statistics of this program's own rows (queries, or keys with KEY_SIDE).
-    if KEY_SIDE:
-        k_idx = own[:, None]
-        if HAS_COL:
-            c_own = tl.load(LSE_C + own, mask=own_ok, other=0.0)
-            beta_own = tl.load(D_COL + own, mask=own_ok, other=0.0)
-    else:
-        r_own = tl.load(LSE_R + own, mask=own_ok, other=0.0)
-        alpha_own = tl.load(D_ROW + own, mask=own_ok, other=0.0)
-        gamma_own = tl.load(D_POS + own, mask=own_ok, other=0.0)
-        pos_own = (own + pos_shift) % pos_mod + key_offset
-        self_own = own + key_offset
-    if LOWP:
-        # G is cast to the input dtype for the second matmul; scale it to ~[-3, 3] first so
-        # fp16 keeps its precision when the weights are ~1/M.
-        gscale = tl.load(GSCALE)
-    acc = tl.zeros((BLOCK_OWN, BLOCK_DO), dtype=tl.float32)
-    rho = tl.zeros((BLOCK_OWN,), dtype=tl.float32)
-    for o0 in range(0, M_other, BLOCK_OTHER):
-        oth = o0 + tl.arange(0, BLOCK_OTHER)
-        oth_ok = oth < M_other
-        inv_oth = tl.load(INV_OTHER + oth, mask=oth_ok, other=0.0)
-        logits = _dot_tile(OWN, OTHER, own, oth, own_ok, oth_ok, D, stride_own, stride_other,
-                           BLOCK_OWN, BLOCK_OTHER, BLOCK_D)
-        logits = logits * own_scale[:, None] * inv_oth[None, :]
-        # G[own, other] = alpha_q P + beta_k Q + gamma_q [k == pos(q)], in (own, other) layout.
-        if KEY_SIDE:
-            r = tl.load(LSE_R + oth, mask=oth_ok, other=0.0)
-            alpha = tl.load(D_ROW + oth, mask=oth_ok, other=0.0)
-            gamma = tl.load(D_POS + oth, mask=oth_ok, other=0.0)
-            grad = alpha[None, :] * tl.exp2((logits - r[None, :]) * LOG2E)
-            if HAS_COL:
-                grad += beta_own[:, None] * tl.exp2((logits - c_own[:, None]) * LOG2E)
-            pos_q = ((oth + pos_shift) % pos_mod + key_offset)[None, :]
-            self_q = (oth + key_offset)[None, :]
-            gamma_q = gamma[None, :]
+        g_q = tl.load(GQ + rows, mask=row_ok, other=0)
+    # G is stored (and multiplied) in the input dtype: scale it to ~[-1, 1] first so fp16 keeps
+    # its precision when the weights are ~1/M.
+    gscale = tl.load(GSCALE)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_base = Q + rows.to(tl.int64)[:, None] * stride_q + offs_d[None, :]
+    if RESIDENT:
+        q = tl.load(q_base, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    g_base = GBUF + (rows - row0).to(tl.int64)[:, None] * stride_g
+    for n0 in range(0, Mk, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < Mk
+        inv_k = tl.load(INV_K + cols, mask=col_ok, other=0.0)
+        k_base = K + cols.to(tl.int64)[:, None] * stride_k + offs_d[None, :]
+        if RESIDENT:  # one load of the key tile for both dots
+            k = tl.load(k_base, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         else:
-            k_idx = oth[None, :]
-            grad = alpha_own[:, None] * tl.exp2((logits - r_own[:, None]) * LOG2E)
-            if HAS_COL:
-                c = tl.load(LSE_C + oth, mask=oth_ok, other=0.0)
-                beta = tl.load(D_COL + oth, mask=oth_ok, other=0.0)
-                grad += beta[None, :] * tl.exp2((logits - c[None, :]) * LOG2E)
-            pos_q = pos_own[:, None]
-            self_q = self_own[:, None]
-            gamma_q = gamma_own[:, None]
-        grad += tl.where(k_idx == pos_q, gamma_q, 0.0)
-        keep = own_ok[:, None] & oth_ok[None, :]
-        if SELF_MASK:
-            keep = keep & (k_idx != self_q)
-        if HAS_GROUPS:
-            g_oth = tl.load(G_OTHER + oth, mask=oth_ok, other=0)
-            keep = keep & ((g_own[:, None] != g_oth[None, :]) | (k_idx == pos_q))
+            logits = _streamed_dot(q_base, k_base, row_ok, col_ok, D, BLOCK_M, BLOCK_N, BLOCK_D)
+        logits = logits * q_scale[:, None] * inv_k[None, :]
+        # G[i, j] = alpha_i P[i, j] + beta_j Q[i, j] + gamma_i [j == pos(i)] over candidates.
+        grad = alpha[:, None] * tl.exp2((logits - r[:, None]) * LOG2E)
+        if HAS_COL:
+            c = tl.load(LSE_C + cols, mask=col_ok, other=0.0)
+            beta = tl.load(D_COL + cols, mask=col_ok, other=0.0)
+            grad += beta[None, :] * tl.exp2((logits - c[None, :]) * LOG2E)
+        grad += tl.where(cols[None, :] == pos_col[:, None], gamma[:, None], 0.0)
+        keep = _candidates(cols, row_ok, col_ok, pos_col, self_col, g_q, GK, SELF_MASK,
+                           HAS_GROUPS)
         # where(), not a product: masked entries may hold inf from exp2 of a masked logit.
         grad = tl.where(keep, grad, 0.0)
-        rho += tl.sum(grad * logits, axis=1)
-        x = tl.load(OTHER + oth.to(tl.int64)[:, None] * stride_other + dd_out[None, :],
-                    mask=oth_ok[:, None] & dout_ok[None, :], other=0.0)
-        if LOWP:
-            n_oth = (x.to(tl.float32) * inv_oth[:, None]).to(x.dtype)
-            acc = tl.dot((grad * gscale).to(x.dtype), n_oth, acc)
-        else:
-            acc = tl.dot(grad, x * inv_oth[:, None], acc, input_precision=DOT_PRECISION)
-    if LOWP:
-        acc = acc / gscale
-    z_own = tl.load(OWN + own.to(tl.int64)[:, None] * stride_own + dd_out[None, :],
-                    mask=own_ok[:, None] & dout_ok[None, :], other=0.0).to(tl.float32)
-    # dz = inv * (scale * G @ n_other - n_own * <n_own, g>),  <n_own, g> = sum_j G L = rho.
-    proj = tl.where(inv_own < INV_EPS_HALF, inv_own * inv_own * rho, 0.0)
-    dz = acc * own_scale[:, None] - z_own * proj[:, None]
-    tl.store(DZ + own.to(tl.int64)[:, None] * stride_dz + dd_out[None, :],
-             dz.to(DZ.dtype.element_ty), mask=own_ok[:, None] & dout_ok[None, :])
+        g_low = (grad * gscale).to(GBUF.dtype.element_ty)
+        tl.store(g_base + cols[None, :], g_low, mask=row_ok[:, None] & col_ok[None, :])
+        if RESIDENT:
+            n_k = (k.to(tl.float32) * inv_k[:, None]).to(k.dtype)
+            acc = tl.dot(g_low, n_k, acc, input_precision=DOT_PRECISION)
+    if RESIDENT:
+        # dz = inv * (g - n <n, g>) with g = scale * G @ n_k and n = z * inv: the projection
+        # is taken from the same (rounded) g, so dz stays orthogonal to z as it must.
+        g = acc * (scale / gscale)
+        z = tl.load(q_base, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        rho = tl.sum(z * g, axis=1) * inv_q
+        proj = tl.where(inv_q < INV_EPS_HALF, inv_q * inv_q * rho, 0.0)
+        dz = g * inv_q[:, None] - z * proj[:, None]
+        tl.store(DZ + rows.to(tl.int64)[:, None] * stride_dz + offs_d[None, :],
+                 dz.to(DZ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=_GEMM_KEY, restore_value=["ACC"])
+@triton.jit
+def _gemm_kernel(
+    GBUF, Z, INV, ACC, M_out, M_red, D, stride_g_out, stride_g_red, stride_z, stride_acc,
+    ACCUMULATE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+):
+    """``ACC[o] (+)= sum_r G[o, r] * Z[r] * INV[r]``, ``G[o, r]`` at ``o * stride_g_out +
+    r * stride_g_red`` (so ``G`` or its transpose), accumulated in fp32 in a fixed order."""
+    out = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    out_ok = out < M_out
+    dd = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    d_ok = dd < D
+    acc = tl.zeros((BLOCK_O, BLOCK_DO), dtype=tl.float32)
+    for r0 in range(0, M_red, BLOCK_R):
+        red = r0 + tl.arange(0, BLOCK_R)
+        red_ok = red < M_red
+        g = tl.load(GBUF + red.to(tl.int64)[:, None] * stride_g_red
+                    + out.to(tl.int64)[None, :] * stride_g_out,
+                    mask=red_ok[:, None] & out_ok[None, :], other=0.0)
+        inv = tl.load(INV + red, mask=red_ok, other=0.0)
+        x = tl.load(Z + red.to(tl.int64)[:, None] * stride_z + dd[None, :],
+                    mask=red_ok[:, None] & d_ok[None, :], other=0.0)
+        n = (x.to(tl.float32) * inv[:, None]).to(x.dtype)
+        acc = tl.dot(tl.trans(g), n, acc, input_precision=DOT_PRECISION)
+    ptr = ACC + out.to(tl.int64)[:, None] * stride_acc + dd[None, :]
+    ok = out_ok[:, None] & d_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(ptr, mask=ok, other=0.0)
+    tl.store(ptr, acc, mask=ok)
+
+
+@triton.jit
+def _normalize_bwd_kernel(ACC, Z, INV, GSCALE, DZ, M, D, stride_acc, stride_z, stride_dz, scale,
+                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``dz = inv * (g - n <n, g>)`` with ``g = scale * ACC / gscale`` and ``n = z * inv``;
+    rows clamped by eps in the forward take no projection (F.normalize's derivative)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    inv = tl.load(INV + rows, mask=row_ok, other=0.0)
+    gain = scale / tl.load(GSCALE)
+    offs_d = tl.arange(0, BLOCK_D)
+    a_base = ACC + rows.to(tl.int64)[:, None] * stride_acc + offs_d[None, :]
+    z_base = Z + rows.to(tl.int64)[:, None] * stride_z + offs_d[None, :]
+    dz_base = DZ + rows.to(tl.int64)[:, None] * stride_dz + offs_d[None, :]
+    rho = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ok = row_ok[:, None] & ((d0 + offs_d) < D)[None, :]
+        g = tl.load(a_base + d0, mask=ok, other=0.0) * gain
+        z = tl.load(z_base + d0, mask=ok, other=0.0).to(tl.float32)
+        rho += tl.sum(z * g, axis=1) * inv  # <n, g>
+    proj = tl.where(inv < INV_EPS_HALF, inv * inv * rho, 0.0)
+    for d0 in range(0, D, BLOCK_D):
+        ok = row_ok[:, None] & ((d0 + offs_d) < D)[None, :]
+        g = tl.load(a_base + d0, mask=ok, other=0.0) * gain
+        z = tl.load(z_base + d0, mask=ok, other=0.0).to(tl.float32)
+        dz = g * inv[:, None] - z * proj[:, None]
+        tl.store(dz_base + d0, dz.to(DZ.dtype.element_ty), mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
 
 
-def _rows(z: torch.Tensor) -> torch.Tensor:
-    return z if z.stride(-1) == 1 else z.contiguous()
+def _pad16(d: int) -> int:
+    return triton.cdiv(d, 16) * 16
 
 
-def _block_d(d: int, dtype: torch.dtype) -> int:
-    # Feature chunk of the logits' dots: fp32 operands take twice the shared memory and
-    # registers, so half the chunk keeps them from spilling (tests/test_aot.py). The
-    # interpreter's 32 makes the tests' small d span several chunks.
-    if INTERPRET:
-        return 32
-    return min(32 if dtype == torch.float32 else 64, max(16, triton.next_power_of_2(d)))
+def _padded(z: torch.Tensor) -> torch.Tensor:
+    """``z`` itself when its rows are 16-element aligned and ``d`` is a multiple of 16, else a
+    zero-padded ``(M, pad16(d))`` copy: the kernels' feature loads are then all vector loads."""
+    m, d = z.shape
+    width = _pad16(d)
+    if d == width and z.stride(-1) == 1 and z.stride(0) % 16 == 0 and z.data_ptr() % 16 == 0:
+        return z
+    out = z.new_zeros((m, width))
+    out[:, :d] = z
+    return out
 
 
-def _block_do(d: int, dtype: torch.dtype) -> int:
-    # The whole output row block in registers when d <= 128 (one pass over the other side; 256
-    # spills at every row block); larger d splits the output over a second grid axis, each
-    # part recomputing the logits.
-    if INTERPRET:
-        return 32
-    return min(128 if dtype != torch.float32 else 64, max(16, triton.next_power_of_2(d)))
+def _unpadded(dz: torch.Tensor, d: int) -> torch.Tensor:
+    return dz if dz.shape[1] == d else dz[:, :d].contiguous()
+
+
+def _resident(width: int, dtype: torch.dtype, direction: str) -> bool:
+    return width <= (INTERPRET_RESIDENT_D if INTERPRET else RESIDENT_D[direction][dtype])
+
+
+def _block_d(width: int, dtype: torch.dtype, direction: str) -> int:
+    """The whole padded row for resident widths, else the streamed chunk (the interpreter's 32
+    makes the tests' small d span several chunks)."""
+    if _resident(width, dtype, direction):
+        return triton.next_power_of_2(width)
+    return 32 if INTERPRET else STREAM_BLOCK_D[dtype]
 
 
 def inv_norms(z: torch.Tensor) -> torch.Tensor:
@@ -287,15 +396,8 @@ def inv_norms(z: torch.Tensor) -> torch.Tensor:
     return inv
 
 
-def _lse(zq, zk, inv_q, inv_k, gq, gk, lse, pos, scale, key_offset, pos_shift, pos_mod, self_mask,
-         write_pos):
-    mq, d = zq.shape
-    has_groups = gq is not None
-    launch(_lse_fwd_kernel, lambda meta: (triton.cdiv(mq, meta["BLOCK_M"]),),
-           zq, zk, inv_q, inv_k, gq if has_groups else inv_q, gk if has_groups else inv_k, lse,
-           pos, mq, zk.shape[0], d, zq.stride(0), zk.stride(0),
-           float(scale), key_offset, pos_shift, pos_mod, SELF_MASK=self_mask,
-           WRITE_POS=write_pos, HAS_GROUPS=has_groups, BLOCK_D=_block_d(d, zq.dtype))
+def _fwd_block_m(dtype: torch.dtype) -> int:
+    return 32 if INTERPRET else FWD_BLOCK_M[dtype]
 
 
 def info_nce_fwd(zq, zk, scale, key_offset=0, pos_shift=0, pos_mod=None, self_mask=False,
@@ -303,17 +405,57 @@ def info_nce_fwd(zq, zk, scale, key_offset=0, pos_shift=0, pos_mod=None, self_ma
     """Statistics of one query/key problem; same contract as
     ``spcl_fast.reference.info_nce.info_nce_chunked_fwd``: returns fp32
     ``(row_lse (Mq,), pos (Mq,), col_lse (Mk,) or (0,), inv_q (Mq,), inv_k (Mk,))``."""
-    zq, zk = _rows(zq), _rows(zk)
-    mq, mk = zq.shape[0], zk.shape[0]
+    zq, zk = _padded(zq), _padded(zk)
+    (mq, width), mk = zq.shape, zk.shape[0]
     pos_mod = mq if pos_mod is None else pos_mod
     inv_q, inv_k = inv_norms(zq), inv_norms(zk)
     row, pos = new_output((mq,), zq, torch.float32), new_output((mq,), zq, torch.float32)
     col = new_output((mk if col_lse else 0,), zq, torch.float32)
-    _lse(zq, zk, inv_q, inv_k, groups_q, groups_k, row, pos, scale, key_offset, pos_shift, pos_mod,
-         self_mask, True)
-    if col_lse:  # the b -> a direction: the same kernel with the roles swapped
-        _lse(zk, zq, inv_k, inv_q, groups_k, groups_q, col, pos, scale, 0, 0, mk, False, False)
+    block_m = _fwd_block_m(zq.dtype)
+    n_blocks = triton.cdiv(mq, block_m)
+    col_m = col_s = row  # placeholders the kernel never reads without col_lse
+    if col_lse:
+        col_m, col_s = (new_output((n_blocks, mk), zq, torch.float32) for _ in range(2))
+    has_groups = groups_q is not None
+    launch(_fwd_kernel, (n_blocks,), zq, zk, inv_q, inv_k,
+           groups_q if has_groups else inv_q, groups_k if has_groups else inv_k, row, pos,
+           col_m, col_s, mq, mk, width, zq.stride(0), zk.stride(0), float(scale), key_offset,
+           pos_shift, pos_mod, SELF_MASK=self_mask, HAS_GROUPS=has_groups, WRITE_COL=col_lse,
+           RESIDENT=_resident(width, zq.dtype, "fwd"), BLOCK_M=block_m,
+           BLOCK_D=_block_d(width, zq.dtype, "fwd"))
+    if col_lse:
+        launch(_col_lse_kernel, (triton.cdiv(mk, 128),), col_m, col_s, col, mk, n_blocks,
+               BLOCK=128)
     return row, pos, col, inv_q, inv_k
+
+
+def g_chunk_rows(mq: int, mk: int, width: int) -> int:
+    """Query rows per backward chunk: ``G`` of ``(rows, pad16(Mk))`` stays within
+    ``G_CHUNK_COPIES`` times the padded keys (``Mk * width``), at least 256 rows (64 under the
+    interpreter, so the tests' 74 NT-Xent rows take two chunks)."""
+    if INTERPRET:
+        return min(mq, 64)
+    rows = G_CHUNK_COPIES * mk * width // max(1, _pad16(mk))
+    return min(mq, max(G_CHUNK_MIN_ROWS, rows // 128 * 128))
+
+
+def _gemm(gbuf, z, inv, acc, m_out, m_red, stride_out, stride_red, accumulate):
+    width = z.shape[1]
+    block_do = min(64 if z.dtype == torch.float32 else 128, triton.next_power_of_2(width))
+    block_do = 32 if INTERPRET else block_do
+    launch(_gemm_kernel, lambda meta: (triton.cdiv(m_out, meta["BLOCK_O"]),
+                                       triton.cdiv(width, block_do)),
+           gbuf, z, inv, acc, m_out, m_red, width, stride_out, stride_red, z.stride(0),
+           acc.stride(0), ACCUMULATE=accumulate, BLOCK_DO=block_do)
+
+
+def _normalize_bwd(acc, z, inv, gscale, scale):
+    m, width = z.shape
+    dz = new_output((m, width), z, z.dtype)
+    block_d = 32 if INTERPRET else min(128, triton.next_power_of_2(width))
+    launch(_normalize_bwd_kernel, (triton.cdiv(m, 32),), acc, z, inv, gscale, dz, m, width,
+           acc.stride(0), z.stride(0), dz.stride(0), float(scale), BLOCK_M=32, BLOCK_D=block_d)
+    return dz
 
 
 def info_nce_bwd(zq, zk, inv_q, inv_k, row_lse, col_lse, d_row, d_col, d_pos, scale,
@@ -321,8 +463,9 @@ def info_nce_bwd(zq, zk, inv_q, inv_k, row_lse, col_lse, d_row, d_col, d_pos, sc
                  groups_k=None):
     """``(dzq, dzk)`` in the input dtype from the statistics' gradients; same contract as
     ``spcl_fast.reference.info_nce.info_nce_chunked_bwd``."""
-    zq, zk = _rows(zq), _rows(zk)
-    mq, d = zq.shape
+    d = zq.shape[1]
+    zq, zk = _padded(zq), _padded(zk)
+    (mq, width), mk = zq.shape, zk.shape[0]
     pos_mod = mq if pos_mod is None else pos_mod
     has_col = col_lse.numel() > 0 and d_col.numel() > 0
     d_row, d_pos = d_row.float().contiguous(), d_pos.float().contiguous()
@@ -330,22 +473,33 @@ def info_nce_bwd(zq, zk, inv_q, inv_k, row_lse, col_lse, d_row, d_col, d_pos, sc
     col_lse = col_lse if has_col else row_lse
     # |G| <= |d_row| + |d_col| + |d_pos|: a device scalar, no host sync.
     weights = [d_row.abs().amax(), d_pos.abs().amax()] + ([d_col.abs().amax()] if has_col else [])
-    gscale = (1.0 / torch.stack(weights).amax().clamp_min(1e-30)).reshape(1)
-    dzq, dzk = new_output(zq.shape, zq, zq.dtype), new_output(zk.shape, zk, zk.dtype)
-    block_do = _block_do(d, zq.dtype)
+    gscale = (1.0 / torch.stack(weights).sum().clamp_min(1e-30)).reshape(1)
     has_groups = groups_q is not None
     if not has_groups:  # placeholders the kernel never reads
         groups_q, groups_k = inv_q, inv_k
-    for own, other, inv_own, inv_other, g_own, g_other, dz, key_side in (
-            (zq, zk, inv_q, inv_k, groups_q, groups_k, dzq, False),
-            (zk, zq, inv_k, inv_q, groups_k, groups_q, dzk, True)):
-        m_own = own.shape[0]
-        launch(
-            _grad_kernel, lambda meta, m=m_own: (triton.cdiv(m, meta["BLOCK_OWN"]),
-                                                 triton.cdiv(d, block_do)),
-            own, other, inv_own, inv_other, g_own, g_other, row_lse, col_lse, d_row, d_col, d_pos,
-            gscale, dz, m_own, other.shape[0], d, own.stride(0), other.stride(0), dz.stride(0),
-            float(scale), key_offset, pos_shift, pos_mod, KEY_SIDE=key_side, HAS_COL=has_col,
-            SELF_MASK=self_mask, LOWP=zq.dtype != torch.float32, HAS_GROUPS=has_groups,
-            BLOCK_D=_block_d(d, zq.dtype), BLOCK_DO=block_do)
-    return dzq, dzk
+    resident = _resident(width, zq.dtype, "bwd")
+    chunk = g_chunk_rows(mq, mk, width)
+    stride_g = _pad16(mk)
+    gbuf = new_output((chunk, stride_g), zq, zq.dtype)
+    acc_k = new_output((mk, width), zq, torch.float32)
+    if resident:
+        dzq = new_output((mq, width), zq, zq.dtype)
+    else:
+        acc_q = new_output((mq, width), zq, torch.float32)
+    for row0 in range(0, mq, chunk):
+        rows = min(chunk, mq - row0)
+        launch(_bwd_rows_kernel, lambda meta, n=rows: (triton.cdiv(n, meta["BLOCK_M"]),),
+               zq, zk, inv_q, inv_k, groups_q, groups_k, row_lse, col_lse, d_row, d_col, d_pos,
+               gscale, gbuf, dzq if resident else gbuf, row0, row0 + rows, mk, width,
+               zq.stride(0), zk.stride(0), stride_g, width, float(scale), key_offset, pos_shift,
+               pos_mod, HAS_COL=has_col, SELF_MASK=self_mask, HAS_GROUPS=has_groups,
+               RESIDENT=resident, BLOCK_D=_block_d(width, zq.dtype, "bwd"))
+        if not resident:  # dzq's rows of this chunk: G @ n_k
+            _gemm(gbuf, zk, inv_k, acc_q[row0:row0 + rows], rows, mk, stride_g, 1, False)
+        # dzk += G^T @ n_q over this chunk's query rows
+        _gemm(gbuf, zq[row0:row0 + rows], inv_q[row0:row0 + rows], acc_k, mk, rows, 1, stride_g,
+              row0 > 0)
+    if not resident:
+        dzq = _normalize_bwd(acc_q, zq, inv_q, gscale, scale)
+    dzk = _normalize_bwd(acc_k, zk, inv_k, gscale, scale)
+    return _unpadded(dzq, d), _unpadded(dzk, d)

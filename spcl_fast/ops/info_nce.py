@@ -304,15 +304,17 @@ def info_nce(
 
     The logits are cosine similarities over ``temperature``: ``L[i, j] = <a_i, b_j> / tau`` with
     ``a = z_a / |z_a|``, ``b = z_b / |z_b|`` (``F.normalize``). The Triton path computes them tile
-    by tile in fp32, keeps only fp32 log-sum-exps (``O(M)``) and recomputes the tiles in the
-    backward; the PyTorch path does the same over column blocks (``O(M * chunk)`` memory).
+    by tile in fp32 and keeps fp32 log-sum-exps (row and column ones from one pass); its
+    backward recomputes each tile once and keeps ``dloss/dlogits`` for a bounded chunk of rows
+    (``spcl_fast.kernels.info_nce``); the PyTorch path recomputes over column blocks
+    (``O(M * chunk)`` memory).
 
     Args:
         z_a, z_b: ``(M, d)`` float16, bfloat16 or float32 (float64 with ``impl="torch"``; the
             Triton path multiplies float32 in TF32, ``impl="torch"`` in IEEE fp32), same
-            shape, dtype and device; ``M >= 1``, any ``d >= 1`` (the kernels loop over ``d`` in
-            blocks, so ``d`` need not be a power of two). Row ``i`` of ``z_a`` and row ``i`` of
-            ``z_b`` are two views of one sample.
+            shape, dtype and device; ``M >= 1``, any ``d >= 1`` (the kernels pad ``d`` to a
+            multiple of 16, a copy of the inputs where it is not one). Row ``i`` of ``z_a``
+            and row ``i`` of ``z_b`` are two views of one sample.
         temperature: softmax temperature ``tau >= 1e-4`` (host float); accurate down to ``0.01``.
         symmetric: average the ``a -> b`` and ``b -> a`` directions (CLIP); else ``a -> b`` only.
         negatives: ``"cross"``: each query's candidates are the other view's rows (CLIP);
