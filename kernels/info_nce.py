@@ -298,10 +298,12 @@ def _gemm_kernel(
     BLOCK_DO: tl.constexpr,
 ):
     """``ACC[o] (+)= sum_r G[o, r] * Z[r] * INV[r]``, ``G[o, r]`` at ``o * stride_g_out +
-    r * stride_g_red`` (so ``G`` or its transpose), accumulated in fp32 in a fixed order."""
-    out = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    r * stride_g_red`` (so ``G`` or its transpose), accumulated in fp32 in a fixed order. The
+    feature chunk is the fastest grid axis, so the programs that read the same rows of ``G``
+    run together (``G`` is re-read from L2, not memory, for wide rows)."""
+    out = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     out_ok = out < M_out
-    dd = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dd = tl.program_id(0) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     d_ok = dd < D
     acc = tl.zeros((BLOCK_O, BLOCK_DO), dtype=tl.float32)
     for r0 in range(0, M_red, BLOCK_R):
@@ -443,8 +445,8 @@ def _gemm(gbuf, z, inv, acc, m_out, m_red, stride_out, stride_red, accumulate):
     width = z.shape[1]
     block_do = min(64 if z.dtype == torch.float32 else 128, triton.next_power_of_2(width))
     block_do = 32 if INTERPRET else block_do
-    launch(_gemm_kernel, lambda meta: (triton.cdiv(m_out, meta["BLOCK_O"]),
-                                       triton.cdiv(width, block_do)),
+    launch(_gemm_kernel, lambda meta: (triton.cdiv(width, block_do),
+                                       triton.cdiv(m_out, meta["BLOCK_O"])),
            gbuf, z, inv, acc, m_out, m_red, width, stride_out, stride_red, z.stride(0),
            acc.stride(0), ACCUMULATE=accumulate, BLOCK_DO=block_do)
 
