@@ -113,3 +113,8 @@ def test_train_bad_pairs_and_help(capsys):
         train_main(["--help"])
     out = capsys.readouterr().out
     assert out.count("usage:") == 1 and "--betas FLOAT FLOAT" in out
+
+
+def test_train_suggests_the_closest_preset(capsys):
+    line = _error(train_main, ["--preset", "vit_smal_224"], capsys)
+    assert "unknown preset 'vit_smal_224'; did you mean vit_small_224" in line

@@ -100,7 +100,8 @@ def test_labels_need_no_decoding(roots, monkeypatch):
 def test_build_dataset_names():
     from spcl_fast.data import DATASETS
 
-    assert set(DATASETS) == {"synthetic", "chestxray14", "chexpert", "rsna", "siim", "folder"}
+    assert set(DATASETS) == {"synthetic", "nih-demo", "chestxray14", "chexpert", "rsna", "siim",
+                             "folder"}
     assert len(build_dataset("synthetic", None, "val", 32, num_images=2)) == 2
     with pytest.raises(ValueError, match="needs a root"):
         build_dataset("rsna", None)

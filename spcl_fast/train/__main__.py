@@ -20,6 +20,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from ..cli import suggest
 from ..run.config import FLAG_TYPES, TrainConfig, apply_overrides, flag_values, print_help
 from ..run.presets import PRESETS
 from .distributed import setup, teardown
@@ -77,9 +78,8 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, str], str | None]:
                 value = " ".join(words)
         if key == "preset":
             if value not in PRESETS:
-                raise SystemExit(
-                    f"error: unknown preset {value!r}; choose from {', '.join(PRESETS)}"
-                )
+                raise SystemExit(f"error: unknown preset {value!r}{suggest(value, PRESETS)} "
+                                 f"(choose from {', '.join(PRESETS)})")
             preset = value
         elif key == "resume":
             resume = value
