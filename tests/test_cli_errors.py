@@ -118,3 +118,12 @@ def test_train_bad_pairs_and_help(capsys):
 def test_train_suggests_the_closest_preset(capsys):
     line = _error(train_main, ["--preset", "vit_smal_224"], capsys)
     assert "unknown preset 'vit_smal_224'; did you mean vit_small_224" in line
+
+
+def test_eval_takes_the_embedded_nih_demo_without_a_root():
+    from spcl_fast.eval.__main__ import build_splits, parse_args
+
+    args = parse_args(["linear-probe", "--checkpoint", "none", "--dataset", "nih-demo",
+                       "--max-images", "4"])
+    splits = build_splits(args, 32)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [4, 4, 4]

@@ -56,3 +56,21 @@ def test_look_alike_batches_show_progress_while_a_dataset_is_read(tmp_path, caps
     assert "thumbnails" not in capsys.readouterr().err
     assert torch.equal(thumbnails(folder, 1, progress=True), quiet)
     assert "look-alike batches: thumbnails" in capsys.readouterr().err
+
+
+def test_unreadable_images_in_the_statistics_are_not_said_to_leave_the_probe(tmp_path):
+    from devtools.fixtures import make_chestxray14
+
+    from spcl_fast.run.data import intensity_stats, load_split
+    from spcl_fast.run.presets import smoke
+
+    root = make_chestxray14(tmp_path / "nih", n=24, size=32)
+    config = smoke().replace(dataset="chestxray14", data_root=root, num_images=None)
+    source, _, _ = load_split(config, "train")
+    (tmp_path / "nih" / "images" / source.ids[0]).write_bytes(b"garbage")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        intensity_stats("chestxray14", source)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "1 unreadable images left out of the intensity statistics" in messages
+    assert "probe" not in messages

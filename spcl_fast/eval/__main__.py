@@ -171,7 +171,7 @@ def build_splits(args, image_size: int) -> dict:
     if args.dataset not in data_lib.DATASETS:
         raise EvalError(f"unknown dataset {args.dataset!r}; choose from "
                         f"{', '.join(data_lib.DATASETS)}")
-    if args.dataset != "synthetic":
+    if args.dataset not in ("synthetic", "nih-demo"):  # the built-in sets take no root
         if not args.root:
             raise EvalError(f"--root is required for dataset {args.dataset!r}")
         if not Path(args.root).exists():

@@ -60,18 +60,22 @@ def load_split(config: TrainConfig, split: str):
     return ds, ds.labels, tuple(ds.class_names)
 
 
-def as_tensor(source, batch_size: int = 256, num_workers: int = 0) -> torch.Tensor:
-    """All images of an in-memory tensor or a dataset, ``(n, 1, S, S)``."""
+def as_tensor(source, batch_size: int = 256, num_workers: int = 0,
+              purpose: str = "the probe") -> torch.Tensor:
+    """All images of an in-memory tensor or a dataset, ``(n, 1, S, S)`` (``purpose``: what
+    unreadable ones are left out of, in :func:`materialize`'s warning)."""
     return source if isinstance(source, torch.Tensor) else materialize(
-        source, None, batch_size, num_workers)[0]
+        source, None, batch_size, num_workers, purpose)[0]
 
 
 def materialize(source, labels: torch.Tensor | None, batch_size: int = 256,
-                num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                num_workers: int = 0,
+                purpose: str = "the probe") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Images and labels of a split as tensors (for probing). ``labels`` are one row per item
     of ``source`` (its own labels, or other targets such as metadata). A dataset that skips an
     unreadable file returns the next item in its place: such stand-ins are left out with their
-    rows (a probe must not count one image twice), with a warning."""
+    rows (a probe must not count one image twice), with a warning that they are left out of
+    ``purpose``."""
     if isinstance(source, torch.Tensor):
         return source, labels
     loader = torch.utils.data.DataLoader(source, batch_size=batch_size, num_workers=num_workers)
@@ -86,7 +90,7 @@ def materialize(source, labels: torch.Tensor | None, batch_size: int = 256,
         got = [i for b in batches for i in b["id"]]
         own = torch.tensor([a == b for a, b in zip(got, expected, strict=True)])
         if not own.all():
-            warnings.warn(f"{int((~own).sum())} unreadable images left out of the probe",
+            warnings.warn(f"{int((~own).sum())} unreadable images left out of {purpose}",
                           stacklevel=2)
             images, labels = images[own], None if labels is None else labels[own]
     return images, labels
@@ -102,7 +106,8 @@ def intensity_stats(dataset: str, train, num_workers: int = 0,
         return synthetic.MEAN, synthetic.STD
     n = min(count, len(train))
     sample = as_tensor(torch.utils.data.Subset(train, range(n)) if not isinstance(
-        train, torch.Tensor) else train[:n], num_workers=num_workers)
+        train, torch.Tensor) else train[:n], num_workers=num_workers,
+        purpose="the intensity statistics")
     return sample.mean().item(), sample.std().item()
 
 
