@@ -91,8 +91,8 @@ DEFAULT_RECIPES = ("k05_intra_similar_g1", "k05_intra", "spcl_keep05", "spcl", "
 
 def set_overrides(name: str, cxr_root: str | None, cache_root: Path,
                   image_size: int) -> dict[str, str]:
-    if name == "synthetic":
-        return {}
+    if name == "synthetic":  # named: the demo preset's own dataset is the NIH films
+        return {"dataset": "synthetic"}
     if name == "chestxray14":
         if not cxr_root:
             raise SystemExit("error: --sets chestxray14 needs --cxr-root (an official-layout "
