@@ -48,6 +48,7 @@ from typing import Annotated
 import torch
 import tyro
 
+from spcl_fast.cli import THREADS_HELP, set_threads, tyro_cli
 from spcl_fast.eval import extract_features, load_encoder, paired_bootstrap
 from spcl_fast.eval.report import write_results
 from spcl_fast.run.checkpoint import save_atomic
@@ -414,11 +415,17 @@ class StudyArgs:
     # comma-separated rows every other row is bootstrapped against: reference rows
     # ('raw pixels (dataset)', 'init (dataset)') or recipes
     compare_to: str = "raw pixels (dataset)"
+    threads: Annotated[int | None, tyro.conf.arg(help=THREADS_HELP)] = None
 
 
 def parse_args(argv: list[str] | None = None) -> StudyArgs:
-    return tyro.cli(StudyArgs, args=argv, prog="python -m studies",
-                    description=__doc__.split("\n\n")[0])
+    """The study's flags; a bad one ends in one ``error:`` line."""
+    import sys
+
+    flags = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(StudyArgs)]
+    return tyro_cli(lambda args, prog: tyro.cli(StudyArgs, args=args, prog=prog,
+                                                description=__doc__.split("\n\n")[0]),
+                    sys.argv[1:] if argv is None else argv, "python -m studies", flags)
 
 
 def _checked(args) -> tuple[list[str], list[str], list[int], Path]:
@@ -441,6 +448,8 @@ def _checked(args) -> tuple[list[str], list[str], list[int], Path]:
     if args.preset not in PRESETS:
         raise SystemExit(f"error: unknown --preset {args.preset!r}; choose from "
                          f"{', '.join(PRESETS)}")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"error: --threads must be >= 1, got {args.threads}")
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"error: --steps must be >= 1, got {args.steps}")
     out = Path(args.out)
@@ -454,6 +463,7 @@ def _checked(args) -> tuple[list[str], list[str], list[int], Path]:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     sets, recipes, seeds, out = _checked(args)
+    print(set_threads(args.threads), flush=True)
     base = base_config(args.preset)
     records, started = [], time.time()
     for set_name in sets:

@@ -154,6 +154,8 @@ def test_cxr_cache_is_marked_done_only_when_complete(tmp_path, monkeypatch):
     (["--seeds", "a"], "--seeds takes integers"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--preset", "nope"], "unknown --preset 'nope'"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--recipe", "spcl"], "unknown option --recipe; did you mean --recipes"),
     (["--recipes", "nope"], "unknown recipe 'nope'"),
     (["--out", "{file}"], "cannot use --out"),
 ])
