@@ -35,6 +35,30 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
+@pytest.fixture
+def bf16_dot_in_interpreter(monkeypatch):
+    """Triton 3.9's interpreter multiplies the bf16 operands of ``tl.dot`` as their uint16 bit
+    patterns (a GPU multiplies the numbers); widen them to fp32 first, which is exact."""
+    if HAS_CUDA or not triton_interpreting():
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def widen(x):
+        if x.dtype.scalar != tl.bfloat16:
+            return x
+        bits = x.data.astype(np.uint32) << 16
+        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, *args):
+        return original(self, widen(a), widen(b), *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
 @contextlib.contextmanager
 def reference_precision(dtype: torch.dtype):
     """The low-precision reference at the kernels' dot precision: fp32 kernels multiply in

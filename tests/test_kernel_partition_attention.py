@@ -14,23 +14,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import (  # noqa: F401 (poison_outputs is a fixture)
+from kernel_helpers import (  # noqa: F401 (poison_outputs, bf16_dot_in_interpreter: fixtures)
     DEVICE,
     HAS_CUDA,
+    bf16_dot_in_interpreter,
     max_err,
     needs_kernel,
     poison_outputs,
     reference_precision,
 )
 
-from spcl_fast import partition_attention, sample_partitions
+from spcl_fast import partition_attention, partition_attention_qkvpacked, sample_partitions
 from spcl_fast.reference.partition_attention import (
     partition_attention_ref,
     partition_attention_torch_bwd,
     partition_attention_torch_fwd,
 )
 
-pytestmark = pytest.mark.usefixtures("poison_outputs")
+pytestmark = pytest.mark.usefixtures("poison_outputs", "bf16_dot_in_interpreter")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,8 +91,12 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 def _check(lengths_or_cu, heads, head_dim, dtype, token_index=None, rows=None, layout="qkv",
-           softmax_scale=None, chunk_segments=None):
-    """Run the op with impl="triton" (forward and backward) and apply the pass rule."""
+           softmax_scale=None, chunk_segments=None, entry="separate"):
+    """Run the op with impl="triton" (forward and backward) and apply the pass rule.
+
+    ``entry="packed"`` calls :func:`partition_attention_qkvpacked` on the ``(R, 3, H, Dh)`` leaf
+    and checks its one gradient buffer (its q, k, v slices against the reference's gradients).
+    """
     cu_seqlens = (lengths_or_cu if isinstance(lengths_or_cu, torch.Tensor)
                   else _cu(lengths_or_cu))
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
@@ -101,9 +106,17 @@ def _check(lengths_or_cu, heads, head_dim, dtype, token_index=None, rows=None, l
     leaves, (q, k, v) = _qkv(rows, heads, head_dim, dtype, layout)
     dout = torch.randn(rows, heads, head_dim, device=DEVICE).to(dtype)
 
-    out = partition_attention(q, k, v, cu_seqlens, max_seqlen, token_index=token_index,
-                              softmax_scale=softmax_scale, impl="triton")
-    grads = torch.autograd.grad(out, (q, k, v), dout)
+    if entry == "packed":
+        (qkv,) = leaves
+        out = partition_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, token_index=token_index,
+                                            softmax_scale=softmax_scale, impl="triton")
+        (dqkv,) = torch.autograd.grad(out, qkv, dout)
+        assert dqkv.shape == qkv.shape
+        grads = dqkv.unbind(1)
+    else:
+        out = partition_attention(q, k, v, cu_seqlens, max_seqlen, token_index=token_index,
+                                  softmax_scale=softmax_scale, impl="triton")
+        grads = torch.autograd.grad(out, (q, k, v), dout)
     scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
     args = (q, k, v, dout, cu_seqlens, token_index, scale)
     gt = _reference(*args, torch.float64, True, chunk_segments)
@@ -299,6 +312,148 @@ def test_max_seqlen_larger_than_needed():
     torch.testing.assert_close(tight, loose, atol=1e-5, rtol=1e-5)
 
 
+# ---------------------------------------------------------------------------------------------
+# interpret tier: the one-pass backward, the qkv-packed entry, the flat grid
+
+EDGES = [0, 1, 63, 64, 65, 127, 128]  # around the one-pass tiles of 64 and 128 rows
+
+# (dtype, head dim, segment lengths, layout, the one-pass tile they get or 0: two-kernel path)
+PATH_CASES = [
+    (torch.bfloat16, 64, EDGES, "in_place", 128),
+    (torch.float16, 32, [1, 64, 0, 65], "packed", 128),
+    (torch.float32, 16, [0, 1, 63, 64], "packed", 64),
+    (torch.bfloat16, 128, [0, 1, 63, 64], "in_place", 64),
+    (torch.float16, 32, [129, 0, 1], "in_place", 0),
+    (torch.float16, 128, [65, 0, 1], "packed", 0),
+]
+
+
+def _tile(max_seqlen, head_dim, dtype):
+    from spcl_fast.kernels.partition_attention import onepass_tile
+
+    return onepass_tile(max_seqlen, head_dim, dtype)
+
+
+@pytest.mark.interpret
+@needs_kernel
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on padding lanes
+@pytest.mark.parametrize("case", PATH_CASES,
+                         ids=lambda c: f"{str(c[0])[6:]}-{c[1]}-{c[3]}-tile{c[4]}")
+def test_qkvpacked_over_both_backwards(case):
+    # Segment lengths at the tile edges through the qkv-packed entry; in place, 9 rows in no
+    # segment, whose gradient rows of the one (R, 3, H, Dh) buffer must be exactly zero.
+    dtype, head_dim, lengths, token_layout, tile = case
+    assert _tile(max(lengths), head_dim, dtype) == tile
+    total = sum(lengths)
+    token_index, rows = None, total
+    if token_layout == "in_place":
+        rows = total + 9
+        token_index = torch.randperm(rows, device=DEVICE)[:total]
+    _check(lengths, 1, head_dim, dtype, token_index=token_index, rows=rows, entry="packed")
+
+
+@pytest.mark.interpret
+@needs_kernel
+def test_onepass_backward_is_bitwise_deterministic():
+    lengths = [1, 63, 98, 128, 0]
+    assert _tile(max(lengths), 64, torch.bfloat16) == 128
+    token_index = torch.randperm(300, device=DEVICE)[: sum(lengths)]
+    qkv = torch.randn(300, 3, 2, 64, device=DEVICE).to(torch.bfloat16).requires_grad_()
+    out = partition_attention_qkvpacked(qkv, _cu(lengths), max(lengths), token_index,
+                                        impl="triton")
+    dout = torch.randn_like(out)
+    (first,) = torch.autograd.grad(out, qkv, dout, retain_graph=True)
+    (second,) = torch.autograd.grad(out, qkv, dout)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.interpret
+@needs_kernel
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("max_seqlen", [0, 9])
+@pytest.mark.parametrize("path", ["one_pass", "two_kernel"])
+@pytest.mark.parametrize("token_layout", ["packed", "in_place"])
+def test_understated_max_seqlen_still_computes_every_row(monkeypatch, max_seqlen, path,
+                                                         token_layout):
+    # max_seqlen only sizes the grid and picks the backward: segments longer than it (value
+    # checks off, as on CUDA by default) still get every row of every output right.
+    from spcl_fast.kernels import partition_attention as pa
+
+    if path == "two_kernel":
+        monkeypatch.setattr(pa, "onepass_tile", lambda *args: 0)
+    assert bool(pa.onepass_tile(max_seqlen, 16, torch.float32)) == (path == "one_pass")
+    lengths = [40, 3, 0, 21]
+    total = sum(lengths)
+    rows = total if token_layout == "packed" else total + 5
+    token_index = None if token_layout == "packed" else torch.randperm(rows, device=DEVICE)[:total]
+    cu, scale = _cu(lengths), 0.25
+    qkv = torch.randn(rows, 3, 2, 16, device=DEVICE)
+    dout = torch.randn(rows, 2, 16, device=DEVICE)
+    out, lse = pa.partition_attention_qkvpacked_fwd(qkv, cu, max_seqlen, token_index, scale)
+    dqkv = pa.partition_attention_qkvpacked_bwd(dout, qkv, out, lse, cu, max_seqlen, token_index,
+                                                scale)
+    out_t, lse_t = partition_attention_torch_fwd(*qkv.unbind(1), cu, 40, token_index, scale)
+    grads_t = partition_attention_torch_bwd(dout, *qkv.unbind(1), out_t, lse_t, cu, 40,
+                                            token_index, scale)
+    tol = 1e-2 if HAS_CUDA else 1e-5
+    torch.testing.assert_close(out, out_t, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, lse_t, atol=tol, rtol=tol)
+    torch.testing.assert_close(dqkv, torch.stack(grads_t, 1), atol=tol, rtol=tol)
+
+
+MANY = 70_000  # segments: more than a grid axis other than x takes (65,535)
+
+
+def _many_segments(device):
+    """MANY segments, nearly all empty, a few of 1-3 tokens; (cu_seqlens, lengths)."""
+    lengths = torch.zeros(MANY, dtype=torch.int32)
+    lengths[::997] = 3
+    lengths[1::1999] = 1
+    lengths[-1] = 2
+    cu = torch.zeros(MANY + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    return cu.to(device), lengths.tolist()
+
+
+@pytest.mark.interpret
+@needs_kernel
+@pytest.mark.parametrize("max_seqlen", [3, 100, 200])
+def test_grids_take_any_number_of_segments(max_seqlen):
+    # Every launch (forward, one-pass or two-kernel backward) has a flat grid: segments live in
+    # axis x (up to 2^31 - 1 programs), not in y or z (65,535). Recorded on meta tensors: the
+    # interpreter would take minutes to run MANY programs (the gpu tier runs them).
+    from spcl_fast.kernels.aot import recording
+    from spcl_fast.kernels.partition_attention import (
+        partition_attention_qkvpacked_bwd,
+        partition_attention_qkvpacked_fwd,
+    )
+
+    cu = torch.empty(MANY + 1, dtype=torch.int32, device="meta")
+    qkv = torch.empty(MANY * 2, 3, 2, 64, dtype=torch.bfloat16, device="meta")
+    with recording() as launches:
+        out, lse = partition_attention_qkvpacked_fwd(qkv, cu, max_seqlen, None, 0.125)
+        partition_attention_qkvpacked_bwd(out, qkv, out, lse, cu, max_seqlen, None, 0.125)
+    assert len(launches) == (2 if _tile(max_seqlen, 64, torch.bfloat16) else 4)
+    for launch in launches:
+        grid = launch.grid({"BLOCK_M": 16, "BLOCK_N": 16}) if callable(launch.grid) else launch.grid
+        assert all(n <= 65_535 for n in grid[1:]), (launch.kernel, grid)
+        assert grid[0] < 2**31
+
+
+def test_many_segments_torch_path():
+    # The PyTorch path at MANY segments, against the reference, values and d(qkv).
+    cu, lengths = _many_segments("cpu")
+    total = sum(lengths)
+    qkv = torch.randn(total, 3, 2, 8, dtype=torch.float64, requires_grad=True)
+    out = partition_attention_qkvpacked(qkv, cu, max(lengths), impl="torch")
+    dout = torch.randn_like(out)
+    (dqkv,) = torch.autograd.grad(out, qkv, dout)
+    q, k, v = qkv.unbind(1)
+    want = _reference(q, k, v, dout, cu, None, 8**-0.5, torch.float64, True, chunk_segments=7000)
+    torch.testing.assert_close(out, want[0])
+    torch.testing.assert_close(dqkv, torch.stack(want[1:], 1))
+
+
 @pytest.mark.interpret
 @needs_kernel
 def test_compile_traces_one_graph():
@@ -400,6 +555,13 @@ def test_gpu_auto_runs_head_dims_outside_the_kernel_in_pytorch(head_dim):
     with pytest.raises(ValueError, match="supports head_dim"):
         partition_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, plan.token_index,
                             impl="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("entry", ["separate", "packed"])
+def test_gpu_many_segments(entry):
+    cu, _ = _many_segments(DEVICE)
+    _check(cu, 2, 32, torch.bfloat16, chunk_segments=7000, entry=entry)
 
 
 @pytest.mark.gpu

@@ -278,3 +278,39 @@ def test_embed_of_any_size_resizes_the_position_embeddings():
     assert vit.pos_embed.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="expected 32x32 images"):
         vit.embed(crop)
+
+
+def test_attention_layers_run_the_qkv_packed_op(monkeypatch):
+    # VarlenAttention and PartitionAdapter hand the qkv projection to the qkv-packed op (one
+    # gradient buffer in the backward); per-head q/k norms need the separate q, k, v entry.
+    from spcl_fast.nn import PartitionAdapter
+    from spcl_fast.nn import adapter as adapter_module
+    from spcl_fast.nn import attention as attention_module
+
+    calls = []
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for module in (attention_module, adapter_module):
+        monkeypatch.setattr(module, "partition_attention_qkvpacked",
+                            spy("packed", module.partition_attention_qkvpacked))
+    monkeypatch.setattr(adapter_module, "partition_attention",
+                        spy("separate", adapter_module.partition_attention))
+    plan = sample_partitions(2, 16, generator=torch.Generator().manual_seed(0))
+    attn = VarlenAttention(32, num_heads=2)
+    attn(torch.randn(32, 32), plan.cu_seqlens, plan.max_seqlen, plan.token_index)
+    assert calls == ["packed"]
+
+    vit = vit_tiny_patch16(img_size=16, patch_size=4, depth=1)
+    adapter = PartitionAdapter(vit)
+    with adapter.plan(plan):
+        vit.forward_features(torch.rand(2, 1, 16, 16))
+    assert calls == ["packed", "packed"]
+    vit.blocks[0].attn.q_norm = vit.blocks[0].attn.k_norm = torch.nn.LayerNorm(64)
+    with adapter.plan(plan):
+        vit.forward_features(torch.rand(2, 1, 16, 16))
+    assert calls == ["packed", "packed", "separate"]

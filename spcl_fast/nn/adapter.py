@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..ops import partition_attention
+from ..ops import partition_attention, partition_attention_qkvpacked
 from ..partition import PartitionPlan
 from .vit import segment_mean
 
@@ -161,11 +161,17 @@ def _partition_forward(attn: nn.Module, x: torch.Tensor, plan: PartitionPlan,
     qkv = attn.qkv(x)
     inner = qkv.shape[-1] // 3
     qkv = qkv.reshape(b * seq_len, 3, heads, inner // heads)
-    q, k, v = qkv.unbind(1)
-    if hasattr(attn, "q_norm"):  # per-head norms act on the last dim: any leading shape
+    scale = getattr(attn, "scale", None)
+    norms = [getattr(attn, n, None) for n in ("q_norm", "k_norm")]
+    if all(n is None or isinstance(n, nn.Identity) for n in norms):
+        # One qkv tensor in, one qkv gradient out (no stacking of three in the backward).
+        out = partition_attention_qkvpacked(qkv, plan.cu_seqlens, plan.max_seqlen,
+                                            token_index=rows, softmax_scale=scale, impl=impl)
+    else:  # per-head norms act on the last dim: any leading shape
+        q, k, v = qkv.unbind(1)
         q, k = attn.q_norm(q), attn.k_norm(k)
-    out = partition_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, token_index=rows,
-                              softmax_scale=getattr(attn, "scale", None), impl=impl)
+        out = partition_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, token_index=rows,
+                                  softmax_scale=scale, impl=impl)
     out = out.reshape(b, seq_len, inner)
     if hasattr(attn, "norm"):
         out = attn.norm(out)

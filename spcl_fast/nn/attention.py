@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import partition_attention
+from ..ops import partition_attention_qkvpacked
 
 
 class VarlenAttention(nn.Module):
@@ -16,7 +16,8 @@ class VarlenAttention(nn.Module):
       (``scaled_dot_product_attention``), for downstream use of the encoder.
     * Varlen: ``forward(x, cu_seqlens, max_seqlen, token_index=None)`` with ``x`` of shape
       ``(R, D)``: tokens attend only within their segment (see
-      :func:`spcl_fast.partition_attention`). With ``token_index=None`` the rows are packed in
+      :func:`spcl_fast.partition_attention_qkvpacked`, whose backward writes the ``qkv``
+      projection's gradient as one buffer). With ``token_index=None`` the rows are packed in
       segment order; otherwise ``x`` holds all ``B*N`` tokens in image order (the in-place
       layout; a class-token encoder appends one row per segment after them) and rows in no
       segment come out as ``proj.bias``.
@@ -69,7 +70,7 @@ class VarlenAttention(nn.Module):
             out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
             return self.proj(out.transpose(1, 2).reshape(b, n, d))
         rows, d = x.shape
-        # Views of one qkv tensor: the op reads them strided, no copies.
-        q, k, v = self.qkv(x).view(rows, 3, self.num_heads, self.head_dim).unbind(1)
-        out = partition_attention(q, k, v, cu_seqlens, max_seqlen, token_index, impl=self.impl)
+        qkv = self.qkv(x).view(rows, 3, self.num_heads, self.head_dim)
+        out = partition_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, token_index,
+                                            impl=self.impl)
         return self.proj(out.reshape(rows, d))

@@ -10,6 +10,10 @@ Two implementations of the same maths, non-causal softmax attention inside each 
   log-sum-exp exactly as a flash-attention kernel does. Same signatures and outputs as the
   Triton launchers in ``spcl_fast.kernels.partition_attention``.
 
+:func:`partition_attention_qkvpacked_torch_fwd` / :func:`partition_attention_qkvpacked_torch_bwd`
+are the same pair on one ``(R, 3, H, Dh)`` qkv tensor, the backward returning one ``(R, 3, H, Dh)``
+gradient.
+
 Shapes: ``q, k, v`` are ``(R, H, Dh)``; ``cu_seqlens`` ``(S+1,)`` int32; ``token_index`` ``(T,)``
 int64 rows of ``q/k/v`` in segment order, or ``None`` when the rows are already packed
 (``R == T``). Outputs are ``(R, H, Dh)`` with zeros in rows that belong to no segment; the
@@ -223,3 +227,34 @@ def partition_attention_torch_bwd(
         pad.scatter(dk, rows, q.dtype),
         pad.scatter(dv, rows, q.dtype),
     )
+
+
+def partition_attention_qkvpacked_torch_fwd(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    token_index: torch.Tensor | None,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`partition_attention_torch_fwd` of the q, k, v in ``qkv`` ``(R, 3, H, Dh)``."""
+    q, k, v = qkv.unbind(1)
+    return partition_attention_torch_fwd(q, k, v, cu_seqlens, max_seqlen, token_index,
+                                         softmax_scale)
+
+
+def partition_attention_qkvpacked_torch_bwd(
+    dout: torch.Tensor,
+    qkv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    token_index: torch.Tensor | None,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """Backward of :func:`partition_attention_qkvpacked_torch_fwd`: ``d(qkv)`` ``(R, 3, H, Dh)``,
+    zeros in rows of no segment."""
+    q, k, v = qkv.unbind(1)
+    grads = partition_attention_torch_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen,
+                                          token_index, softmax_scale)
+    return torch.stack(grads, dim=1)
