@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from spcl_fast.methods import DINO
+from spcl_fast.methods import DINO, BuildContext, DINOConfig
 from spcl_fast.methods.dino import encode_dense, encode_packed
 from spcl_fast.nn import resize_pos_embed, vit_tiny_patch16
 from spcl_fast.run.presets import smoke
@@ -13,11 +13,11 @@ from spcl_fast.train.engine import train
 from spcl_fast.train.trainer import param_groups
 
 
-def _dino(pos_embed="sincos", **kwargs) -> DINO:
+def _dino(pos_embed="sincos", total_steps=None, **kwargs) -> DINO:
     enc = vit_tiny_patch16(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                            pos_embed=pos_embed)
     args = dict(num_local=3, local_size=16, out_dim=64, hidden_dim=32, bottleneck_dim=16)
-    return DINO(enc, **{**args, **kwargs})
+    return DINO(enc, DINOConfig(**{**args, **kwargs}), BuildContext(total_steps=total_steps))
 
 
 def test_make_crops_shapes():
@@ -106,10 +106,10 @@ def test_forward_contract_and_center_only_moves_in_training():
     mean = model.step_logits / rows
     model.after_step(0)
     assert rows == 2 * 2 * 2  # two forwards of two global crops of two images
-    torch.testing.assert_close(model.center, (1 - model.center_momentum) * mean)
+    torch.testing.assert_close(model.center, (1 - model.config.center_momentum) * mean)
     assert model.step_rows.item() == 0
     model.after_step(1)  # a step without a forward leaves the centre
-    torch.testing.assert_close(model.center, (1 - model.center_momentum) * mean)
+    torch.testing.assert_close(model.center, (1 - model.config.center_momentum) * mean)
 
 
 def test_engine_trains_dino(tmp_path):

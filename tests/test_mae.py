@@ -3,7 +3,7 @@
 
 import torch
 
-from spcl_fast.methods import MAE
+from spcl_fast.methods import MAE, MAEConfig
 from spcl_fast.methods.mae import sample_mask
 from spcl_fast.nn import vit_tiny_patch16
 from spcl_fast.run.presets import smoke
@@ -13,7 +13,8 @@ from spcl_fast.views import patchify
 
 def _mae(**kwargs) -> MAE:
     enc = vit_tiny_patch16(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-    return MAE(enc, **{"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, **kwargs})
+    return MAE(enc, MAEConfig(**{"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2,
+                                 **kwargs}))
 
 
 def test_mask_counts_are_exact_and_differ_per_image():

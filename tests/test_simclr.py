@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spcl_fast import flops
-from spcl_fast.methods import SimCLR
+from spcl_fast.methods import SimCLR, SimCLRConfig
 from spcl_fast.nn import vit_tiny_patch16
 from spcl_fast.reference import info_nce_ref
 from spcl_fast.run.presets import smoke
@@ -19,7 +19,7 @@ def _model(class_token=False, **kwargs):
     torch.manual_seed(0)
     encoder = vit_tiny_patch16(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2,
                                class_token=class_token)
-    return SimCLR(encoder, proj_hidden=24, proj_dim=16, **kwargs)
+    return SimCLR(encoder, SimCLRConfig(proj_hidden=24, proj_dim=16, **kwargs))
 
 
 def test_plan_is_two_mild_unflipped_crops_per_image_drawn_per_seed():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from spcl_fast.methods import SPCL
+from spcl_fast.methods import SPCL, SPCLConfig
 from spcl_fast.nn import vit_tiny_patch16
 from spcl_fast.reference import info_nce_ref
 from spcl_fast.run.presets import smoke
@@ -16,7 +16,8 @@ from spcl_fast.train.trainer import Trainer
 def _model(background_std=0.2, **kwargs):
     torch.manual_seed(0)
     encoder = vit_tiny_patch16(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
-    return SPCL(encoder, proj_hidden=32, proj_dim=16, background_std=background_std, **kwargs)
+    config = SPCLConfig(proj_hidden=32, proj_dim=16, background_std=background_std, **kwargs)
+    return SPCL(encoder, config)
 
 
 def _half_flat(batch=3):
@@ -70,7 +71,7 @@ def test_background_option_errors():
 
 def test_trainer_samples_plans_from_the_batch(tmp_path):
     trainer = Trainer(smoke().replace(background_std=0.2))
-    assert trainer.model.background_std == 0.2
+    assert trainer.model.config.background_std == 0.2
     x = trainer.transform(trainer.stream.next())
     x[:, :, :, :16] = x.mean()  # flat left halves
     plan = trainer.plans.sample(trainer.model, x)
@@ -85,7 +86,7 @@ def test_foreground_of_colour_images_is_per_channel():
     torch.manual_seed(0)
     encoder = vit_tiny_patch16(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2,
                                in_chans=3)
-    model = SPCL(encoder, proj_hidden=32, proj_dim=16, background_std=0.2)
+    model = SPCL(encoder, SPCLConfig(proj_hidden=32, proj_dim=16, background_std=0.2))
     x = torch.rand(2, 3, 32, 32)
     x[:, 0, :8, :8], x[:, 1, :8, :8], x[:, 2, :8, :8] = 0.9, 0.1, 0.5  # flat, but coloured
     valid = model.foreground(x)
@@ -122,7 +123,7 @@ def test_loss_is_the_mean_pairwise_info_nce_of_the_subsets(num_subsets, predicto
 
 
 def test_subset_options_errors_and_plan_mismatch():
-    with pytest.raises(ValueError, match="num_subsets must be >= 2"):
+    with pytest.raises(ValueError, match="num_subsets must be from 2 to the number of patches"):
         _model(num_subsets=1)
     with pytest.raises(ValueError, match="predictor_hidden"):
         _model(predictor_hidden=-1)
@@ -173,11 +174,11 @@ def test_study_options_train_and_reload(tmp_path, changes):
 
 
 def test_baselines_refuse_a_class_token_encoder():
-    from spcl_fast.methods import DINO, MAE
+    from spcl_fast.methods import DINO, MAE, DINOConfig, MAEConfig
 
     encoder = vit_tiny_patch16(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2,
                                class_token=True)
     with pytest.raises(ValueError, match="class token"):
-        MAE(encoder, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+        MAE(encoder, MAEConfig(decoder_dim=16, decoder_depth=1, decoder_heads=2))
     with pytest.raises(ValueError, match="class token"):
-        DINO(encoder, out_dim=64)
+        DINO(encoder, DINOConfig(out_dim=64))

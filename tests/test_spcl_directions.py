@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spcl_fast import flops, sample_partitions
-from spcl_fast.methods import SPCL
+from spcl_fast.methods import SPCL, SPCLConfig
 from spcl_fast.methods.losses import intra_image_nce
 from spcl_fast.nn import vit_tiny_patch16
 from spcl_fast.reference import info_nce_ref
@@ -201,20 +201,20 @@ def _model(class_token=False, pos_embed="learned", in_chans=1, **kwargs):
     torch.manual_seed(0)
     encoder = vit_tiny_patch16(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2,
                                class_token=class_token, pos_embed=pos_embed, in_chans=in_chans)
-    return SPCL(encoder, proj_hidden=32, proj_dim=16, **kwargs)
+    return SPCL(encoder, SPCLConfig(proj_hidden=32, proj_dim=16, **kwargs))
 
 
 def _intra_reference(model, x, plan, seed):
     """The intra-image term image by image, without padding: the same draws (one priority row
-    per image and direction, drawn image by image as the model draws them), each image's predictor on its own; with
-    ``intra_negatives="batch"`` one cross-entropy over every image's drawn tokens; with
-    ``intra_target="pixels"`` the targets are each drawn patch's pixels, written out with
-    ``torch.std`` over the image and explicit slicing."""
+    per image and direction, drawn image by image as the model draws them), each image's
+    predictor on its own; with ``intra_negatives="batch"`` one cross-entropy over every
+    image's drawn tokens; with ``intra_target="pixels"`` the targets are each drawn patch's
+    pixels, written out with ``torch.std`` over the image and explicit slicing."""
     _, tokens = model.encoder.forward_partitioned_tokens(x, plan)
     g = torch.Generator().manual_seed(seed)
     rows = tokens.split(plan.seqlens.tolist())
     positions = (plan.token_index % plan.num_tokens).split(plan.seqlens.tolist())
-    length, q = plan.max_seqlen, min(model.intra_queries, plan.max_seqlen)
+    q = min(model.config.intra_queries, plan.max_seqlen)
     p = model.token_predictor
     losses = []
     priority = torch.rand(plan.num_images, 2, plan.num_tokens, generator=g)
@@ -227,7 +227,7 @@ def _intra_reference(model, x, plan, seed):
             pos = model.encoder.pos_embed[0][positions[2 * b + tgt][pick]]
             pred = p(pos[None], p.kv(context)[None], torch.ones(1, context.shape[0],
                                                                  dtype=torch.bool))[0]
-            if model.intra_target == "pixels":
+            if model.config.intra_target == "pixels":
                 pred = model.pixel_head(pred)
                 image = (x[b] - x[b].mean()) / (x[b].std() + 1e-6)
                 embed = model.encoder.patch_embed
@@ -240,11 +240,11 @@ def _intra_reference(model, x, plan, seed):
                 target = target[pick]
             preds.append(pred)
             targets.append(target)
-        if model.intra_negatives == "batch":
+        if model.config.intra_negatives == "batch":
             preds, targets = [torch.cat(preds)], [torch.cat(targets)]
         for pred, target in zip(preds, targets, strict=True):
             logits = F.normalize(pred, dim=-1) @ F.normalize(target, dim=-1).T
-            logits = logits / model.intra_temperature
+            logits = logits / model.config.intra_temperature
             terms.append(F.cross_entropy(logits, torch.arange(len(pred)), reduction="sum"))
         count = sum(min(q, rows[2 * b + tgt].shape[0]) for b in range(plan.num_images))
         losses.append(torch.stack(terms).sum() / count)
@@ -315,31 +315,29 @@ def test_intra_flops_match_the_flop_counter(options):
 
 
 def test_direction_errors():
-    for kwargs, message in [
-        (dict(intra_weight=1.0, num_subsets=3), "needs num_subsets=2"),
-        (dict(intra_weight=1.0, pos_embed="none"), "position embeddings"),
-        (dict(intra_queries=0), "intra_queries >= 1"),
-        (dict(intra_negatives="all"), "intra_negatives must be 'image' or 'batch'"),
-        (dict(intra_target="patches"), "intra_target must be 'tokens' or 'pixels'"),
-        (dict(intra_weight=-1.0), "intra_weight must be >= 0"),
-        (dict(partition="blocks"), "partition must be 'random' or 'anatomy'"),
-        (dict(crop_scale=(0.0, 1.0)), "crop_scale must be None or"),
-    ]:
-        with pytest.raises(ValueError, match=message):
-            _model(**kwargs)
+    """One validation (SPCLConfig.check): the model and the training config refuse alike."""
+    with pytest.raises(ValueError, match="position embeddings"):  # the encoder's: model only
+        _model(intra_weight=1.0, pos_embed="none")
     for changes, message in [
+        (dict(intra_weight=1.0, num_subsets=3), "num_subsets must be 2 with"),
+        (dict(intra_queries=0), "intra_queries must be >= 1"),
+        (dict(intra_negatives="all"), "intra_negatives must be one of image, batch, got 'all'"),
+        (dict(intra_target="patches"), "intra_target must be one of tokens, pixels"),
+        (dict(intra_weight=-1.0), "intra_weight must be >= 0"),
+        (dict(partition="blocks"), "partition must be one of random, anatomy"),
+        (dict(crop_scale=(0.0, 1.0)), "crop_scale must be"),
         (dict(partition="anatomy", ratio_range=(0.3, 0.7)), "ratio_range must be None with"),
         (dict(partition="anatomy", ratio=0.3), "ratio must be 0.5"),
         (dict(partition="anatomy", block_size=2), "block_size must be 1 with"),
         (dict(partition="anatomy", num_subsets=3), "num_subsets must be 2 with"),
-        (dict(intra_weight=0.5, num_subsets=3), "num_subsets must be 2 with"),
         (dict(target_scale=(0.2, 0.1)), "target_scale must be"),
         (dict(target_blocks=0), "target_blocks must be"),
-        (dict(intra_queries=0), "intra_queries must be"),
         (dict(intra_temperature=0.0), "intra_temperature must be"),
         (dict(intra_weight=float("nan")), "intra_weight must be"),
         (dict(crop_scale=(0.6, 0.5)), "crop_scale must be"),
     ]:
+        with pytest.raises(ValueError, match=message):
+            _model(**changes)
         with pytest.raises(ValueError, match=message):
             smoke().replace(**changes).check()
 

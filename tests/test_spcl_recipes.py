@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from spcl_fast.methods import SPCL
+from spcl_fast.methods import SPCL, BuildContext, SPCLConfig
 from spcl_fast.methods.losses import bounded_info_nce, vicreg_covariance, vicreg_variance
 from spcl_fast.nn import vit_tiny_patch16
 from spcl_fast.reference import info_nce_ref
@@ -125,7 +125,7 @@ def _model(**kwargs):
     torch.manual_seed(0)
     encoder = vit_tiny_patch16(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2,
                                class_token=kwargs.pop("class_token", False))
-    return SPCL(encoder, proj_hidden=32, proj_dim=16, **kwargs)
+    return SPCL(encoder, SPCLConfig(proj_hidden=32, proj_dim=16, **kwargs))
 
 
 def _subset_embeddings(model, x, plan):
@@ -165,19 +165,23 @@ def test_no_projector_puts_the_final_normed_class_token_into_the_loss():
 
 
 def test_recipe_flag_errors():
-    for kwargs, message in [
-        (dict(similarity="dot"), "similarity must be 'cosine' or 'bounded'"),
-        (dict(projector="linear"), "projector must be 'mlp' or 'none'"),
-        (dict(similarity="bounded", negatives="all"), "cross negatives"),
-        (dict(vicreg_var=-1.0), "must be >= 0"),
+    """One validation (SPCLConfig.check): the model and the training config refuse alike."""
+    for changes, message in [
+        (dict(similarity="dot"), "similarity must be one of cosine, bounded"),
+        (dict(projector="linear"), "projector must be one of mlp, none"),
+        (dict(similarity="bounded", negatives="all"), "negatives must be 'cross' with"),
+        (dict(vicreg_var=-1.0), "vicreg_var must be >= 0"),
+        (dict(kappa=-0.5), "kappa must be"),
+        (dict(vicreg_cov=float("nan")), "vicreg_cov must be"),
+        (dict(num_subsets=3, ratio=0.3), "ratio must be 0.5 .* num_subsets > 2"),
     ]:
         with pytest.raises(ValueError, match=message):
-            _model(**kwargs)
-    for changes, message in [(dict(similarity="bounded", negatives="all"), "negatives must be"),
-                             (dict(kappa=-0.5), "kappa must be"),
-                             (dict(vicreg_cov=float("nan")), "vicreg_cov must be")]:
+            _model(**changes)
         with pytest.raises(ValueError, match=message):
             smoke().replace(**changes).check()
+    encoder = vit_tiny_patch16(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
+    with pytest.raises(ValueError, match="one process's batch"):  # the run's context: model only
+        SPCL(encoder, SPCLConfig(similarity="bounded"), BuildContext(gather_distributed=True))
 
 
 @pytest.mark.parametrize("args", [

@@ -12,9 +12,16 @@ attribute ``label`` in logs, that offers:
   detached scalars worth logging (the engine averages them over micro-steps and processes).
 * ``train_flops(plan) -> int``: algorithmic FLOPs of one training step on ``plan`` (count the
   encoder with ``encoder.forward_flops``, the rest with :mod:`spcl_fast.flops`).
-* ``from_config(encoder, settings, context)``: a classmethod building the method from its config
-  section (``settings``: that section as a dict of constructor arguments) and the run's
-  :class:`BuildContext`.
+* ``Config``: its settings, a frozen dataclass in its own module (one commented field per
+  setting: the field's ``--flag``, its comment the flag's help; ``check(num_patches=None)``
+  raising one ``ValueError`` naming a setting no run can use, through
+  :func:`spcl_fast.sections.require`). The training config collects these sections from
+  :data:`~spcl_fast.methods.METHODS`: each is one section of ``TrainConfig`` and of
+  ``config.json``, named as the method.
+* ``__init__(encoder, config=None, context=None)``: the method built from its ``Config``
+  (``None``: the defaults), checked there, and the run's :class:`BuildContext`;
+  ``from_config(encoder, settings, context)``, a classmethod, does so from the section as a
+  dict of fields.
 * optionally ``after_step(step)``: called after every optimizer step (:class:`AfterStep`;
   DINO's centre and teacher EMA).
 * a loss that couples the images of a batch (in-batch negatives, batch statistics) splits the
@@ -25,14 +32,16 @@ attribute ``label`` in logs, that offers:
 
 Adding a method ``foo``:
 
-1. ``spcl_fast/methods/foo.py``: the module (constructor arguments named like its config
-   fields), its plan class, ``from_config``; collectives through :mod:`spcl_fast.distributed`.
+1. ``spcl_fast/methods/foo.py``: its ``FooConfig`` section, the module (``Config = FooConfig``,
+   built from it), its plan class, ``from_config``; what it shares with other methods (crops,
+   heads, patches, loss terms) comes from below (:mod:`spcl_fast.views`,
+   :mod:`spcl_fast.nn.heads`, :mod:`spcl_fast.methods.losses`), never from another method;
+   collectives through :mod:`spcl_fast.distributed`.
 2. ``METHODS["foo"] = Foo`` in ``spcl_fast/methods/__init__.py``.
-3. In ``spcl_fast/run/config.py``: a ``FooConfig`` section (one commented field per
-   constructor argument, named as the flag it should be, or renamed with ``_flag``; a
-   ``check()`` for ranges), a ``foo: FooConfig`` field of ``TrainConfig`` and ``"foo"`` in the
-   ``Method`` literal. ``--method foo`` then trains it, its fields are flags, its section is
-   saved in ``config.json`` and compared on resume; nothing in ``spcl_fast/train`` changes.
+
+``--method foo`` then trains it, its fields are flags (in a help section of their own), its
+section is saved in ``config.json`` and compared on resume; nothing in ``spcl_fast/run`` or
+``spcl_fast/train`` changes.
 """
 
 from __future__ import annotations
@@ -75,6 +84,7 @@ class Method(Protocol):
 
     encoder: torch.nn.Module
     label: str  # the method's name in logs and plots ("S-PCL")
+    Config: type  # its settings: a frozen dataclass with check(num_patches=None)
 
     def sample_plan(self, batch_size: int, generator: torch.Generator | None, device,
                     images: torch.Tensor | None = None) -> Plan: ...

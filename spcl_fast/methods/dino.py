@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,7 @@ from torch import nn
 from .. import distributed, flops
 from ..nn.heads import DINOHead
 from ..nn.vit import VisionTransformer
+from ..sections import flag, require
 from ..views import CropPlan, resized_crops, sample_crops
 from .base import BuildContext
 
@@ -68,12 +71,63 @@ def encode_packed(encoder: VisionTransformer, groups: list[torch.Tensor]) -> tor
     return torch.cat(pooled)
 
 
+@dataclass(frozen=True)
+class DINOConfig:
+    """DINO's settings (what each does: the DINO class docstring, docs/methods.md)."""
+
+    num_local: Annotated[int, flag("dino_local_crops")] = 10  # dino: local crops per image
+    global_size: Annotated[int | None, flag("dino_global_size")] = None  # dino: global crop
+    local_size: Annotated[int | None, flag("dino_local_size")] = None  # dino: local crop side
+    global_scale: Annotated[tuple[float, float], flag("dino_global_scale")] = (0.4, 1.0)  # area
+    local_scale: Annotated[tuple[float, float], flag("dino_local_scale")] = (0.05, 0.4)  # area
+    jitter: Annotated[float, flag("dino_jitter")] = 0.1  # dino: intensity gain/offset per crop
+    flip_prob: Annotated[float, flag("dino_flip_prob")] = 0.0  # dino: horizontal flips (0: CXR)
+    out_dim: Annotated[int, flag("dino_out_dim")] = 65536  # dino: head output (prototypes)
+    hidden_dim: Annotated[int, flag("dino_hidden_dim")] = 2048  # dino: head MLP width
+    bottleneck_dim: Annotated[int, flag("dino_bottleneck_dim")] = 256  # dino: head bottleneck
+    student_temp: float = 0.1  # dino: student softmax temperature
+    teacher_temp: float = 0.04  # dino: teacher softmax temperature (fixed, no warm-up)
+    center_momentum: float = 0.9  # dino: EMA momentum of the teacher-output centre
+    teacher_momentum: float = 0.996  # dino: teacher EMA momentum at step 0, cosine to 1
+
+    def check(self, num_patches: int | None = None) -> None:
+        """Raise ``ValueError`` naming the first setting no run can use (``num_patches``:
+        the method contract's, unused; crop sides are checked against the patch by
+        :class:`DINO`)."""
+        scale = "(lo, hi) with 0 < lo <= hi <= 1"
+        require(self, {
+            "num_local": (self.num_local >= 0, ">= 0"),
+            "global_size": (self.global_size is None or self.global_size >= 1, ">= 1 or None"),
+            "local_size": (self.local_size is None or self.local_size >= 1, ">= 1 or None"),
+            "global_scale": (0 < self.global_scale[0] <= self.global_scale[1] <= 1, scale),
+            "local_scale": (0 < self.local_scale[0] <= self.local_scale[1] <= 1, scale),
+            "jitter": (math.isfinite(self.jitter) and self.jitter >= 0, ">= 0"),
+            "flip_prob": (0 <= self.flip_prob <= 1, "in [0, 1]"),
+            "out_dim": (self.out_dim >= 1, ">= 1"),
+            "hidden_dim": (self.hidden_dim >= 1, ">= 1"),
+            "bottleneck_dim": (self.bottleneck_dim >= 1, ">= 1"),
+            "student_temp": (math.isfinite(self.student_temp) and self.student_temp > 0,
+                             "positive"),
+            "teacher_temp": (math.isfinite(self.teacher_temp) and self.teacher_temp > 0,
+                             "positive"),
+            "center_momentum": (0 <= self.center_momentum <= 1, "in [0, 1]"),
+            "teacher_momentum": (0 <= self.teacher_momentum <= 1, "in [0, 1]"),
+        })
+
+
 class DINO(nn.Module):
     """Student ViT + head trained to match an EMA teacher over multi-crop views.
 
     Args:
         encoder: the student :class:`~spcl_fast.nn.VisionTransformer` (the one pre-trained and
             probed); the teacher starts as a copy.
+        config: the settings (:class:`DINOConfig`; ``None``: its defaults), checked here.
+        context: what the run adds (:class:`~spcl_fast.methods.base.BuildContext`): with
+            ``total_steps`` the teacher's momentum follows a cosine to 1 at the last step
+            (DINO's schedule), else it stays constant.
+
+    What the settings do:
+
         num_local: local crops per image (2 global crops always).
         global_size, local_size: crop sides in pixels, multiples of the patch (default: the
             encoder's image size, and ``96/224`` of it rounded to the patch).
@@ -82,8 +136,7 @@ class DINO(nn.Module):
         out_dim, hidden_dim, bottleneck_dim: DINO head sizes (65536, 2048, 256 in the paper).
         student_temp, teacher_temp: softmax temperatures (0.1; 0.04, fixed).
         center_momentum: EMA momentum of the teacher-output centre (0.9).
-        teacher_momentum: EMA momentum of the teacher at step 0; with ``total_steps`` it
-            follows a cosine to 1 at the last step (DINO's schedule), else stays constant.
+        teacher_momentum: EMA momentum of the teacher at step 0 (see ``context``).
 
     ``forward(images (B,C,S,S), generator=None, plan=None)`` returns ``loss`` (differentiable;
     only the student gets gradients) and the detached ``teacher_entropy`` (mean entropy of the
@@ -96,68 +149,54 @@ class DINO(nn.Module):
 
         >>> from spcl_fast.nn import vit_tiny_patch16
         >>> enc = vit_tiny_patch16(img_size=32, patch_size=8, depth=2)
-        >>> model = DINO(enc, num_local=2, local_size=16, out_dim=64, hidden_dim=32,
-        ...              bottleneck_dim=16)
+        >>> model = DINO(enc, DINOConfig(num_local=2, local_size=16, out_dim=64, hidden_dim=32,
+        ...                              bottleneck_dim=16))
         >>> model(torch.rand(2, 1, 32, 32))["loss"].backward()
         >>> model.after_step(0)
     """
 
     label = "DINO"  # in logs and plots
+    Config = DINOConfig  # its settings, the ``dino`` section of the training config
 
-    def __init__(
-        self,
-        encoder: VisionTransformer,
-        num_local: int = 10,
-        global_size: int | None = None,
-        local_size: int | None = None,
-        global_scale: tuple[float, float] = (0.4, 1.0),
-        local_scale: tuple[float, float] = (0.05, 0.4),
-        jitter: float = 0.1,
-        flip_prob: float = 0.0,
-        out_dim: int = 65536,
-        hidden_dim: int = 2048,
-        bottleneck_dim: int = 256,
-        student_temp: float = 0.1,
-        teacher_temp: float = 0.04,
-        center_momentum: float = 0.9,
-        teacher_momentum: float = 0.996,
-        total_steps: int | None = None,
-    ):
+    def __init__(self, encoder: VisionTransformer, config: DINOConfig | None = None,
+                 context: BuildContext | None = None):
         super().__init__()
+        config = DINOConfig() if config is None else config
+        config.check(encoder.num_patches)
         if encoder.num_prefix_tokens:
             raise ValueError("DINO here runs on an encoder without a class token "
                              "(class_token=False): it mean-pools each crop's patches")
         patch, img = encoder.patch_embed.patch_size, encoder.patch_embed.img_size
-        self.global_size = global_size or img
-        self.local_size = local_size or max(round(img * LOCAL_TO_GLOBAL / patch), 1) * patch
+        self.global_size = config.global_size or img
+        local = max(round(img * LOCAL_TO_GLOBAL / patch), 1) * patch
+        self.local_size = config.local_size or local
         for name, size in (("global_size", self.global_size), ("local_size", self.local_size)):
             if size % patch:
                 raise ValueError(f"{name} {size} is not a multiple of the patch size {patch}")
-        self.num_global, self.num_local = 2, num_local
-        self.global_scale, self.local_scale = global_scale, local_scale
-        self.jitter, self.flip_prob = jitter, flip_prob
-        self.student_temp, self.teacher_temp = student_temp, teacher_temp
-        self.center_momentum = center_momentum
-        self.teacher_momentum, self.total_steps = teacher_momentum, total_steps
+        self.config, self.num_global = config, 2
+        self.total_steps = None if context is None else context.total_steps
         self.encoder = encoder
-        self.head = DINOHead(encoder.embed_dim, out_dim, hidden_dim, bottleneck_dim)
+        self.head = DINOHead(encoder.embed_dim, config.out_dim, config.hidden_dim,
+                             config.bottleneck_dim)
         self.teacher_encoder = copy.deepcopy(encoder).requires_grad_(False)
         self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
-        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("center", torch.zeros(1, config.out_dim))
         # teacher logits summed over the forward passes of this optimizer step (not saved)
-        self.register_buffer("step_logits", torch.zeros(1, out_dim), persistent=False)
+        self.register_buffer("step_logits", torch.zeros(1, config.out_dim), persistent=False)
         self.register_buffer("step_rows", torch.zeros(()), persistent=False)
 
     @classmethod
     def from_config(cls, encoder: VisionTransformer, settings, context: BuildContext) -> DINO:
-        """From the ``dino`` config section; the teacher's momentum follows the run's steps."""
-        return cls(encoder, **settings, total_steps=context.total_steps)
+        """From the ``dino`` config section (a dict of :class:`DINOConfig` fields); the
+        teacher's momentum follows the run's steps."""
+        return cls(encoder, DINOConfig(**settings), context)
 
     def sample_plan(self, batch_size: int, generator: torch.Generator | None, device,
                     images: torch.Tensor | None = None) -> CropPlan:
         """Random crops (``images`` is accepted for the common method contract, unused)."""
-        return sample_crops(batch_size, self.num_global, self.num_local, self.global_scale,
-                            self.local_scale, self.jitter, self.flip_prob, generator, device)
+        c = self.config
+        return sample_crops(batch_size, self.num_global, c.num_local, c.global_scale,
+                            c.local_scale, c.jitter, c.flip_prob, generator, device)
 
     def make_crops(self, images: torch.Tensor, plan: CropPlan) -> list[torch.Tensor]:
         """``[global (2B, C, Sg, Sg), local (L*B, C, Sl, Sl)]`` (no local entry when L = 0)."""
@@ -172,9 +211,9 @@ class DINO(nn.Module):
     def momentum_at(self, step: int) -> float:
         """Teacher EMA momentum after optimizer step ``step`` (0-based)."""
         if not self.total_steps:
-            return self.teacher_momentum
+            return self.config.teacher_momentum
         progress = min(step / self.total_steps, 1.0)
-        return 1 - (1 - self.teacher_momentum) * (1 + math.cos(math.pi * progress)) / 2
+        return 1 - (1 - self.config.teacher_momentum) * (1 + math.cos(math.pi * progress)) / 2
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
@@ -197,8 +236,8 @@ class DINO(nn.Module):
         stays (a step without a training forward)."""
         batch_center = distributed.all_reduce_mean_(teacher_logits.float().mean(dim=0,
                                                                                 keepdim=True))
-        keep = self.center_momentum if rows is None else torch.where(
-            rows > 0, self.center_momentum, 1.0)
+        keep = self.config.center_momentum if rows is None else torch.where(
+            rows > 0, self.config.center_momentum, 1.0)
         self.center.mul_(keep).add_(batch_center * (1 - keep))
 
     def distillation_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -206,8 +245,9 @@ class DINO(nn.Module):
         """Cross-entropy of teacher targets (centred, sharpened) against student predictions,
         averaged over pairs of different crops. ``student_logits (V*B, K)`` and
         ``teacher_logits (2B, K)`` crop-major; returns ``(loss, teacher targets (2B, K))``."""
-        targets = F.softmax((teacher_logits.float() - self.center) / self.teacher_temp, dim=-1)
-        log_probs = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
+        centred = teacher_logits.float() - self.center
+        targets = F.softmax(centred / self.config.teacher_temp, dim=-1)
+        log_probs = F.log_softmax(student_logits.float() / self.config.student_temp, dim=-1)
         # Pair by pair, as DINO does: a (2, V, B, K) product would not fit for K = 65536.
         total, pairs = 0.0, 0
         for i, q in enumerate(targets.split(batch_size)):

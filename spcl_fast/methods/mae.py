@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import flops
 from ..nn.vit import Block, VisionTransformer, sincos_pos_embed
+from ..sections import require
 from ..views import patchify
 from .base import BuildContext
 
@@ -84,11 +85,36 @@ def sample_mask(
     return MaskPlan(ids_keep.to(device or gen_device), num_tokens)
 
 
+@dataclass(frozen=True)
+class MAEConfig:
+    """MAE's settings (what each does: the MAE class docstring, docs/methods.md)."""
+
+    mask_ratio: float = 0.75  # mae: fraction of patches hidden from the encoder
+    decoder_dim: int = 512  # mae: decoder width
+    decoder_depth: int = 8  # mae: decoder blocks
+    decoder_heads: int = 16  # mae: decoder attention heads
+    norm_pix_loss: bool = True  # mae: regress per-patch normalised pixels (else raw pixels)
+
+    def check(self, num_patches: int | None = None) -> None:
+        """Raise ``ValueError`` naming the first setting no run can use (``num_patches``:
+        the method contract's, unused)."""
+        require(self, {"mask_ratio": (0 <= self.mask_ratio < 1, "in [0, 1)"),
+                       "decoder_dim": (self.decoder_dim >= 1, ">= 1"),
+                       "decoder_depth": (self.decoder_depth >= 1, ">= 1"),
+                       "decoder_heads": (self.decoder_heads >= 1, ">= 1")})
+
+
 class MAE(nn.Module):
     """Masked autoencoder around a :class:`~spcl_fast.nn.VisionTransformer`.
 
     Args:
         encoder: the ViT to pre-train (its blocks and final norm encode the visible tokens).
+        config: the settings (:class:`MAEConfig`; ``None``: its defaults), checked here.
+        context: the run's :class:`~spcl_fast.methods.base.BuildContext` (unused: MAE needs
+            nothing of it).
+
+    What the settings do:
+
         mask_ratio: fraction of patches hidden from the encoder (0.75 in the paper).
         decoder_dim, decoder_depth, decoder_heads: decoder width, blocks and heads (512, 8, 16).
         norm_pix_loss: regress each patch's pixels normalised by the patch's own mean and
@@ -102,31 +128,24 @@ class MAE(nn.Module):
 
         >>> from spcl_fast.nn import vit_tiny_patch16
         >>> enc = vit_tiny_patch16(img_size=32, patch_size=8, depth=2)
-        >>> model = MAE(enc, decoder_dim=64, decoder_depth=1, decoder_heads=4)
+        >>> model = MAE(enc, MAEConfig(decoder_dim=64, decoder_depth=1, decoder_heads=4))
         >>> out = model(torch.rand(2, 1, 32, 32))
         >>> out["loss"].backward()
     """
 
     label = "MAE"  # in logs and plots
+    Config = MAEConfig  # its settings, the ``mae`` section of the training config
 
-    def __init__(
-        self,
-        encoder: VisionTransformer,
-        mask_ratio: float = 0.75,
-        decoder_dim: int = 512,
-        decoder_depth: int = 8,
-        decoder_heads: int = 16,
-        norm_pix_loss: bool = True,
-    ):
+    def __init__(self, encoder: VisionTransformer, config: MAEConfig | None = None,
+                 context: BuildContext | None = None):
         super().__init__()
-        if decoder_depth < 1:
-            raise ValueError(f"decoder_depth must be >= 1, got {decoder_depth}")
+        config = MAEConfig() if config is None else config
+        config.check(encoder.num_patches)
         if encoder.num_prefix_tokens:
             raise ValueError("MAE here runs on an encoder without a class token "
                              "(class_token=False): it mean-pools the visible patches")
-        self.encoder = encoder
-        self.mask_ratio = mask_ratio
-        self.norm_pix_loss = norm_pix_loss
+        self.config, self.encoder = config, encoder
+        decoder_dim = config.decoder_dim
         pe = encoder.patch_embed
         self.patch_size, self.in_chans = pe.patch_size, pe.proj.in_channels
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
@@ -136,7 +155,7 @@ class MAE(nn.Module):
             "decoder_pos_embed", sincos_pos_embed(decoder_dim, pe.grid_size)[None], persistent=False
         )
         self.decoder_blocks = nn.ModuleList(
-            Block(decoder_dim, decoder_heads) for _ in range(decoder_depth)
+            Block(decoder_dim, config.decoder_heads) for _ in range(config.decoder_depth)
         )
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, pe.patch_size**2 * self.in_chans)
@@ -148,13 +167,15 @@ class MAE(nn.Module):
 
     @classmethod
     def from_config(cls, encoder: VisionTransformer, settings, context: BuildContext) -> MAE:
-        """From the ``mae`` config section (nothing of the run's context is needed)."""
-        return cls(encoder, **settings)
+        """From the ``mae`` config section (a dict of :class:`MAEConfig` fields; nothing of
+        the run's context is needed)."""
+        return cls(encoder, MAEConfig(**settings), context)
 
     def sample_plan(self, batch_size: int, generator: torch.Generator | None, device,
                     images: torch.Tensor | None = None) -> MaskPlan:
         """Random masks (``images`` is accepted for the common method contract, unused)."""
-        return sample_mask(batch_size, self.encoder.num_patches, self.mask_ratio, generator, device)
+        return sample_mask(batch_size, self.encoder.num_patches, self.config.mask_ratio, generator,
+                           device)
 
     def encode_visible(self, images: torch.Tensor, plan: MaskPlan) -> torch.Tensor:
         """``(B, N_vis, D)``: the visible tokens through the encoder's blocks and final norm."""
@@ -179,7 +200,7 @@ class MAE(nn.Module):
         """``(B, N, p*p*C)`` regression target: the pixels, normalised per patch when
         ``norm_pix_loss``."""
         t = patchify(images.float(), self.patch_size)
-        if self.norm_pix_loss:
+        if self.config.norm_pix_loss:
             t = (t - t.mean(dim=-1, keepdim=True)) / (t.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
         return t
 

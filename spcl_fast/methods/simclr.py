@@ -12,6 +12,10 @@ blur. The crops come from :func:`~spcl_fast.views.sample_crops` (drawn on the ho
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Annotated
+
 import torch
 from torch import nn
 
@@ -19,8 +23,34 @@ from .. import flops
 from ..nn.heads import Projector
 from ..nn.vit import VisionTransformer
 from ..ops import info_nce
+from ..sections import flag, require
 from ..views import CropPlan, resized_crops, sample_crops
 from .base import BuildContext
+
+
+@dataclass(frozen=True)
+class SimCLRConfig:
+    """SimCLR's settings (what each does: the SimCLR class docstring, docs/methods.md)."""
+
+    crop_scale: Annotated[tuple[float, float], flag("simclr_scale")] = (0.5, 1.0)  # crop area
+    jitter: Annotated[float, flag("simclr_jitter")] = 0.1  # simclr: intensity gain/offset
+    temperature: Annotated[float, flag("simclr_temperature")] = 0.1  # simclr: InfoNCE
+    proj_hidden: Annotated[int, flag("simclr_proj_hidden")] = 512  # simclr: projector width
+    proj_dim: Annotated[int, flag("simclr_proj_dim")] = 128  # simclr: projector output size
+    proj_depth: Annotated[int, flag("simclr_proj_depth")] = 1  # simclr: projector hidden layers
+
+    def check(self, num_patches: int | None = None) -> None:
+        """Raise ``ValueError`` naming the first setting no run can use (``num_patches``:
+        the method contract's, unused)."""
+        lo, hi = self.crop_scale
+        require(self, {
+            "crop_scale": (0 < lo <= hi <= 1, "(lo, hi) with 0 < lo <= hi <= 1"),
+            "jitter": (math.isfinite(self.jitter) and self.jitter >= 0, ">= 0"),
+            "temperature": (math.isfinite(self.temperature) and self.temperature > 0, "positive"),
+            "proj_hidden": (self.proj_hidden >= 1, ">= 1"),
+            "proj_dim": (self.proj_dim >= 1, ">= 1"),
+            "proj_depth": (self.proj_depth >= 0, ">= 0"),
+        })
 
 
 class SimCLR(nn.Module):
@@ -29,12 +59,17 @@ class SimCLR(nn.Module):
     Args:
         encoder: a :class:`~spcl_fast.nn.VisionTransformer`; crops are resampled to its
             image size.
+        config: the settings (:class:`SimCLRConfig`; ``None``: its defaults), checked here.
+        context: what the run adds (:class:`~spcl_fast.methods.base.BuildContext`): with
+            ``gather_distributed``, inside ``torch.distributed`` every process's embeddings
+            are the negatives.
+
+    What the settings do:
+
         crop_scale: area fraction ``(lo, hi)`` of each crop (aspect ratio in [3/4, 4/3]).
         jitter: intensity jitter, ``crop * exp(U(-j, j)) + U(-j, j)`` per crop (0: none).
         temperature: InfoNCE temperature.
         proj_hidden, proj_dim, proj_depth: projector width, output size and hidden layers.
-        gather_distributed: inside ``torch.distributed``, every process's embeddings are the
-            negatives.
 
     ``forward(images (B,C,S,S), generator=None, plan=None)`` returns ``loss`` (differentiable)
     and the detached ``acc`` (how often crop 1 of an image finds its crop 2 in the batch); it
@@ -44,45 +79,36 @@ class SimCLR(nn.Module):
     Example::
 
         >>> from spcl_fast.nn import vit_tiny_patch16
-        >>> model = SimCLR(vit_tiny_patch16(img_size=32, patch_size=8, depth=1), proj_hidden=32)
+        >>> model = SimCLR(vit_tiny_patch16(img_size=32, patch_size=8, depth=1),
+        ...                SimCLRConfig(proj_hidden=32))
         >>> model(torch.rand(4, 1, 32, 32))["loss"].backward()
     """
 
     label = "SimCLR"  # in logs and plots
+    Config = SimCLRConfig  # its settings, the ``simclr`` section of the training config
 
-    def __init__(
-        self,
-        encoder: VisionTransformer,
-        crop_scale: tuple[float, float] = (0.5, 1.0),
-        jitter: float = 0.1,
-        temperature: float = 0.1,
-        proj_hidden: int = 512,
-        proj_dim: int = 128,
-        proj_depth: int = 1,
-        gather_distributed: bool = False,
-    ):
+    def __init__(self, encoder: VisionTransformer, config: SimCLRConfig | None = None,
+                 context: BuildContext | None = None):
         super().__init__()
-        lo, hi = crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got "
-                             f"{crop_scale}")
-        self.encoder = encoder
-        self.projector = Projector(encoder.embed_dim, proj_hidden, proj_dim, proj_depth)
-        self.crop_scale, self.jitter = tuple(crop_scale), jitter
-        self.temperature, self.gather_distributed = temperature, gather_distributed
+        config = SimCLRConfig() if config is None else config
+        config.check(encoder.num_patches)
+        self.config, self.encoder = config, encoder
+        self.projector = Projector(encoder.embed_dim, config.proj_hidden, config.proj_dim,
+                                   config.proj_depth)
+        self.gather_distributed = context is not None and context.gather_distributed
 
     @classmethod
     def from_config(cls, encoder: VisionTransformer, settings, context: BuildContext) -> SimCLR:
-        """From the ``simclr`` config section; the loss spans every process's batch where the
-        run says so."""
-        return cls(encoder, **settings, gather_distributed=context.gather_distributed)
+        """From the ``simclr`` config section (a dict of :class:`SimCLRConfig` fields); the
+        loss spans every process's batch where the run says so."""
+        return cls(encoder, SimCLRConfig(**settings), context)
 
     def sample_plan(self, batch_size: int, generator: torch.Generator | None, device,
                     images: torch.Tensor | None = None) -> CropPlan:
         """Two crops per image (``images`` is accepted for the method contract, unused)."""
-        return sample_crops(batch_size, num_global=2, num_local=0, global_scale=self.crop_scale,
-                            jitter=self.jitter, flip_prob=0.0, generator=generator,
-                            device=device)
+        return sample_crops(batch_size, num_global=2, num_local=0,
+                            global_scale=self.config.crop_scale, jitter=self.config.jitter,
+                            flip_prob=0.0, generator=generator, device=device)
 
     def train_flops(self, plan: CropPlan) -> int:
         """Algorithmic FLOPs of one training step: encoder and projector on ``2B`` crops, the
@@ -128,7 +154,8 @@ class SimCLR(nn.Module):
         """InfoNCE between the crops of :meth:`embed`'s ``z`` (one batch, or micro-batches
         joined along dim 0) and the retrieval accuracy ``acc``."""
         z_1, z_2 = embedded["z"].unbind(1)
-        loss = info_nce(z_1, z_2, self.temperature, gather_distributed=self.gather_distributed)
+        loss = info_nce(z_1, z_2, self.config.temperature,
+                        gather_distributed=self.gather_distributed)
         with torch.no_grad():
             sim = nn.functional.normalize(z_1, dim=-1) @ nn.functional.normalize(z_2, dim=-1).T
             acc = (sim.argmax(dim=1) == torch.arange(len(z_1), device=sim.device)).float().mean()

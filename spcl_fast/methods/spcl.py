@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,7 @@ from ..nn.heads import Projector
 from ..nn.vit import Mlp, VisionTransformer
 from ..ops import info_nce
 from ..partition import PartitionPlan, sample_partitions
+from ..sections import require
 from ..views import patchify, resized_crops, sample_crops
 from .base import BuildContext
 from .losses import bounded_info_nce, intra_image_nce, vicreg_covariance, vicreg_variance
@@ -79,11 +83,104 @@ class TokenPredictor(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+@dataclass(frozen=True)
+class SPCLConfig:
+    """S-PCL's settings (what each does: the SPCL class docstring, docs/methods.md)."""
+
+    ratio: float = 0.5  # fraction of an image's kept tokens in subset A
+    ratio_range: tuple[float, float] | None = None  # draw the ratio per image from [lo, hi]
+    keep: float = 1.0  # fraction of tokens used at all (the rest are in neither subset)
+    block_size: int = 1  # assign k x k blocks of patches to subsets together (1: single tokens)
+    shared_split: bool = False  # one split for the whole batch (no position-pattern shortcut)
+    num_subsets: int = 2  # subsets per image (>2: equal sizes, loss averaged over all pairs)
+    partition: Literal["random", "anatomy"] = "random"  # anatomy: B = target blocks, A = rest
+    target_blocks: int = 4  # anatomy: rectangular target blocks of the patch grid in subset B
+    target_scale: tuple[float, float] = (0.15, 0.2)  # anatomy: area fraction of each block
+    intra_weight: float = 0.0  # weight of the intra-image token contrast (0: off)
+    intra_queries: int = 16  # intra-image: positions of each subset predicted per image
+    intra_temperature: float = 0.1  # intra-image: temperature of its cross-entropy
+    intra_negatives: Literal["image", "batch"] = "image"  # intra: negatives of its image | all
+    intra_target: Literal["tokens", "pixels"] = "tokens"  # intra: predict tokens | patch pixels
+    crop_scale: tuple[float, float] | None = None  # shared crop per image, area [lo, hi]
+    subset_jitter: float = 0.0  # independent intensity jitter per subset while training (0: off)
+    subset_warp: float = 0.0  # independent small affine warp per subset while training (0: off)
+    background_std: float = 0.0  # skip patches flatter than this x the image's std (0: off)
+    temperature: float = 0.1  # InfoNCE temperature
+    similarity: Literal["cosine", "bounded"] = "cosine"  # logits: cos/T | OCL's bounded form
+    kappa: float = 1 / 64  # bounded similarity: 0.5 (1 + c) / (1 + kappa (1 - c)) / T
+    negatives: Literal["cross", "all"] = "cross"  # InfoNCE: cross (CLIP) | all (SimCLR NT-Xent)
+    symmetric: bool = True  # InfoNCE: average both directions (A finds B, B finds A)
+    vicreg_var: float = 0.0  # weight of VICReg's variance term on the subset embeddings
+    vicreg_cov: float = 0.0  # weight of VICReg's covariance term on the subset embeddings
+    projector: Literal["mlp", "none"] = "mlp"  # none: pooled encoder output into the loss
+    proj_hidden: int = 512  # projector hidden width
+    proj_dim: int = 128  # projector output size
+    proj_depth: int = 1  # projector hidden layers
+    predictor_hidden: int = 0  # width of an MLP predictor on one branch (0: none)
+    layout: Literal["packed", "inplace"] = "packed"  # residual stream layout
+
+    def check(self, num_patches: int | None = None) -> None:
+        """Raise ``ValueError`` naming the first setting no run can use (``num_patches``: the
+        encoder's patches per image, which bound ``num_subsets``; ``None``: unknown)."""
+        lo_hi, crop, anatomy = self.ratio_range, self.crop_scale, self.partition == "anatomy"
+        blocks_lo, blocks_hi = self.target_scale
+        finite = math.isfinite
+        require(self, {
+            "keep": (0 < self.keep <= 1, "in (0, 1]"),
+            "ratio": (0 < self.ratio < 1, "in (0, 1)"),
+            "ratio_range": (lo_hi is None or 0 < lo_hi[0] <= lo_hi[1] < 1,
+                            "(lo, hi) with 0 < lo <= hi < 1"),
+            "block_size": (self.block_size >= 1, ">= 1"),
+            "num_subsets": (2 <= self.num_subsets <= (num_patches or self.num_subsets),
+                            "from 2 to the number of patches"),
+            "temperature": (finite(self.temperature) and self.temperature > 0, "positive"),
+            "kappa": (finite(self.kappa) and self.kappa >= 0, ">= 0 and finite"),
+            "negatives": (self.similarity == "cosine" or self.negatives == "cross",
+                          "'cross' with similarity 'bounded'"),
+            "vicreg_var": (finite(self.vicreg_var) and self.vicreg_var >= 0, ">= 0"),
+            "vicreg_cov": (finite(self.vicreg_cov) and self.vicreg_cov >= 0, ">= 0"),
+            "proj_hidden": (self.proj_hidden >= 1, ">= 1"),
+            "proj_dim": (self.proj_dim >= 1, ">= 1"),
+            "proj_depth": (self.proj_depth >= 0, ">= 0"),
+            "predictor_hidden": (self.predictor_hidden >= 0, ">= 0 (0: none)"),
+            "target_blocks": (self.target_blocks >= 1, ">= 1"),
+            "target_scale": (0 < blocks_lo <= blocks_hi < 1, "(lo, hi) with 0 < lo <= hi < 1"),
+            "intra_weight": (finite(self.intra_weight) and self.intra_weight >= 0,
+                             ">= 0 (0: off)"),
+            "intra_queries": (self.intra_queries >= 1, ">= 1"),
+            "intra_temperature": (finite(self.intra_temperature) and self.intra_temperature > 0,
+                                  "positive"),
+            "crop_scale": (crop is None or 0 < crop[0] <= crop[1] <= 1,
+                           "(lo, hi) with 0 < lo <= hi <= 1, or None (off)"),
+            "background_std": (finite(self.background_std) and self.background_std >= 0,
+                               ">= 0 (0: off)"),
+        })
+        # what partition='anatomy' (its blocks size the subsets), more than two subsets (of
+        # equal size) and the intra-image term (subset B from A and back) rule out
+        equal = anatomy or self.num_subsets > 2
+        require(self, {
+            "ratio": (not equal or self.ratio == 0.5,
+                      "0.5 (unset) with partition 'anatomy' or num_subsets > 2"),
+            "ratio_range": (not equal or lo_hi is None,
+                            "None with partition 'anatomy' or num_subsets > 2"),
+            "block_size": (not anatomy or self.block_size == 1, "1 with partition 'anatomy'"),
+            "num_subsets": ((not anatomy and self.intra_weight == 0) or self.num_subsets == 2,
+                            "2 with partition 'anatomy' or intra_weight > 0"),
+        })
+
+
 class SPCL(nn.Module):
     """Encoder + projector + InfoNCE over the subsets of each image (two by default).
 
     Args:
         encoder: a :class:`~spcl_fast.nn.VisionTransformer`.
+        config: the settings (:class:`SPCLConfig`; ``None``: its defaults), checked here.
+        context: what the run adds (:class:`~spcl_fast.methods.base.BuildContext`): with
+            ``gather_distributed``, inside ``torch.distributed`` every process's embeddings
+            are the negatives (the loss sees the global batch), and the logged numbers too.
+
+    What the settings do:
+
         proj_hidden, proj_dim, proj_depth: projector width, output size and hidden layers.
         projector: ``"mlp"`` (a :class:`~spcl_fast.nn.heads.Projector`) or ``"none"``: the pooled,
             final-normed encoder output goes straight into the loss (OCL; ``proj_*`` unused).
@@ -154,8 +251,6 @@ class SPCL(nn.Module):
             on the pixels (:meth:`sample_plan` takes ``images``), which costs one small
             device-to-host copy of the ``(B, N)`` mask per step on a GPU. 0: off.
         negatives, symmetric: InfoNCE variant (see :func:`spcl_fast.info_nce`).
-        gather_distributed: inside ``torch.distributed``, every process's embeddings are the
-            negatives (the loss sees the global batch); the logged numbers too.
         layout: ``"packed"`` or ``"inplace"`` residual-stream layout of the encoder.
 
     ``forward(images, generator=None)`` returns a dict with ``loss`` (scalar, differentiable)
@@ -168,129 +263,47 @@ class SPCL(nn.Module):
     Example::
 
         >>> from spcl_fast.nn import vit_tiny_patch16
-        >>> model = SPCL(vit_tiny_patch16(img_size=64, patch_size=8, depth=2))
+        >>> model = SPCL(vit_tiny_patch16(img_size=64, patch_size=8, depth=2),
+        ...              SPCLConfig(keep=0.5, intra_weight=1.0))
         >>> out = model(torch.rand(4, 1, 64, 64))
         >>> out["loss"].backward()
     """
 
     label = "S-PCL"  # in logs and plots
+    Config = SPCLConfig  # its settings, the ``spcl`` section of the training config
 
-    def __init__(
-        self,
-        encoder: VisionTransformer,
-        proj_hidden: int = 512,
-        proj_dim: int = 128,
-        proj_depth: int = 1,
-        projector: str = "mlp",
-        temperature: float = 0.1,
-        similarity: str = "cosine",
-        kappa: float = 1 / 64,
-        vicreg_var: float = 0.0,
-        vicreg_cov: float = 0.0,
-        ratio: float = 0.5,
-        ratio_range: tuple[float, float] | None = None,
-        keep: float = 1.0,
-        block_size: int = 1,
-        shared_split: bool = False,
-        num_subsets: int = 2,
-        partition: str = "random",
-        target_blocks: int = 4,
-        target_scale: tuple[float, float] = (0.15, 0.2),
-        intra_weight: float = 0.0,
-        intra_queries: int = 16,
-        intra_temperature: float = 0.1,
-        intra_negatives: str = "image",
-        intra_target: str = "tokens",
-        crop_scale: tuple[float, float] | None = None,
-        predictor_hidden: int = 0,
-        subset_jitter: float = 0.0,
-        subset_warp: float = 0.0,
-        background_std: float = 0.0,
-        negatives: str = "cross",
-        symmetric: bool = True,
-        gather_distributed: bool = False,
-        layout: str = "packed",
-    ):
+    def __init__(self, encoder: VisionTransformer, config: SPCLConfig | None = None,
+                 context: BuildContext | None = None):
         super().__init__()
-        self.encoder = encoder
-        if projector not in ("mlp", "none"):
-            raise ValueError(f"projector must be 'mlp' or 'none', got {projector!r}")
-        self.projector = (Projector(encoder.embed_dim, proj_hidden, proj_dim, proj_depth)
-                          if projector == "mlp" else nn.Identity())
-        self.out_dim = proj_dim if projector == "mlp" else encoder.embed_dim
-        self.temperature = temperature
-        if similarity not in ("cosine", "bounded"):
-            raise ValueError(f"similarity must be 'cosine' or 'bounded', got {similarity!r}")
-        if similarity == "bounded" and (negatives != "cross" or gather_distributed):
-            raise ValueError("similarity='bounded' takes one process's batch with cross "
-                             "negatives (negatives='cross', no global-batch loss)")
-        if kappa < 0 or vicreg_var < 0 or vicreg_cov < 0:
-            raise ValueError(f"kappa, vicreg_var and vicreg_cov must be >= 0, got {kappa}, "
-                             f"{vicreg_var}, {vicreg_cov}")
-        self.similarity, self.kappa = similarity, kappa
-        self.vicreg_var, self.vicreg_cov = vicreg_var, vicreg_cov
-        self.ratio, self.ratio_range, self.keep = ratio, ratio_range, keep
-        self.block_size, self.shared_split = block_size, shared_split
-        if num_subsets < 2:
-            raise ValueError(f"num_subsets must be >= 2, got {num_subsets}")
-        if num_subsets > 2 and (ratio != 0.5 or ratio_range is not None):
-            raise ValueError(f"ratio and ratio_range size subset A against B; with "
-                             f"num_subsets={num_subsets} the subsets are of equal size")
-        self.num_subsets = num_subsets
-        if partition not in ("random", "anatomy"):
-            raise ValueError(f"partition must be 'random' or 'anatomy', got {partition!r}")
-        self.partition, self.target_blocks = partition, target_blocks
-        self.target_scale = tuple(target_scale)
-        self._init_intra(intra_weight, intra_queries, intra_temperature, intra_negatives,
-                         intra_target)
-        if crop_scale is not None and not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-            raise ValueError(f"crop_scale must be None or (lo, hi) with 0 < lo <= hi <= 1, got "
-                             f"{crop_scale}")
-        self.crop_scale = None if crop_scale is None else tuple(crop_scale)
-        if predictor_hidden < 0:
-            raise ValueError(f"predictor_hidden must be >= 0 (0: none), got {predictor_hidden}")
-        self.predictor = (Projector(self.out_dim, predictor_hidden, self.out_dim, depth=1)
-                          if predictor_hidden else None)
-        self.subset_jitter, self.subset_warp = subset_jitter, subset_warp
-        if background_std < 0:
-            raise ValueError(f"background_std must be >= 0, got {background_std}")
-        self.background_std = background_std
-        self.negatives, self.symmetric = negatives, symmetric
-        self.gather_distributed = gather_distributed
-        self.layout = layout
-
-    def _init_intra(self, weight: float, queries: int, temperature: float,
-                    negatives: str, target: str) -> None:
-        """The intra-image term's settings and, when it is on, its :class:`TokenPredictor`."""
-        if not (weight >= 0 and queries >= 1 and temperature > 0):
-            raise ValueError(f"intra_weight must be >= 0, intra_queries >= 1 and "
-                             f"intra_temperature > 0, got {weight}, {queries}, {temperature}")
-        if negatives not in ("image", "batch"):
-            raise ValueError(f"intra_negatives must be 'image' or 'batch', got {negatives!r}")
-        if target not in ("tokens", "pixels"):
-            raise ValueError(f"intra_target must be 'tokens' or 'pixels', got {target!r}")
-        self.intra_negatives, self.intra_target = negatives, target
-        if weight > 0 and self.num_subsets != 2:
-            raise ValueError(f"intra_weight > 0 predicts subset B from A and back: it needs "
-                             f"num_subsets=2, got {self.num_subsets}")
-        pos = self.encoder.pos_embed  # (on the meta device, as for FLOP counts: no values)
-        if weight > 0 and not pos.is_meta and not pos.detach().any():
+        config = SPCLConfig() if config is None else config
+        context = BuildContext() if context is None else context
+        config.check(encoder.num_patches)
+        if config.similarity == "bounded" and context.gather_distributed:
+            raise ValueError("similarity='bounded' takes one process's batch (no global-batch "
+                             "loss: gather_distributed=False)")
+        pos = encoder.pos_embed  # (on the meta device, as for FLOP counts: no values)
+        if config.intra_weight > 0 and not pos.is_meta and not pos.detach().any():
             raise ValueError("intra_weight > 0 queries positions through the encoder's position "
                              "embeddings, which are all zero (pos_embed='none')")
-        self.intra_weight, self.intra_queries = weight, queries
-        self.intra_temperature = temperature
-        self.token_predictor = (TokenPredictor(self.encoder.embed_dim, self.encoder.num_heads)
-                                if weight > 0 else None)
-        patch = self.encoder.patch_embed
-        self.pixel_head = (nn.Linear(self.encoder.embed_dim,
-                                     patch.proj.in_channels * patch.patch_size ** 2)
-                           if weight > 0 and target == "pixels" else None)
+        self.config, self.encoder = config, encoder
+        self.gather_distributed = context.gather_distributed
+        c, width = config, encoder.embed_dim
+        self.projector = (Projector(width, c.proj_hidden, c.proj_dim, c.proj_depth)
+                          if c.projector == "mlp" else nn.Identity())
+        self.out_dim = c.proj_dim if c.projector == "mlp" else width
+        self.predictor = (Projector(self.out_dim, c.predictor_hidden, self.out_dim, depth=1)
+                          if c.predictor_hidden else None)
+        # the intra-image term: a token predictor (and a pixel head for pixel targets)
+        intra, patch = c.intra_weight > 0, encoder.patch_embed
+        self.token_predictor = TokenPredictor(width, encoder.num_heads) if intra else None
+        self.pixel_head = (nn.Linear(width, patch.proj.in_channels * patch.patch_size ** 2)
+                           if intra and c.intra_target == "pixels" else None)
 
     @classmethod
     def from_config(cls, encoder: VisionTransformer, settings, context: BuildContext) -> SPCL:
-        """From the ``spcl`` config section; the loss spans every process's batch where the run
-        says so."""
-        return cls(encoder, **settings, gather_distributed=context.gather_distributed)
+        """From the ``spcl`` config section (a dict of :class:`SPCLConfig` fields); the loss
+        spans every process's batch where the run says so."""
+        return cls(encoder, SPCLConfig(**settings), context)
 
     def sample_plan(
         self, batch_size: int, generator: torch.Generator | None, device,
@@ -301,29 +314,29 @@ class SPCL(nn.Module):
         out; without ``images`` (a FLOP estimate before any batch is read) every patch
         counts, an upper bound of the step's cost."""
         crop = None
-        if self.crop_scale is not None:
+        if self.config.crop_scale is not None:
             crop = sample_crops(batch_size, num_global=1, num_local=0,
-                                global_scale=self.crop_scale, jitter=0.0, generator=generator,
-                                device=device).theta[0]  # (B, 2, 3)
+                                global_scale=self.config.crop_scale, jitter=0.0,
+                                generator=generator, device=device).theta[0]  # (B, 2, 3)
         valid = None
-        if self.background_std > 0 and images is not None:
+        if self.config.background_std > 0 and images is not None:
             # the plan is drawn on the host
             valid = self.foreground(self.crop_images(images, crop)).cpu()
         plan = sample_partitions(
             batch_size,
             self.encoder.num_patches,
-            ratio=self.ratio,
-            ratio_range=self.ratio_range,
-            keep=self.keep,
+            ratio=self.config.ratio,
+            ratio_range=self.config.ratio_range,
+            keep=self.config.keep,
             valid_mask=valid,
             generator=generator,
             device=device,
-            block_size=self.block_size,
-            shared=self.shared_split,
-            num_subsets=self.num_subsets,
-            partition=self.partition,
-            target_blocks=self.target_blocks,
-            target_scale=self.target_scale,
+            block_size=self.config.block_size,
+            shared=self.config.shared_split,
+            num_subsets=self.config.num_subsets,
+            partition=self.config.partition,
+            target_blocks=self.config.target_blocks,
+            target_scale=self.config.target_scale,
         )
         return plan if crop is None else dataclasses.replace(plan, crop=crop)
 
@@ -348,8 +361,8 @@ class SPCL(nn.Module):
         # per channel, then averaged: a flat patch of any one colour is background
         patch_std = patches.reshape(b, c, -1, p * p).std(dim=3).mean(dim=1)  # (B, N)
         image_std = images.float().reshape(b, c, -1).std(dim=2).mean(dim=1, keepdim=True)
-        valid = patch_std >= self.background_std * image_std
-        return valid | (valid.sum(dim=1, keepdim=True) < self.num_subsets)
+        valid = patch_std >= self.config.background_std * image_std
+        return valid | (valid.sum(dim=1, keepdim=True) < self.config.num_subsets)
 
     def train_flops(self, plan: PartitionPlan) -> int:
         """Algorithmic FLOPs of one training step on ``plan`` (forward + backward)."""
@@ -359,17 +372,17 @@ class SPCL(nn.Module):
             flops.linear_flops(plan.num_segments, m.in_features, m.out_features) for m in linears
         )
         m, d = plan.num_images, self.out_dim
-        pairs = self.num_subsets * (self.num_subsets - 1) // 2
+        pairs = self.config.num_subsets * (self.config.num_subsets - 1) // 2
         if self.predictor is not None:  # once per query subset: all but the last
-            rows = plan.num_images * (self.num_subsets - 1)
+            rows = plan.num_images * (self.config.num_subsets - 1)
             parts["predictor"] = sum(
                 flops.linear_flops(rows, x.in_features, x.out_features)
                 for x in self.predictor.modules() if isinstance(x, nn.Linear)
             )
-        queries = m if self.negatives == "cross" else 2 * m
+        queries = m if self.config.negatives == "cross" else 2 * m
         parts["loss"] = pairs * flops.info_nce_flops(queries, queries, d)
-        if self.vicreg_cov > 0:  # one (d, M) @ (M, d) covariance per subset
-            parts["vicreg"] = self.num_subsets * flops.linear_flops(d, m, d)
+        if self.config.vicreg_cov > 0:  # one (d, M) @ (M, d) covariance per subset
+            parts["vicreg"] = self.config.num_subsets * flops.linear_flops(d, m, d)
         if self.token_predictor is not None:
             parts.update(self._intra_flops(plan))
         return flops.training_flops(parts)
@@ -390,14 +403,14 @@ class SPCL(nn.Module):
         drawn = [0, 0]  # real queries of each direction over the batch
         for context, target in plan.seqlens.view(-1, 2).tolist():
             for k, (n_ctx, n_tgt) in enumerate(((context, target), (target, context))):
-                n_q = min(self.intra_queries, n_tgt)
+                n_q = min(self.config.intra_queries, n_tgt)
                 predictor += (flops.linear_flops(n_q, d, 2 * d + hidden) + 4 * n_q * n_ctx * d
                               + flops.linear_flops(n_q, hidden, d))  # q + proj + fc1, attn, fc2
                 if head is not None:
                     predictor += flops.linear_flops(n_q, d, target_dim)
                 loss += flops.info_nce_flops(n_q, n_q, target_dim)
                 drawn[k] += n_q
-        if self.intra_negatives == "batch":
+        if self.config.intra_negatives == "batch":
             loss = sum(flops.info_nce_flops(n, n, target_dim) for n in drawn)
         return {"intra_predictor": predictor, "intra_loss": loss}
 
@@ -406,9 +419,9 @@ class SPCL(nn.Module):
         independently warped and intensity-jittered copy of the image (patch embedding is per
         patch, so this equals transforming each subset's tokens on their own)."""
         b = images.shape[0]
-        s, w = self.subset_jitter, self.subset_warp
+        s, w = self.config.subset_jitter, self.config.subset_warp
         views = []
-        for _ in range(self.num_subsets):
+        for _ in range(self.config.num_subsets):
             u = torch.rand(8, b, 1, 1, 1, generator=generator).to(images.device) * 2 - 1
             x = images
             if w > 0:
@@ -430,7 +443,7 @@ class SPCL(nn.Module):
             views.append(x)
         # subset of each patch (patches in no subset take view 0: the encoder never sees them)
         which = torch.zeros(b * plan.num_tokens, dtype=torch.long, device=images.device)
-        which[plan.token_index] = plan.segment_ids() % self.num_subsets
+        which[plan.token_index] = plan.segment_ids() % self.config.num_subsets
         grid = self.encoder.patch_embed.grid_size
         patch = self.encoder.patch_embed.patch_size
         which = which.view(b, 1, grid, grid).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
@@ -480,19 +493,19 @@ class SPCL(nn.Module):
         positions, their targets ``intra_target`` and which are real ``intra_valid (B, 2, q)``
         (``q = min(intra_queries, longest subset)``; a smaller subset pads with ``False``)."""
         images = self.crop_images(images, plan.crop)
-        if (self.subset_jitter > 0 or self.subset_warp > 0) and self.training:
+        if (self.config.subset_jitter > 0 or self.config.subset_warp > 0) and self.training:
             images = self._jitter_subsets(images, plan, generator)
-        if plan.subsets_per_image != self.num_subsets:
+        if plan.subsets_per_image != self.config.num_subsets:
             raise ValueError(f"plan has {plan.subsets_per_image} subsets per image, the model "
-                             f"{self.num_subsets}")
-        tokens = None
+                             f"{self.config.num_subsets}")
+        tokens, layout = None, self.config.layout
         if self.token_predictor is None:
-            pooled = self.encoder.forward_partitioned(images, plan, self.layout)  # (KB, D)
+            pooled = self.encoder.forward_partitioned(images, plan, layout)  # (KB, D)
         else:  # the token outputs too, (T, D) in packed order
-            pooled, tokens = self.encoder.forward_partitioned_tokens(images, plan, self.layout)
+            pooled, tokens = self.encoder.forward_partitioned_tokens(images, plan, layout)
         # at least fp32 into the loss: it is tiny next to the encoder and keeps the logged loss
         # exact under bf16 autocast.
-        z = self.projector(pooled).view(images.shape[0], self.num_subsets, -1)
+        z = self.projector(pooled).view(images.shape[0], self.config.num_subsets, -1)
         dtype = torch.promote_types(z.dtype, torch.float32)
         out = {"z": z.to(dtype)}
         if self.predictor is not None:  # subsets 0..K-2 query the pairs (i, j > i)
@@ -507,21 +520,21 @@ class SPCL(nn.Module):
         z = embedded["z"]
         queries = embedded["queries"] if "queries" in embedded else z[:, :-1]
         losses, stats = [], None
-        for i, j in itertools.combinations(range(self.num_subsets), 2):
+        for i, j in itertools.combinations(range(self.config.num_subsets), 2):
             losses.append(self._contrastive(queries[:, i], z[:, j]))
             if stats is None:  # logged for the first pair (A, B)
                 with torch.no_grad():
                     stats = self._pair_stats(queries[:, i], z[:, j])
         loss = torch.stack(losses).mean()
         terms = {}  # name: (weight, unweighted value)
-        if self.vicreg_var > 0 or self.vicreg_cov > 0:
+        if self.config.vicreg_var > 0 or self.config.vicreg_cov > 0:
             subsets = z.unbind(1)
-            terms["vicreg_var"] = (self.vicreg_var,
+            terms["vicreg_var"] = (self.config.vicreg_var,
                                    torch.stack([vicreg_variance(s) for s in subsets]).mean())
-            terms["vicreg_cov"] = (self.vicreg_cov,
+            terms["vicreg_cov"] = (self.config.vicreg_cov,
                                    torch.stack([vicreg_covariance(s) for s in subsets]).mean())
         if "intra_pred" in embedded:
-            terms["intra"] = (self.intra_weight, self._intra_loss(embedded))
+            terms["intra"] = (self.config.intra_weight, self._intra_loss(embedded))
         if not terms:
             return {"loss": loss, **stats}
         total = loss
@@ -552,7 +565,7 @@ class SPCL(nn.Module):
         position[seg, col] = plan.token_index % n
         padded_kv, padded, valid, position = (
             t.view(b, 2, length, *t.shape[2:]) for t in (padded_kv, padded, valid, position))
-        q = min(self.intra_queries, length)
+        q = min(self.config.intra_queries, length)
         pixels = self.pixel_targets(images) if self.pixel_head is not None else None
         priority = torch.rand(b, 2, n, generator=generator).to(seg.device)
         preds, targets, picks = [], [], []
@@ -582,11 +595,11 @@ class SPCL(nn.Module):
         for k in range(2):
             pred, target, valid = (embedded[key][:, k] for key in
                                    ("intra_pred", "intra_target", "intra_valid"))
-            if self.intra_negatives == "batch":  # one "image" of every drawn token
+            if self.config.intra_negatives == "batch":  # one "image" of every drawn token
                 pred, target, valid = (t.reshape(1, -1, *t.shape[2:])
                                        for t in (pred, target, valid))
             with torch.autocast(pred.device.type, enabled=False):  # logits in fp32 (at least)
-                losses.append(intra_image_nce(pred, target, self.intra_temperature, valid))
+                losses.append(intra_image_nce(pred, target, self.config.intra_temperature, valid))
         return 0.5 * (losses[0] + losses[1])
 
     def pixel_targets(self, images: torch.Tensor) -> torch.Tensor:
@@ -598,7 +611,8 @@ class SPCL(nn.Module):
         return patchify(x.view(images.shape), self.encoder.patch_embed.patch_size)
 
     def _contrastive(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        if self.similarity == "bounded":
-            return bounded_info_nce(queries, keys, self.temperature, self.kappa, self.symmetric)
-        return info_nce(queries, keys, self.temperature, self.symmetric, self.negatives,
+        c = self.config
+        if c.similarity == "bounded":
+            return bounded_info_nce(queries, keys, c.temperature, c.kappa, c.symmetric)
+        return info_nce(queries, keys, c.temperature, c.symmetric, c.negatives,
                         gather_distributed=self.gather_distributed)

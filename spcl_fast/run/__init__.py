@@ -6,17 +6,8 @@ is checkpointed (:mod:`.checkpoint`). ``spcl_fast.train`` and ``spcl_fast.eval``
 it; it imports neither.
 """
 
-from .config import (
-    DataConfig,
-    DINOConfig,
-    MAEConfig,
-    ModelConfig,
-    OptimConfig,
-    RunConfig,
-    SPCLConfig,
-    TrainConfig,
-    apply_overrides,
-)
+from ..methods import DINOConfig, MAEConfig, SimCLRConfig, SPCLConfig
+from .config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, apply_overrides
 from .model import build_encoder, build_model
 from .presets import PRESETS
 
@@ -29,6 +20,7 @@ __all__ = [
     "OptimConfig",
     "RunConfig",
     "SPCLConfig",
+    "SimCLRConfig",
     "TrainConfig",
     "apply_overrides",
     "build_encoder",

@@ -1,17 +1,20 @@
 """What a training run is set to: one frozen dataclass per section, parsed by tyro.
 
-:class:`TrainConfig` holds the sections ``data``, ``model``, ``spcl``, ``mae``, ``dino``,
-``simclr``, ``optim`` and ``run`` (plus ``method``, which names the section of the method
-trained). Every field is one ``--key value`` flag, without its section's prefix
-(``--image-size``, ``--steps``; dashes or underscores), its comment the flag's help. Choice
-fields are ``Literal`` types, so the parser, the help and the type checker all know the
-choices; the ranges no type can express are checked by each section's ``check()``.
+:class:`TrainConfig` holds the sections ``data`` and ``model``, one section per method of
+:data:`spcl_fast.methods.METHODS` (``spcl``, ``mae``, ``dino``, ``simclr``: each method
+declares its own, ``SPCLConfig`` in :mod:`spcl_fast.methods.spcl`...), ``optim`` and ``run``
+(plus ``method``, which names the section of the method trained). Every field is one
+``--key value`` flag, without its section's prefix (``--image-size``, ``--steps``; dashes or
+underscores), its comment the flag's help; no two sections share a flag. Choice fields are
+``Literal`` types, so the parser, the help and the type checker all know the choices; the
+ranges no type can express are checked by each section's ``check()``
+(:mod:`spcl_fast.sections`).
 
 ``config.json`` holds the sections as nested objects; :meth:`TrainConfig.from_dict` also reads
 the flat files earlier versions wrote (one object of flag names).
 
 Adding a setting: a field with a comment in its section, a rule in that section's ``check`` if
-it has a range. Adding a method's section: see :mod:`spcl_fast.methods`.
+it has a range. Adding a method (and so its section): see :mod:`spcl_fast.methods.base`.
 
 Example::
 
@@ -41,28 +44,19 @@ from typing import Annotated, Literal
 
 import tyro
 
+from ..methods import METHODS
+from ..sections import flag, require
+
 Normalize = Literal["dataset", "image", "equalize", "none"]
 Precision = Literal["fp32", "bf16", "fp16"]
 PatchNorm = Literal["none", "standardize", "standardize+stats"]
-Method = Literal["spcl", "mae", "dino", "simclr"]
-
-
-def _flag(name: str):
-    """A field whose ``--flag`` (and key in flat config files) differs from its name."""
-    return tyro.conf.arg(name=name)
+Method = Literal[tuple(METHODS)]  # the names --method takes
 
 
 _JSON = tyro.constructors.PrimitiveConstructorSpec(
     nargs=1, metavar="JSON", instance_from_str=lambda args: json.loads(args[0]),
     is_instance=lambda x: isinstance(x, dict), str_from_instance=lambda x: [json.dumps(x)],
 )
-
-
-def _require(section, rules: dict[str, tuple[bool, str]]) -> None:
-    """Raise ``ValueError("<name> must be <what>, got <value>")`` for the first broken rule."""
-    for name, (ok, want) in rules.items():
-        if not ok:
-            raise ValueError(f"{name} must be {want}, got {getattr(section, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -78,7 +72,7 @@ class DataConfig:
     group_grid: int = 1  # similar: thumbnail side that decides look-alikes (1: mean brightness)
 
     def check(self) -> None:
-        _require(self, {"image_size": (self.image_size >= 1, ">= 1"),
+        require(self, {"image_size": (self.image_size >= 1, ">= 1"),
                         "num_workers": (self.num_workers >= 0, ">= 0"),
                         "group_grid": (1 <= self.group_grid <= self.image_size,
                                        "from 1 to image_size")})
@@ -86,7 +80,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: Annotated[str, _flag("model")] = "vit_tiny_patch16"  # encoder preset (spcl_fast.nn)
+    name: Annotated[str, flag("model")] = "vit_tiny_patch16"  # encoder preset (spcl_fast.nn)
     patch_size: int = 8  # patch side in pixels; tokens per image = (image_size / patch_size)^2
     embed_dim: int | None = None  # override the preset's width
     depth: int | None = None  # override the preset's number of blocks
@@ -97,132 +91,10 @@ class ModelConfig:
     impl: Literal["auto", "triton", "torch"] = "auto"  # kernel implementation
 
     def check(self) -> None:
-        _require(self, {
+        require(self, {
             "patch_size": (self.patch_size >= 1, ">= 1"),
             **{k: (getattr(self, k) is None or getattr(self, k) >= 1, ">= 1")
                for k in ("embed_dim", "depth", "num_heads")},
-        })
-
-
-@dataclass(frozen=True)
-class SPCLConfig:
-    ratio: float = 0.5  # fraction of an image's kept tokens in subset A
-    ratio_range: tuple[float, float] | None = None  # draw the ratio per image from [lo, hi]
-    keep: float = 1.0  # fraction of tokens used at all (the rest are in neither subset)
-    block_size: int = 1  # assign k x k blocks of patches to subsets together (1: single tokens)
-    shared_split: bool = False  # one split for the whole batch (no position-pattern shortcut)
-    num_subsets: int = 2  # subsets per image (>2: equal sizes, loss averaged over all pairs)
-    partition: Literal["random", "anatomy"] = "random"  # anatomy: B = target blocks, A = rest
-    target_blocks: int = 4  # anatomy: rectangular target blocks of the patch grid in subset B
-    target_scale: tuple[float, float] = (0.15, 0.2)  # anatomy: area fraction of each block
-    intra_weight: float = 0.0  # weight of the intra-image token contrast (0: off)
-    intra_queries: int = 16  # intra-image: positions of each subset predicted per image
-    intra_temperature: float = 0.1  # intra-image: temperature of its cross-entropy
-    intra_negatives: Literal["image", "batch"] = "image"  # intra: negatives of its image | all
-    intra_target: Literal["tokens", "pixels"] = "tokens"  # intra: predict tokens | patch pixels
-    crop_scale: tuple[float, float] | None = None  # shared crop per image, area [lo, hi]
-    subset_jitter: float = 0.0  # independent intensity jitter per subset while training (0: off)
-    subset_warp: float = 0.0  # independent small affine warp per subset while training (0: off)
-    background_std: float = 0.0  # skip patches flatter than this x the image's std (0: off)
-    temperature: float = 0.1  # InfoNCE temperature
-    similarity: Literal["cosine", "bounded"] = "cosine"  # logits: cos/T | OCL's bounded form
-    kappa: float = 1 / 64  # bounded similarity: 0.5 (1 + c) / (1 + kappa (1 - c)) / T
-    negatives: Literal["cross", "all"] = "cross"  # InfoNCE: cross (CLIP) | all (SimCLR NT-Xent)
-    vicreg_var: float = 0.0  # weight of VICReg's variance term on the subset embeddings
-    vicreg_cov: float = 0.0  # weight of VICReg's covariance term on the subset embeddings
-    projector: Literal["mlp", "none"] = "mlp"  # none: pooled encoder output into the loss
-    proj_hidden: int = 512  # projector hidden width
-    proj_dim: int = 128  # projector output size
-    proj_depth: int = 1  # projector hidden layers
-    predictor_hidden: int = 0  # width of an MLP predictor on one branch (0: none)
-    layout: Literal["packed", "inplace"] = "packed"  # residual stream layout
-
-    def check(self) -> None:
-        lo_hi, crop, anatomy = self.ratio_range, self.crop_scale, self.partition == "anatomy"
-        blocks_lo, blocks_hi = self.target_scale
-        _require(self, {
-            "keep": (0 < self.keep <= 1, "in (0, 1]"),
-            "ratio": (0 < self.ratio < 1, "in (0, 1)"),
-            "ratio_range": (lo_hi is None or 0 < lo_hi[0] <= lo_hi[1] < 1,
-                            "(lo, hi) with 0 < lo <= hi < 1"),
-            "block_size": (self.block_size >= 1, ">= 1"),
-            "num_subsets": (self.num_subsets >= 2, "from 2 to the number of patches"),
-            "temperature": (math.isfinite(self.temperature) and self.temperature > 0, "positive"),
-            "kappa": (math.isfinite(self.kappa) and self.kappa >= 0, ">= 0 and finite"),
-            "negatives": (self.similarity == "cosine" or self.negatives == "cross",
-                          "'cross' with similarity 'bounded'"),
-            "vicreg_var": (math.isfinite(self.vicreg_var) and self.vicreg_var >= 0, ">= 0"),
-            "vicreg_cov": (math.isfinite(self.vicreg_cov) and self.vicreg_cov >= 0, ">= 0"),
-            "proj_hidden": (self.proj_hidden >= 1, ">= 1"),
-            "proj_dim": (self.proj_dim >= 1, ">= 1"),
-            "proj_depth": (self.proj_depth >= 0, ">= 0"),
-            "predictor_hidden": (self.predictor_hidden >= 0, ">= 0 (0: none)"),
-            "target_blocks": (self.target_blocks >= 1, ">= 1"),
-            "target_scale": (0 < blocks_lo <= blocks_hi < 1, "(lo, hi) with 0 < lo <= hi < 1"),
-            "intra_weight": (math.isfinite(self.intra_weight) and self.intra_weight >= 0,
-                             ">= 0 (0: off)"),
-            "intra_queries": (self.intra_queries >= 1, ">= 1"),
-            "intra_temperature": (math.isfinite(self.intra_temperature)
-                                  and self.intra_temperature > 0, "positive"),
-            "crop_scale": (crop is None or 0 < crop[0] <= crop[1] <= 1,
-                           "(lo, hi) with 0 < lo <= hi <= 1, or None (off)"),
-        })
-        # what partition='anatomy' (its blocks size the subsets) and the intra-image term
-        # (subset B from A and back) rule out
-        _require(self, {
-            "ratio": (not anatomy or self.ratio == 0.5, "0.5 (unset) with partition 'anatomy'"),
-            "ratio_range": (not anatomy or lo_hi is None, "None with partition 'anatomy'"),
-            "block_size": (not anatomy or self.block_size == 1, "1 with partition 'anatomy'"),
-            "num_subsets": ((not anatomy and self.intra_weight == 0) or self.num_subsets == 2,
-                            "2 with partition 'anatomy' or intra_weight > 0"),
-        })
-
-
-@dataclass(frozen=True)
-class MAEConfig:
-    mask_ratio: float = 0.75  # mae: fraction of patches hidden from the encoder
-    decoder_dim: int = 512  # mae: decoder width
-    decoder_depth: int = 8  # mae: decoder blocks
-    decoder_heads: int = 16  # mae: decoder attention heads
-    norm_pix_loss: bool = True  # mae: regress per-patch normalised pixels (else raw pixels)
-
-    def check(self) -> None:
-        _require(self, {"mask_ratio": (0 <= self.mask_ratio < 1, "in [0, 1)"),
-                        "decoder_depth": (self.decoder_depth >= 1, ">= 1")})
-
-
-@dataclass(frozen=True)
-class DINOConfig:
-    num_local: Annotated[int, _flag("dino_local_crops")] = 10  # dino: local crops per image
-    global_size: Annotated[int | None, _flag("dino_global_size")] = None  # dino: global crop
-    local_size: Annotated[int | None, _flag("dino_local_size")] = None  # dino: local crop side
-    out_dim: Annotated[int, _flag("dino_out_dim")] = 65536  # dino: head output (prototypes)
-    teacher_temp: float = 0.04  # dino: teacher softmax temperature (the student's is 0.1)
-    teacher_momentum: float = 0.996  # dino: teacher EMA momentum at step 0, cosine to 1
-
-    def check(self) -> None:
-        _require(self, {"num_local": (self.num_local >= 0, ">= 0"),
-                        "out_dim": (self.out_dim >= 1, ">= 1")})
-
-
-@dataclass(frozen=True)
-class SimCLRConfig:
-    crop_scale: Annotated[tuple[float, float], _flag("simclr_scale")] = (0.5, 1.0)  # crop area
-    jitter: Annotated[float, _flag("simclr_jitter")] = 0.1  # simclr: intensity gain/offset
-    temperature: Annotated[float, _flag("simclr_temperature")] = 0.1  # simclr: InfoNCE
-    proj_hidden: Annotated[int, _flag("simclr_proj_hidden")] = 512  # simclr: projector width
-    proj_dim: Annotated[int, _flag("simclr_proj_dim")] = 128  # simclr: projector output size
-    proj_depth: Annotated[int, _flag("simclr_proj_depth")] = 1  # simclr: projector hidden layers
-
-    def check(self) -> None:
-        lo, hi = self.crop_scale
-        _require(self, {
-            "crop_scale": (0 < lo <= hi <= 1, "(lo, hi) with 0 < lo <= hi <= 1"),
-            "jitter": (math.isfinite(self.jitter) and self.jitter >= 0, ">= 0"),
-            "temperature": (math.isfinite(self.temperature) and self.temperature > 0, "positive"),
-            "proj_hidden": (self.proj_hidden >= 1, ">= 1"),
-            "proj_dim": (self.proj_dim >= 1, ">= 1"),
-            "proj_depth": (self.proj_depth >= 0, ">= 0"),
         })
 
 
@@ -245,7 +117,7 @@ class OptimConfig:
     plan_shards: int = 0  # partition RNG streams, one per data shard (0: one per process)
 
     def check(self) -> None:
-        _require(self, {
+        require(self, {
             "steps": (self.steps >= 1, ">= 1"),
             "batch_size": (self.batch_size >= 1, ">= 1"),
             "accum_steps": (self.accum_steps >= 1, ">= 1"),
@@ -277,29 +149,14 @@ class RunConfig:
     extra: Annotated[dict, _JSON] = field(default_factory=dict)  # free-form notes (JSON)
 
     def check(self) -> None:
-        _require(self, {"log_every": (self.log_every >= 1, ">= 1"),
+        require(self, {"log_every": (self.log_every >= 1, ">= 1"),
                         "save_every": (self.save_every >= 0, ">= 0 (0: only at the end)"),
                         "keep_last": (self.keep_last >= 1, ">= 1")})
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every setting of a training run, by section; frozen and JSON round-trippable.
-
-    ``config.replace(steps=10, keep=0.5)`` changes fields by their flag names (whatever their
-    section), ``config.flat()`` lists them so, :meth:`check` rejects settings no run can use.
-    Presets are in :mod:`spcl_fast.run.presets`.
-    """
-
-    method: Method = "spcl"  # pre-training method; its settings are the section of that name
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    spcl: SPCLConfig = field(default_factory=SPCLConfig)
-    mae: MAEConfig = field(default_factory=MAEConfig)
-    dino: DINOConfig = field(default_factory=DINOConfig)
-    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+class _TrainConfig:
+    """What :class:`TrainConfig` does (it is made below from its sections, the methods' taken
+    from :data:`~spcl_fast.methods.METHODS`)."""
 
     @property
     def method_section(self):
@@ -309,11 +166,12 @@ class TrainConfig:
     def check(self) -> None:
         """Raise ``ValueError`` naming the first setting no run can use (the data stream
         checks the batch arithmetic against the processes)."""
-        for name in SECTIONS:
-            getattr(self, name).check()
         patches = max(1, self.data.image_size // self.model.patch_size) ** 2
-        _require(self.spcl, {"num_subsets": (self.spcl.num_subsets <= patches,
-                                             "from 2 to the number of patches")})
+        for name in SECTIONS:
+            if name in METHODS:  # a method's section knows the patches per image
+                getattr(self, name).check(patches)
+            else:
+                getattr(self, name).check()
 
     def replace(self, **changes) -> TrainConfig:
         """A copy with fields changed by flag name (``steps=3``) or whole sections
@@ -335,8 +193,8 @@ class TrainConfig:
     def flat(self) -> dict:
         """``{flag name: value}`` of every field (the shape of pre-section config files)."""
         out = {"method": self.method}
-        for flag, (section, name) in FIELDS.items():
-            out[flag] = getattr(getattr(self, section), name)
+        for key, (section, name) in FIELDS.items():
+            out[key] = getattr(getattr(self, section), name)
         return out
 
     def differences(self, other: TrainConfig) -> list[str]:
@@ -371,11 +229,37 @@ class TrainConfig:
         return cls().replace(**known)
 
 
+def _section(cls: type) -> tuple[type, dataclasses.Field]:
+    return cls, field(default_factory=cls)
+
+
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig",
+    [
+        ("method", Annotated[Method, tyro.conf.arg(
+            help="pre-training method; its settings are the section of that name")],
+         field(default="spcl")),
+        ("data", *_section(DataConfig)),
+        ("model", *_section(ModelConfig)),
+        *((name, *_section(method.Config)) for name, method in METHODS.items()),
+        ("optim", *_section(OptimConfig)),
+        ("run", *_section(RunConfig)),
+    ],
+    bases=(_TrainConfig,),
+    frozen=True,
+)
+TrainConfig.__module__ = __name__
+TrainConfig.__doc__ = """Every setting of a training run, by section; frozen, JSON round-trippable.
+
+``config.replace(steps=10, keep=0.5)`` changes fields by their flag names (whatever their
+section), ``config.flat()`` lists them so, :meth:`check` rejects settings no run can use.
+Presets are in :mod:`spcl_fast.run.presets`. Its sections are ``method`` (a name of
+:data:`~spcl_fast.methods.METHODS`), ``data``, ``model``, one per method (each method's
+``Config``, named as the method), ``optim`` and ``run``.
+"""
+
 SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "method")
-
-
-def _section_class(section: str) -> type:
-    return typing.get_type_hints(TrainConfig)[section]
+_SECTION_CLASS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 
 def _flag_name(hint, name: str) -> str:
@@ -386,20 +270,25 @@ def _flag_name(hint, name: str) -> str:
 
 
 def _index() -> tuple[dict[str, tuple[str, str]], dict[str, object]]:
-    """``{flag: (section, field)}`` and ``{flag: type}`` over every section."""
+    """``{flag: (section, field)}`` and ``{flag: type}`` over every section; a flag two
+    sections would share is a ``TypeError`` (at import: rename one with ``flag(...)``)."""
     fields, types_ = {}, {"method": Method}
     for section in SECTIONS:
-        hints = typing.get_type_hints(_section_class(section), include_extras=True)
-        for f in dataclasses.fields(_section_class(section)):
-            flag = _flag_name(hints[f.name], f.name)
-            fields[flag] = (section, f.name)
+        hints = typing.get_type_hints(_SECTION_CLASS[section], include_extras=True)
+        for f in dataclasses.fields(_SECTION_CLASS[section]):
             hint = hints[f.name]
-            types_[flag] = typing.get_args(hint)[0] if hasattr(hint, "__metadata__") else hint
+            name = _flag_name(hint, f.name)
+            if name in fields or name == "method":
+                raise TypeError(f"--{name} would be both {section}.{f.name} and "
+                                f"{'.'.join(fields.get(name, ('', 'method'))).lstrip('.')}: "
+                                f"give one its own flag name (spcl_fast.sections.flag)")
+            fields[name] = (section, f.name)
+            types_[name] = typing.get_args(hint)[0] if hasattr(hint, "__metadata__") else hint
     return fields, types_
 
 
 FIELDS, FLAG_TYPES = _index()
-_FLAG_OF = {where: flag for flag, where in FIELDS.items()}
+_FLAG_OF = {where: name for name, where in FIELDS.items()}
 
 
 def _unknown(key: str) -> str:
