@@ -2,9 +2,13 @@
 
 ``interpret`` tier: tiny shapes through the public op with ``impl="triton"``: on CPU tensors
 under ``TRITON_INTERPRET=1`` (tests/conftest.py turns it on without CUDA), on CUDA tensors where
-there is a GPU. Interpreter blocks are 32 wide, so M = 37 (74 rows for NT-Xent) spans several
-row and column blocks and d = 70 several feature chunks and output-feature programs.
-``gpu`` tier: bf16, large M, all dtypes and feature sizes, determinism, torch.compile, memory.
+there is a GPU. Interpreter blocks are 32 wide and its backward chunks 64 rows, so M = 37 (74
+rows for NT-Xent) spans several row and column blocks and two chunks of G; rows up to 64 wide
+stay resident, so d = 70 and 1000 take the streamed path (feature chunks of 32, both gradients
+from matmuls over G). Odd widths (1, 7, 33, 1000: padded to a multiple of 16), excluded pairs
+(``groups``) and two gloo processes of ``gather_distributed``.
+``gpu`` tier: bf16, large M, all dtypes and feature sizes, groups, determinism, torch.compile,
+memory.
 
 Pass rule (flash-attention's): ``err(kernel, gt) <= 2 * err(ref_lp, gt) + tol`` for the loss and
 both gradients, where ``gt`` is :func:`info_nce_ref` in fp64 on the same (rounded) inputs,
@@ -15,8 +19,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import (  # noqa: F401 (poison_outputs is a fixture)
+from kernel_helpers import (  # noqa: F401 (poison_outputs, bf16_dot_in_interpreter: fixtures)
     DEVICE,
+    bf16_dot_in_interpreter,
     max_err,
     needs_kernel,
     poison_outputs,
@@ -33,32 +38,6 @@ from spcl_fast.reference.info_nce import (
 MODES = [("cross", True), ("cross", False), ("all", True), ("all", False)]
 MODE_IDS = [f"{n}-{'sym' if s else 'asym'}" for n, s in MODES]
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-
-@pytest.fixture
-def bf16_dot_in_interpreter(monkeypatch):
-    """Triton 3.9's interpreter multiplies the bf16 operands of ``tl.dot`` as their uint16 bit
-    patterns (a GPU multiplies the numbers); widen them to fp32 first, which is exact."""
-    if DEVICE == "cuda":
-        return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    original = interpreter.InterpreterBuilder.create_dot
-
-    def widen(x):
-        if x.dtype.scalar != tl.bfloat16:
-            return x
-        bits = x.data.astype(np.uint32) << 16
-        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
-
-    def create_dot(self, a, b, *args):
-        return original(self, widen(a), widen(b), *args)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
-
 
 pytestmark = pytest.mark.usefixtures("poison_outputs", "bf16_dot_in_interpreter")
 
@@ -255,6 +234,18 @@ def test_gpu_bf16_small_and_odd_batches(m, temperature):
     za, zb = _inputs(m, 256, torch.bfloat16, seed=m)
     for negatives, symmetric in MODES:
         _check(za, zb, temperature, symmetric, negatives, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [128, 1000])
+def test_gpu_groups_bf16(d):
+    """Same-patient ids, every mode: at d = 128 the rows take 3+ backward chunks of G (2048
+    rows each), at d = 1000 both gradient matmuls run over the stored G."""
+    m = 4099
+    za, zb = _inputs(m, d, torch.bfloat16, seed=d)
+    ids = torch.randint(0, m // 3, (m,), generator=torch.Generator().manual_seed(d)).to(DEVICE)
+    for negatives, symmetric in MODES:
+        _check(za, zb, 0.05, symmetric, negatives, torch.bfloat16, groups=ids)
 
 
 @pytest.mark.gpu
