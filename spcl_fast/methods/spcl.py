@@ -291,13 +291,15 @@ class SPCL(nn.Module):
         self.projector = (Projector(width, c.proj_hidden, c.proj_dim, c.proj_depth)
                           if c.projector == "mlp" else nn.Identity())
         self.out_dim = c.proj_dim if c.projector == "mlp" else width
-        self.predictor = (Projector(self.out_dim, c.predictor_hidden, self.out_dim, depth=1)
-                          if c.predictor_hidden else None)
-        # the intra-image term: a token predictor (and a pixel head for pixel targets)
+        # the intra-image term: a token predictor (and a pixel head for pixel targets); built
+        # before the predictor, so a seed gives the weights (and checkpoints the parameter
+        # order) of earlier versions
         intra, patch = c.intra_weight > 0, encoder.patch_embed
         self.token_predictor = TokenPredictor(width, encoder.num_heads) if intra else None
         self.pixel_head = (nn.Linear(width, patch.proj.in_channels * patch.patch_size ** 2)
                            if intra and c.intra_target == "pixels" else None)
+        self.predictor = (Projector(self.out_dim, c.predictor_hidden, self.out_dim, depth=1)
+                          if c.predictor_hidden else None)
 
     @classmethod
     def from_config(cls, encoder: VisionTransformer, settings, context: BuildContext) -> SPCL:
