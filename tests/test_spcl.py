@@ -182,3 +182,10 @@ def test_baselines_refuse_a_class_token_encoder():
         MAE(encoder, MAEConfig(decoder_dim=16, decoder_depth=1, decoder_heads=2))
     with pytest.raises(ValueError, match="class token"):
         DINO(encoder, DINOConfig(out_dim=64))
+
+
+def test_parameter_order_is_that_of_earlier_checkpoints():
+    """A checkpoint's optimizer state follows the parameter order: the heads keep theirs."""
+    model = _model(intra_weight=1.0, intra_target="pixels", predictor_hidden=8)
+    order = list(dict.fromkeys(name.split(".")[0] for name, _ in model.named_parameters()))
+    assert order == ["encoder", "projector", "token_predictor", "pixel_head", "predictor"]
