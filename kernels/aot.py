@@ -11,6 +11,8 @@ tensor-core instruction counts (``mma`` on sm_80, ``wgmma`` on sm_90) from the P
     python -m spcl_fast.kernels.aot --json benchmarks/results/aot-$(python -c \\
         "import triton; print(triton.__version__)").json
     python -m spcl_fast.kernels.aot --quick --jobs 2     # the CI subset (tests/test_aot.py)
+    python -m spcl_fast.kernels.aot --from-json benchmarks/results/aot-3.9.0.json \
+        --markdown docs/kernels.md                       # the docs' table of saved rows
 
 It must run without ``TRITON_INTERPRET`` (the kernels are then plain ``JITFunction``s); tests run
 it in a subprocess for that reason.
@@ -28,9 +30,10 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -47,12 +50,19 @@ from .partition_attention import partition_attention_bwd, partition_attention_fw
 TARGETS = {"sm_80": (80, 166912), "sm_90": (90, 232448)}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# Attention at ViT shapes: 12 heads, segments of ~100 tokens (S-PCL's halves of 196 patches).
-HEADS, SEGMENTS, TOKENS = 12, 8, 100
+# Attention at ViT shapes: 12 heads, 8 segments of a max_seqlen of tokens: the launchers pick
+# kernels and tiles by it (the one-pass backward's tile is the power of two >= max_seqlen up to
+# its largest; longer segments take the two-kernel backward), so the matrix spans them: 16 and
+# 32 (small tiles), 49 (keep 0.5 at 196 patches), 100 (S-PCL's halves), 200 (whole images).
+HEADS, SEGMENTS = 12, 16  # 16 segments: the packed token count is a multiple of 16, as at
+#                          ViT batches (Triton specialises integer arguments divisible by 16)
+TOKENS = (16, 32, 49, 100, 200)
 ATTENTION_HEAD_DIMS = (32, 64, 72, 128)
 LAYOUTS = ("packed", "in_place")
-# InfoNCE: a batch of 256 pairs at projector widths 128 and 1000 (split output features).
-PAIRS, INFO_NCE_DIMS = 256, (128, 1000)
+# InfoNCE at projector widths 128 and 1000 (rows kept in registers / streamed), over enough
+# pairs that the backward takes several row chunks of G (the later ones accumulate into the
+# key gradients: a kernel variant of its own).
+PAIRS, INFO_NCE_DIMS = 32768, (128, 1000)
 
 
 class Launch(NamedTuple):
@@ -84,6 +94,7 @@ class Case:
     dtype: str
     size: int  # head dim for attention, feature size d for InfoNCE
     variant: str  # attention: layout; InfoNCE: "cross" (symmetric CLIP) or "all" (NT-Xent)
+    tokens: int = 0  # attention: tokens per segment (= max_seqlen); InfoNCE: 0
 
     def launches(self) -> list[Launch]:
         """The launches the launchers would make for this case, in order."""
@@ -96,8 +107,8 @@ class Case:
 
     def _attention(self):
         dtype, head_dim = DTYPES[self.dtype], self.size
-        total = SEGMENTS * TOKENS
-        cu = torch.arange(0, total + 1, TOKENS, dtype=torch.int32, device="meta")
+        total = SEGMENTS * self.tokens
+        cu = torch.arange(0, total + 1, self.tokens, dtype=torch.int32, device="meta")
         index = None
         if self.variant == "in_place":  # rows of a (B*N) tensor, half of them in no segment
             index = torch.empty(total, dtype=torch.int64, device="meta")
@@ -105,8 +116,9 @@ class Case:
         # q, k, v: the three views of one (R, 3, H, Dh) qkv tensor, as a ViT block makes them.
         q, k, v = torch.empty(rows, 3, HEADS, head_dim, dtype=dtype, device="meta").unbind(1)
         scale = head_dim**-0.5
-        out, lse = partition_attention_fwd(q, k, v, cu, TOKENS, index, scale)
-        partition_attention_bwd(torch.empty_like(out), q, k, v, out, lse, cu, TOKENS, index, scale)
+        out, lse = partition_attention_fwd(q, k, v, cu, self.tokens, index, scale)
+        partition_attention_bwd(torch.empty_like(out), q, k, v, out, lse, cu, self.tokens, index,
+                                scale)
 
     def _info_nce(self):
         dtype, d = DTYPES[self.dtype], self.size
@@ -123,16 +135,20 @@ class Case:
 
 
 # The CI subset: every dtype at head dim 64, 16-bit and fp32 at 32 and 128, the non-power-of-two
-# head dim once, both layouts; InfoNCE in every dtype, both variants and both d regimes.
+# head dim once, both layouts, the one-pass backward's tiles of 128 and 64 rows and the
+# two-kernel backward (200 tokens); InfoNCE in every dtype, both variants and both d regimes.
 QUICK = [
-    Case("partition_attention", "bf16", 64, "in_place"),
-    Case("partition_attention", "fp16", 64, "packed"),
-    Case("partition_attention", "fp32", 64, "in_place"),
-    Case("partition_attention", "bf16", 32, "packed"),
-    Case("partition_attention", "fp32", 32, "packed"),
-    Case("partition_attention", "bf16", 128, "in_place"),
-    Case("partition_attention", "fp32", 128, "packed"),
-    Case("partition_attention", "bf16", 72, "in_place"),
+    Case("partition_attention", "bf16", 64, "in_place", 100),
+    Case("partition_attention", "fp16", 64, "packed", 49),
+    Case("partition_attention", "bf16", 64, "packed", 200),
+    Case("partition_attention", "fp32", 64, "in_place", 49),
+    Case("partition_attention", "fp32", 64, "packed", 200),
+    Case("partition_attention", "bf16", 32, "packed", 100),
+    Case("partition_attention", "fp32", 32, "packed", 200),
+    Case("partition_attention", "bf16", 128, "in_place", 100),
+    Case("partition_attention", "fp16", 128, "in_place", 200),
+    Case("partition_attention", "fp32", 128, "packed", 200),
+    Case("partition_attention", "bf16", 72, "in_place", 100),
     *(Case("info_nce", dtype, 128, "cross") for dtype in DTYPES),
     Case("info_nce", "bf16", 1000, "all"),
     Case("info_nce", "fp32", 1000, "all"),
@@ -144,8 +160,8 @@ def cases(quick: bool = False) -> list[Case]:
     or the CI subset :data:`QUICK`."""
     if quick:
         return list(QUICK)
-    attention = [Case("partition_attention", dtype, head_dim, layout) for dtype in DTYPES
-                 for head_dim in ATTENTION_HEAD_DIMS for layout in LAYOUTS]
+    attention = [Case("partition_attention", dtype, head_dim, layout, tokens) for dtype in DTYPES
+                 for head_dim in ATTENTION_HEAD_DIMS for layout in LAYOUTS for tokens in TOKENS]
     loss = [Case("info_nce", dtype, d, variant) for dtype in DTYPES for d in INFO_NCE_DIMS
             for variant in ("cross", "all")]
     return attention + loss
@@ -159,6 +175,7 @@ class Job:
     launch: int  # index into case.launches()
     config: int  # index into the launch's candidate configs
     target: str
+    compile_hash: str = ""  # :func:`compile_hash` of the compile
 
 
 def candidates(kernel, args, kwargs) -> tuple[triton.JITFunction, list[dict]]:
@@ -209,7 +226,7 @@ def jobs(case_list: list[Case]) -> list[Job]:
                     compile_key = compile_hash(*_source(job)[2:])
                     if compile_key not in seen:
                         seen.add(compile_key)
-                        out.append(job)
+                        out.append(Job(case, i, j, target, compile_key))
     return out
 
 
@@ -225,13 +242,24 @@ _REGS = re.compile(r"Used (\d+) registers")
 _META = ("num_warps", "num_stages")
 
 
+def _identity(job: Job, fn, kwargs, options) -> dict:
+    """What a row says about its compile, before any measurement."""
+    blocks = {k: v for k, v in kwargs.items() if k.startswith("BLOCK")}
+    config = {**blocks, **{k: kwargs.get(k, getattr(options, k)) for k in _META}}
+    return {
+        **asdict(job.case),
+        "launch": job.launch,  # which launch of the case (e.g. row or column statistics)
+        "kernel": fn.__name__,
+        "target": job.target,
+        "config": config,
+    }
+
+
 def compile_job(job: Job) -> dict:
     """Compile one job for its target; one result row."""
     from triton.knobs import nvidia
 
     fn, kwargs, src, target, options = _source(job)
-    blocks = {k: v for k, v in kwargs.items() if k.startswith("BLOCK")}
-    config = {**blocks, **{k: kwargs.get(k, getattr(options, k)) for k in _META}}
     log = io.StringIO()
     nvidia.dump_ptxas_log = True  # ptxas -v's report goes to stdout
     start = time.perf_counter()
@@ -244,11 +272,7 @@ def compile_job(job: Job) -> dict:
         raise RuntimeError(f"no ptxas report for {job} (compiled from a warm cache?)")
     ptx = compiled.asm["ptx"]
     return {
-        **asdict(job.case),
-        "launch": job.launch,  # which launch of the case (e.g. row or column statistics)
-        "kernel": fn.__name__,
-        "target": job.target,
-        "config": config,
+        **_identity(job, fn, kwargs, options),
         "registers": int(regs.group(1)),
         "spill_stores": int(spills.group(1)),
         "spill_loads": int(spills.group(2)),
@@ -261,23 +285,49 @@ def compile_job(job: Job) -> dict:
     }
 
 
-def run(case_list: list[Case], processes: int = 1) -> list[dict]:
+def reused(job: Job, saved: dict) -> dict:
+    """The row of a job whose very compile (same compile hash: kernel source with everything it
+    calls, specialisation, options, target, Triton) was measured before, from that row."""
+    fn, kwargs, _, _, options = _source(job)
+    kept = ("registers", "spill_stores", "spill_loads", "shared_bytes", "shared_limit", "mma",
+            "wgmma", "compile_s", "compile_hash")
+    return {**_identity(job, fn, kwargs, options), **{k: saved[k] for k in kept}}
+
+
+def run(case_list: list[Case], processes: int = 1, saved: dict | None = None,
+        progress: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Compile every job of ``case_list`` from a cold, private Triton cache (so ptxas runs and
-    the compile times are honest); rows in job order."""
+    the compile times are honest), except those whose compile hash is a row of ``saved``
+    (taken from there); rows in job order. ``progress`` sees the rows so far after each."""
+    saved = saved or {}
     work = jobs(case_list)
+    rows: dict[int, dict] = {i: reused(job, saved[job.compile_hash])
+                             for i, job in enumerate(work) if job.compile_hash in saved}
+    todo = [i for i in range(len(work)) if i not in rows]
+
+    def done(i, row):
+        rows[i] = row
+        if progress:
+            progress([rows[k] for k in sorted(rows)])
+
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
         if processes <= 1:
-            return [compile_job(job) for job in work]
-        with ProcessPoolExecutor(processes) as pool:
-            return list(pool.map(compile_job, work))
+            for i in todo:
+                done(i, compile_job(work[i]))
+        else:
+            with ProcessPoolExecutor(processes) as pool:
+                for i, row in zip(todo, pool.map(compile_job, [work[i] for i in todo]),
+                                  strict=True):
+                    done(i, row)
+    return [rows[i] for i in range(len(work))]
 
 
 def key(row: dict) -> tuple:
     """What identifies a row across runs (everything but the measurements)."""
     config = tuple(sorted(row["config"].items()))
-    return (row["op"], row["dtype"], row["size"], row["variant"], row["launch"], row["kernel"],
-            row["target"], config)
+    return (row["op"], row["dtype"], row["size"], row["variant"], row["tokens"], row["launch"],
+            row["kernel"], row["target"], config)
 
 
 MEASURED = ("registers", "spill_stores", "spill_loads", "shared_bytes", "mma", "wgmma")
@@ -312,6 +362,30 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _save(path: str, rows: list[dict]) -> None:
+    doc = {"triton": triton.__version__, "torch": torch.__version__, "rows": rows}
+    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+
+
+MARKERS = ("<!-- aot-table:begin -->", "<!-- aot-table:end -->")
+
+
+def write_between_markers(path: str, markers: tuple[str, str], block: str) -> None:
+    """Replace what lies between the ``markers`` lines of the text file ``path`` by ``block``."""
+    text = Path(path).read_text()
+    begin, end = (re.escape(m) for m in markers)
+    pattern = re.compile(f"{begin}\n.*?{end}", flags=re.S)
+    if not pattern.search(text):
+        raise ValueError(f"{path} has no {markers[0]} ... {markers[1]} lines to write between")
+    Path(path).write_text(pattern.sub(lambda _: f"{markers[0]}\n{block}\n{markers[1]}", text))
+
+
+def between_markers(text: str, markers: tuple[str, str]) -> str:
+    """What lies between the ``markers`` lines of ``text`` ('' if they are missing)."""
+    parts = text.split(markers[0] + "\n", 1)
+    return parts[1].split("\n" + markers[1], 1)[0] if len(parts) == 2 else ""
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m spcl_fast.kernels.aot",
                                      description=__doc__.split("\n\n")[0])
@@ -319,19 +393,41 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="compile processes (default: all cores)")
     parser.add_argument("--json", help="write the rows (and versions) to this file")
+    parser.add_argument("--from-json", help="compile nothing: the table of the rows that "
+                        "--json saved to this file")
+    parser.add_argument("--reuse", help="take the rows of compiles this earlier --json file "
+                        "measured (same compile hash) instead of compiling them again; --json "
+                        "is rewritten after every compile, so an interrupted run resumes")
+    parser.add_argument("--markdown", help="also write the table into this file, between its "
+                        f"{MARKERS[0]} and {MARKERS[1]} lines")
     args = parser.parse_args(argv)
-    if _common.INTERPRET:
-        parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels' compiler")
-    start = time.perf_counter()
-    rows = run(cases(args.quick), args.jobs)
+    if args.from_json:
+        try:
+            rows = json.loads(Path(args.from_json).read_text())["rows"]
+        except (OSError, ValueError, KeyError) as e:
+            parser.exit(1, f"error: {args.from_json}: cannot read saved rows ({e})\n")
+    else:
+        if _common.INTERPRET:
+            parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels' compiler")
+        saved = {}
+        if args.reuse and Path(args.reuse).exists():
+            earlier = json.loads(Path(args.reuse).read_text())
+            if earlier["triton"] == triton.__version__:  # another Triton compiles differently
+                saved = {r["compile_hash"]: r for r in earlier["rows"]}
+        start = time.perf_counter()
+        rows = run(cases(args.quick), args.jobs, saved,
+                   (lambda so_far: _save(args.json, so_far)) if args.json else None)
+        print(f"{len(rows)} rows, {len(rows) - sum(r['compile_hash'] in saved for r in rows)} "
+              f"compiled in {time.perf_counter() - start:.0f} s with {args.jobs} processes "
+              f"(triton {triton.__version__})", file=sys.stderr)
+        if args.json:
+            _save(args.json, rows)
     print(table(rows))
-    print(f"{len(rows)} compiles in {time.perf_counter() - start:.0f} s with {args.jobs} "
-          f"processes (triton {triton.__version__})", file=sys.stderr)
-    if args.json:
-        doc = {"triton": triton.__version__, "torch": torch.__version__, "rows": rows}
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
+    if args.markdown:
+        try:
+            write_between_markers(args.markdown, MARKERS, table(rows))
+        except (OSError, ValueError) as e:
+            parser.exit(1, f"error: {e}\n")
     return 0
 
 
