@@ -65,10 +65,12 @@ def test_chunked_matches_reference_fp64(negatives, symmetric, m, d, chunk, tempe
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
-# Excluded pairs: groups of several rows (with and without the pairs of a group in one chunk),
-# singletons only (nothing excluded), one group of every row (only the positives are left).
+# Excluded pairs: groups of several rows (with and without the pairs of a group in one chunk)
+# next to rows alone in their group, singletons only (nothing excluded), one group of every row
+# (only the positives are left). Ids are per pair: a row's positive always shares its id.
 GROUPS = {
-    "mixed": lambda m: torch.arange(m) % max(1, m // 3),
+    "mixed": lambda m: torch.where(torch.arange(m) % 2 == 0, torch.arange(m) % 3,
+                                   torch.arange(m) + m),
     "singletons": lambda m: torch.arange(m),
     "one-group": lambda m: torch.full((m,), 7),
 }

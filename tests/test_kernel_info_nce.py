@@ -123,9 +123,12 @@ def test_padding_gives_aligned_rows():
 @pytest.mark.parametrize("dtype,m,d", [(torch.float32, 37, 20), (torch.bfloat16, 13, 7)],
                          ids=["fp32", "bf16"])
 def test_kernel_groups_match_reference(dtype, m, d, groups, negatives, symmetric):
-    """Excluded pairs: ids shared by several rows across row and column blocks (int32 ids), or
-    one id for every row (each row keeps only its positive: loss and gradients 0)."""
-    ids = (torch.arange(m) * 7 % 5 if groups == "mixed" else torch.zeros(m)).to(torch.int32)
+    """Excluded pairs: ids shared by several rows across row and column blocks next to rows
+    alone in their group (int32 ids), or one id for every row (each row keeps only its
+    positive: loss and gradients 0). Ids are per pair, so a row's positive always shares its."""
+    rows = torch.arange(m)
+    ids = torch.where(rows % 2 == 0, rows % 3, rows + m) if groups == "mixed" else 0 * rows
+    ids = ids.to(torch.int32)
     za, zb = _inputs(m, d, dtype, seed=m + d)
     got = _check(za, zb, 0.05, symmetric, negatives, dtype, groups=ids.to(DEVICE))
     if groups == "one-group":
