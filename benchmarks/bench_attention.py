@@ -7,8 +7,9 @@ same for every provider, so padding a provider computes is never credited.
 
 Providers (CUDA, bf16):
 
-* ``spcl_fast triton packed``: the kernel on the packed ``(T, 3, H, Dh)`` qkv;
-* ``spcl_fast triton in-place``: the kernel on the image-order ``(B*N, 3, H, Dh)`` qkv with
+* ``spcl_fast triton packed``: ``partition_attention_qkvpacked`` (the entry a ViT block uses:
+  one qkv gradient buffer) on the packed ``(T, 3, H, Dh)`` qkv;
+* ``spcl_fast triton in-place``: the same on the image-order ``(B*N, 3, H, Dh)`` qkv with
   ``token_index`` (gather and scatter fused into the kernel);
 * ``gather+pad+SDPA``: what a codebase writes without varlen kernels: gather rows into a
   ``(S, max_seqlen)`` padded batch, ``scaled_dot_product_attention`` with a key-padding mask,
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from common import peak_memory_mb, run
 
-from spcl_fast import flops, partition_attention, sample_partitions
+from spcl_fast import flops, partition_attention_qkvpacked, sample_partitions
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,8 @@ def _kernel(p: Problem, impl: str, in_place: bool):
     index = plan.token_index if in_place else None
 
     def fwd():
-        q, k, v = leaf.unbind(1)
-        return partition_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, index, p.scale,
-                                   impl=impl)
+        return partition_attention_qkvpacked(leaf, plan.cu_seqlens, plan.max_seqlen, index,
+                                             p.scale, impl=impl)
 
     return leaf, fwd
 

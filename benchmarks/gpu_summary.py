@@ -1,7 +1,10 @@
 """One summary of a GPU check's benchmark JSON (``benchmarks/gpu_check.sh`` prints it):
 
-* attention: the kernel's TFLOP/s per shape and pass, and its speedup over each PyTorch
-  provider (torch varlen, SDPA per segment, gather+pad+SDPA; above 1 is faster);
+* attention: the kernel's TFLOP/s per shape and pass, its speedup over each PyTorch provider
+  (torch varlen, SDPA per segment, gather+pad+SDPA; above 1 is faster), and at the cost
+  model's shapes (ViT-B/16, 256 images, 98- and 49-token segments) its time over the model's
+  H100 bound (``benchmarks/results/cost-model.json``, docs/kernels.md: 1.0 is the hardware's
+  limit; the bound is an H100 SXM's, so on another GPU read it as a scale);
 * loss: InfoNCE time and peak memory, Triton against the naive loss with its M x M matrix;
 * steps: ViT-B/16 training images/s, TFLOP/s and MFU of S-PCL, MAE and DINO, and of the S-PCL
   training step eager and compiled.
@@ -17,6 +20,10 @@ from pathlib import Path
 
 KERNELS = ("spcl_fast triton packed", "spcl_fast triton in-place")
 TORCH_PROVIDERS = ("torch varlen_attn", "SDPA per segment", "gather+pad+SDPA")
+COST_MODEL = Path(__file__).parent / "results" / "cost-model.json"
+# Benchmark shape -> (tokens per segment) of the cost model's rows; kernel -> their layout.
+COST_SHAPES = {"vitb-224-r0.5": 98, "vitb-224-k0.5": 49}
+COST_LAYOUTS = {"spcl_fast triton packed": "packed", "spcl_fast triton in-place": "in-place"}
 
 
 def _rows(folder: Path, suite: str) -> list[dict]:
@@ -28,9 +35,28 @@ def _num(value, spec: str = ".3g") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def bounds_ms() -> dict:
+    """(shape, pass, kernel) -> the cost model's H100 bound in ms for the qkv-packed op."""
+    if not COST_MODEL.exists():
+        return {}
+    rows = json.loads(COST_MODEL.read_text())["rows"]
+    bound = {(r["op"], r["layout"], r["size"]): r["bounds"]["H100"]["bound_s"] * 1e3
+             for r in rows if r["op"] == "attention forward" or r["design"] == "qkv buffer"}
+    out = {}
+    for shape, tokens in COST_SHAPES.items():
+        for kernel, layout in COST_LAYOUTS.items():
+            fwd = bound.get(("attention forward", layout, tokens))
+            bwd = bound.get(("attention backward", layout, tokens))
+            if fwd is not None and bwd is not None:
+                out.update({(shape, "fwd", kernel): fwd, (shape, "bwd", kernel): bwd,
+                            (shape, "fwd+bwd", kernel): fwd + bwd})
+    return out
+
+
 def attention(rows: list[dict]) -> list[str]:
     lines = ["| shape, pass | kernel | TFLOP/s | " + " | ".join(
-        f"x vs {p}" for p in TORCH_PROVIDERS) + " |", "|---|---|---|" + "---|" * 3]
+        f"x vs {p}" for p in TORCH_PROVIDERS) + " | x H100 bound |", "|---|---|---|" + "---|" * 4]
+    bounds = bounds_ms()
     groups: dict[str, dict[str, dict]] = {}
     for row in rows:
         groups.setdefault(row["group"], {})[row["provider"]] = row
@@ -38,11 +64,13 @@ def attention(rows: list[dict]) -> list[str]:
         for kernel in KERNELS:
             if kernel not in by_provider:
                 continue
-            ms = by_provider[kernel]["median_ms"]
+            row = by_provider[kernel]
+            ms = row["median_ms"]
             ratios = [_num(by_provider[p]["median_ms"] / ms, ".2f") if p in by_provider else "-"
                       for p in TORCH_PROVIDERS]
-            lines.append(f"| {group} | {kernel} | {_num(by_provider[kernel]['tflops'])} | "
-                         + " | ".join(ratios) + " |")
+            bound = bounds.get((row.get("shape"), row.get("mode"), kernel))
+            lines.append(f"| {group} | {kernel} | {_num(row['tflops'])} | "
+                         + " | ".join(ratios) + f" | {_num(bound and ms / bound, '.2f')} |")
     return lines
 
 

@@ -4,6 +4,7 @@ renamed test or benchmark would otherwise make a GPU call measure nothing)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -64,3 +65,21 @@ def test_core_times_the_peers_at_49_and_98_tokens():
             for pass_ in ("fwd", "bwd"):
                 case = f"[cuda-{shape}{images}-{pass_}-{provider}]"
                 assert case in ids, f"{case} is not in core's attention step:\n{ids[-1500:]}"
+
+
+def test_summary_puts_the_kernel_beside_its_peers_and_its_bound(tmp_path):
+    # A made-up attention result file: the summary's ratios are the peers' time over the
+    # kernel's and the kernel's time over the cost model's H100 bound for that shape and pass.
+    cost = json.loads((ROOT / "benchmarks" / "results" / "cost-model.json").read_text())
+    bound_ms = next(r["bounds"]["H100"]["bound_s"] * 1e3 for r in cost["rows"]
+                    if (r["op"], r["design"], r["layout"], r["size"])
+                    == ("attention backward", "qkv buffer", "packed", 98))
+    group = {"group": "vitb-224-r0.5 bfloat16 bwd", "shape": "vitb-224-r0.5", "mode": "bwd",
+             "tflops": 1.0}
+    rows = [{**group, "provider": "spcl_fast triton packed", "median_ms": 2 * bound_ms},
+            {**group, "provider": "torch varlen_attn", "median_ms": 3 * bound_ms}]
+    (tmp_path / "attention-gpu.json").write_text(json.dumps(rows))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_summary.py"),
+                          str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    line = next(x for x in out.splitlines() if "spcl_fast triton packed" in x)
+    assert line.split("|")[4:8] == [" 1.50 ", " - ", " - ", " 2.00 "], line
