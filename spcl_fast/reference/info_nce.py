@@ -116,7 +116,8 @@ def info_nce_ref(
 
 def _same_group(groups_q: torch.Tensor, groups_k: torch.Tensor,
                 positive: torch.Tensor) -> torch.Tensor:
-    """``(Mq, Mk)`` mask of the pairs that ``groups`` excludes: same id, not the positive."""
+    """``(Mq, Mk)`` mask of the pairs that ``groups`` excludes: same id, not the positive
+    (``positive[i]``: query ``i``'s positive as an index into ``groups_k``)."""
     cols = torch.arange(groups_k.shape[0], device=groups_k.device)
     return (groups_q[:, None] == groups_k[None, :]) & (cols[None, :] != positive[:, None])
 
@@ -316,7 +317,7 @@ def _excluded(cols, pos_col, self_col, self_mask, groups_q, groups_k):
     if self_mask:
         excluded = self_col[:, None] == cols[None, :]
     if groups_q is not None:
-        same = _same_group(groups_q, groups_k[cols], pos_col - cols[0])
+        same = _same_group(groups_q, groups_k[cols], pos_col - cols[0])  # cols: one range
         excluded = same if excluded is None else excluded | same
     return excluded
 
