@@ -36,7 +36,7 @@ Adding a method ``foo``:
    built from it), its plan class, ``from_config``; what it shares with other methods (crops,
    heads, patches, loss terms) comes from below (:mod:`spcl_fast.views`,
    :mod:`spcl_fast.nn.heads`, :mod:`spcl_fast.methods.losses`), never from another method;
-   collectives through :mod:`spcl_fast.distributed`.
+   collectives through :mod:`spcl_fast.collectives`.
 2. ``METHODS["foo"] = Foo`` in ``spcl_fast/methods/__init__.py``.
 
 ``--method foo`` then trains it, its fields are flags (in a help section of their own), its

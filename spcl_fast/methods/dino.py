@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed, flops
+from .. import collectives, flops
 from ..nn.heads import DINOHead
 from ..nn.vit import VisionTransformer
 from ..sections import flag, require
@@ -234,7 +234,7 @@ class DINO(nn.Module):
         """EMA of the mean teacher logits (over all ranks when distributed). ``rows``: how many
         logits ``teacher_logits`` (then already their mean) stands for; with 0 the centre
         stays (a step without a training forward)."""
-        batch_center = distributed.all_reduce_mean_(teacher_logits.float().mean(dim=0,
+        batch_center = collectives.all_reduce_mean_(teacher_logits.float().mean(dim=0,
                                                                                 keepdim=True))
         keep = self.config.center_momentum if rows is None else torch.where(
             rows > 0, self.config.center_momentum, 1.0)

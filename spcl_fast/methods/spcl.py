@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed, flops
+from .. import collectives, flops
 from ..nn.heads import Projector
 from ..nn.vit import Mlp, VisionTransformer
 from ..ops import info_nce
@@ -458,8 +458,8 @@ class SPCL(nn.Module):
         b = F.normalize(z_b, dim=-1)
         offset = 0
         if self.gather_distributed:
-            offset = distributed.rank() * b.shape[0]
-            b = distributed.all_gather(b)
+            offset = collectives.rank() * b.shape[0]
+            b = collectives.all_gather(b)
         sim = a @ b.T
         target = torch.arange(a.shape[0], device=sim.device) + offset
         pos = sim.gather(1, target[:, None]).squeeze(1)

@@ -11,7 +11,7 @@ agreeing on them never waits for the GPU.
 S-PCL's loss sees the global batch: under torchrun the engine builds the method with
 ``BuildContext(gather_distributed=True)``, and InfoNCE's all-gather has a gradient, so after
 DDP's gradient average the update equals one process's on the whole batch. The collectives of
-model code (that gather's statistics, DINO's centre) go through :mod:`spcl_fast.distributed`.
+model code (that gather's statistics, DINO's centre) go through :mod:`spcl_fast.collectives`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import distributed
+from .. import collectives
 from ..nn.vit import Block
 from ..run.device import resolve_device
 from ..run.precision import PRECISIONS
@@ -76,7 +76,7 @@ class DistContext:
     def mean_(self, t: torch.Tensor) -> torch.Tensor:
         """In-place mean of a device tensor over ranks (the default group: asynchronous on a
         GPU, no host sync)."""
-        return distributed.all_reduce_mean_(t)
+        return collectives.all_reduce_mean_(t)
 
     def barrier(self) -> None:
         if self.world > 1:

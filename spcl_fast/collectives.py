@@ -1,6 +1,6 @@
 """The collectives the methods need, as no-ops outside a process group: one place that calls
-``torch.distributed`` for model code (the training engine's process group and host-side votes
-live in :mod:`spcl_fast.train.distributed`).
+``torch.distributed`` for model code (the training engine's process group, its model wrappers
+and host-side votes live in :mod:`spcl_fast.train.distributed`).
 
 Example::
 
