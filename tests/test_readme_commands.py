@@ -145,9 +145,10 @@ def python_blocks() -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("where, code", python_blocks(), ids=[w for w, _ in python_blocks()])
-def test_python_block_runs_as_printed(where, code, tmp_path):
+def test_python_block_runs_as_printed(where, code, workspace):
+    """In the commands' scratch folder, after them (a block may load what they wrote)."""
     if re.search(r"^import timm|^from timm", code, re.M):
         pytest.importorskip("timm", reason="the block needs timm, which does not import here")
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", code], cwd=workspace, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, f"{where}\n{code}\n{done.stderr[-3000:]}"
