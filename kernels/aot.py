@@ -236,6 +236,8 @@ def compile_hash(src: ASTSource, target: GPUTarget, options) -> str:
     """What identifies one compile across cases, runs and machines: the kernel's source and
     specialisation, the launch options that vary, the target."""
     text = f"{src.hash()}-{options.num_warps}-{options.num_stages}-{target.arch}"
+    if getattr(options, "maxnreg", None) is not None:  # a launch's register ceiling for ptxas
+        text += f"-maxnreg{options.maxnreg}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -248,6 +250,8 @@ def _identity(job: Job, fn, kwargs, options) -> dict:
     """What a row says about its compile, before any measurement."""
     blocks = {k: v for k, v in kwargs.items() if k.startswith("BLOCK")}
     config = {**blocks, **{k: kwargs.get(k, getattr(options, k)) for k in _META}}
+    if getattr(options, "maxnreg", None) is not None:
+        config["maxnreg"] = options.maxnreg
     return {
         **asdict(job.case),
         "launch": job.launch,  # which launch of the case (e.g. row or column statistics)
