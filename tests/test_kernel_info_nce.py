@@ -105,6 +105,22 @@ def test_kernel_odd_widths(dtype, d):
         _check(za, zb, 0.1, symmetric, negatives, dtype)
 
 
+@pytest.mark.slow
+@pytest.mark.interpret
+@needs_kernel
+@pytest.mark.parametrize("m,d", [(2, 3), (31, 16), (33, 47), (65, 64), (70, 130), (9, 257)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+def test_kernel_sweep_slow(dtype, m, d):
+    """Every mode, without and with random ids, at batches around the interpreter's blocks
+    (32 rows) and chunks (64 rows) and widths around its resident limit (64)."""
+    za, zb = _inputs(m, d, dtype, seed=m * 1000 + d)
+    ids = torch.randint(0, max(1, m // 2), (m,), generator=torch.Generator().manual_seed(m))
+    for (negatives, symmetric), groups in zip(MODES * 2, [None] * 4 + [ids.to(DEVICE)] * 4,
+                                              strict=True):
+        _check(za, zb, 0.07, symmetric, negatives, dtype, groups=groups)
+
+
 def test_padding_gives_aligned_rows():
     from spcl_fast.kernels.info_nce import _padded
 
