@@ -517,7 +517,7 @@ def steps(recorded: list, lengths: list[int], compiles: dict) -> list[Step]:
         first = keyword_sets[0]
         dtype = _operand_class(next(a for a in launch.args if isinstance(a, torch.Tensor)))
         config = {k: v for k, v in first.items() if k.startswith("BLOCK")}
-        config |= {k: first[k] for k in aot._META if k in first}
+        config |= {k: first[k] for k in (*aot._META, "maxnreg") if k in first}
         step = Step(name, count, dtype if count.mma_flops else "-", config)
         for key, peak in PEAKS.items():
             row = compiles.get(aot.compile_hash(*aot.source(launch, 0, peak.target)[2:]))
