@@ -94,6 +94,9 @@ ONEPASS = {
     (True, 64): {16: 4, 32: 4, 64: 8},
     (True, 128): {16: 4, 32: 8},
 }
+# ptxas's register ceiling for the one-pass kernel: left to itself, ptxas picks as few as 128
+# registers for some tiles and spills (aot tier); the tiles of ONEPASS need up to 255.
+ONEPASS_MAXNREG = 255
 ONEPASS_LONG_BLOCK = 16 if INTERPRET else 32
 
 
@@ -417,10 +420,10 @@ def _onepass_tile(
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = (p * (dp - delta[:, None])).to(q.dtype)
-    dq = tl.dot(ds, k, input_precision=DOT_PRECISION) * softmax_scale
-    tl.store(dq_base + r * stride_gr + d, dq.to(dq_base.dtype.element_ty), mask=mask_td)
     dk = tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION) * softmax_scale
     tl.store(dk_base + r * stride_gr + d, dk.to(dk_base.dtype.element_ty), mask=mask_td)
+    dq = tl.dot(ds, k, input_precision=DOT_PRECISION) * softmax_scale
+    tl.store(dq_base + r * stride_gr + d, dq.to(dq_base.dtype.element_ty), mask=mask_td)
 
 
 @triton.jit(do_not_specialize=["heads"])
@@ -566,7 +569,7 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, token_index, soft
             heads,
             HAS_INDEX=has_index, TILE=tile, LONG_BLOCK=min(tile, ONEPASS_LONG_BLOCK),
             BLOCK_D=block_d, num_warps=ONEPASS[q.dtype == torch.float32, block_d][tile],
-            num_stages=1,
+            num_stages=1, maxnreg=ONEPASS_MAXNREG,
         )
         return
 
