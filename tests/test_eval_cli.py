@@ -106,7 +106,7 @@ def test_none_baseline_is_the_engines_init(run, tmp_path):
     assert res["encoder"]["kind"] == "none"
 
 
-REAL = next((d for d in DATASETS if d != "synthetic"), "chestxray14")
+REAL = next((d for d in DATASETS if d not in cli.BUILT_IN), "chestxray14")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -98,6 +98,7 @@ class SegmentArgs(EvalArgs):
 
 
 TASKS = {cls.task: cls for cls in (LinearProbeArgs, FinetuneArgs, SegmentArgs)}
+BUILT_IN = ("synthetic", "nih-demo")  # datasets shipped with the package: no --root
 DEFAULT_BATCH = {"linear-probe": 256, "finetune": 64, "segment": 32}
 
 
@@ -171,7 +172,7 @@ def build_splits(args, image_size: int) -> dict:
     if args.dataset not in data_lib.DATASETS:
         raise EvalError(f"unknown dataset {args.dataset!r}; choose from "
                         f"{', '.join(data_lib.DATASETS)}")
-    if args.dataset not in ("synthetic", "nih-demo"):  # the built-in sets take no root
+    if args.dataset not in BUILT_IN:
         if not args.root:
             raise EvalError(f"--root is required for dataset {args.dataset!r}")
         if not Path(args.root).exists():
