@@ -80,10 +80,10 @@ _DQ = (
 _PRE_BLOCK = 16 if INTERPRET else 64
 
 # The one-pass backward's configs: (fp32 operands, BLOCK_D) -> {tile rows: num_warps}, the tiles
-# the aot tier compiles without register spills on sm_80 and sm_90 (Triton 3.9). A 128-row tile
-# fits only 16-bit operands at BLOCK_D 32 and 64 (at 16 and 128 it spills, as do fp32 tiles
-# above 64 rows and fp32 at BLOCK_D 128 above 32). max_seqlen above the largest tile runs the
-# two-kernel backward.
+# the aot tier compiles without register spills on sm_80 and sm_90 in both layouts (Triton 3.9).
+# A 128-row tile fits only 16-bit operands at BLOCK_D 32 and 64: at 16 and 128 it spills, and a
+# 256-row tile spills and overflows sm_80's shared memory; fp32 tiles stop at 64 rows, 32 at
+# BLOCK_D 64 and 128. max_seqlen above the largest tile runs the two-kernel backward.
 ONEPASS = {
     (False, 16): {16: 2, 32: 4, 64: 4},
     (False, 32): {16: 2, 32: 4, 64: 4, 128: 8},
@@ -91,7 +91,7 @@ ONEPASS = {
     (False, 128): {16: 4, 32: 4, 64: 8},
     (True, 16): {16: 4, 32: 4, 64: 4},
     (True, 32): {16: 4, 32: 8, 64: 4},
-    (True, 64): {16: 4, 32: 4, 64: 8},
+    (True, 64): {16: 4, 32: 4},
     (True, 128): {16: 4, 32: 8},
 }
 # ptxas's register ceiling for the one-pass kernel: left to itself, ptxas picks as few as 128
