@@ -301,10 +301,11 @@ def reused(job: Job, saved: dict) -> dict:
 
 
 def run(case_list: list[Case], processes: int = 1, saved: dict | None = None,
-        progress: Callable[[list[dict]], None] | None = None) -> list[dict]:
+        progress: Callable[[list[dict], int], None] | None = None) -> list[dict]:
     """Compile every job of ``case_list`` from a cold, private Triton cache (so ptxas runs and
     the compile times are honest), except those whose compile hash is a row of ``saved``
-    (taken from there); rows in job order. ``progress`` sees the rows so far after each."""
+    (taken from there); rows in job order. ``progress`` sees the rows so far after each
+    compile, and the number of compiles in all."""
     saved = saved or {}
     work = jobs(case_list)
     rows: dict[int, dict] = {i: reused(job, saved[job.compile_hash])
@@ -314,7 +315,7 @@ def run(case_list: list[Case], processes: int = 1, saved: dict | None = None,
     def done(i, row):
         rows[i] = row
         if progress:
-            progress([rows[k] for k in sorted(rows)])
+            progress([rows[k] for k in sorted(rows)], len(work))
 
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
@@ -368,9 +369,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _save(path: str, rows: list[dict]) -> None:
-    doc = {"triton": triton.__version__, "torch": torch.__version__, "rows": rows}
+def _save(path: str, rows: list[dict], compiles: int, quick: bool) -> None:
+    doc = {"triton": triton.__version__, "torch": torch.__version__,
+           "matrix": "quick" if quick else "full", "compiles": compiles, "rows": rows}
     Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def summary(doc: dict) -> str:
+    """The docs' block for a saved file: how much of its matrix it holds, then :func:`table`."""
+    rows, compiles = doc["rows"], doc.get("compiles", len(doc["rows"]))
+    held = ("all" if len(rows) == compiles else
+            f"{len(rows)} (the CI subset first, then bf16; the run was cut short)")
+    return (f"Triton {doc['triton']}, {doc.get('matrix', 'full')} matrix: {held} of its "
+            f"{compiles} compiles.\n\n{table(rows)}")
 
 
 MARKERS = ("<!-- aot-table:begin -->", "<!-- aot-table:end -->")
@@ -409,7 +420,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.from_json:
         try:
-            rows = json.loads(Path(args.from_json).read_text())["rows"]
+            doc = json.loads(Path(args.from_json).read_text())
+            rows = doc["rows"]
         except (OSError, ValueError, KeyError) as e:
             parser.exit(1, f"error: {args.from_json}: cannot read saved rows ({e})\n")
     else:
@@ -422,16 +434,19 @@ def main(argv=None) -> int:
                 saved = {r["compile_hash"]: r for r in earlier["rows"]}
         start = time.perf_counter()
         rows = run(cases(args.quick), args.jobs, saved,
-                   (lambda so_far: _save(args.json, so_far)) if args.json else None)
+                   (lambda so_far, n: _save(args.json, so_far, n, args.quick)) if args.json
+                   else None)
         print(f"{len(rows)} rows, {len(rows) - sum(r['compile_hash'] in saved for r in rows)} "
               f"compiled in {time.perf_counter() - start:.0f} s with {args.jobs} processes "
               f"(triton {triton.__version__})", file=sys.stderr)
+        doc = {"triton": triton.__version__, "matrix": "quick" if args.quick else "full",
+               "compiles": len(rows), "rows": rows}
         if args.json:
-            _save(args.json, rows)
+            _save(args.json, rows, len(rows), args.quick)
     print(table(rows))
     if args.markdown:
         try:
-            write_between_markers(args.markdown, MARKERS, table(rows))
+            write_between_markers(args.markdown, MARKERS, summary(doc))
         except (OSError, ValueError) as e:
             parser.exit(1, f"error: {e}\n")
     return 0
