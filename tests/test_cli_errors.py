@@ -115,6 +115,17 @@ def test_train_bad_pairs_and_help(capsys):
     assert out.count("usage:") == 1 and "--betas FLOAT FLOAT" in out
 
 
+def test_train_refuses_threads_below_one(tmp_path, monkeypatch, capsys):
+    for threads in ("-1", "0"):
+        with pytest.raises(ValueError, match=rf"threads must be >= 1 .*, got {threads}"):
+            apply_overrides(demo(), {"threads": threads}).check()
+    apply_overrides(demo(), {"threads": "none"}).check()
+    monkeypatch.chdir(tmp_path)
+    line = _error(train_main, ["--preset", "smoke", "--threads", "0"], capsys)
+    assert line == "error: threads must be >= 1 (none: torch's default), got 0"
+    assert not list(tmp_path.glob("runs/*"))  # refused before a run folder is written
+
+
 def test_train_suggests_the_closest_preset(capsys):
     line = _error(train_main, ["--preset", "vit_smal_224"], capsys)
     assert "unknown preset 'vit_smal_224'; did you mean vit_small_224" in line

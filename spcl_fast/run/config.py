@@ -149,7 +149,9 @@ class RunConfig:
     extra: Annotated[dict, _JSON] = field(default_factory=dict)  # free-form notes (JSON)
 
     def check(self) -> None:
-        require(self, {"log_every": (self.log_every >= 1, ">= 1"),
+        require(self, {"threads": (self.threads is None or self.threads >= 1,
+                                   ">= 1 (none: torch's default)"),
+                        "log_every": (self.log_every >= 1, ">= 1"),
                         "save_every": (self.save_every >= 0, ">= 0 (0: only at the end)"),
                         "keep_last": (self.keep_last >= 1, ">= 1")})
 
