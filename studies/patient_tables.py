@@ -39,6 +39,8 @@ def _grid(results: dict, keys: dict[str, str], what: str = "auroc") -> str:
     name)."""
     tables = results["tables"]
     keys = {k: v for k, v in keys.items() if k in tables}
+    if not keys:
+        return "(not measured in this screen)\n"
     lines = ["| row | " + " | ".join(keys.values()) + " |",
              "|---|" + "---:|" * len(keys)]
     for row in _rows(tables):
