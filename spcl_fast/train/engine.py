@@ -249,6 +249,8 @@ def _start(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> tupl
     created = not out_dir.exists()
     try:
         config.check()
+        if config.run.threads:  # checked first: torch's own error for a bad count is a traceback
+            torch.set_num_threads(config.run.threads)
         state, path = _claim_and_resume(resume, out_dir, ctx)
         trainer = Trainer(config, ctx, state=state)
         # Per image of the loss's batch (the negatives it sees: every process's images, of
@@ -286,8 +288,6 @@ def _resumed_changes(state: dict | None, config: TrainConfig, out_dir: Path,
 
 
 def _train(config: TrainConfig, out_dir: Path, resume, ctx: DistContext) -> dict:
-    if config.run.threads:
-        torch.set_num_threads(config.run.threads)
     trainer, gflops = _start(config, out_dir, resume, ctx)
     peak = peak_tflops(ctx.device, config.optim.precision, config.run.peak_tflops)
     skipped = probe_skipped(config, trainer.class_names) if config.run.probe else None
@@ -341,7 +341,6 @@ def _probe(trainer: Trainer, out_dir: Path, summary: dict) -> None:
             summary["patient_probe"] = patient_probe.probe_run(
                 trainer.config, full.encoder, init, normalizer(trainer.config.data.normalize,
                                                                trainer.stats))
-            print(patient_probe.format_patient_probe(summary["patient_probe"]), flush=True)
         else:
             summary["probe"] = probe_encoders(trainer.config, full, trainer.device,
                                               trainer.stats, out_dir / "probe_scores.pt")
