@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 "patients in test); pre-training on train only",
                        "stages": stages, "resamples": RESAMPLES, "fraction_draws": DRAWS,
                        "threads": 1},
-        "budget_seconds": budget, "runs": runs,
+        "budget_seconds": budget, "runs": runs, "reference": reference,
         "tables": tables(rows, data, reference),
         "seconds": time.time() - started,
         "environment": {"torch": torch.__version__, "machine": platform.machine(),

@@ -54,7 +54,7 @@ def _grid(results: dict, keys: dict[str, str], what: str = "auroc") -> str:
                 cells.append(fmt_interval(entry, signed=True) if entry else "—")
         if any(c != "—" for c in cells):
             lines.append(f"| {NAMES.get(row, row)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" if len(lines) > 2 else "(not measured in this screen)\n"
 
 
 def _prefixed(results: dict, prefix: str) -> dict[str, str]:
@@ -78,6 +78,7 @@ TABLES = {
     "primary": lambda r: _grid(r, READOUTS),
     "minus-raw": lambda r: _grid(r, READOUTS, "raw_pixels"),
     "minus-init": lambda r: _grid(r, READOUTS, "init"),
+    "minus-reference": lambda r: _grid(r, READOUTS, r.get("reference", "init")),
     "fractions": lambda r: _grid(r, {k: f"{float(v):.0%}" for k, v in
                                      _prefixed(r, "fraction/").items()}
                                  | {"primary/linear": "100%"}),
