@@ -121,8 +121,9 @@ def test_train_refuses_threads_below_one(tmp_path, monkeypatch, capsys):
             apply_overrides(demo(), {"threads": threads}).check()
     apply_overrides(demo(), {"threads": "none"}).check()
     monkeypatch.chdir(tmp_path)
-    line = _error(train_main, ["--preset", "smoke", "--threads", "0"], capsys)
-    assert line == "error: threads must be >= 1 (none: torch's default), got 0"
+    for threads in ("-1", "0"):
+        line = _error(train_main, ["--preset", "smoke", "--threads", threads], capsys)
+        assert line == f"error: threads must be >= 1 (none: torch's default), got {threads}"
     assert not list(tmp_path.glob("runs/*"))  # refused before a run folder is written
 
 
