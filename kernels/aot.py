@@ -158,14 +158,16 @@ QUICK = [
 def cases(quick: bool = False) -> list[Case]:
     """The full matrix (every dtype, head dim, layout; InfoNCE in every dtype, d and variant)
     or the CI subset :data:`QUICK`. The matrix starts with the subset, then bf16 (the cost
-    model's dtype), so a run cut short (``--json`` is saved as it goes) has those first."""
+    model's dtype; attention at head dim 64 first), so a run cut short (``--json`` is saved as
+    it goes) has those first."""
     if quick:
         return list(QUICK)
     attention = [Case("partition_attention", dtype, head_dim, layout, tokens) for dtype in DTYPES
                  for head_dim in ATTENTION_HEAD_DIMS for layout in LAYOUTS for tokens in TOKENS]
     loss = [Case("info_nce", dtype, d, variant) for dtype in DTYPES for d in INFO_NCE_DIMS
             for variant in ("cross", "all")]
-    rest = sorted((c for c in attention + loss if c not in QUICK), key=lambda c: c.dtype != "bf16")
+    rest = sorted((c for c in attention + loss if c not in QUICK),
+                  key=lambda c: (c.dtype != "bf16", c.op == "partition_attention" and c.size != 64))
     return QUICK + rest
 
 
