@@ -61,7 +61,7 @@ _ALL, _UPTO64 = (16, 32, 64, 128), (16, 32, 64)
 _FWD = (
     (128, 64, 8, 3, _UPTO64, (16, 32)),
     (64, 64, 8, 3, _ALL, (64,)),
-    (128, 128, 8, 2, _UPTO64, (16, 32)),
+    (128, 128, 8, 2, (16, 32), (16, 32)),
     (64, 32, 4, 4, _ALL, _UPTO64),
     (128, 32, 8, 3, _UPTO64, _UPTO64),
     (64, 16, 4, 3, (), (128,)),
@@ -75,11 +75,14 @@ _DKDV = (
 )
 _DQ = (
     (64, 32, 4, 3, _ALL, (16, 32)),
-    (64, 64, 4, 2, _UPTO64, (16, 32)),
+    (64, 64, 4, 2, (16, 32), (16, 32)),
     (128, 32, 8, 3, _ALL, (16, 32)),
     (64, 32, 8, 3, _ALL, _ALL),
 )
 _PRE_BLOCK = 16 if INTERPRET else 64
+# ptxas's register ceiling for every kernel here but the preprocess one: left to itself, ptxas
+# picks as few as 128 registers for some blocks and tiles and spills (aot tier).
+MAXNREG = 255
 
 # The one-pass backward's configs: (fp32 operands, BLOCK_D) -> {tile rows: num_warps}, the tiles
 # the aot tier compiles without register spills on sm_80 and sm_90 in both layouts (Triton 3.9).
@@ -96,9 +99,6 @@ ONEPASS = {
     (True, 64): {16: 4, 32: 4},
     (True, 128): {16: 4, 32: 8},
 }
-# ptxas's register ceiling for the one-pass kernel: left to itself, ptxas picks as few as 128
-# registers for some tiles and spills (aot tier); the tiles of ONEPASS need up to 255.
-ONEPASS_MAXNREG = 255
 ONEPASS_LONG_BLOCK = 16 if INTERPRET else 32
 
 
@@ -118,6 +118,9 @@ def _autotune(table):
 
     tuned_configs = configs([({"BLOCK_M": m, "BLOCK_N": n}, w, s) for m, n, w, s, *_ in table],
                             {"BLOCK_M": 16, "BLOCK_N": 16})
+    for config in tuned_configs:
+        # Left to itself ptxas picks as few as 128 registers for some blocks and spills (aot).
+        config.maxnreg = MAXNREG
     return triton.autotune(configs=tuned_configs, key=["HEAD_DIM", "SEQ_BUCKET", "HAS_INDEX"],
                            prune_configs_by={"early_config_prune": prune})
 
@@ -571,7 +574,7 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, token_index, soft
             heads,
             HAS_INDEX=has_index, TILE=tile, LONG_BLOCK=min(tile, ONEPASS_LONG_BLOCK),
             BLOCK_D=block_d, num_warps=ONEPASS[q.dtype == torch.float32, block_d][tile],
-            num_stages=1, maxnreg=ONEPASS_MAXNREG,
+            num_stages=1, maxnreg=MAXNREG,
         )
         return
 
