@@ -1,4 +1,4 @@
-"""Test tiers (DESIGN.md §5): CPU always; ``interpret`` runs the Triton kernels on CPU tensors
+"""Test tiers (docs/architecture.md §5): CPU always; ``interpret`` runs the Triton kernels on CPU tensors
 through the Triton interpreter when there is no GPU; ``aot`` compiles them for GPU targets
 without a GPU (tests/test_aot.py); ``gpu`` needs CUDA.
 

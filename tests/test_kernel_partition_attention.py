@@ -1,4 +1,4 @@
-"""The Triton partition-attention kernels against the fp64 reference (DESIGN.md §5).
+"""The Triton partition-attention kernels against the fp64 reference (docs/architecture.md §5).
 
 ``interpret`` tier: tiny shapes through the public op with ``impl="triton"``: on CPU tensors
 under ``TRITON_INTERPRET=1`` (tests/conftest.py turns it on without CUDA), on CUDA tensors where

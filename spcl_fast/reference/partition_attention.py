@@ -45,7 +45,7 @@ def partition_attention_ref(
     """Block-diagonal attention on the packed rows; returns ``(R, H, Dh)`` in ``q.dtype``.
 
     With ``upcast`` the maths runs in fp32 (fp64 stays fp64), as the kernels do; without it the
-    maths runs in the input dtype, which is what DESIGN.md §5 calls ``ref_lp``.
+    maths runs in the input dtype, which is what docs/architecture.md §5 calls ``ref_lp``.
 
     Args:
         q, k, v: ``(R, H, Dh)`` float, any float dtype.
