@@ -106,3 +106,17 @@ def test_cited_architecture_sections_exist():
                 outline.append(path.name)
     assert cited and not {n: where for n, where in cited.items() if n not in sections}
     assert not outline, f"cite docs/architecture.md, not the old outline: {outline}"
+
+
+def test_readme_demo_lines_are_the_saved_run():
+    """The README's demo output is the saved run's (studies/results/demo-nih.json), printed by
+    the code that prints it, so no number there is typed by hand."""
+    import json
+
+    from spcl_fast.eval.patient_probe import format_patient_probe
+
+    root, _ = _markdown_files()
+    saved = json.loads((root / "studies" / "results" / "demo-nih.json").read_text())
+    printed = format_patient_probe(saved["summary"]["patient_probe"])
+    assert printed.splitlines() == saved["printed"]
+    assert f"```text\n{printed}\n```" in (root / "README.md").read_text()
