@@ -1,6 +1,6 @@
-"""Test tiers (docs/architecture.md §5): CPU always; ``interpret`` runs the Triton kernels on CPU tensors
-through the Triton interpreter when there is no GPU; ``aot`` compiles them for GPU targets
-without a GPU (tests/test_aot.py); ``gpu`` needs CUDA.
+"""Test tiers (docs/architecture.md §5): CPU always; ``interpret`` runs the Triton kernels on
+CPU tensors through the Triton interpreter when there is no GPU; ``aot`` compiles them for GPU
+targets without a GPU (tests/test_aot.py); ``gpu`` needs CUDA.
 
 The interpreter must be switched on before anything imports triton, hence at conftest import.
 """

@@ -1,5 +1,5 @@
-"""What the Triton kernel tests share (docs/architecture.md §5): where kernels run, NaN-poisoned outputs,
-the error measure of the pass rule and the precision of the low-precision reference."""
+"""What the Triton kernel tests share (docs/architecture.md §5): where kernels run, NaN-poisoned
+outputs, the error measure of the pass rule and the precision of the low-precision reference."""
 
 from __future__ import annotations
 

@@ -229,8 +229,8 @@ def _check_triton(case):
         q, k, v, cu, max_seqlen, token_index, scale, impl="triton"), qkv, grad)
     gt, g_gt = _out_and_grad(lambda q, k, v: partition_attention_ref(
         q, k, v, cu, token_index, scale), qkv.detach().double().requires_grad_(), grad.double())
-    # docs/architecture.md §5's rule with ref_lp = the fp32 reference (the interpreter's dots are exact
-    # fp32; a GPU's fp32 dots are TF32, hence the tolerance there).
+    # docs/architecture.md §5's rule with ref_lp = the fp32 reference (the interpreter's dots are
+    # exact fp32; a GPU's fp32 dots are TF32, hence the tolerance there).
     lp, g_lp = _out_and_grad(lambda q, k, v: partition_attention_ref(
         q, k, v, cu, token_index, scale), qkv, grad)
     # The absolute tolerance scales with the tensor's magnitude: fp32 rounding is relative, and

@@ -60,7 +60,6 @@ def test_look_alike_batches_show_progress_while_a_dataset_is_read(tmp_path, caps
 
 def test_unreadable_images_in_the_statistics_are_not_said_to_leave_the_probe(tmp_path):
     from devtools.fixtures import make_chestxray14
-
     from spcl_fast.run.data import intensity_stats, load_split
     from spcl_fast.run.presets import smoke
 
