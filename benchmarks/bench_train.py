@@ -23,6 +23,7 @@ import pytest
 import torch
 from common import ROWS, peak_memory_mb, run, torch_threads
 
+from spcl_fast.data import TensorImages
 from spcl_fast.methods.flops_table import MODEL_LABELS
 from spcl_fast.run.config import TrainConfig
 from spcl_fast.train.monitor import peak_tflops
@@ -87,7 +88,7 @@ def _bench(benchmark, case: Case) -> None:
     )
     images = torch.rand(2 * case.batch_size, 1, case.img_size, case.img_size,
                         generator=torch.Generator().manual_seed(0))
-    trainer = Trainer(config, source=images)
+    trainer = Trainer(config, source=TensorImages(images))
     device, b = trainer.device, case.batch_size
     model = trainer.model
     step_flops = model.train_flops(model.sample_plan(b, torch.Generator().manual_seed(0), "cpu"))

@@ -37,23 +37,24 @@ def _step_and_reference(options: dict, accum_steps: int = 2):
     trainer = Trainer(config)
     initial = copy.deepcopy(trainer.model)
     seen = {"plans": []}
-    draw, next_batch = trainer.plans.sample, trainer.stream.next
+    draw, next_batch = trainer.plans.sample, trainer.stream.next_batch
 
     def sample(model, x):
         seen["plans"].append(draw(model, x))
         return seen["plans"][-1]
 
     def batch():
-        seen["images"] = next_batch()
-        return seen["images"]
+        seen["images"], seen["groups"] = next_batch()
+        return seen["images"], seen["groups"]
 
-    trainer.plans.sample, trainer.stream.next = sample, batch
+    trainer.plans.sample, trainer.stream.next_batch = sample, batch
     rng = torch.get_rng_state()
     out = trainer.train_step()
 
     torch.set_rng_state(rng)
     plan = type(seen["plans"][0]).concat(seen["plans"])
-    want = initial(trainer.transform(seen["images"]), plan=plan)
+    kwargs = {"groups": seen["groups"]} if trainer.uses_groups else {}
+    want = initial(trainer.transform(seen["images"]), plan=plan, **kwargs)
     want["loss"].backward()
     return trainer, initial, out, want
 

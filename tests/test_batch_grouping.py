@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devtools.fixtures import make_chestxray14
+from spcl_fast.data import TensorImages
 from spcl_fast.run.config import TrainConfig
 from spcl_fast.run.presets import smoke
 from spcl_fast.train.engine import train
@@ -43,16 +44,16 @@ class _Images(torch.utils.data.Dataset):
 @pytest.mark.parametrize("grid", [1, 2, 4])
 def test_thumbnails_are_standardised_block_means(grid):
     images = torch.rand(37, 1, 16, 16)
-    got = thumbnails(images, grid)
+    got = thumbnails(TensorImages(images), grid)
     torch.testing.assert_close(got, _reference_thumbnails(images, grid))
     # a dataset read through a DataLoader gives the same descriptors as the tensor
     torch.testing.assert_close(thumbnails(_Images(images), grid), got)
     # a constant cell has no spread: zeros, not NaN
     flat = images.clone()
     flat[:, :, :4, :4] = 0.5
-    assert thumbnails(flat, 4).isfinite().all()
+    assert thumbnails(TensorImages(flat), 4).isfinite().all()
     with pytest.raises(ValueError, match="group_grid must be >= 1"):
-        thumbnails(images, 0)
+        thumbnails(TensorImages(images), 0)
 
 
 def _clusters(groups: int, size: int, dim: int = 3, seed: int = 0) -> torch.Tensor:
@@ -104,8 +105,9 @@ def test_similar_stream_shards_over_ranks_and_resumes():
     n, batch = 40, 8
     images = torch.rand(n, 1, 8, 8)
     images += torch.arange(n).view(n, 1, 1, 1) % 5  # 5 groups of distinct brightness
-    single = BatchStream(images, batch, seed=3, grouping="similar", group_grid=2)
-    ranks = [BatchStream(images, batch, seed=3, world=2, rank=r, grouping="similar",
+    resident = TensorImages(images)
+    single = BatchStream(resident, batch, seed=3, grouping="similar", group_grid=2)
+    ranks = [BatchStream(resident, batch, seed=3, world=2, rank=r, grouping="similar",
                          group_grid=2) for r in range(2)]
     loader = BatchStream(_Images(images), batch, seed=3, grouping="similar", group_grid=2)
     batches = []
@@ -115,14 +117,14 @@ def test_similar_stream_shards_over_ranks_and_resumes():
         assert torch.equal(loader.next(), whole)
         assert whole.mean(dim=(1, 2, 3)).floor().unique().numel() == 1  # one brightness group
         batches.append(whole)
-    resumed = BatchStream(images, batch, seed=3, grouping="similar", group_grid=2)
-    replay = BatchStream(images, batch, seed=3, grouping="similar", group_grid=2)
+    resumed = BatchStream(resident, batch, seed=3, grouping="similar", group_grid=2)
+    replay = BatchStream(resident, batch, seed=3, grouping="similar", group_grid=2)
     for _ in range(3):
         replay.next()
     resumed.load_state_dict(replay.state_dict())
     assert all(torch.equal(resumed.next(), b) for b in batches[3:])
     with pytest.raises(ValueError, match="batch_grouping must be 'random' or 'similar'"):
-        BatchStream(images, batch, seed=0, grouping="nearest")
+        BatchStream(resident, batch, seed=0, grouping="nearest")
 
 
 def test_group_grid_is_checked():

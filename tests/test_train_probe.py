@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from spcl_fast.eval import linear_probe, multilabel_auroc
-from spcl_fast.run.data import intensity_stats, load_split, normalizer
+from spcl_fast.run.data import intensity_stats, load_split, materialize, normalizer
 from spcl_fast.run.presets import smoke
 from spcl_fast.train.__main__ import _report
 from spcl_fast.train.engine import train
@@ -31,8 +31,8 @@ def test_probe_reports_raw_pixels_beside_the_encoders(tmp_path, capsys):
     transform = normalizer(config.data.normalize, tuple(summary["intensity_stats"]))
     splits = {}
     for s in ("train", "val", "test"):
-        images, labels, names = load_split(config, s)
-        splits[s] = (transform(images).flatten(1), labels)
+        source, labels, names = load_split(config, s)
+        splits[s] = (transform(materialize(source, labels)[0]).flatten(1), labels)
     assert tuple(summary["intensity_stats"]) == tuple(
         intensity_stats("synthetic", load_split(config, "train")[0]))
     threads = torch.get_num_threads()

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from devtools.fixtures import make_chestxray14, make_chexpert
+from spcl_fast.data import TensorImages
 from spcl_fast.run.data import load_split, materialize
 from spcl_fast.run.model import build_model
 from spcl_fast.run.presets import PRESETS, demo, smoke
@@ -46,6 +47,7 @@ class _Images(torch.utils.data.Dataset):
 
     def __init__(self, n):
         self.n = n
+        self.patient_ids = [f"p{i // 3}" for i in range(n)]  # three films per patient
 
     def __len__(self):
         return self.n
@@ -57,7 +59,8 @@ class _Images(torch.utils.data.Dataset):
 @pytest.mark.parametrize("world,accum", [(1, 1), (2, 1), (2, 2), (4, 1)])
 def test_batch_stream_shards_each_epoch_over_ranks_once(world, accum):
     n, batch = 44, 8  # 5 full batches per epoch, 4 images dropped
-    source = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)
+    source = TensorImages(torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1),
+                          patient_ids=_Images(n).patient_ids)
     single = BatchStream(source, batch, seed=3)
     ranks = [BatchStream(source, batch, seed=3, rank=r, world=world, accum_steps=accum)
              for r in range(world)]
@@ -71,11 +74,17 @@ def test_batch_stream_shards_each_epoch_over_ranks_once(world, accum):
             # micro-step k of the ranks together is the k-th slice of the one-process batch
             assert torch.equal(torch.cat(parts, dim=1).flatten(), whole)
             for stream, part in zip(loaders, parts, strict=True):  # DataLoader path: the same
-                assert torch.equal(stream.next().flatten(), part.flatten())
+                images, groups = stream.next_batch()
+                assert torch.equal(images.flatten(), part.flatten())
+                # each film's patient comes with it, numbered in first-seen order
+                assert torch.equal(groups, images.flatten().long() // 3)
             seen += whole.tolist()
         assert len(set(seen)) == len(seen) == n // batch * batch
     with pytest.raises(ValueError, match="multiple of processes x accum_steps"):
         BatchStream(source, 8, seed=0, world=3)
+    with pytest.raises(TypeError, match="a split is a dataset, not a tensor"):
+        BatchStream(torch.zeros(n, 1, 1, 1), 8, seed=0)
+    assert BatchStream(TensorImages(torch.zeros(8, 1, 1, 1)), 8, seed=0).next_batch()[1] is None
 
 
 def test_plan_streams_do_not_depend_on_the_number_of_processes():
@@ -189,15 +198,20 @@ def test_nan_batch_is_skipped_and_the_run_continues(tmp_path, monkeypatch):
     trainer.train_step()
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     moments = [s["exp_avg"].clone() for s in trainer.optimizer.state.values()]
-    real = trainer.stream.next
-    monkeypatch.setattr(trainer.stream, "next", lambda: real() * float("nan"))
+    real = trainer.stream.next_batch
+
+    def nan_batch():
+        images, groups = real()
+        return images * float("nan"), groups
+
+    monkeypatch.setattr(trainer.stream, "next_batch", nan_batch)
     out = trainer.train_step()
     assert not torch.isfinite(out["loss"])
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(v, weights[k]), k  # the update was skipped ...
     for s, m in zip(trainer.optimizer.state.values(), moments, strict=True):
         assert torch.equal(s["exp_avg"], m) and int(s["step"]) == 1  # ... moments and count too
-    monkeypatch.setattr(trainer.stream, "next", real)
+    monkeypatch.setattr(trainer.stream, "next_batch", real)
     assert torch.isfinite(trainer.train_step()["loss"])
     counters = trainer.counters()
     assert counters["skipped_steps"] == 1 and counters["bad_streak"] == 0
@@ -206,11 +220,11 @@ def test_nan_batch_is_skipped_and_the_run_continues(tmp_path, monkeypatch):
 
     def poisoned(self):
         calls["n"] += 1
-        batch = real_next(self)
-        return batch * float("nan") if calls["n"] == 2 else batch
+        images, groups = real_next(self)
+        return (images * float("nan") if calls["n"] == 2 else images), groups
 
-    real_next = BatchStream.next
-    monkeypatch.setattr(BatchStream, "next", poisoned)
+    real_next = BatchStream.next_batch
+    monkeypatch.setattr(BatchStream, "next_batch", poisoned)
     with pytest.warns(UserWarning, match="skipping this checkpoint"):  # step 2 was bad
         summary = train(smoke().replace(steps=4, save_every=2), tmp_path / "run")
     assert summary["skipped_steps"] == 1 and summary["steps"] == 4

@@ -23,6 +23,7 @@ from .dicom import read_dicom
 from .errors import DataFormatError, ImageReadError
 from .folder import CXRFolder, CXRPool
 from .images import fit_square, read_image
+from .memory import TensorImages, group_ids, resident_images
 from .nih_demo import NIHDemo
 from .rsna import RSNAPneumonia
 from .siim import SIIMPneumothorax, rle_decode, rle_encode
@@ -82,6 +83,7 @@ def build_dataset(name: str, root: str | None = None, split: str = "train", imag
 __all__ = [
     "DATASETS", "NORMALIZE_MODES", "CXRDataset", "CXRFolder", "CXRPool", "CacheReader",
     "CheXpert", "ChestXray14", "DataFormatError", "ImageReadError", "NIHDemo", "RSNAPneumonia",
-    "SIIMPneumothorax", "SyntheticCXR", "build_dataset", "fit_square", "normalize_images",
-    "read_dicom", "read_image", "rle_decode", "rle_encode",
+    "SIIMPneumothorax", "SyntheticCXR", "TensorImages", "build_dataset", "fit_square",
+    "group_ids", "normalize_images", "read_dicom", "read_image", "resident_images", "rle_decode",
+    "rle_encode",
 ]

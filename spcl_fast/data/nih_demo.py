@@ -83,6 +83,7 @@ class NIHDemo(Dataset):
     """
 
     name = "nih-demo"
+    in_memory = True  # images() is a copy of arrays already loaded (spcl_fast.data.memory)
 
     def __init__(self, split: str = "train", image_size: int = SIZE, label_set: str = "abnormal",
                  seed: int = 0, cache=None, on_error: str = "raise"):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.memory import resident_images
 from .patient import (
     fmt_interval,
     pixel_features,
@@ -45,8 +46,9 @@ def split_arrays(source) -> tuple[torch.Tensor, np.ndarray, list[str]]:
                          f"{type(base).__name__} has labels {tuple(labels.shape)} and "
                          f"{'no ' if pids is None else ''}patient ids")
     rows = list(range(len(base))) if rows is None else rows
-    images = base.images()[rows] if hasattr(base, "images") else torch.stack(
-        [base[i]["image"] for i in rows])
+    images = resident_images(source)
+    if images is None:
+        images = torch.stack([source[i]["image"] for i in range(len(source))])
     return images, labels[rows, 0].numpy(), [str(pids[i]) for i in rows]
 
 

@@ -4,10 +4,10 @@ statistics and normalisation that training and evaluation share.
 Example::
 
     >>> from spcl_fast.run.presets import smoke
-    >>> images, labels, names = load_split(smoke(), "train")
-    >>> images.shape, labels.shape, names[0]
+    >>> train, labels, names = load_split(smoke(), "train")
+    >>> materialize(train, labels)[0].shape, labels.shape, names[0]
     (torch.Size([64, 1, 32, 32]), torch.Size([64, 5]), 'cardiomegaly')
-    >>> intensity_stats("synthetic", images) == (synthetic.MEAN, synthetic.STD)
+    >>> intensity_stats("synthetic", train) == (synthetic.MEAN, synthetic.STD)
     True
 """
 
@@ -17,7 +17,8 @@ import warnings
 
 import torch
 
-from ..data import CXRPool, build_dataset, normalize_images, synthetic
+from ..data import CXRPool, TensorImages, build_dataset, normalize_images, synthetic
+from ..data.memory import resident_images
 from .config import DataConfig, TrainConfig
 
 
@@ -34,17 +35,19 @@ def _per_dataset(value: str | None, count: int, key: str) -> list[str | None]:
 
 
 def load_split(config: TrainConfig, split: str):
-    """The dataset of a split: the synthetic set rendered into memory (``(n, 1, S, S)``
-    tensor), a real one (or a pool ``a+b`` of real ones, :class:`~spcl_fast.data.CXRPool`) as a
-    map-style dataset that skips unreadable files. Returns ``(images_or_dataset, labels (n, C),
-    class_names)``."""
+    """The dataset of a split, always a map-style dataset: the synthetic set rendered once into
+    memory (:class:`~spcl_fast.data.TensorImages`), the embedded NIH films, or a real dataset
+    (or a pool ``a+b`` of real ones, :class:`~spcl_fast.data.CXRPool`) that skips unreadable
+    files; ``--num-images`` takes a ``Subset`` of a real training split. Returns ``(dataset,
+    labels (n, C), class_names)``."""
     data: DataConfig = config.data
     if data.dataset == "synthetic":
         kwargs = {"seed": 0}
         if data.num_images is not None and split == "train":
             kwargs["num_images"] = data.num_images
         ds = build_dataset("synthetic", None, split, data.image_size, **kwargs)
-        return ds.images(), ds.labels, tuple(ds.class_names)
+        return (TensorImages(ds.images(), ds.labels, ds.ids, ds.class_names), ds.labels,
+                tuple(ds.class_names))
     names = data.dataset.split("+")
     roots = _per_dataset(data.data_root, len(names), "data_root")
     caches = _per_dataset(data.data_cache, len(names), "data_cache")
@@ -60,28 +63,21 @@ def load_split(config: TrainConfig, split: str):
     return ds, ds.labels, tuple(ds.class_names)
 
 
-def as_tensor(source, batch_size: int = 256, num_workers: int = 0,
-              purpose: str = "the probe") -> torch.Tensor:
-    """All images of an in-memory tensor or a dataset, ``(n, 1, S, S)`` (``purpose``: what
-    unreadable ones are left out of, in :func:`materialize`'s warning)."""
-    return source if isinstance(source, torch.Tensor) else materialize(
-        source, None, batch_size, num_workers, purpose)[0]
-
-
 def materialize(source, labels: torch.Tensor | None, batch_size: int = 256,
                 num_workers: int = 0,
                 purpose: str = "the probe") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Images and labels of a split as tensors (for probing). ``labels`` are one row per item
-    of ``source`` (its own labels, or other targets such as metadata). A dataset that skips an
-    unreadable file returns the next item in its place: such stand-ins are left out with their
-    rows (a probe must not count one image twice), with a warning that they are left out of
-    ``purpose``."""
-    if isinstance(source, torch.Tensor):
-        return source, labels
+    """Images and labels of a split (a dataset) as tensors (for probing). ``labels`` are one
+    row per item of ``source`` (its own labels, or other targets such as metadata). A dataset
+    held in memory is indexed at once. One read item by item that skips an unreadable file
+    returns the next item in its place: such stand-ins are left out with their rows (a probe
+    must not count one image twice), with a warning that they are left out of ``purpose``."""
+    labels = None if labels is None else torch.as_tensor(labels, dtype=torch.float32)
+    resident = resident_images(source)
+    if resident is not None:
+        return resident, labels
     loader = torch.utils.data.DataLoader(source, batch_size=batch_size, num_workers=num_workers)
     batches = list(loader)
     images = torch.cat([b["image"] for b in batches])
-    labels = None if labels is None else torch.as_tensor(labels, dtype=torch.float32)
     expected = getattr(source, "ids", None)
     if expected is None and isinstance(source, torch.utils.data.Subset):  # --num-images
         ids = getattr(source.dataset, "ids", None)
@@ -100,14 +96,12 @@ def intensity_stats(dataset: str, train, num_workers: int = 0,
                     count: int = 256) -> tuple[float, float]:
     """Dataset-wide pixel mean and std for ``normalize="dataset"``: fixed constants for the
     synthetic set, measured on the first ``count`` training images of a real one (``train``:
-    an image tensor or a dataset). Training records them in its checkpoints; evaluation
-    measures them so where a checkpoint has none."""
+    its training dataset). Training records them in its checkpoints; evaluation measures them
+    so where a checkpoint has none."""
     if dataset == "synthetic":
         return synthetic.MEAN, synthetic.STD
-    n = min(count, len(train))
-    sample = as_tensor(torch.utils.data.Subset(train, range(n)) if not isinstance(
-        train, torch.Tensor) else train[:n], num_workers=num_workers,
-        purpose="the intensity statistics")
+    sample = materialize(torch.utils.data.Subset(train, range(min(count, len(train)))), None,
+                         num_workers=num_workers, purpose="the intensity statistics")[0]
     return sample.mean().item(), sample.std().item()
 
 

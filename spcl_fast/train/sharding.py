@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..data.memory import group_ids, resident_images
+
 
 class BatchStream:
     """This rank's images of each optimizer step, in a fresh random order each epoch (seeded by
@@ -28,10 +30,14 @@ class BatchStream:
     global batch dropped. Its position (global: images consumed) is part of the checkpoint, so a
     resumed run, even on another number of processes, sees exactly the batches it would have.
 
-    ``source`` is an in-memory ``(n, 1, S, S)`` tensor (the synthetic set; moved to ``device``
-    once) or a map-style dataset read through a ``DataLoader`` with ``num_workers`` processes
-    (real datasets; pinned batches when ``device`` is a GPU). ``next()`` returns this rank's
-    ``accum_steps * m`` images of the step, micro-step by micro-step.
+    ``source`` is a dataset. One that holds its films in memory
+    (:func:`~spcl_fast.data.memory.resident_images`: the synthetic set, ``nih-demo``,
+    :class:`~spcl_fast.data.TensorImages`) is indexed as one tensor, moved to ``device`` once;
+    any other is read through a ``DataLoader`` with ``num_workers`` processes (pinned batches
+    when ``device`` is a GPU). ``next()`` returns this rank's ``accum_steps * m`` images of the
+    step, micro-step by micro-step; ``next_batch()`` returns them with their patients' ids
+    (:func:`~spcl_fast.data.memory.group_ids`, on ``device``; None for a dataset without
+    ``patient_ids``).
 
     ``grouping="similar"`` composes each epoch's global batches of look-alike images
     (:func:`similar_order` on :func:`thumbnails` of side ``group_grid``; a real dataset is read
@@ -49,8 +55,9 @@ class BatchStream:
                 f"= {world} x {accum_steps}"
             )
         self.device = torch.device(device or "cpu")
-        if isinstance(source, torch.Tensor):
-            source = source.to(self.device)
+        resident = resident_images(source)
+        self.resident = None if resident is None else resident.to(self.device)
+        self.groups = group_ids(source)
         self.source, self.batch_size, self.seed = source, batch_size, seed
         self.num_workers, self.rank, self.world = num_workers, rank, world
         self.accum_steps, self.micro = accum_steps, batch_size // (world * accum_steps)
@@ -77,11 +84,14 @@ class BatchStream:
         return steps[:, :, self.rank].reshape(-1)
 
     def next(self) -> torch.Tensor:
+        return self.next_batch()[0]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.position + self.batch_size > len(self.source):
             self.epoch, self.position, self._loader = self.epoch + 1, 0, None
-        if isinstance(self.source, torch.Tensor):
-            block = self._order()[self.position : self.position + self.batch_size]
-            batch = self.source[self.local(block).to(self.device)]
+        rows = self.local(self._order()[self.position : self.position + self.batch_size])
+        if self.resident is not None:
+            batch = self.resident[rows.to(self.device)]
         else:
             if self._loader is None:  # (re)start the epoch at the saved position
                 whole = (len(self.source) - self.position) // self.batch_size * self.batch_size
@@ -99,7 +109,8 @@ class BatchStream:
                 )
             batch = next(self._loader)["image"]
         self.position += self.batch_size
-        return batch
+        groups = None if self.groups is None else self.groups[rows].to(self.device)
+        return batch, groups
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
@@ -110,17 +121,17 @@ class BatchStream:
 
 
 def thumbnails(source, grid: int, num_workers: int = 0, progress: bool = False) -> torch.Tensor:
-    """``(n, grid * grid)`` float32 descriptors of the images of ``source`` (a ``(n, 1, S, S)``
-    tensor or a dataset of ``{"image": ...}`` items): each image average-pooled to a
-    ``grid x grid`` thumbnail, then every cell standardised over the images, so distances weigh
-    all cells alike. ``grid=1`` is the film's mean brightness (exposure); a coarse grid such
-    as 4 also holds position and size of the thorax, but little of a finding's detail. With
-    the intra-image term, grid 1 helps on the real sample and grid 4 hurts (README, the
-    recipe study). ``progress``: a progress bar while a dataset is read."""
+    """``(n, grid * grid)`` float32 descriptors of the images of the dataset ``source``: each
+    image average-pooled to a ``grid x grid`` thumbnail, then every cell standardised over the
+    images, so distances weigh all cells alike. ``grid=1`` is the film's mean brightness
+    (exposure); a coarse grid such as 4 also holds position and size of the thorax, but little
+    of a finding's detail. With the intra-image term, grid 1 helps on the real sample and grid
+    4 hurts (docs/study.md). ``progress``: a progress bar while a dataset is read."""
     if grid < 1:
         raise ValueError(f"group_grid must be >= 1, got {grid}")
-    if isinstance(source, torch.Tensor):
-        batches = source.split(1024)
+    resident = resident_images(source)
+    if resident is not None:
+        batches = resident.split(1024)
     else:
         loader = torch.utils.data.DataLoader(source, batch_size=256, num_workers=num_workers)
         batches = (b["image"] for b in tqdm(loader, desc="look-alike batches: thumbnails",

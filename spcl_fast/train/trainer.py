@@ -126,6 +126,11 @@ class Trainer:
                                   ctx.rank, ctx.world, optim.accum_steps, self.device,
                                   data.batch_grouping, data.group_grid)
         self.model = build_model(config, global_batch_loss=ctx.world > 1).to(self.device)
+        # a method that uses patients' ids (S-PCL's same_patient) gets each batch's
+        self.uses_groups = bool(getattr(self.model, "uses_groups", False))
+        if self.uses_groups and self.stream.groups is None:
+            raise ValueError(f"--method {config.method} as set uses patients' ids "
+                             f"(--same-patient), and the {data.dataset} training set has none")
         if ctx.world > 1:  # own streams per rank for whatever draws from the global RNGs
             torch.manual_seed(config.run.seed + 100_003 * (ctx.rank + 1))
         if state is not None:  # before wrapping: DDP and FSDP take the weights from here
@@ -174,9 +179,11 @@ class Trainer:
         lr = step_lr(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        images = self.stream.next()
+        images, groups = self.stream.next_batch()
         self.optimizer.zero_grad(set_to_none=True)
-        micro = images.split(self.stream.micro)
+        micro = list(zip(images.split(self.stream.micro),
+                         groups.split(self.stream.micro) if self.uses_groups
+                         else [None] * (images.shape[0] // self.stream.micro), strict=True))
         if len(micro) > 1 and isinstance(self.model, BatchLoss):
             sums = self._cached_backward(micro)
         else:
@@ -207,22 +214,25 @@ class Trainer:
         self.step += 1
         return {**means, "grad_norm": grad_norm.detach(), "lr": lr}
 
-    def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, object]:
-        """A micro-batch on the device, normalised, and its plan."""
+    def _inputs(self, x: torch.Tensor, groups: torch.Tensor | None
+                ) -> tuple[torch.Tensor, object, dict]:
+        """A micro-batch on the device, normalised, its plan and the keyword arguments of the
+        model's forward besides the plan (the patients' ids for a method that uses them)."""
         x = self.transform(x.to(self.device, non_blocking=True))
-        return x, plan_to(self.plans.sample(self.model, x), self.device)
+        kwargs = {} if groups is None else {"groups": groups}
+        return x, plan_to(self.plans.sample(self.model, x), self.device), kwargs
 
-    def _accumulated_backward(self, micro: tuple[torch.Tensor, ...]) -> dict:
+    def _accumulated_backward(self, micro: list[tuple]) -> dict:
         """Each micro-batch's loss (over its own images) backpropagated in turn, weighted
         ``1 / len(micro)``: exact for losses that are means of per-image terms. Returns the
         detached numbers averaged over micro-batches."""
         cfg = self.config.optim
         sums: dict[str, torch.Tensor] = {}
-        for k, x in enumerate(micro):
-            x, plan = self._inputs(x)
+        for k, (x, groups) in enumerate(micro):
+            x, plan, kwargs = self._inputs(x, groups)
             with self._grad_sync(k == len(micro) - 1):
                 with autocast(cfg.precision, self.device):
-                    out = self.net(x, plan=plan)
+                    out = self.net(x, plan=plan, **kwargs)
                 loss = out["loss"].float() / len(micro)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             for key, value in out.items():
@@ -230,7 +240,7 @@ class Trainer:
                 sums[key] = sums[key] + value if key in sums else value
         return sums
 
-    def _cached_backward(self, micro: tuple[torch.Tensor, ...]) -> dict:
+    def _cached_backward(self, micro: list[tuple]) -> dict:
         """The gradient of a :class:`~spcl_fast.methods.base.BatchLoss` over all micro-batches
         at once (GradCache): every micro-batch embedded without a graph, the loss of the whole
         batch backpropagated to the embeddings, then each micro-batch embedded again with a
@@ -238,11 +248,11 @@ class Trainer:
         gradient. Returns the loss's detached numbers."""
         cfg = self.config.optim
         inputs, cached = [], []
-        for x in micro:
-            x, plan = self._inputs(x)
-            inputs.append((x, plan, _rng_state(self.device)))
+        for x, groups in micro:
+            x, plan, kwargs = self._inputs(x, groups)
+            inputs.append((x, plan, kwargs, _rng_state(self.device)))
             with torch.no_grad(), autocast(cfg.precision, self.device):
-                cached.append(self.net(x, plan=plan, embed_only=True))
+                cached.append(self.net(x, plan=plan, embed_only=True, **kwargs))
         after = _rng_state(self.device)
         embedded = {name: _join([c[name] for c in cached]) for name in cached[0]}
         for value in embedded.values():
@@ -252,11 +262,11 @@ class Trainer:
         loss = out["loss"].float()
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         offset = 0
-        for k, (x, plan, state) in enumerate(inputs):
+        for k, (x, plan, kwargs, state) in enumerate(inputs):
             _set_rng_state(state, self.device)
             with self._grad_sync(k == len(inputs) - 1):
                 with autocast(cfg.precision, self.device):
-                    again = self.net(x, plan=plan, embed_only=True)
+                    again = self.net(x, plan=plan, embed_only=True, **kwargs)
                 pairs = [(value, _part(embedded[name].grad, value, offset))
                          for name, value in again.items()
                          if value.requires_grad and embedded[name].grad is not None]
