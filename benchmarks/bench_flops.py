@@ -19,7 +19,7 @@ import json
 import pytest
 from common import RESULTS_DIR, env_info
 
-from spcl_fast.methods import flops_table as flops
+from spcl_fast.methods import train_flops as flops
 from spcl_fast.run.flops_table import recipe_variant, table_variants
 
 RECORDS: list[dict] = []

@@ -28,7 +28,7 @@ import torch
 from common import RESULTS_DIR, ROWS, device_slug, run, torch_threads
 
 from spcl_fast.methods import build_method
-from spcl_fast.methods import flops_table as flops
+from spcl_fast.methods import train_flops as flops
 from spcl_fast.nn import create_vit
 
 METHODS = {"spcl": "S-PCL", "mae": "MAE", "dino": "DINO"}

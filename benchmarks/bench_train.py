@@ -24,7 +24,7 @@ import torch
 from common import ROWS, peak_memory_mb, run, torch_threads
 
 from spcl_fast.data import TensorImages
-from spcl_fast.methods.flops_table import MODEL_LABELS
+from spcl_fast.methods.train_flops import MODEL_LABELS
 from spcl_fast.run.config import TrainConfig
 from spcl_fast.train.monitor import peak_tflops
 from spcl_fast.train.trainer import Trainer

@@ -7,8 +7,9 @@ needs), never the padding an implementation happens to compute. Only matmuls, co
 attention are counted (norms, activations, softmax, pooling and elementwise losses are not), which
 is also what ``FlopCounterMode`` counts, so the two agree exactly on a training step.
 
-A leaf: it imports no model code (ops, the ViT and the methods import it). The per-method table
-and its command line are in :mod:`spcl_fast.methods.flops_table`.
+A leaf: it imports no model code (ops, the ViT and the methods import it). The per-method counts
+are in :mod:`spcl_fast.methods.train_flops`, the table's command in
+:mod:`spcl_fast.run.flops_table`.
 """
 
 from __future__ import annotations

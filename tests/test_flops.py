@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from spcl_fast import flops
-from spcl_fast.methods import build_method, flops_table
+from spcl_fast.methods import build_method, train_flops
 from spcl_fast.nn import vit_base_patch16, vit_tiny_patch16
 from spcl_fast.run import flops_table as run_flops
 from spcl_fast.run.presets import PRESETS
@@ -76,7 +76,7 @@ def test_vit_b16_forward_is_17_6_gmacs():
 
 
 def test_table_matches_reference_numbers_and_variants():
-    gf = {(r["variant"]): r["gflops"] for r in flops_table.flops_table(["vit_base_patch16"])}
+    gf = {(r["variant"]): r["gflops"] for r in train_flops.flops_table(["vit_base_patch16"])}
     spcl, mae = gf["50/50 split"], gf["75% masked, decoder 8x512"]
     dino = gf["2 global + 10 local crops"]
     # The reference counts (ViT-B/16, 224): ~101, ~56, ~460 GFLOPs/image.
@@ -112,13 +112,13 @@ def test_flop_counter_matches_the_default_recipe():
 
 def test_table_has_the_default_recipe_row_at_vit_s_b_l():
     variants, recipe = run_flops.table_variants(), run_flops.recipe_variant()
-    plain = [v for v in flops_table.VARIANTS if v[0] == "spcl"]
+    plain = [v for v in train_flops.VARIANTS if v[0] == "spcl"]
     assert variants[:len(plain) + 1] == (*plain, recipe)  # after the plain S-PCL rows
     keep = next(v for v in plain if v[1] == "keep 0.5 (two 25% subsets)")
-    records = flops_table.flops_table(flops_table.TABLE_MODELS, 224, [variants[0], keep, recipe])
-    for model in flops_table.TABLE_MODELS:
+    records = train_flops.flops_table(train_flops.TABLE_MODELS, 224, [variants[0], keep, recipe])
+    for model in train_flops.TABLE_MODELS:
         row = {r["variant"]: r for r in records if r["model_name"] == model}
-        want = flops_table.method_train_flops("spcl", model, 224, **recipe[2]) / 1e9
+        want = train_flops.method_train_flops("spcl", model, 224, **recipe[2]) / 1e9
         assert row[recipe[1]]["gflops"] == round(want, 3)
         # the same tokens as keep 0.5, plus the intra-image predictor's few percent
         kept = row[keep[1]]["gflops"]

@@ -2,7 +2,7 @@
 training FLOPs per image of plain S-PCL (and its variants), of the default recipe that the
 presets train, of MAE and of DINO at ViT-S/B/L.
 
-The counting is :mod:`spcl_fast.methods.flops_table` (each method built on the meta device and
+The counting is :mod:`spcl_fast.methods.train_flops` (each method built on the meta device and
 counted by its own ``train_flops``); this layer adds the recipe's row, read from the presets'
 config so that it follows the presets.
 
@@ -21,7 +21,7 @@ import json
 from collections.abc import Sequence
 
 from ..cli import ArgumentParser
-from ..methods.flops_table import MODEL_LABELS, TABLE_MODELS, VARIANTS, flops_table, format_table
+from ..methods.train_flops import MODEL_LABELS, TABLE_MODELS, VARIANTS, flops_table, format_table
 from .presets import PRESETS
 
 # The demo and every ``vit_*`` preset train this preset's method section (tests/test_flops.py).
@@ -41,7 +41,7 @@ def recipe_variant() -> tuple[str, str, dict]:
 
 
 def table_variants() -> tuple[tuple[str, str, dict], ...]:
-    """:data:`~spcl_fast.methods.flops_table.VARIANTS` with the default recipe's row after the
+    """:data:`~spcl_fast.methods.train_flops.VARIANTS` with the default recipe's row after the
     plain S-PCL rows."""
     spcl = tuple(v for v in VARIANTS if v[0] == "spcl")
     return (*spcl, recipe_variant(), *(v for v in VARIANTS if v[0] != "spcl"))
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         argv: command-line arguments (default ``sys.argv[1:]``).
 
     Returns:
-        the records of :func:`~spcl_fast.methods.flops_table.flops_table` over
+        the records of :func:`~spcl_fast.methods.train_flops.flops_table` over
         :func:`table_variants`, also printed (a table, or JSON with ``--json``).
 
     Example::
