@@ -9,7 +9,8 @@ import copy
 import pytest
 import torch
 
-from spcl_fast.methods import BatchLoss
+from spcl_fast.methods import SPCL, BatchLoss, SPCLConfig
+from spcl_fast.nn import vit_tiny_patch16
 from spcl_fast.run.presets import smoke
 from spcl_fast.train.trainer import Trainer, _join, _part
 
@@ -23,6 +24,9 @@ CASES = {
     "spcl_predictor_vicreg_3": dict(predictor_hidden=16, vicreg_var=1.0, vicreg_cov=0.1,
                                     num_subsets=3, negatives="all"),
     "spcl_bounded_crop": dict(similarity="bounded", crop_scale=(0.5, 1.0), keep=0.5),
+    # the reconstruction term over unequal subsets (per-image sums, joined)
+    "spcl_recon": dict(recon_weight=1.0, recon_dim=16, recon_depth=1, recon_heads=2, keep=0.5,
+                       ratio_range=(0.2, 0.8)),
     "simclr": dict(method="simclr", simclr_proj_hidden=32, simclr_proj_dim=16),
     "mae": dict(method="mae", decoder_dim=32, decoder_depth=1, decoder_heads=2),
     "dino": dict(method="dino", dino_out_dim=64, dino_local_crops=2),
@@ -101,3 +105,46 @@ def test_accumulated_training_follows_the_unaccumulated_run(options):
         torch.manual_seed(0)
         losses.append(torch.stack([trainer.train_step()["loss"] for _ in range(3)]))
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [
+    dict(same_patient="exclude", num_subsets=3),
+    dict(same_patient="positive", negatives="all", recon_weight=1.0, recon_dim=16,
+         recon_depth=1, recon_heads=2),
+])
+def test_patient_ids_join_over_micro_batches(options):
+    """The trainer's GradCache steps (embed without a graph, join, the loss of the whole batch,
+    re-embed each micro-batch and backpropagate its share) with patient ids that span the two
+    micro-batches: the ids travel in the embedding, so the joined loss and gradients are those
+    of the whole batch in one pass (the synthetic set the Trainer runs here has no ids)."""
+    torch.manual_seed(0)
+    enc = vit_tiny_patch16(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    model = SPCL(enc, SPCLConfig(proj_hidden=16, proj_dim=8, **options))
+    x, groups = torch.rand(8, 1, 32, 32), torch.tensor([0, 1, 2, 0, 1, 3, 0, 4])
+    g = torch.Generator().manual_seed(1)
+    plans = [model.sample_plan(4, g, "cpu") for _ in range(2)]
+    micro = [(x[:4], plans[0], groups[:4]), (x[4:], plans[1], groups[4:])]
+    want = model(x, plan=type(plans[0]).concat(plans), groups=groups)
+    want["loss"].backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    with torch.no_grad():
+        cached = [model(xs, plan=p, groups=ids, embed_only=True) for xs, p, ids in micro]
+    embedded = {name: _join([c[name] for c in cached]) for name in cached[0]}
+    assert torch.equal(embedded["groups"], groups)
+    for value in embedded.values():
+        value.requires_grad_(value.is_floating_point())
+    out = model.batch_loss(embedded)
+    out["loss"].backward()
+    offset = 0
+    for xs, p, ids in micro:
+        again = model(xs, plan=p, groups=ids, embed_only=True)
+        pairs = [(v, _part(embedded[k].grad, v, offset)) for k, v in again.items()
+                 if v.requires_grad]
+        torch.autograd.backward(*zip(*pairs, strict=True))
+        offset += xs.shape[0]
+    torch.testing.assert_close(out["loss"], want["loss"].detach())
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == want_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -10,15 +10,20 @@
   negatives are the other queried tokens of the same image (ConMIM, Yi et al., ICLR 2023;
   Siamese Image Modeling, Tao et al., CVPR 2023), so image-level cues (exposure, pose, body
   size) cannot tell the positive from the negatives.
+* :func:`multi_positive_nce`: InfoNCE in which every row of the same group (another film of
+  the same patient) is a positive too (SupCon, Khosla et al., NeurIPS 2020).
 
-Plain torch: the ``(M, M)`` matrix of :func:`bounded_info_nce` is materialised (batches here
-are thousands of rows at most); autograd gives the gradients.
+Plain torch: the ``(M, M)`` matrices of :func:`bounded_info_nce` and :func:`multi_positive_nce`
+are materialised (batches here are thousands of rows at most); autograd gives the gradients.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .. import collectives
+from ..ops.info_nce import _gather
 
 
 def bounded_similarity(cos: torch.Tensor, temperature: float, kappa: float) -> torch.Tensor:
@@ -28,7 +33,8 @@ def bounded_similarity(cos: torch.Tensor, temperature: float, kappa: float) -> t
 
 
 def bounded_info_nce(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.07,
-                     kappa: float = 1 / 64, symmetric: bool = True) -> torch.Tensor:
+                     kappa: float = 1 / 64, symmetric: bool = True,
+                     groups: torch.Tensor | None = None) -> torch.Tensor:
     """Mean InfoNCE of the pairs ``(z_a[i], z_b[i])`` over the other view's rows (CLIP's
     ``cross`` negatives) with :func:`bounded_similarity` logits.
 
@@ -36,6 +42,8 @@ def bounded_info_nce(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 
         z_a, z_b: ``(M, d)`` float, row ``i`` of each a positive pair; L2-normalised inside.
         temperature, kappa: the bounded similarity's ``tau`` (OCL: 0.07) and ``kappa`` (1/64).
         symmetric: average the ``a -> b`` and ``b -> a`` cross-entropies (OCL does).
+        groups: optional ``(M,)`` integer ids (the patient of each pair): rows ``i != j`` of
+            one id are no negatives of each other, as :func:`spcl_fast.info_nce`'s ``groups``.
 
     Returns:
         scalar ``()`` tensor in the inputs' dtype, differentiable.
@@ -54,6 +62,9 @@ def bounded_info_nce(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 
     cos = F.normalize(z_a, dim=-1) @ F.normalize(z_b, dim=-1).T
     logits = bounded_similarity(cos, temperature, kappa)
     target = torch.arange(z_a.shape[0], device=z_a.device)
+    if groups is not None:  # symmetric in i and j: the same mask serves logits.T
+        same = (groups[:, None] == groups[None, :]) & (target[:, None] != target[None, :])
+        logits = logits.masked_fill(same, float("-inf"))
     loss = F.cross_entropy(logits, target)
     if symmetric:
         loss = 0.5 * (loss + F.cross_entropy(logits.T, target))
@@ -118,3 +129,85 @@ def intra_image_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float
     loss = torch.logsumexp(logits, dim=-1) - logits.diagonal(dim1=1, dim2=2)  # (B, q)
     loss = torch.where(valid, loss, 0.0)
     return loss.sum() / valid.sum().clamp(min=1)
+
+
+def multi_positive_nce(z_a: torch.Tensor, z_b: torch.Tensor, groups: torch.Tensor,
+                       temperature: float = 0.1, symmetric: bool = True,
+                       negatives: str = "cross", kappa: float | None = None,
+                       gather_distributed: bool = False) -> torch.Tensor:
+    """InfoNCE whose positives are every candidate of the query's group: SupCon's
+    ``L_out`` (Khosla et al., 2020), the mean over the positives of their log-probability.
+
+    Query ``q``'s loss is ``-(1 / |P(q)|) sum_{p in P(q)} log softmax_{k in C(q)} L[q, k]``
+    over its candidates ``C(q)`` (the other view's rows for ``"cross"``; both views' rows but
+    itself for ``"all"``, as :func:`spcl_fast.info_nce`), ``P(q)`` the candidates whose group
+    is ``q``'s: its own pair always, and every view of the other pairs of its group (the other
+    films of the patient). With every group a single pair this is plain InfoNCE.
+
+    Why the mean of log-probabilities and not the log of their summed probability (SupCon's
+    ``L_in``): the sum is satisfied once any one positive takes the mass, and the own pair
+    (two subsets of one film) is far easier than another film of the patient, so ``L_in``
+    barely pulls the other films together; ``L_out`` pulls every positive alike (and is the
+    form SupCon found to train better).
+
+    Args:
+        z_a, z_b: ``(M, d)`` float, row ``i`` of each a positive pair; L2-normalised inside.
+        groups: ``(M,)`` integer ids, one per pair (the patient of each film).
+        temperature: logits are ``cos / temperature``; with ``kappa`` OCL's
+            :func:`bounded_similarity` instead.
+        symmetric, negatives: as :func:`spcl_fast.info_nce` (``"cross"``: average both
+            directions; ``"all"``: all ``2M`` rows are queries, else ``z_a``'s only).
+        gather_distributed: inside a process group, every process's rows (and ids) are
+            candidates, gathered with gradient, as :func:`spcl_fast.info_nce`'s; the result is
+            the mean over the local queries (``groups`` must be global ids).
+
+    Returns:
+        scalar ``()`` tensor, the mean over the queries, differentiable in ``z_a``, ``z_b``.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> z_a, z_b = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+        >>> distinct = torch.arange(6)
+        >>> from spcl_fast.reference import info_nce_ref
+        >>> bool(torch.isclose(multi_positive_nce(z_a, z_b, distinct), info_nce_ref(z_a, z_b)))
+        True
+    """
+    if z_a.ndim != 2 or z_a.shape != z_b.shape:
+        raise ValueError(f"multi_positive_nce: z_a and z_b must be (M, d) of one shape, got "
+                         f"{tuple(z_a.shape)} and {tuple(z_b.shape)}")
+    if groups.shape != z_a.shape[:1] or groups.is_floating_point():
+        raise ValueError(f"multi_positive_nce: groups must be ({z_a.shape[0]},) integer ids, "
+                         f"got {tuple(groups.shape)} {groups.dtype}")
+    if negatives not in ("cross", "all"):
+        raise ValueError(f"multi_positive_nce: negatives must be 'cross' or 'all', got "
+                         f"{negatives!r}")
+    m = z_a.shape[0]
+    world, rank = (collectives.world_size(), collectives.rank()) if gather_distributed else (1, 0)
+    a, b = F.normalize(z_a, dim=-1), F.normalize(z_b, dim=-1)
+
+    def gathered(x):  # every process's rows, rank-major (ids without gradient)
+        return _gather(x, world) if x.is_floating_point() else collectives.all_gather(x)
+
+    def rows(queries, keys, query_ids, key_ids, self_index=None):
+        cos = queries @ keys.T
+        logits = cos / temperature if kappa is None else bounded_similarity(cos, temperature,
+                                                                            kappa)
+        positive = query_ids[:, None] == key_ids[None, :]
+        if self_index is not None:  # a row is no candidate of itself
+            own = torch.arange(keys.shape[0], device=keys.device) == self_index[:, None]
+            logits = logits.masked_fill(own, float("-inf"))
+            positive = positive & ~own
+        log_prob = logits.log_softmax(dim=-1)
+        return -(torch.where(positive, log_prob, 0.0).sum(dim=1) / positive.sum(dim=1)).mean()
+
+    if negatives == "cross":
+        key_ids = gathered(groups)
+        loss = rows(a, gathered(b), groups, key_ids)
+        if symmetric:
+            loss = 0.5 * (loss + rows(b, gathered(a), groups, key_ids))
+        return loss
+    z, ids = torch.cat([a, b]), torch.cat([groups, groups])
+    queries = z if symmetric else a
+    self_index = rank * 2 * m + torch.arange(queries.shape[0], device=z.device)
+    return rows(queries, gathered(z), ids[:queries.shape[0]], gathered(ids), self_index)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import flops
+from ..nn.decoder import normalized_patches
 from ..nn.vit import Block, VisionTransformer, sincos_pos_embed
 from ..sections import require
 from ..views import patchify
@@ -199,10 +200,9 @@ class MAE(nn.Module):
     def target(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, N, p*p*C)`` regression target: the pixels, normalised per patch when
         ``norm_pix_loss``."""
-        t = patchify(images.float(), self.patch_size)
         if self.config.norm_pix_loss:
-            t = (t - t.mean(dim=-1, keepdim=True)) / (t.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
-        return t
+            return normalized_patches(images, self.patch_size)
+        return patchify(images.float(), self.patch_size)
 
     @staticmethod
     def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

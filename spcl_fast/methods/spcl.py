@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import collectives, flops
+from ..nn.decoder import PixelDecoder, normalized_patches
 from ..nn.heads import Projector
 from ..nn.vit import Mlp, VisionTransformer
 from ..ops import info_nce
@@ -37,7 +38,13 @@ from ..partition import PartitionPlan, sample_partitions
 from ..sections import require
 from ..views import patchify, resized_crops, sample_crops
 from .base import BuildContext
-from .losses import bounded_info_nce, intra_image_nce, vicreg_covariance, vicreg_variance
+from .losses import (
+    bounded_info_nce,
+    intra_image_nce,
+    multi_positive_nce,
+    vicreg_covariance,
+    vicreg_variance,
+)
 
 
 class TokenPredictor(nn.Module):
@@ -83,6 +90,10 @@ class TokenPredictor(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+# what the other films of a film's patient in the batch are to it (SPCLConfig.same_patient)
+SamePatient = Literal["negative", "exclude", "positive"]
+
+
 @dataclass(frozen=True)
 class SPCLConfig:
     """S-PCL's settings (what each does: the SPCL class docstring, docs/methods.md)."""
@@ -118,6 +129,11 @@ class SPCLConfig:
     proj_depth: int = 1  # projector hidden layers
     predictor_hidden: int = 0  # width of an MLP predictor on one branch (0: none)
     layout: Literal["packed", "inplace"] = "packed"  # residual stream layout
+    same_patient: SamePatient = "negative"  # same-patient films: negatives | left out | positives
+    recon_weight: float = 0.0  # weight of each subset predicting the other's pixels (0: off)
+    recon_dim: int = 128  # reconstruction: decoder width
+    recon_depth: int = 2  # reconstruction: decoder blocks
+    recon_heads: int = 4  # reconstruction: decoder attention heads
 
     def check(self, num_patches: int | None = None) -> None:
         """Raise ``ValueError`` naming the first setting no run can use (``num_patches``: the
@@ -154,6 +170,12 @@ class SPCLConfig:
                            "(lo, hi) with 0 < lo <= hi <= 1, or None (off)"),
             "background_std": (finite(self.background_std) and self.background_std >= 0,
                                ">= 0 (0: off)"),
+            "recon_weight": (finite(self.recon_weight) and self.recon_weight >= 0,
+                             ">= 0 (0: off)"),
+            "recon_dim": (self.recon_dim >= 1, ">= 1"),
+            "recon_depth": (self.recon_depth >= 1, ">= 1"),
+            "recon_heads": (self.recon_heads >= 1 and self.recon_dim % self.recon_heads == 0,
+                            f"a divisor of recon_dim ({self.recon_dim})"),
         })
         # what partition='anatomy' (its blocks size the subsets), more than two subsets (of
         # equal size) and the intra-image term (subset B from A and back) rule out
@@ -252,13 +274,35 @@ class SPCL(nn.Module):
             device-to-host copy of the ``(B, N)`` mask per step on a GPU. 0: off.
         negatives, symmetric: InfoNCE variant (see :func:`spcl_fast.info_nce`).
         layout: ``"packed"`` or ``"inplace"`` residual-stream layout of the encoder.
+        same_patient: what another film of the same patient in the batch is to a film's
+            subsets: ``"negative"`` (as any other image), ``"exclude"``: no candidate of the
+            InfoNCE at all (:func:`spcl_fast.info_nce`'s ``groups``; ``groups`` of
+            :func:`~spcl_fast.methods.losses.bounded_info_nce` for the bounded similarity), or
+            ``"positive"``: every subset of it is a positive too
+            (:func:`~spcl_fast.methods.losses.multi_positive_nce`, SupCon's mean
+            log-probability over the positives; the ``(M, M)`` logits are materialised).
+            Both need each image's patient id, ``forward(..., groups=...)`` (global ids under
+            ``gather_distributed``: they are gathered with the embeddings); :attr:`uses_groups`
+            tells the trainer.
+        recon_weight: weight of the reconstruction term (SplitMask's, El-Nouby et al., 2021;
+            0: off), logged as ``recon``: each subset's final-normed token outputs, through a
+            :class:`~spcl_fast.nn.decoder.PixelDecoder` (``recon_depth`` blocks of width
+            ``recon_dim``, ``recon_heads`` heads) over [those tokens + mask tokens at the
+            positions of the image's other subsets], predict the other subsets' patches,
+            standardised per patch (:func:`~spcl_fast.nn.decoder.normalized_patches` of what
+            the encoder saw: MAE's normalised-pixel target); the term is the mean squared error
+            over every predicted patch of the batch. Each image's decoder sequences are its
+            kept tokens (varlen attention), one sequence per subset as the context.
+        recon_dim, recon_depth, recon_heads: the reconstruction decoder's width, blocks and
+            heads.
 
     ``forward(images, generator=None)`` returns a dict with ``loss`` (scalar, differentiable)
     and detached numbers worth logging, on the first pair of subsets (A, B): ``acc`` (how often
     subset A, predicted when there is a predictor, finds its own subset B among the batch),
     ``pos_sim`` and ``neg_sim`` (mean cosine of positive and negative pairs); with VICReg terms
     also ``contrastive``, ``vicreg_var`` and ``vicreg_cov``, with the intra-image term
-    ``contrastive`` and ``intra`` (each unweighted).
+    ``contrastive`` and ``intra``, with the reconstruction term ``contrastive`` and ``recon``
+    (each unweighted).
 
     Example::
 
@@ -300,6 +344,16 @@ class SPCL(nn.Module):
                            if intra and c.intra_target == "pixels" else None)
         self.predictor = (Projector(self.out_dim, c.predictor_hidden, self.out_dim, depth=1)
                           if c.predictor_hidden else None)
+        self.recon_decoder = (
+            PixelDecoder(width, c.recon_dim, c.recon_depth, c.recon_heads, patch.grid_size,
+                         patch.proj.in_channels * patch.patch_size ** 2)
+            if c.recon_weight > 0 else None)
+
+    @property
+    def uses_groups(self) -> bool:
+        """Whether the loss needs each image's patient id (``same_patient`` other than
+        ``"negative"``): the trainer passes ``forward(..., groups=...)`` then."""
+        return self.config.same_patient != "negative"
 
     @classmethod
     def from_config(cls, encoder: VisionTransformer, settings, context: BuildContext) -> SPCL:
@@ -387,7 +441,24 @@ class SPCL(nn.Module):
             parts["vicreg"] = self.config.num_subsets * flops.linear_flops(d, m, d)
         if self.token_predictor is not None:
             parts.update(self._intra_flops(plan))
+        if self.recon_decoder is not None:
+            parts = flops.add_parts(parts, *self._recon_flops(plan))
         return flops.training_flops(parts)
+
+    def _recon_flops(self, plan: PartitionPlan) -> tuple[dict[str, int], dict[str, int]]:
+        """Forward FLOPs of the reconstruction decoder: its blocks on ``K`` sequences per image
+        of its kept tokens (parts ``linear`` and ``attention``), and ``recon_heads``: ``embed``
+        on every token once and ``pred`` on the ``K - 1`` predicted copies of each token (the
+        loss is elementwise)."""
+        dec, k = self.recon_decoder, self.config.num_subsets
+        lengths = plan.seqlens.view(-1, k).sum(dim=1).repeat_interleave(k).tolist()
+        blk = dec.blocks[0]
+        blocks = flops.transformer_blocks_flops(
+            lengths, embed_dim=dec.pred.in_features, depth=len(dec.blocks),
+            num_heads=blk.attn.num_heads, mlp_hidden=blk.mlp.fc1.out_features)
+        heads = (flops.linear_flops(plan.total_tokens, *dec.embed.weight.shape[::-1])
+                 + flops.linear_flops((k - 1) * plan.total_tokens, *dec.pred.weight.shape[::-1]))
+        return blocks, {"recon_heads": heads}
 
     def _intra_flops(self, plan: PartitionPlan) -> dict[str, int]:
         """Forward FLOPs of the intra-image term on the real (unpadded) queries and context
@@ -476,24 +547,33 @@ class SPCL(nn.Module):
         generator: torch.Generator | None = None,
         plan: PartitionPlan | None = None,
         embed_only: bool = False,
+        groups: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The loss and logged numbers (the class docstring): :meth:`batch_loss` of
         :meth:`embed`; ``embed_only``: :meth:`embed`'s output itself (what the trainer's exact
-        gradient accumulation caches, :class:`~spcl_fast.methods.base.BatchLoss`)."""
+        gradient accumulation caches, :class:`~spcl_fast.methods.base.BatchLoss`).
+        ``groups``: ``(B,)`` integer patient ids of the images (on their device), needed when
+        :attr:`uses_groups`, else unused."""
         if plan is None:
             plan = self.sample_plan(images.shape[0], generator, images.device, images)
-        embedded = self.embed(images, plan, generator)
+        embedded = self.embed(images, plan, generator, groups)
         return embedded if embed_only else self.batch_loss(embedded)
 
     def embed(self, images: torch.Tensor, plan: PartitionPlan,
-              generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+              generator: torch.Generator | None = None,
+              groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Everything of a step that has parameters, image by image (dim 0 runs over the
         images, so the outputs of micro-batches join with ``torch.cat``), at least fp32:
         ``z (B, K, d)``, each subset's projected embedding; with a predictor ``queries
         (B, K-1, d)``, its output on subsets ``0..K-2``; with the intra-image term, per
         direction (A to B, B to A) the predictions ``intra_pred (B, 2, q, d')`` of the drawn
         positions, their targets ``intra_target`` and which are real ``intra_valid (B, 2, q)``
-        (``q = min(intra_queries, longest subset)``; a smaller subset pads with ``False``)."""
+        (``q = min(intra_queries, longest subset)``; a smaller subset pads with ``False``);
+        with the reconstruction term each image's summed squared error ``recon_sse (B,)``
+        over its predicted patches and their number ``recon_count (B,)`` (int64); when
+        :attr:`uses_groups`, the patient ids ``groups (B,)`` (int64) as given."""
+        if self.uses_groups:
+            groups = self._check_groups(groups, images)
         images = self.crop_images(images, plan.crop)
         if (self.config.subset_jitter > 0 or self.config.subset_warp > 0) and self.training:
             images = self._jitter_subsets(images, plan, generator)
@@ -501,7 +581,7 @@ class SPCL(nn.Module):
             raise ValueError(f"plan has {plan.subsets_per_image} subsets per image, the model "
                              f"{self.config.num_subsets}")
         tokens, layout = None, self.config.layout
-        if self.token_predictor is None:
+        if self.token_predictor is None and self.recon_decoder is None:
             pooled = self.encoder.forward_partitioned(images, plan, layout)  # (KB, D)
         else:  # the token outputs too, (T, D) in packed order
             pooled, tokens = self.encoder.forward_partitioned_tokens(images, plan, layout)
@@ -512,18 +592,67 @@ class SPCL(nn.Module):
         out = {"z": z.to(dtype)}
         if self.predictor is not None:  # subsets 0..K-2 query the pairs (i, j > i)
             out["queries"] = self.predictor(out["z"][:, :-1]).to(dtype)
-        if tokens is not None:
+        if self.token_predictor is not None:
             out.update(self._intra_predictions(tokens, plan, generator, dtype, images))
+        if self.recon_decoder is not None:
+            out.update(self._recon_errors(tokens, plan, images))
+        if self.uses_groups:
+            out["groups"] = groups
         return out
+
+    def _check_groups(self, groups: torch.Tensor | None, images: torch.Tensor) -> torch.Tensor:
+        """``groups`` as ``(B,)`` int64 on the images' device, or a ``ValueError`` naming what
+        is wrong (none given: the dataset has no patient ids)."""
+        flag = f"--same-patient {self.config.same_patient}"
+        if groups is None:
+            raise ValueError(f"{flag} needs each image's patient id, and none came with the "
+                             "batch (a dataset without patient ids, such as the synthetic "
+                             "set); use --same-patient negative there")
+        if (not isinstance(groups, torch.Tensor) or groups.shape != images.shape[:1]
+                or groups.is_floating_point() or groups.is_complex()):
+            raise ValueError(f"{flag}: groups must be a ({images.shape[0]},) integer tensor, "
+                             f"one patient id per image, got "
+                             f"{getattr(groups, 'shape', type(groups).__name__)}")
+        return groups.to(images.device, torch.int64)
+
+    def _recon_errors(self, tokens: torch.Tensor, plan: PartitionPlan,
+                      images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The reconstruction term's per-image sums (:meth:`embed`). For image ``b`` and each
+        of its subsets ``k`` one decoder sequence holds the image's kept tokens in packed
+        order: subset ``k``'s as context (``embed`` of its token outputs), the others' as the
+        mask token, each plus its position embedding; the others' rows are predicted."""
+        dec, k = self.recon_decoder, self.config.num_subsets
+        b, n, total = plan.num_images, plan.num_tokens, plan.total_tokens
+        device = tokens.device
+        image_cu = plan.cu_seqlens.long()[::k]  # (B+1,): each image's rows in packed order
+        lengths = (image_cu[1:] - image_cu[:-1]).repeat_interleave(k)  # (KB,) sequences
+        cu = F.pad(lengths.cumsum(0), (1, 0))
+        seq = torch.repeat_interleave(torch.arange(b * k, device=device), lengths,
+                                      output_size=k * total)
+        packed = image_cu[seq // k] + torch.arange(k * total, device=device) - cu[seq]
+        context = plan.segment_ids()[packed] % k == seq % k
+        patch = plan.token_index[packed]  # b * N + position
+        x = torch.where(context[:, None], dec.embed(tokens)[packed], dec.mask_token)
+        x = x + dec.pos_embed[patch % n].to(x.dtype)
+        target = ~context
+        pred = dec(x, cu.int(), min(n, k * plan.max_seqlen), target)
+        pixels = normalized_patches(images.detach(), self.encoder.patch_embed.patch_size)
+        error = (pred.float() - pixels.flatten(0, 1)[patch[target]]).square().mean(dim=-1)
+        image = seq[target] // k
+        return {"recon_sse": error.new_zeros(b).index_add(0, image, error),
+                "recon_count": torch.bincount(image, minlength=b)}
 
     def batch_loss(self, embedded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The loss and logged numbers of :meth:`forward` from :meth:`embed`'s output, of one
         batch or of several micro-batches joined along dim 0 (no parameters act here)."""
-        z = embedded["z"]
+        z, groups = embedded["z"], embedded.get("groups")
+        if self.uses_groups and groups is None:
+            raise ValueError(f"--same-patient {self.config.same_patient}: batch_loss needs "
+                             "the embedding's 'groups' (the images' patient ids)")
         queries = embedded["queries"] if "queries" in embedded else z[:, :-1]
         losses, stats = [], None
         for i, j in itertools.combinations(range(self.config.num_subsets), 2):
-            losses.append(self._contrastive(queries[:, i], z[:, j]))
+            losses.append(self._contrastive(queries[:, i], z[:, j], groups))
             if stats is None:  # logged for the first pair (A, B)
                 with torch.no_grad():
                     stats = self._pair_stats(queries[:, i], z[:, j])
@@ -537,6 +666,9 @@ class SPCL(nn.Module):
                                    torch.stack([vicreg_covariance(s) for s in subsets]).mean())
         if "intra_pred" in embedded:
             terms["intra"] = (self.config.intra_weight, self._intra_loss(embedded))
+        if "recon_sse" in embedded:
+            terms["recon"] = (self.config.recon_weight, embedded["recon_sse"].sum()
+                              / embedded["recon_count"].sum().clamp(min=1))
         if not terms:
             return {"loss": loss, **stats}
         total = loss
@@ -612,9 +744,18 @@ class SPCL(nn.Module):
         x = (x - x.mean(dim=1, keepdim=True)) / (x.std(dim=1, keepdim=True) + 1e-6)
         return patchify(x.view(images.shape), self.encoder.patch_embed.patch_size)
 
-    def _contrastive(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def _contrastive(self, queries: torch.Tensor, keys: torch.Tensor,
+                     groups: torch.Tensor | None = None) -> torch.Tensor:
+        """InfoNCE of one pair of subsets (``groups``: the patient ids, used as
+        ``same_patient`` says)."""
         c = self.config
-        if c.similarity == "bounded":
-            return bounded_info_nce(queries, keys, c.temperature, c.kappa, c.symmetric)
+        bounded = c.similarity == "bounded"
+        if c.same_patient == "positive":
+            return multi_positive_nce(queries, keys, groups, c.temperature, c.symmetric,
+                                      c.negatives, c.kappa if bounded else None,
+                                      self.gather_distributed)
+        groups = groups if c.same_patient == "exclude" else None
+        if bounded:
+            return bounded_info_nce(queries, keys, c.temperature, c.kappa, c.symmetric, groups)
         return info_nce(queries, keys, c.temperature, c.symmetric, c.negatives,
-                        gather_distributed=self.gather_distributed)
+                        gather_distributed=self.gather_distributed, groups=groups)
