@@ -27,6 +27,11 @@ CASES = {
     # the reconstruction term over unequal subsets (per-image sums, joined)
     "spcl_recon": dict(recon_weight=1.0, recon_dim=16, recon_depth=1, recon_heads=2, keep=0.5,
                        ratio_range=(0.2, 0.8)),
+    # patient ids from the stream (nih-demo has them) into the joined batch's loss
+    "spcl_exclude_patients": dict(dataset="nih-demo", same_patient="exclude"),
+    "spcl_positive_patients_recon": dict(dataset="nih-demo", same_patient="positive",
+                                         negatives="all", recon_weight=1.0, recon_dim=16,
+                                         recon_depth=1, recon_heads=2),
     "simclr": dict(method="simclr", simclr_proj_hidden=32, simclr_proj_dim=16),
     "mae": dict(method="mae", decoder_dim=32, decoder_depth=1, decoder_heads=2),
     "dino": dict(method="dino", dino_out_dim=64, dino_local_crops=2),
