@@ -1,13 +1,14 @@
-"""The tables of ``docs/patient-eval.md``, made from ``studies/results/patient-screen.json``
-(written by ``python -m studies.patient_screen``)::
+"""The tables of ``docs/patient-eval.md``, made from the screen's saved results
+(``studies/results/patient-screen-<NAME>.json``, written by ``python -m studies.patient_screen``)::
 
     python -m studies.patient_tables            # rewrite the generated tables
     python -m studies.patient_tables --check    # exit 1 naming each table that differs
 
-Each generated table sits between ``<!-- table: NAME -->`` and ``<!-- end table -->``; the
-prose around them quotes no number (``tests/test_patient_screen.py`` runs the check).
-Every cell is an AUROC (or a difference) with its 95 % cluster-bootstrap interval over the
-test patients.
+Each generated table sits between ``<!-- table: NAME/TABLE -->`` and ``<!-- end table -->``:
+``NAME`` picks the results file (``nih-demo-seed0`` reads ``patient-screen-nih-demo-seed0.json``)
+and ``TABLE`` one of :data:`TABLES`. The prose around them quotes no number
+(``tests/test_patient_screen.py`` runs the check). Every cell is an AUROC (or a difference)
+with its 95 % cluster-bootstrap interval over the test patients.
 """
 
 from __future__ import annotations
@@ -20,41 +21,73 @@ from pathlib import Path
 from spcl_fast.eval.patient import fmt_interval
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "studies" / "results" / "patient-screen.json"
+RESULTS = ROOT / "studies" / "results"
 DOC = ROOT / "docs" / "patient-eval.md"
-BLOCK = re.compile(r"<!-- table: (?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- end table -->\n",
-                   re.S)
+BLOCK = re.compile(r"<!-- table: (?P<name>[\w.-]+)/(?P<table>[\w-]+) -->\n(?P<body>.*?)"
+                   r"<!-- end table -->\n", re.S)
 NAMES = {"raw_pixels": "raw pixels", "init": "init (same ViT, random weights)"}
 READOUTS = {"primary/linear": "linear, mean tokens", "primary/linear_rich": "linear, rich",
             "primary/knn": "kNN k=20 cosine"}
+NOT_MEASURED = "(not measured in this screen)\n"
 
 
-def _rows(tables: dict) -> list[str]:
+def results_path(name: str) -> Path:
+    """The results file a block names."""
+    return RESULTS / f"patient-screen-{name}.json"
+
+
+def _rows(tables: dict, runs: dict) -> list[str]:
     rows = list(tables["primary/linear"]["auroc"])
-    return [r for r in rows if r not in NAMES] + [r for r in NAMES if r in rows]
+    order = [r for r in runs if r in rows] + [r for r in rows if r not in runs]
+    return [r for r in order if r not in NAMES] + [r for r in NAMES if r in rows]
 
 
-def _grid(results: dict, keys: dict[str, str], what: str = "auroc") -> str:
+def _cell(tables: dict, key: str, row: str, what: str) -> str:
+    if key not in tables:
+        return "—"
+    if what == "auroc":
+        entry = tables[key]["auroc"].get(row)
+        return fmt_interval(entry) if entry else "—"
+    entry = tables[key]["difference"].get(f"{row} - {what}")
+    return fmt_interval(entry, signed=True) if entry else "—"
+
+
+def _grid(results: dict, keys: dict[str, str], what: str = "auroc",
+          seconds: bool = False) -> str:
     """Rows x ``keys`` (column titles) of ``what`` (``auroc``, or a difference's right-hand
-    name)."""
-    tables = results["tables"]
+    name); ``seconds``: a first column with each row's training seconds."""
+    tables, runs = results["tables"], results["runs"]
     keys = {k: v for k, v in keys.items() if k in tables}
     if not keys:
-        return "(not measured in this screen)\n"
-    lines = ["| row | " + " | ".join(keys.values()) + " |",
-             "|---|" + "---:|" * len(keys)]
-    for row in _rows(tables):
-        cells = []
-        for key in keys:
-            if what == "auroc":
-                entry = tables[key]["auroc"].get(row)
-                cells.append(fmt_interval(entry) if entry else "—")
-            else:
-                entry = tables[key]["difference"].get(f"{row} - {what}")
-                cells.append(fmt_interval(entry, signed=True) if entry else "—")
+        return NOT_MEASURED
+    lines = ["| row | " + ("training seconds | " if seconds else "")
+             + " | ".join(keys.values()) + " |",
+             "|---|" + "---:|" * (len(keys) + seconds)]
+    for row in _rows(tables, runs):
+        cells = [_cell(tables, key, row, what) for key in keys]
+        if any(c != "—" for c in cells):
+            took = ([f"{runs[row]['train_seconds']:.0f}" if row in runs else "—"]
+                    if seconds else [])
+            lines.append(f"| {NAMES.get(row, row)} | " + " | ".join(took + cells) + " |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else NOT_MEASURED
+
+
+def _by_source(results: dict, what: str = "auroc") -> str:
+    """Rows x (each source's linear probe on mean tokens, then each source's kNN) of
+    ``what``, on each source's test patients apart."""
+    sources = results.get("by_source") or {}
+    if not sources:
+        return "(one source in this set)\n"
+    cols = [(s, k) for k in ("primary/linear", "primary/knn") for s in sources]
+    lines = ["| row | " + " | ".join(f"{s}, {READOUTS[k]}" for s, k in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for row in _rows(results["tables"], results["runs"]):
+        cells = [_cell(sources[s]["tables"], k, row, what) for s, k in cols]
         if any(c != "—" for c in cells):
             lines.append(f"| {NAMES.get(row, row)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n" if len(lines) > 2 else "(not measured in this screen)\n"
+    counts = "; ".join(f"{s}: {v['test_films']} test films of {v['test_patients']} patients"
+                       for s, v in sources.items())
+    return "\n".join(lines) + f"\n\n{counts}.\n"
 
 
 def _prefixed(results: dict, prefix: str) -> dict[str, str]:
@@ -62,23 +95,55 @@ def _prefixed(results: dict, prefix: str) -> dict[str, str]:
 
 
 def _runs(results: dict) -> str:
-    lines = ["| row | steps | training seconds | final loss |", "|---|---:|---:|---:|"]
+    lines = ["| row | steps | seconds per step (timed) | training seconds | final loss |",
+             "|---|---:|---:|---:|---:|"]
     for name, run in results["runs"].items():
-        lines.append(f"| {name} | {run['steps']} | {run['train_seconds']:.0f} | "
-                     f"{run['final_loss']:.3f} |")
+        timed = run.get("seconds_per_step")
+        lines.append(f"| {name} | {run['steps']} | "
+                     f"{'—' if timed is None else f'{timed:.2f}'} | "
+                     f"{run['train_seconds']:.0f} | {run['final_loss']:.3f} |")
     inst = results["instrument"]
-    lines.append(f"\n{inst['test_films']} test films of {inst['test_patients']} patients; "
-                 f"probes trained on {inst['train_films']} films of {inst['train_patients']} "
-                 f"patients; {inst['resamples']} patient resamples.")
+    endpoint = inst.get("endpoint", "normal vs abnormal")
+    lines.append(f"\nSet `{inst['set']}`, primary endpoint {endpoint}: "
+                 f"{inst['test_films']} test films of {inst['test_patients']} "
+                 f"patients; probes trained on {inst['train_films']} films of "
+                 f"{inst['train_patients']} patients; {inst['resamples']} patient resamples.")
     return "\n".join(lines) + "\n"
+
+
+def _leads(results: dict) -> str:
+    """Which rows differ from the reference, raw pixels and init with an interval that
+    excludes 0, per readout of the primary endpoint (pooled test patients)."""
+    tables, reference = results["tables"], results.get("reference", "init")
+    lines = []
+    for other, label in ((reference, f"the reference (`{reference}`)"),
+                         ("raw_pixels", "raw pixels"), ("init", "init")):
+        for key, readout in READOUTS.items():
+            diffs = {pair.partition(" - ")[0]: entry for pair, entry in
+                     tables.get(key, {}).get("difference", {}).items()
+                     if pair.partition(" - ")[2] == other}
+            if not diffs:
+                continue
+            above = [f"{row} {fmt_interval(e, signed=True)}" for row, e in diffs.items()
+                     if e["low"] > 0]
+            below = [f"{row} {fmt_interval(e, signed=True)}" for row, e in diffs.items()
+                     if e["high"] < 0]
+            lines.append(f"- against {label}, {readout} ({len(diffs)} compared): above: "
+                         f"{', '.join(above) or 'none'}; below: {', '.join(below) or 'none'}")
+    return "\n".join(lines) + "\n" if lines else NOT_MEASURED
 
 
 TABLES = {
     "runs": _runs,
-    "primary": lambda r: _grid(r, READOUTS),
+    "primary": lambda r: _grid(r, READOUTS, seconds=True),
     "minus-raw": lambda r: _grid(r, READOUTS, "raw_pixels"),
     "minus-init": lambda r: _grid(r, READOUTS, "init"),
     "minus-reference": lambda r: _grid(r, READOUTS, r.get("reference", "init")),
+    "leads": _leads,
+    "by-source": _by_source,
+    "by-source-minus-reference": lambda r: _by_source(r, r.get("reference", "init")),
+    "by-source-minus-raw": lambda r: _by_source(r, "raw_pixels"),
+    "by-source-minus-init": lambda r: _by_source(r, "init"),
     "fractions": lambda r: _grid(r, {k: f"{float(v):.0%}" for k, v in
                                      _prefixed(r, "fraction/").items()}
                                  | {"primary/linear": "100%"}),
@@ -88,18 +153,24 @@ TABLES = {
 
 
 def render(text: str, results: dict | None = None) -> tuple[str, list[str]]:
-    """``text`` with every generated table remade, and the names of those that changed."""
-    results = results or json.loads(RESULTS.read_text())
+    """``text`` with every generated table remade, and the names of those that changed.
+    ``results``: ``{NAME: results}`` (default: each block's file, :func:`results_path`)."""
+    loaded = dict(results or {})
     changed = []
 
     def remake(m):
-        name = m["name"]
-        if name not in TABLES:
-            raise ValueError(f"unknown table {name!r}; known: {', '.join(TABLES)}")
-        body = TABLES[name](results)
+        name, table = m["name"], m["table"]
+        if table not in TABLES:
+            raise ValueError(f"unknown table {table!r}; known: {', '.join(TABLES)}")
+        if name not in loaded:
+            path = results_path(name)
+            if not path.exists():
+                raise ValueError(f"table {name}/{table}: no results file {path}")
+            loaded[name] = json.loads(path.read_text())
+        body = TABLES[table](loaded[name])
         if body != m["body"]:
-            changed.append(name)
-        return f"<!-- table: {name} -->\n{body}<!-- end table -->\n"
+            changed.append(f"{name}/{table}")
+        return f"<!-- table: {name}/{table} -->\n{body}<!-- end table -->\n"
 
     return BLOCK.sub(remake, text), changed
 
@@ -109,10 +180,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--check", action="store_true")
     args = p.parse_args(argv)
     text = DOC.read_text()
-    new, changed = render(text)
+    try:
+        new, changed = render(text)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if args.check:
         if changed:
-            raise SystemExit(f"error: {DOC} tables differ from {RESULTS}: {', '.join(changed)}")
+            raise SystemExit(f"error: {DOC} tables differ from the saved results: "
+                             f"{', '.join(changed)}")
         return
     DOC.write_text(new)
     print(f"{DOC}: {'rewrote ' + ', '.join(changed) if changed else 'up to date'}")

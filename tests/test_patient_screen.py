@@ -1,12 +1,15 @@
 """The patient-level screen's bookkeeping: its tables pair every row with the references on
-the same resamples and average label-fraction draws, and docs/patient-eval.md's tables are
-what studies.patient_tables makes from the saved results."""
+the same resamples (pooled and per source) and average label-fraction draws, the pediatric
+set is decoded once and split by patient, and docs/patient-eval.md's tables are what
+studies.patient_tables makes from the saved results."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from spcl_fast.eval.patient import resampled_aurocs
 from studies import patient_screen, patient_tables
 
 
@@ -15,13 +18,14 @@ def _data(n_patients=40, seed=0):
     groups = np.repeat([f"p{i}" for i in range(n_patients)], 2)
     y = np.repeat(np.arange(n_patients) % 2, 2)
     test = np.arange(len(groups))
-    return rng, {"test": test, "groups": groups, "endpoints": {"abnormal": y},
-                 "shortcuts": {"sex": np.arange(len(groups)) % 2}}
+    sources = np.where(np.arange(len(groups)) < len(groups) // 2, "a", "b")
+    return rng, {"test": test, "groups": groups, "primary": y, "endpoints": {},
+                 "shortcuts": {"sex": np.arange(len(groups)) % 2}, "sources": sources}
 
 
 def test_tables_pair_rows_and_average_fraction_draws():
     rng, data = _data()
-    y = data["endpoints"]["abnormal"]
+    y = data["primary"]
     good = y + rng.normal(0, 0.5, len(y))
     rows = {
         "raw_pixels": {"primary/linear": rng.normal(0, 1, len(y))},
@@ -36,33 +40,121 @@ def test_tables_pair_rows_and_average_fraction_draws():
     assert set(primary["difference"]) == {"recipe - raw_pixels", "recipe - init"}
     assert primary["difference"]["recipe - raw_pixels"]["low"] > 0
     fraction = out["fraction/0.05"]["auroc"]["recipe"]["value"]
-    from spcl_fast.eval.patient import resampled_aurocs
-
     one = resampled_aurocs({"a": good}, y, data["groups"], 10)[0]["a"]
     assert fraction < one  # the mean of a good and a chance draw
 
 
-def test_generated_tables_render_every_row_and_refuse_unknown_names():
-    rng, data = _data()
-    y = data["endpoints"]["abnormal"]
+def test_by_source_scores_each_source_on_its_own_patients():
+    rng, data = _data(n_patients=80)
+    y = data["primary"]
+    # good on source a's films only, noise on b's
+    half = data["sources"] == "a"
+    mixed = np.where(half, y + rng.normal(0, 0.3, len(y)), rng.normal(0, 1, len(y)))
+    rows = {"raw_pixels": {"primary/linear": rng.normal(0, 1, len(y))},
+            "init": {"primary/linear": rng.normal(0, 1, len(y))},
+            "recipe": {"primary/linear": mixed, "shortcut/sex": mixed}}
+    out = patient_screen.by_source(rows, data, "recipe")
+    assert set(out) == {"a", "b"}
+    assert out["a"]["test_patients"] == 40 and out["a"]["test_films"] == 80
+    assert set(out["a"]["tables"]) == {"primary/linear"}  # primary keys only
+    a, b = (out[s]["tables"]["primary/linear"] for s in "ab")
+    want = resampled_aurocs({"r": mixed[half]}, y[half], data["groups"][half], 10)[0]["r"]
+    assert a["auroc"]["recipe"]["value"] == pytest.approx(want)
+    assert a["difference"]["recipe - init"]["low"] > 0
+    assert b["difference"]["recipe - init"]["low"] < 0 < b["difference"]["recipe - init"]["high"]
+    assert patient_screen.by_source(rows, {**data, "sources": None}, "recipe") == {}
+
+
+def _results(rng, data):
+    y = data["primary"]
     rows = {name: {"primary/linear": y + rng.normal(0, s, len(y)),
                    "primary/knn": y + rng.normal(0, s, len(y))}
-            for name, s in (("raw_pixels", 2.0), ("init", 2.0), ("demo", 0.5))}
-    results = {"tables": patient_screen.tables(rows, data, "demo"),
-               "runs": {"demo": {"steps": 180, "train_seconds": 61.0, "final_loss": 3.2}},
-               "instrument": {"test_films": 80, "test_patients": 40, "train_films": 1,
-                              "train_patients": 1, "resamples": 2000}}
-    text = "<!-- table: primary -->\n<!-- end table -->\n<!-- table: runs -->\n" \
-           "<!-- end table -->\n"
+            for name, s in (("raw_pixels", 2.0), ("init", 2.0), ("demo", 0.3))}
+    return {"tables": patient_screen.tables(rows, data, "demo"),
+            "by_source": patient_screen.by_source(rows, data, "demo"), "reference": "demo",
+            "runs": {"demo": {"steps": 180, "seconds_per_step": 1.0, "train_seconds": 61.0,
+                              "final_loss": 3.2}},
+            "instrument": {"set": "toy", "test_films": 80, "test_patients": 40,
+                           "train_films": 1, "train_patients": 1, "resamples": 2000}}
+
+
+def test_generated_tables_render_every_row_and_refuse_unknown_names():
+    rng, data = _data()
+    results = {"toy": _results(rng, data)}
+    text = "".join(f"<!-- table: toy/{t} -->\n<!-- end table -->\n"
+                   for t in ("primary", "runs", "by-source", "leads"))
     new, changed = patient_tables.render(text, results)
-    assert changed == ["primary", "runs"]
+    assert changed == ["toy/primary", "toy/runs", "toy/by-source", "toy/leads"]
     assert "| demo |" in new and "| raw pixels |" in new and "kNN k=20 cosine" in new
+    assert "a, linear, mean tokens" in new and "b: 40 test films of 20 patients" in new
+    assert "against raw pixels, linear, mean tokens (1 compared): above: demo +" in new
     assert patient_tables.render(new, results) == (new, [])
     with pytest.raises(ValueError, match="unknown table"):
-        patient_tables.render("<!-- table: nope -->\n<!-- end table -->\n", results)
+        patient_tables.render("<!-- table: toy/nope -->\n<!-- end table -->\n", results)
+    with pytest.raises(ValueError, match="no results file"):
+        patient_tables.render("<!-- table: no-such-screen/runs -->\n<!-- end table -->\n")
 
 
-@pytest.mark.skipif(not patient_tables.RESULTS.exists(), reason="no saved screen results")
+def _toy_kermany(root, n_patients=10):
+    from PIL import Image
+
+    lines = ["path,patient,label,detail,sha1"]
+    for i in range(n_patients):
+        label = ("NORMAL", "PNEUMONIA")[i % 2]
+        for j in range(2):
+            path = f"train/{label}/p{i}_{j}.jpeg"
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((96, 96), 20 * i + j, np.uint8)).convert("RGB").save(
+                root / path)
+            lines.append(f"{path},p{i},{label},x,{i}-{j}")
+    copy = root / "test/NORMAL/copy.jpeg"  # byte-identical to p0_0: counted once
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes((root / "train/NORMAL/p0_0.jpeg").read_bytes())
+    lines.append("test/NORMAL/copy.jpeg,p0,NORMAL,x,0-0")
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_kermany_set_is_decoded_once_split_by_patient_and_pretrains_on_training_patients(
+        tmp_path):
+    root, out = tmp_path / "kermany", tmp_path / "out"
+    _toy_kermany(root)
+    data = patient_screen.instrument_data("kermany", out, root)
+    assert data["images"].shape == (20, 1, 64, 64) and data["images"].dtype == torch.float32
+    g = data["groups"]
+    assert not set(g[data["train"]]) & set(g[data["test"]])
+    assert len(set(g[data["test"]])) == 3  # 30 % of 10 patients
+    assert [int(p.startswith("PNEUMONIA:")) for p in g] == data["primary"].tolist()
+    assert set(data["shortcuts"]) == {"brightness", "permuted"} and data["sources"] is None
+    folder = out / "kermany-pretrain"
+    written = {p.parent.name for p in folder.glob("*/*.png")}
+    assert written == {str(p).replace(":", "_") for p in g[data["train"]]}
+    assert data["set"] == {"dataset": "folder", "data_root": str(folder)}
+    (root / "manifest.csv").unlink()  # read back from the cache, not decoded again
+    again = patient_screen.instrument_data("kermany", out, root)
+    assert torch.equal(again["images"], data["images"])
+
+
+@pytest.mark.skipif(not (patient_screen.KERMANY_ROOT / "manifest.csv").exists(),
+                    reason="no ../shared/data/kermany-pediatric")
+def test_kermany_split_of_the_real_set_is_patient_disjoint():
+    from spcl_fast.data.nih_demo import FRACTIONS
+    from spcl_fast.data.splits import assign_groups
+    from spcl_fast.eval.endpoints import kermany_table
+
+    pids = kermany_table(patient_screen.KERMANY_ROOT)["patient_ids"]
+    role = assign_groups(pids, FRACTIONS)
+    test = {p for p, r in zip(pids, role, strict=True) if r == "test"}
+    assert not test & {p for p, r in zip(pids, role, strict=True) if r != "test"}
+    assert len(test) >= 0.25 * len(set(pids))
+
+
+def test_unknown_set_is_refused():
+    with pytest.raises(ValueError, match="unknown set"):
+        patient_screen.instrument_data("nope")
+
+
+@pytest.mark.skipif(not list(patient_tables.RESULTS.glob("patient-screen-*.json")),
+                    reason="no saved screen results")
 def test_docs_tables_are_the_saved_screen():
     text = patient_tables.DOC.read_text()
     assert patient_tables.render(text) == (text, [])
