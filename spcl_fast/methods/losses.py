@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import collectives
-from ..ops.info_nce import _gather
 
 
 def bounded_similarity(cos: torch.Tensor, temperature: float, kappa: float) -> torch.Tensor:
@@ -187,7 +186,7 @@ def multi_positive_nce(z_a: torch.Tensor, z_b: torch.Tensor, groups: torch.Tenso
     a, b = F.normalize(z_a, dim=-1), F.normalize(z_b, dim=-1)
 
     def gathered(x):  # every process's rows, rank-major (ids without gradient)
-        return _gather(x, world) if x.is_floating_point() else collectives.all_gather(x)
+        return x if world == 1 else collectives.all_gather_with_grad(x)
 
     def rows(queries, keys, query_ids, key_ids, self_index=None):
         cos = queries @ keys.T

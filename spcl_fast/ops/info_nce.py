@@ -23,6 +23,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import flops
 from .._impl import resolve_impl
+from ..collectives import all_gather_with_grad
 from ..reference.info_nce import NEGATIVES, info_nce_chunked_bwd, info_nce_chunked_fwd
 from ._checks import FLOAT_DTYPES, require, require_dtype, require_same_device
 
@@ -155,44 +156,6 @@ def _world() -> tuple[int, int]:
     return dist.get_world_size(), dist.get_rank()
 
 
-class _GatherRows(torch.autograd.Function):
-    """``all_gather`` of every rank's ``(M, d)`` rows into ``(W*M, d)`` in rank order.
-
-    Backward is a sum over ranks of the gathered gradient, scattered back (reduce-scatter): the
-    local loss of every rank depends on this rank's rows, so this rank's rows get the sum of all
-    ranks' gradients for them. With each rank's loss the mean over its own queries and DDP
-    averaging parameter gradients over the ``W`` ranks, parameters get exactly the gradient of
-    the mean loss over the global batch.
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        import torch.distributed as dist
-
-        x = x.contiguous()
-        ctx.world, ctx.rank, ctx.rows = dist.get_world_size(), dist.get_rank(), x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(ctx.world)]
-        dist.all_gather(parts, x)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        import torch.distributed as dist
-
-        grad = grad.contiguous()
-        if dist.get_backend() == "nccl":
-            out = grad.new_empty((ctx.rows, *grad.shape[1:]))
-            dist.reduce_scatter_tensor(out, grad)
-            return out
-        grad = grad.clone()  # gloo has no reduce-scatter: sum everything, keep our rows
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows].clone()
-
-
-def _gather(x: torch.Tensor, world: int) -> torch.Tensor:
-    return x if world == 1 else _GatherRows.apply(x)
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -249,6 +212,7 @@ def _loss(z_a, z_b, temperature, symmetric, negatives, gather_distributed, impl,
     scale = 1.0 / float(temperature)
     m = z_a.shape[0]
     world, rank = _world() if gather_distributed else (1, 0)
+    gather = all_gather_with_grad if world > 1 else (lambda x: x)
 
     def stats(zq, zk, key_offset, pos_shift, pos_mod, self_mask, col_lse, gq, gk):
         return _fwd(zq, zk, scale, key_offset, pos_shift, pos_mod, self_mask, col_lse, gq, gk,
@@ -265,24 +229,24 @@ def _loss(z_a, z_b, temperature, symmetric, negatives, gather_distributed, impl,
         else:
             # Local queries against every rank's keys; the positive of local row i is global
             # key rank*M + i. The b -> a direction needs the other view gathered too.
-            all_groups = None if groups is None else _gather(groups, world)
-            row, pos, _, _, _ = stats(z_a, _gather(z_b, world), rank * m, 0, m, False, False,
+            all_groups = None if groups is None else gather(groups)
+            row, pos, _, _, _ = stats(z_a, gather(z_b), rank * m, 0, m, False, False,
                                       groups, all_groups)
             loss = (row - pos).mean()
             if symmetric:
-                row, pos, _, _, _ = stats(z_b, _gather(z_a, world), rank * m, 0, m, False, False,
+                row, pos, _, _, _ = stats(z_b, gather(z_a), rank * m, 0, m, False, False,
                                           groups, all_groups)
                 loss = 0.5 * (loss + (row - pos).mean())
     else:
         # NT-Xent: rows [a; b] are queries and keys; the positive of row i is row (i + M) % 2M
         # of the same rank's block of 2M keys, and its own row is masked out.
         z = torch.cat([z_a, z_b])
-        keys = _gather(z, world)
+        keys = gather(z)
         queries = z if symmetric else z[:m]
         ids = key_ids = None
         if groups is not None:
             ids = torch.cat([groups, groups])
-            key_ids = _gather(ids, world)
+            key_ids = gather(ids)
             ids = ids if symmetric else groups
         row, pos, _, _, _ = stats(queries, keys, rank * 2 * m, m, 2 * m, True, False, ids,
                                   key_ids)
