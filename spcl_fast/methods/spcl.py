@@ -134,6 +134,7 @@ class SPCLConfig:
     recon_dim: int = 128  # reconstruction: decoder width
     recon_depth: int = 2  # reconstruction: decoder blocks
     recon_heads: int = 4  # reconstruction: decoder attention heads
+    pair_across: bool = False  # negative control: image i's subsets paired with image i-1's
 
     def check(self, num_patches: int | None = None) -> None:
         """Raise ``ValueError`` naming the first setting no run can use (``num_patches``: the
@@ -188,6 +189,8 @@ class SPCLConfig:
             "block_size": (not anatomy or self.block_size == 1, "1 with partition 'anatomy'"),
             "num_subsets": ((not anatomy and self.intra_weight == 0) or self.num_subsets == 2,
                             "2 with partition 'anatomy' or intra_weight > 0"),
+            "pair_across": (not self.pair_across or self.same_patient == "negative",
+                            "False with same_patient other than 'negative'"),
         })
 
 
@@ -284,6 +287,11 @@ class SPCL(nn.Module):
             Both need each image's patient id, ``forward(..., groups=...)`` (global ids under
             ``gather_distributed``: they are gathered with the embeddings); :attr:`uses_groups`
             tells the trainer.
+        pair_across: the negative control of the contrastive term: subset 0 of image ``i`` is
+            paired with subsets ``1..K-1`` of image ``i - 1`` of the batch (cyclically; the
+            batch as the loss sees it, all micro-batches joined), so no "positive" shares an
+            image and the term can teach nothing about one. With the within-image terms off,
+            a probe of such an encoder should land where the initialisation does.
         recon_weight: weight of the reconstruction term (SplitMask's, El-Nouby et al., 2021;
             0: off), logged as ``recon``: each subset's final-normed token outputs, through a
             :class:`~spcl_fast.nn.decoder.PixelDecoder` (``recon_depth`` blocks of width
@@ -651,6 +659,10 @@ class SPCL(nn.Module):
             raise ValueError(f"--same-patient {self.config.same_patient}: batch_loss needs "
                              "the embedding's 'groups' (the images' patient ids)")
         queries = embedded["queries"] if "queries" in embedded else z[:, :-1]
+        if self.config.pair_across:  # every subset after the first from the previous image
+            if z.shape[0] < 2:
+                raise ValueError("pair_across needs at least 2 images in the batch")
+            z = torch.cat([z[:, :1], z[:, 1:].roll(1, dims=0)], dim=1)
         losses, stats = [], None
         for i, j in itertools.combinations(range(self.config.num_subsets), 2):
             losses.append(self._contrastive(queries[:, i], z[:, j], groups))
