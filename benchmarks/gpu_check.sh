@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The device check, in calls of at most 8 minutes on one H100/H200 from a cold Triton cache
+# The device check, in calls of at most 9 minutes on one H100/H200 from a cold Triton cache
 # (a fresh machine per call, no network, nothing installed):
 #   bash benchmarks/gpu_check.sh [core]   # bf16/fp16 kernels at head dim 64: gpu tests, then the
 #                                         # kernel (beside torch's varlen attention where the
 #                                         # installed torch has it, and SDPA per segment, at 49-
-#                                         # and 98-token segments), loss and ViT-B/16 step benchmarks
+#                                         # and 98-token segments), loss (and InfoNCE's two
+#                                         # backward designs) and ViT-B/16 step benchmarks
 #   bash benchmarks/gpu_check.sh tests    # the rest of the gpu tier and the interpret tier on CUDA
 #   bash benchmarks/gpu_check.sh bench    # the rest of the benchmarks, autotuned
 # Compiles dominate a cold start (each kernel specialisation is 1-3 s of CPU), so `core` runs
@@ -67,6 +68,8 @@ case "$PART" in
     bench bench-attention 115 benchmarks/bench_attention.py \
       -k "cuda and (vitb-224-r0.5 or vitb-224-k0.5) and not Flex"
     bench bench-loss 45 benchmarks/bench_loss.py -k "cuda and bf16"
+    # InfoNCE's backward in both designs at M = 16K beside the cost model's bound and choice.
+    bench bench-info-nce-bwd 40 benchmarks/bench_info_nce_bwd.py -k "M16384"
     bench bench-step 60 benchmarks/bench_step.py -k cuda
     bench bench-train 60 benchmarks/bench_train.py -k "cuda and eager"
     ;;
@@ -78,6 +81,7 @@ case "$PART" in
     bench bench-attention 240 benchmarks/bench_attention.py \
       -k "cuda and not ((vitb-224-r0.5 or vitb-224-k0.5) and not Flex)"
     bench bench-loss 60 benchmarks/bench_loss.py -k "cuda and fp32"
+    bench bench-info-nce-bwd 30 benchmarks/bench_info_nce_bwd.py -k "M65536"
     bench bench-train 150 benchmarks/bench_train.py -k "cuda and compiled"
     ;;
 esac

@@ -43,7 +43,7 @@ from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
 
 from . import _common
-from .info_nce import info_nce_bwd, info_nce_fwd
+from .info_nce import bwd_designs, info_nce_bwd, info_nce_fwd
 from .partition_attention import partition_attention_bwd, partition_attention_fwd
 
 # Per-block shared memory (opt-in maximum): A100 163 KiB, H100/H200 227 KiB.
@@ -59,10 +59,11 @@ HEADS, SEGMENTS = 12, 16  # 16 segments: the packed token count is a multiple of
 TOKENS = (16, 32, 49, 100, 200)
 ATTENTION_HEAD_DIMS = (32, 64, 72, 128)
 LAYOUTS = ("packed", "in_place")
-# InfoNCE at projector widths 128 and 1000 (rows kept in registers / streamed), over enough
-# pairs that the backward takes several row chunks of G (the later ones accumulate into the
-# key gradients: a kernel variant of its own).
-PAIRS, INFO_NCE_DIMS = 32768, (128, 1000)
+# InfoNCE at projector widths 128 and 1000 (rows kept in registers / streamed), and fp32 at 64
+# (its widest resident backward rows: 128 streams in fp32, so only there does fp32 reach the
+# recompute backward), over enough pairs that the stored-G backward takes several row chunks of
+# G (the later ones accumulate into the key gradients: a kernel variant of its own).
+PAIRS, INFO_NCE_DIMS, FP32_RESIDENT_DIM = 32768, (128, 1000), 64
 
 
 class Launch(NamedTuple):
@@ -79,11 +80,12 @@ def recording() -> Iterator[list[Launch]]:
     """Inside the block the launchers record their launches (in order, into the list this
     yields) instead of running them; on ``meta`` tensors nothing is computed at all."""
     recorded: list[Launch] = []
+    outer = _common._recorder  # a recording inside another one (the cost model's) gives it back
     _common._recorder = lambda *launch: recorded.append(Launch(*launch))
     try:
         yield recorded
     finally:
-        _common._recorder = None
+        _common._recorder = outer
 
 
 @dataclass(frozen=True)
@@ -121,22 +123,27 @@ class Case:
                                 scale)
 
     def _info_nce(self):
+        """The forward, then the backward in every design the width admits (the launcher
+        picks one per call by the cost model, so each can run), the stored G first."""
         dtype, d = DTYPES[self.dtype], self.size
         za, zb = (torch.empty(PAIRS, d, dtype=dtype, device="meta") for _ in range(2))
         vec = torch.empty(PAIRS, dtype=torch.float32, device="meta")
         if self.variant == "cross":  # CLIP's symmetric loss: row and column statistics
             row, _, col, inv_a, inv_b = info_nce_fwd(za, zb, 10.0, col_lse=True)
-            info_nce_bwd(za, zb, inv_a, inv_b, row, col, vec, vec, vec, 10.0)
+            bwd = (za, zb, inv_a, inv_b, row, col, vec, vec, vec, 10.0)
         else:  # NT-Xent over [a; b]: queries are keys, self excluded, positive M rows away
             z = torch.cat([za, zb])
             args = (10.0, 0, PAIRS, 2 * PAIRS, True)
             row, _, col, inv, _ = info_nce_fwd(z, z, *args)
-            info_nce_bwd(z, z, inv, inv, row, col, vec.repeat(2), vec[:0], vec.repeat(2), *args)
+            bwd = (z, z, inv, inv, row, col, vec.repeat(2), vec[:0], vec.repeat(2), *args)
+        for design in bwd_designs(d, dtype):
+            info_nce_bwd(*bwd, design=design)
 
 
 # The CI subset: every dtype at head dim 64, 16-bit and fp32 at 32 and 128, the non-power-of-two
 # head dim once, both layouts, the one-pass backward's tiles of 128 and 64 rows and the
-# two-kernel backward (200 tokens); InfoNCE in every dtype, both variants and both d regimes.
+# two-kernel backward (200 tokens); InfoNCE in every dtype, both variants and both d regimes,
+# each backward design in each dtype (fp32's recompute backward at its resident 64).
 QUICK = [
     Case("partition_attention", "bf16", 64, "in_place", 100),
     Case("partition_attention", "fp16", 64, "packed", 49),
@@ -152,6 +159,7 @@ QUICK = [
     *(Case("info_nce", dtype, 128, "cross") for dtype in DTYPES),
     Case("info_nce", "bf16", 1000, "all"),
     Case("info_nce", "fp32", 1000, "all"),
+    Case("info_nce", "fp32", FP32_RESIDENT_DIM, "all"),
 ]
 
 
@@ -164,7 +172,8 @@ def cases(quick: bool = False) -> list[Case]:
         return list(QUICK)
     attention = [Case("partition_attention", dtype, head_dim, layout, tokens) for dtype in DTYPES
                  for head_dim in ATTENTION_HEAD_DIMS for layout in LAYOUTS for tokens in TOKENS]
-    loss = [Case("info_nce", dtype, d, variant) for dtype in DTYPES for d in INFO_NCE_DIMS
+    loss = [Case("info_nce", dtype, d, variant)
+            for dtype in DTYPES for d in INFO_NCE_DIMS + (FP32_RESIDENT_DIM,) * (dtype == "fp32")
             for variant in ("cross", "all")]
     rest = sorted((c for c in attention + loss if c not in QUICK),
                   key=lambda c: (c.dtype != "bf16", c.op == "partition_attention" and c.size != 64))

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import sys
@@ -43,12 +44,12 @@ from pathlib import Path
 
 import torch
 import triton
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from .. import flops as algorithmic
 from . import aot
 from . import partition_attention as pa
-from .info_nce import info_nce_bwd, info_nce_fwd
+from .info_nce import bwd_designs, info_nce_bwd, info_nce_fwd
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 MARKERS = ("<!-- cost-model:begin -->", "<!-- cost-model:end -->")
@@ -354,12 +355,13 @@ def _col_lse(a: dict, grid: tuple, lengths: list[int]) -> Count:
 @counter("info_nce._bwd_rows_kernel")
 def _info_nce_rows(a: dict, grid: tuple, lengths: list[int]) -> Count:
     """Per query block of the chunk: its statistics, its rows (resident); per key block the
-    logits tile, G (one exp2 per logit and direction) stored in the input dtype into the chunk
-    buffer, and with resident rows ``G @ n_k`` (one more dot) and dzq written at the end."""
+    logits tile, G (one exp2 per logit and direction), with STORE_G stored in the input dtype
+    into the chunk buffer, and with resident rows ``G @ n_k`` (one more dot) and dzq written at
+    the end."""
     mk, d, e = a["Mk"], a["D"], _bytes(a["Q"])
     bm, bn, bd = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_D"]
     g_q, g_k, has_col = _groups(a, "GQ"), _groups(a, "GK"), bool(a["HAS_COL"])
-    resident, g_bytes = bool(a["RESIDENT"]), _bytes(a["GBUF"])
+    resident, g_bytes = bool(a["RESIDENT"]), _bytes(a["GBUF"]) * bool(a["STORE_G"])
     total = Count(programs=math.prod(grid), read=4 * math.prod(grid))  # GSCALE
     for rows, row_tiles in _tiles(a["row_end"] - a["row0"], bm).items():
         own = rows * (16 + g_q + (2 * d * e if resident else 0))  # q, and z again at the end
@@ -370,12 +372,46 @@ def _info_nce_rows(a: dict, grid: tuple, lengths: list[int]) -> Count:
                 mma_flops=2 * bm * bn * bd * resident,
                 exp2=bm * bn * (1 + has_col))) * (row_tiles * col_tiles)
     rows = a["row_end"] - a["row0"]
-    read = [(a["GSCALE"], 4), (a["Q"], rows * d * e), (a["GQ"], rows * g_q),
-            (a["INV_K"], mk * 4), (a["K"], mk * d * e), (a["GK"], mk * g_k),
-            *((a[name], rows * 4) for name in ("INV_Q", "LSE_R", "D_ROW", "D_POS")),
-            *((a[name], mk * 4 * has_col) for name in ("LSE_C", "D_COL"))]
-    return _footprint(total, read, [(a["GBUF"], rows * mk * g_bytes),
-                                    (a["DZ"], rows * d * _bytes(a["DZ"]) * resident)])
+    return _footprint(total, [*_query_reads(a, rows), *_key_reads(a, mk)],
+                      [(a["GBUF"], rows * mk * g_bytes),
+                       (a["DZ"], rows * d * _bytes(a["DZ"]) * resident)])
+
+
+def _query_reads(a: dict, rows: int) -> list[tuple]:
+    """What the backward kernels read of ``rows`` queries: features, group ids, inverse norms,
+    log-sum-exps and the weights of the row and positive statistics (and the scalar GSCALE)."""
+    e = _bytes(a["Q"])
+    return [(a["GSCALE"], 4), (a["Q"], rows * a["D"] * e), (a["GQ"], rows * _groups(a, "GQ")),
+            *((a[name], rows * 4) for name in ("INV_Q", "LSE_R", "D_ROW", "D_POS"))]
+
+
+def _key_reads(a: dict, cols: int) -> list[tuple]:
+    """... and of ``cols`` keys: features, group ids, inverse norms, the column statistics."""
+    has_col = bool(a["HAS_COL"])
+    return [(a["INV_K"], cols * 4), (a["K"], cols * a["D"] * _bytes(a["K"])),
+            (a["GK"], cols * _groups(a, "GK")),
+            *((a[name], cols * 4 * has_col) for name in ("LSE_C", "D_COL"))]
+
+
+@counter("info_nce._bwd_cols_kernel")
+def _info_nce_cols(a: dict, grid: tuple, lengths: list[int]) -> Count:
+    """Per key block: its statistics and rows (the rows again at the end), dzk stored; per
+    query block of the stream its statistics and rows, and the key block's group ids again
+    (the candidates' rule loads them per tile); per tile the logits and ``G^T @ n_q`` dots and
+    G's exp2 (one per logit and direction)."""
+    mq, mk, d, e = a["Mq"], a["Mk"], a["D"], _bytes(a["Q"])
+    bm, bn, bd = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_D"]
+    g_q, g_k, has_col = _groups(a, "GQ"), _groups(a, "GK"), bool(a["HAS_COL"])
+    dz = _bytes(a["DZ"])
+    total = Count(programs=math.prod(grid), read=4 * math.prod(grid))  # GSCALE
+    for cols, col_tiles in _tiles(mk, bn).items():
+        total += Count(read=cols * (4 + 8 * has_col + 2 * d * e),
+                       written=cols * d * dz) * col_tiles
+        for rows, row_tiles in _tiles(mq, bm).items():
+            total += Count(read=rows * (16 + g_q + d * e) + cols * g_k,
+                           mma_flops=2 * (2 * bm * bn * bd),
+                           exp2=bm * bn * (1 + has_col)) * (col_tiles * row_tiles)
+    return _footprint(total, [*_query_reads(a, mq), *_key_reads(a, mk)], [(a["DZ"], mk * d * dz)])
 
 
 @counter("info_nce._gemm_kernel")
@@ -534,6 +570,41 @@ def steps(recorded: list, lengths: list[int], compiles: dict) -> list[Step]:
 
 
 # ---------------------------------------------------------------------------------------------
+# InfoNCE's backward: the design the launcher takes (kernels/info_nce.py's bwd_design)
+
+
+@functools.lru_cache(maxsize=256)
+def info_nce_bwd_bounds(mq: int, mk: int, d: int, dtype: torch.dtype, symmetric: bool,
+                        peak: str = "H100") -> dict[str, float]:
+    """Seconds each backward design the launcher can take for ``mq`` queries against ``mk``
+    keys of width ``d`` is bound to at ``PEAKS[peak]``: its launches counted (first candidate
+    config) and bound one by one (the largest of the memory, MMA and exp2 terms), summed. The
+    torch ops around the kernels (the weights' scale, padded copies) are the same in both
+    designs and left out. Host integers only: the launches are recorded on ``meta`` tensors,
+    aside from any recording or dispatch mode of the caller, and nothing runs."""
+    zq, zk = (torch.empty(m, d, dtype=dtype, device="meta") for m in (mq, mk))
+    vq, vk = (torch.empty(m, dtype=torch.float32, device="meta") for m in (mq, mk))
+    col = vk if symmetric else vk[:0]
+    bounds = {}
+    with _disable_current_modes():
+        for design in bwd_designs(d, dtype):
+            with aot.recording() as recorded:
+                info_nce_bwd(zq, zk, vq, vk, vq, col, vq, col, vq, 10.0, design=design)
+            bounds[design] = sum(
+                max(Step(*count_launch(x, []), _operand_class(zq)).bound(PEAKS[peak]).values())
+                for x in recorded)
+    return bounds
+
+
+def info_nce_bwd_design(mq: int, mk: int, d: int, dtype: torch.dtype, symmetric: bool,
+                        peak: str = "H100") -> str:
+    """The backward design with the smaller bound (:func:`info_nce_bwd_bounds`; the stored
+    ``G`` on a tie, and wherever the width admits no other)."""
+    bounds = info_nce_bwd_bounds(mq, mk, d, dtype, symmetric, peak)
+    return min(bounds, key=bounds.get)
+
+
+# ---------------------------------------------------------------------------------------------
 # The problems of the table: ViT-B/16 at 224 px (196 patches), batch 256, bf16
 
 
@@ -560,7 +631,8 @@ def _two_kernel_backward():
 @dataclass(frozen=True)
 class Problem:
     op: str  # "attention forward", "attention backward", "info_nce forward", "info_nce backward"
-    design: str  # attention backward: OLD_BACKWARD or NEW_BACKWARD (the launcher's dispatch)
+    design: str  # attention backward: OLD_BACKWARD or NEW_BACKWARD (the launcher's dispatch);
+    #              InfoNCE backward: one of bwd_designs ("stored" G or "recompute")
     layout: str  # attention: "packed" or "in-place"; InfoNCE: "cross" (CLIP's symmetric loss)
     size: int  # attention: tokens per segment; InfoNCE: rows M per side
     dim: int  # head dim or InfoNCE's d
@@ -623,8 +695,16 @@ class Problem:
             if self.op == "info_nce forward":
                 info_nce_fwd(za, zb, 10.0, col_lse=True)
             else:
-                info_nce_bwd(za, zb, vec, vec, vec, vec, vec, vec, vec, 10.0)
+                info_nce_bwd(za, zb, vec, vec, vec, vec, vec, vec, vec, 10.0, design=self.design)
         return recorded
+
+    def chosen(self) -> bool | None:
+        """InfoNCE backward where the width admits two designs: whether the launcher takes this
+        one on an H100 (None elsewhere)."""
+        if self.op != "info_nce backward" or len(bwd_designs(self.dim, aot.DTYPES[self.dtype])) < 2:
+            return None
+        return self.design == info_nce_bwd_design(self.size, self.size, self.dim,
+                                                  aot.DTYPES[self.dtype], True, "H100")
 
 
 def problems() -> list[Problem]:
@@ -637,9 +717,29 @@ def problems() -> list[Problem]:
                 out.append(Problem("attention backward", design, layout, tokens, HEAD_DIM))
     for rows in INFO_NCE_ROWS:
         for d in INFO_NCE_DIMS:
-            for op in ("info_nce forward", "info_nce backward"):
-                out.append(Problem(op, "as installed", "cross", rows, d))
+            out.append(Problem("info_nce forward", "one pass", "cross", rows, d))
+            for design in bwd_designs(d, aot.DTYPES["bf16"]):
+                out.append(Problem("info_nce backward", design, "cross", rows, d))
     return out
+
+
+# The widths of the choice table: the resident ones of 16-bit rows and one beyond them.
+CHOICE_DIMS = (32, 64, 96, 128, 256)
+
+
+def choices() -> list[dict]:
+    """InfoNCE backward, CLIP's symmetric loss in bf16 at the table's ``M``: each design's bound
+    on each machine (:func:`info_nce_bwd_bounds`) and the one the launcher takes."""
+    rows = []
+    for m in INFO_NCE_ROWS:
+        for d in CHOICE_DIMS:
+            peaks = {}
+            for key in PEAKS:
+                bounds = info_nce_bwd_bounds(m, m, d, torch.bfloat16, True, key)
+                peaks[key] = {"bounds_s": bounds,
+                              "design": info_nce_bwd_design(m, m, d, torch.bfloat16, True, key)}
+            rows.append({"M": m, "d": d, "dtype": "bf16", "symmetric": True, "peaks": peaks})
+    return rows
 
 
 def evaluate(problem: Problem, compiles: dict) -> dict:
@@ -657,8 +757,8 @@ def evaluate(problem: Problem, compiles: dict) -> dict:
             "min_ctas_per_sm": min((s.occupancy[key] for s in launches
                                     if s.occupancy.get(key) is not None), default=None),
         }
-    return {**asdict(problem), "algorithmic_flops": problem.algorithmic_flops(),
-            "total": asdict(total), "launches": [
+    return {**asdict(problem), "chosen": problem.chosen(),
+            "algorithmic_flops": problem.algorithmic_flops(), "total": asdict(total), "launches": [
                 {"name": s.name, "config": s.config, "occupancy": s.occupancy,
                  **asdict(s.count)} for s in launches],
             "bounds": bounds}
@@ -693,8 +793,9 @@ def table(rows: list[dict]) -> str:
         size = f"{r['size']} tokens" if r["op"].startswith("attention") else f"M = {r['size']}"
         ratio = t["mma_flops"] / r["algorithmic_flops"]
         ctas = b["min_ctas_per_sm"]
+        design = r["design"] + (" (H100's choice)" if r["chosen"] else "")
         lines.append(
-            f"| {r['op']} | {r['design']} | {r['layout']} | {size} | {r['dim']} | "
+            f"| {r['op']} | {design} | {r['layout']} | {size} | {r['dim']} | "
             f"{len(r['launches'])}: {_launches(r['launches'])} | "
             f"{(t['read'] + t['written']) / 1e6:.0f} "
             f"({(t['read_unique'] + t['written_unique']) / 1e6:.0f}) | "
@@ -704,10 +805,29 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def document(rows: list[dict]) -> dict:
+def choice_table(rows: list[dict]) -> str:
+    """The markdown table of :func:`choices`' rows: each design's bound per machine, µs."""
+    lines = ["InfoNCE backward, CLIP's symmetric loss in bf16: the bound of each design's kernels "
+             "(µs; the torch ops around them are the same in both) and the design the launcher "
+             "takes on each machine (`kernels/info_nce.py`'s `bwd_design`); rows wider than "
+             "the resident ones have only the stored G.", "",
+             "| M | d | " + " | ".join(f"{k} stored G | {k} recompute | {k} takes" for k in PEAKS)
+             + " |", "|---|---|" + "---|---|---|" * len(PEAKS)]
+    for r in rows:
+        cells = []
+        for key in PEAKS:
+            bounds = r["peaks"][key]["bounds_s"]
+            cells += [f"{bounds['stored'] * 1e6:.0f}",
+                      f"{bounds['recompute'] * 1e6:.0f}" if "recompute" in bounds else "-",
+                      r["peaks"][key]["design"]]
+        lines.append(f"| {r['M']} | {r['d']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def document(rows: list[dict], choice_rows: list[dict]) -> dict:
     return {"triton": triton.__version__, "torch": torch.__version__,
             "peaks": {k: {**asdict(p), "exp2_per_s": p.exp2_per_s} for k, p in PEAKS.items()},
-            "rows": rows}
+            "rows": rows, "info_nce_bwd_choices": choice_rows}
 
 
 def main(argv=None) -> int:
@@ -721,10 +841,11 @@ def main(argv=None) -> int:
         parser.error("unset TRITON_INTERPRET: the interpreter's configs are not the GPU's")
     compiles = _saved_compiles()
     rows = [evaluate(p, compiles) for p in problems()]
-    text = table(rows)
+    choice_rows = choices()
+    text = table(rows) + "\n\n" + choice_table(choice_rows)
     print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps(document(rows), indent=1) + "\n")
+        Path(args.json).write_text(json.dumps(document(rows, choice_rows), indent=1) + "\n")
     if args.markdown:
         try:
             aot.write_between_markers(args.markdown, MARKERS, text)

@@ -1,5 +1,6 @@
-"""Triton kernels for the InfoNCE statistics: a one-pass forward, a backward that computes each
-logit once and keeps ``dL/dlogits`` in a bounded row chunk for the transposed product.
+"""Triton kernels for the InfoNCE statistics: a one-pass forward and two backward designs, one
+that computes each logit once and keeps ``dL/dlogits`` in a bounded row chunk for the transposed
+product, one that recomputes the logits on each side and keeps nothing; the cost model chooses.
 
 One *query/key problem* (see ``spcl_fast.reference.info_nce`` for the maths and the PyTorch
 twin of these launchers): un-normalised rows ``zq (Mq, d)`` and ``zk (Mk, d)``, logits
@@ -21,22 +22,41 @@ the backward, its gradient rows); wider rows are streamed in ``BLOCK_D`` chunks.
   ``WRITE_COL`` (CLIP's symmetric loss) the same logits tile also gives each key column's max
   and sum over this row block, written as partials; ``_col_lse_kernel`` merges them in row-block
   order. So the column log-sum-exp costs no second pass over the logits.
-* ``_bwd_rows_kernel``: per block of query rows of a row chunk, recomputes the logits once
-  (the key tile is loaded once for both dots), forms ``G = dL/dlogits`` from the saved
-  log-sum-exps, stores ``G`` (scaled to ~[-1, 1], in the input dtype) into the chunk's buffer
-  and, for resident widths, accumulates ``G @ n_k`` and writes ``dzq`` itself.
-* ``_gemm_kernel``: ``G^T @ n_q`` over the chunk's rows into an fp32 accumulator of ``dzk``
-  (and ``G @ n_k`` into ``dzq``'s for wide rows): plain matmuls over the stored ``G``, no
-  logits recomputed. ``_normalize_bwd_kernel`` applies the normalisation's backward
-  ``dz = inv * (g - n <n, g>)`` to the accumulators.
+* ``_bwd_rows_kernel``: per block of query rows, recomputes the logits once (the key tile is
+  loaded once for both dots) and forms ``G = dL/dlogits`` from the saved log-sum-exps
+  (``_grad_tile``: scaled to ~[-1, 1] and rounded to the input dtype); for resident widths it
+  accumulates ``G @ n_k`` and writes ``dzq`` itself. With ``STORE_G`` it also stores ``G`` into
+  a row chunk's buffer for the key side.
 
-Work per training step (fwd + bwd): ``8 Mq Mk d`` FLOPs (logits twice, two gradient matmuls)
-against the algorithmic ``6 Mq Mk d``, at any width; traffic beyond the inputs is ``G`` once
-written and once read per chunk (twice for wide rows). Every output element is written by one
-program in a fixed order: no atomics, bitwise deterministic. Extra memory: the column partials
-``8 * ceil(Mq / BLOCK_M) * Mk`` bytes (symmetric CLIP only), the ``G`` chunk (at most
-``G_CHUNK_COPIES`` times the bytes of the padded keys, at least 256 rows) and fp32 gradient
-accumulators: ``O((Mq + Mk) d)``, never ``O(Mq * Mk)`` beyond the chunk.
+The key side, ``dzk = f(G^T @ n_q)``, in one of two designs (``info_nce_bwd``'s ``design``):
+
+* **stored G** (any width): the rows kernel runs per row chunk with ``STORE_G``;
+  ``_gemm_kernel`` multiplies ``G^T @ n_q`` over the chunk's rows into an fp32 accumulator of
+  ``dzk`` (and ``G @ n_k`` into ``dzq``'s for wide rows): plain matmuls over the stored ``G``,
+  no logits recomputed. ``_normalize_bwd_kernel`` applies the normalisation's backward
+  ``dz = inv * (g - n <n, g>)`` to the accumulators. Fwd + bwd: ``8 Mq Mk d`` FLOPs against the
+  algorithmic ``6 Mq Mk d``; beyond the inputs, ``G`` is written and read once per chunk (twice
+  for wide rows): ``Mq Mk`` elements of the input dtype each way.
+* **recompute** (resident widths only): the rows kernel runs once over all rows without
+  ``STORE_G``, and ``_bwd_cols_kernel`` mirrors it on the key side: one program per block of
+  key rows keeps them and an fp32 ``G^T @ n_q`` accumulator in registers, streams over the query
+  blocks recomputing each logits tile and its ``G`` (the same ``_grad_tile``, so both sides
+  multiply the same values) and writes ``dzk`` once. Fwd + bwd: ``10 Mq Mk d`` FLOPs and the
+  exponentials of ``G`` twice, but no ``O(Mq Mk)`` traffic and two backward launches.
+
+The launcher takes, per call, the design that ``spcl_fast.kernels.cost`` bounds faster on the
+device's machine (``bwd_design``: counted bytes, FLOPs and exponentials of each design's
+launches at the call's ``Mq``, ``Mk``, ``d``, dtype and column statistics; host-side integers,
+no device sync). Recompute wins where ``G``'s traffic takes longer than the extra matmuls and
+exponentials: at small widths on a machine with many FLOPs per byte (docs/kernels.md has the
+generated table of the choice). Wide rows stay with the stored ``G``: their gradient rows do
+not fit in registers, and the extra logits cost ``2 Mq Mk d`` against ``G``'s fixed traffic.
+
+Every output element is written by one program in a fixed order in both designs: no atomics,
+bitwise deterministic. Extra memory: the column partials ``8 * ceil(Mq / BLOCK_M) * Mk`` bytes
+(symmetric CLIP only), the ``G`` chunk (stored design: at most ``G_CHUNK_COPIES`` times the
+bytes of the padded keys, at least 256 rows) and fp32 gradient accumulators:
+``O((Mq + Mk) d)``, never ``O(Mq * Mk)`` beyond the chunk.
 """
 
 from __future__ import annotations
@@ -81,6 +101,12 @@ _ROWS_CONFIGS = configs(
      ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 2)],
     {"BLOCK_M": 32, "BLOCK_N": 32},
 )
+# The key side of the recompute backward: BLOCK_N key rows resident, BLOCK_M query rows a step.
+_COLS_CONFIGS = configs(
+    [({"BLOCK_N": 64, "BLOCK_M": 64}, 8, 2),
+     ({"BLOCK_N": 32, "BLOCK_M": 64}, 4, 2)],
+    {"BLOCK_N": 32, "BLOCK_M": 32},
+)
 _GEMM_CONFIGS = configs(
     [({"BLOCK_O": 128, "BLOCK_R": 64}, 8, 3),
      ({"BLOCK_O": 64, "BLOCK_R": 64}, 4, 3)],
@@ -88,16 +114,24 @@ _GEMM_CONFIGS = configs(
 )
 # Tuned once per problem size (a training run has one) and variant; the autotuner adds dtypes.
 _FWD_KEY = ["Mq", "Mk", "D", "SELF_MASK", "HAS_GROUPS", "WRITE_COL"]
-_ROWS_KEY = ["Mk", "D", "HAS_COL", "SELF_MASK", "HAS_GROUPS"]  # not row_end: one per chunk
+_ROWS_KEY = ["Mk", "D", "HAS_COL", "SELF_MASK", "HAS_GROUPS", "STORE_G"]  # not row_end
+_COLS_KEY = ["Mq", "Mk", "D", "HAS_COL", "SELF_MASK", "HAS_GROUPS"]
 _GEMM_KEY = ["D", "stride_g_out", "stride_g_red"]  # the keys (padded Mk) and orientation
 
 
-def _prune_rows(configs, named_args, **kwargs):
-    # Resident rows and their fp32 gradient rows spill beyond 64 rows of 16-bit features and
-    # 32 of fp32 (aot tier, sm_80/sm_90); streamed rows hold no gradient rows.
-    most = 32 if named_args["Q"].dtype == torch.float32 else 64
-    return tuned([c for c in configs
-                  if INTERPRET or not kwargs["RESIDENT"] or c.kwargs["BLOCK_M"] <= most])
+def _resident_pruning(outer: str):
+    """The pruning of a kernel whose ``outer`` block of rows is resident with its fp32 gradient
+    rows: those spill beyond 64 rows of 16-bit features and 32 of fp32 (aot tier, sm_80/sm_90);
+    streamed rows (``RESIDENT`` false) hold no gradient rows."""
+    def prune(configs, named_args, **kwargs):
+        most = 32 if named_args["Q"].dtype == torch.float32 else 64
+        return tuned([c for c in configs if INTERPRET or not kwargs.get("RESIDENT", True)
+                      or c.kwargs[outer] <= most])
+
+    return prune
+
+
+_prune_rows, _prune_cols = _resident_pruning("BLOCK_M"), _resident_pruning("BLOCK_N")
 
 
 @triton.jit
@@ -219,20 +253,13 @@ def _col_lse_kernel(COL_M, COL_S, LSE, Mk, n_blocks, BLOCK: tl.constexpr):
     tl.store(LSE + cols, m + tl.log2(s) * LN2, mask=ok)
 
 
-@triton.autotune(configs=_ROWS_CONFIGS, key=_ROWS_KEY,
-                 prune_configs_by={"early_config_prune": _prune_rows})
 @triton.jit
-def _bwd_rows_kernel(
-    Q, K, INV_Q, INV_K, GQ, GK, LSE_R, LSE_C, D_ROW, D_COL, D_POS, GSCALE, GBUF, DZ,
-    row0, row_end, Mk, D, stride_q, stride_k, stride_g, stride_dz, scale,
-    key_offset, pos_shift, pos_mod,
-    HAS_COL: tl.constexpr, SELF_MASK: tl.constexpr, HAS_GROUPS: tl.constexpr,
-    RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    rows = row0 + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
+def _query_side(rows, row_ok, INV_Q, LSE_R, D_ROW, D_POS, GQ, scale, key_offset, pos_shift,
+                pos_mod, HAS_GROUPS: tl.constexpr):
+    """What the backward needs of a block of query rows: inverse norms (and times ``scale``),
+    row log-sum-exps, the weights of the row and positive statistics, the positive's and the
+    query's own key column, the group ids (the rows themselves without ``HAS_GROUPS``)."""
     inv_q = tl.load(INV_Q + rows, mask=row_ok, other=0.0)
-    q_scale = inv_q * scale
     r = tl.load(LSE_R + rows, mask=row_ok, other=0.0)
     alpha = tl.load(D_ROW + rows, mask=row_ok, other=0.0)
     gamma = tl.load(D_POS + rows, mask=row_ok, other=0.0)
@@ -241,8 +268,62 @@ def _bwd_rows_kernel(
     g_q = rows
     if HAS_GROUPS:
         g_q = tl.load(GQ + rows, mask=row_ok, other=0)
-    # G is stored (and multiplied) in the input dtype: scale it to ~[-1, 1] first so fp16 keeps
-    # its precision when the weights are ~1/M.
+    return inv_q, inv_q * scale, r, alpha, gamma, pos_col, self_col, g_q
+
+
+@triton.jit
+def _grad_tile(dots, q_scale, inv_k, cols, row_ok, col_ok, r, alpha, gamma, c, beta, pos_col,
+               self_col, g_q, GK, gscale, Z,
+               HAS_COL: tl.constexpr, SELF_MASK: tl.constexpr, HAS_GROUPS: tl.constexpr):
+    """``G = dL/dlogits`` of one ``(queries, keys)`` tile from its raw dots, times ``gscale``,
+    rounded to the input dtype (``Z``'s): the one formula both sides of the backward multiply
+    with, so the query and key gradients come from the same ``G`` values.
+
+    ``G[i, j] = alpha_i P[i, j] + beta_j Q[i, j] + gamma_i [j == pos(i)]`` over candidates, with
+    ``P`` the row softmax (``r``: row log-sum-exps) and ``Q`` the column one (``c``, only with
+    ``HAS_COL``). ``G`` is multiplied in the input dtype, so it is scaled to ~[-1, 1] first
+    (``gscale``): fp16 keeps its precision when the weights are ~1/M."""
+    logits = dots * q_scale[:, None] * inv_k[None, :]
+    grad = alpha[:, None] * tl.exp2((logits - r[:, None]) * LOG2E)
+    if HAS_COL:
+        grad += beta[None, :] * tl.exp2((logits - c[None, :]) * LOG2E)
+    grad += tl.where(cols[None, :] == pos_col[:, None], gamma[:, None], 0.0)
+    keep = _candidates(cols, row_ok, col_ok, pos_col, self_col, g_q, GK, SELF_MASK, HAS_GROUPS)
+    # where(), not a product: masked entries may hold inf from exp2 of a masked logit.
+    grad = tl.where(keep, grad, 0.0)
+    return (grad * gscale).to(Z.dtype.element_ty)
+
+
+@triton.jit
+def _store_normalized_grad(acc, gain, inv, z_ptrs, dz_ptrs, ok):
+    """``dz = inv * (g - n <n, g>)`` with ``g = gain * acc`` (``acc``: ``G @ n`` of the other
+    side, ``gain = scale / gscale``) and ``n = z * inv``, stored. The projection is taken from
+    the same (rounded) ``g``, so ``dz`` stays orthogonal to ``z`` as it must; rows clamped by eps
+    in the forward take none (F.normalize's derivative)."""
+    g = acc * gain
+    z = tl.load(z_ptrs, mask=ok, other=0.0).to(tl.float32)
+    rho = tl.sum(z * g, axis=1) * inv
+    proj = tl.where(inv < INV_EPS_HALF, inv * inv * rho, 0.0)
+    dz = g * inv[:, None] - z * proj[:, None]
+    tl.store(dz_ptrs, dz.to(dz_ptrs.dtype.element_ty), mask=ok)
+
+
+@triton.autotune(configs=_ROWS_CONFIGS, key=_ROWS_KEY,
+                 prune_configs_by={"early_config_prune": _prune_rows})
+@triton.jit
+def _bwd_rows_kernel(
+    Q, K, INV_Q, INV_K, GQ, GK, LSE_R, LSE_C, D_ROW, D_COL, D_POS, GSCALE, GBUF, DZ,
+    row0, row_end, Mk, D, stride_q, stride_k, stride_g, stride_dz, scale,
+    key_offset, pos_shift, pos_mod,
+    HAS_COL: tl.constexpr, SELF_MASK: tl.constexpr, HAS_GROUPS: tl.constexpr,
+    RESIDENT: tl.constexpr, STORE_G: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = row0 + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    inv_q, q_scale, r, alpha, gamma, pos_col, self_col, g_q = _query_side(
+        rows, row_ok, INV_Q, LSE_R, D_ROW, D_POS, GQ, scale, key_offset, pos_shift, pos_mod,
+        HAS_GROUPS)
     gscale = tl.load(GSCALE)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -258,36 +339,70 @@ def _bwd_rows_kernel(
         k_base = K + cols.to(tl.int64)[:, None] * stride_k + offs_d[None, :]
         if RESIDENT:  # one load of the key tile for both dots
             k = tl.load(k_base, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            dots = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         else:
-            logits = _streamed_dot(q_base, k_base, row_ok, col_ok, D, BLOCK_M, BLOCK_N, BLOCK_D)
-        logits = logits * q_scale[:, None] * inv_k[None, :]
-        # G[i, j] = alpha_i P[i, j] + beta_j Q[i, j] + gamma_i [j == pos(i)] over candidates.
-        grad = alpha[:, None] * tl.exp2((logits - r[:, None]) * LOG2E)
+            dots = _streamed_dot(q_base, k_base, row_ok, col_ok, D, BLOCK_M, BLOCK_N, BLOCK_D)
+        c = inv_k  # placeholders without the column statistics
+        beta = inv_k
         if HAS_COL:
             c = tl.load(LSE_C + cols, mask=col_ok, other=0.0)
             beta = tl.load(D_COL + cols, mask=col_ok, other=0.0)
-            grad += beta[None, :] * tl.exp2((logits - c[None, :]) * LOG2E)
-        grad += tl.where(cols[None, :] == pos_col[:, None], gamma[:, None], 0.0)
-        keep = _candidates(cols, row_ok, col_ok, pos_col, self_col, g_q, GK, SELF_MASK,
-                           HAS_GROUPS)
-        # where(), not a product: masked entries may hold inf from exp2 of a masked logit.
-        grad = tl.where(keep, grad, 0.0)
-        g_low = (grad * gscale).to(GBUF.dtype.element_ty)
-        tl.store(g_base + cols[None, :], g_low, mask=row_ok[:, None] & col_ok[None, :])
+        g_low = _grad_tile(dots, q_scale, inv_k, cols, row_ok, col_ok, r, alpha, gamma, c, beta,
+                           pos_col, self_col, g_q, GK, gscale, Q, HAS_COL, SELF_MASK, HAS_GROUPS)
+        if STORE_G:
+            tl.store(g_base + cols[None, :], g_low, mask=row_ok[:, None] & col_ok[None, :])
         if RESIDENT:
             n_k = (k.to(tl.float32) * inv_k[:, None]).to(k.dtype)
             acc = tl.dot(g_low, n_k, acc, input_precision=DOT_PRECISION)
     if RESIDENT:
-        # dz = inv * (g - n <n, g>) with g = scale * G @ n_k and n = z * inv: the projection
-        # is taken from the same (rounded) g, so dz stays orthogonal to z as it must.
-        g = acc * (scale / gscale)
-        z = tl.load(q_base, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        rho = tl.sum(z * g, axis=1) * inv_q
-        proj = tl.where(inv_q < INV_EPS_HALF, inv_q * inv_q * rho, 0.0)
-        dz = g * inv_q[:, None] - z * proj[:, None]
-        tl.store(DZ + rows.to(tl.int64)[:, None] * stride_dz + offs_d[None, :],
-                 dz.to(DZ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        _store_normalized_grad(acc, scale / gscale, inv_q, q_base,
+                               DZ + rows.to(tl.int64)[:, None] * stride_dz + offs_d[None, :],
+                               row_ok[:, None] & d_ok[None, :])
+
+
+@triton.autotune(configs=_COLS_CONFIGS, key=_COLS_KEY,
+                 prune_configs_by={"early_config_prune": _prune_cols})
+@triton.jit
+def _bwd_cols_kernel(
+    Q, K, INV_Q, INV_K, GQ, GK, LSE_R, LSE_C, D_ROW, D_COL, D_POS, GSCALE, DZ,
+    Mq, Mk, D, stride_q, stride_k, stride_dz, scale, key_offset, pos_shift, pos_mod,
+    HAS_COL: tl.constexpr, SELF_MASK: tl.constexpr, HAS_GROUPS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The key side of the recompute backward (resident widths): one program per block of key
+    columns keeps its key rows and an fp32 ``G^T @ n_q`` accumulator in registers, streams over
+    the query blocks recomputing each logits tile and its ``G`` (:func:`_grad_tile`, as the
+    rows kernel forms it), and writes ``dzk`` once: no ``G`` in memory, no atomics."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < Mk
+    inv_k = tl.load(INV_K + cols, mask=col_ok, other=0.0)
+    c = inv_k  # placeholders without the column statistics
+    beta = inv_k
+    if HAS_COL:
+        c = tl.load(LSE_C + cols, mask=col_ok, other=0.0)
+        beta = tl.load(D_COL + cols, mask=col_ok, other=0.0)
+    gscale = tl.load(GSCALE)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    k_base = K + cols.to(tl.int64)[:, None] * stride_k + offs_d[None, :]
+    k = tl.load(k_base, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for m0 in range(0, Mq, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < Mq
+        inv_q, q_scale, r, alpha, gamma, pos_col, self_col, g_q = _query_side(
+            rows, row_ok, INV_Q, LSE_R, D_ROW, D_POS, GQ, scale, key_offset, pos_shift, pos_mod,
+            HAS_GROUPS)
+        q = tl.load(Q + rows.to(tl.int64)[:, None] * stride_q + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        dots = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        g_low = _grad_tile(dots, q_scale, inv_k, cols, row_ok, col_ok, r, alpha, gamma, c, beta,
+                           pos_col, self_col, g_q, GK, gscale, Q, HAS_COL, SELF_MASK, HAS_GROUPS)
+        n_q = (q.to(tl.float32) * inv_q[:, None]).to(q.dtype)
+        acc = tl.dot(tl.trans(g_low), n_q, acc, input_precision=DOT_PRECISION)
+    _store_normalized_grad(acc, scale / gscale, inv_k, k_base,
+                           DZ + cols.to(tl.int64)[:, None] * stride_dz + offs_d[None, :],
+                           col_ok[:, None] & d_ok[None, :])
 
 
 @triton.autotune(configs=_GEMM_CONFIGS, key=_GEMM_KEY, restore_value=["ACC"])
@@ -460,16 +575,58 @@ def _normalize_bwd(acc, z, inv, gscale, scale):
     return dz
 
 
+# The backward's two designs: "stored" computes each logit once and keeps G per row chunk for
+# the matmuls; "recompute" (resident widths only) recomputes every logit on the key side too.
+BWD_DESIGNS = ("stored", "recompute")
+
+
+def bwd_designs(d: int, dtype: torch.dtype) -> tuple[str, ...]:
+    """The backward designs the launcher can take at width ``d`` (padded to a multiple of 16):
+    both where the rows are resident (each kernel then forms a side's gradient in registers),
+    else the stored ``G`` only."""
+    return BWD_DESIGNS if _resident(_pad16(d), dtype, "bwd") else BWD_DESIGNS[:1]
+
+
+def machine_of(device: torch.device) -> str:
+    """The cost model's machine for a device: sm_90 and newer are costed as an H100, older GPUs
+    as an A100, and anything else (the interpreter's CPU, ``meta``) as an H100."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return "A100"
+    return "H100"
+
+
+def bwd_design(mq: int, mk: int, width: int, dtype: torch.dtype, symmetric: bool,
+               device: torch.device) -> str:
+    """The design the launcher takes: the one the cost model bounds faster on the device's
+    machine (``spcl_fast.kernels.cost.info_nce_bwd_design``; host-side integers, cached per
+    problem), where the width admits both. Recompute pays two more logits matmuls and the
+    exponentials again to save ``G``'s ``Mq x Mk`` write and read: it wins where that traffic
+    takes longer than the extra tensor-core and special-function work, that is at small
+    widths on machines with more FLOPs per byte."""
+    designs = bwd_designs(width, dtype)
+    if len(designs) == 1:
+        return designs[0]
+    from .cost import info_nce_bwd_design  # the cost model records these launchers
+
+    return info_nce_bwd_design(mq, mk, width, dtype, symmetric, machine_of(device))
+
+
 def info_nce_bwd(zq, zk, inv_q, inv_k, row_lse, col_lse, d_row, d_col, d_pos, scale,
                  key_offset=0, pos_shift=0, pos_mod=None, self_mask=False, groups_q=None,
-                 groups_k=None):
+                 groups_k=None, design=None):
     """``(dzq, dzk)`` in the input dtype from the statistics' gradients; same contract as
-    ``spcl_fast.reference.info_nce.info_nce_chunked_bwd``."""
+    ``spcl_fast.reference.info_nce.info_nce_chunked_bwd``. ``design`` (``"stored"`` or
+    ``"recompute"``, tests and benchmarks only) overrides :func:`bwd_design`'s choice."""
     d = zq.shape[1]
     zq, zk = _padded(zq), _padded(zk)
     (mq, width), mk = zq.shape, zk.shape[0]
     pos_mod = mq if pos_mod is None else pos_mod
     has_col = col_lse.numel() > 0 and d_col.numel() > 0
+    if design is None:
+        design = bwd_design(mq, mk, width, zq.dtype, has_col, zq.device)
+    elif design not in bwd_designs(width, zq.dtype):
+        raise ValueError(f"info_nce_bwd: design must be one of {bwd_designs(width, zq.dtype)} "
+                         f"at padded width {width} in {zq.dtype}, got {design!r}")
     d_row, d_pos = d_row.float().contiguous(), d_pos.float().contiguous()
     d_col = d_col.float().contiguous() if has_col else d_row
     col_lse = col_lse if has_col else row_lse
@@ -479,6 +636,19 @@ def info_nce_bwd(zq, zk, inv_q, inv_k, row_lse, col_lse, d_row, d_col, d_pos, sc
     has_groups = groups_q is not None
     if not has_groups:  # placeholders the kernel never reads
         groups_q, groups_k = inv_q, inv_k
+    stats = (inv_q, inv_k, groups_q, groups_k, row_lse, col_lse, d_row, d_col, d_pos, gscale)
+    pairing = (float(scale), key_offset, pos_shift, pos_mod)
+    flags = {"HAS_COL": has_col, "SELF_MASK": self_mask, "HAS_GROUPS": has_groups}
+    if design == "recompute":
+        dzq, dzk = (new_output((m, width), zq, zq.dtype) for m in (mq, mk))
+        block_d = _block_d(width, zq.dtype, "bwd")
+        launch(_bwd_rows_kernel, lambda meta: (triton.cdiv(mq, meta["BLOCK_M"]),), zq, zk,
+               *stats, zq, dzq, 0, mq, mk, width, zq.stride(0), zk.stride(0), 0, width,
+               *pairing, **flags, RESIDENT=True, STORE_G=False, BLOCK_D=block_d)
+        launch(_bwd_cols_kernel, lambda meta: (triton.cdiv(mk, meta["BLOCK_N"]),), zq, zk,
+               *stats, dzk, mq, mk, width, zq.stride(0), zk.stride(0), width, *pairing, **flags,
+               BLOCK_D=block_d)
+        return _unpadded(dzq, d), _unpadded(dzk, d)
     resident = _resident(width, zq.dtype, "bwd")
     chunk = g_chunk_rows(mq, mk, width)
     stride_g = _pad16(mk)
@@ -491,11 +661,9 @@ def info_nce_bwd(zq, zk, inv_q, inv_k, row_lse, col_lse, d_row, d_col, d_pos, sc
     for row0 in range(0, mq, chunk):
         rows = min(chunk, mq - row0)
         launch(_bwd_rows_kernel, lambda meta, n=rows: (triton.cdiv(n, meta["BLOCK_M"]),),
-               zq, zk, inv_q, inv_k, groups_q, groups_k, row_lse, col_lse, d_row, d_col, d_pos,
-               gscale, gbuf, dzq if resident else gbuf, row0, row0 + rows, mk, width,
-               zq.stride(0), zk.stride(0), stride_g, width, float(scale), key_offset, pos_shift,
-               pos_mod, HAS_COL=has_col, SELF_MASK=self_mask, HAS_GROUPS=has_groups,
-               RESIDENT=resident, BLOCK_D=_block_d(width, zq.dtype, "bwd"))
+               zq, zk, *stats, gbuf, dzq if resident else gbuf, row0, row0 + rows, mk, width,
+               zq.stride(0), zk.stride(0), stride_g, width, *pairing, **flags,
+               RESIDENT=resident, STORE_G=True, BLOCK_D=_block_d(width, zq.dtype, "bwd"))
         if not resident:  # dzq's rows of this chunk: G @ n_k
             _gemm(gbuf, zk, inv_k, acc_q[row0:row0 + rows], rows, mk, stride_g, 1, False)
         # dzk += G^T @ n_q over this chunk's query rows

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 # Kernel names of both ops (attention and InfoNCE each have a _fwd_kernel).
 DOT_KERNELS = {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_onepass_kernel",
-               "_bwd_rows_kernel", "_gemm_kernel"}
+               "_bwd_rows_kernel", "_bwd_cols_kernel", "_gemm_kernel"}
 ALL_KERNELS = DOT_KERNELS | {"_bwd_preprocess_kernel", "_inv_norm_kernel", "_col_lse_kernel",
                              "_normalize_bwd_kernel"}
 

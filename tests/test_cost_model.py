@@ -158,7 +158,7 @@ def test_attention_counters_are_what_the_kernels_do(case, dtype, in_place):
 @pytest.mark.parametrize("variant", ["cross", "all"])
 @pytest.mark.parametrize("d", [45, 70], ids=["resident", "streamed"])  # under the interpreter
 def test_info_nce_counters_are_what_the_kernels_do(d, variant, groups, dtype):
-    from spcl_fast.kernels.info_nce import info_nce_bwd, info_nce_fwd
+    from spcl_fast.kernels.info_nce import bwd_designs, info_nce_bwd, info_nce_fwd
 
     m = 37  # neither a multiple of the blocks nor d of 16
     za, zb = torch.randn(m, d).to(dtype), torch.randn(m, d).to(dtype)
@@ -175,8 +175,12 @@ def test_info_nce_counters_are_what_the_kernels_do(d, variant, groups, dtype):
     _check_every_launch(lambda: info_nce_fwd(zq, zk, *args, **kwargs, **grouped), [])
     grad = torch.randn_like(row)
     col_grad = torch.randn_like(col)
-    _check_every_launch(lambda: info_nce_bwd(zq, zk, inv_q, inv_k, row, col, grad, col_grad,
-                                             torch.randn_like(pos), *args, **grouped), [])
+    seen = set()
+    for design in bwd_designs(d, dtype):  # the recompute one at the resident width only
+        seen |= _check_every_launch(lambda design=design: info_nce_bwd(
+            zq, zk, inv_q, inv_k, row, col, grad, col_grad, torch.randn_like(pos), *args,
+            **grouped, design=design), [])
+    assert ("info_nce._bwd_cols_kernel" in seen) == (d == 45)
 
 
 def test_occupancy_rule():
@@ -260,11 +264,72 @@ def test_onepass_backward_moves_at_most_half_the_bytes(generated, layout):
 
 
 @pytest.mark.parametrize("rows_m", [16384, 65536])
-def test_info_nce_multiplies_at_most_one_and_a_half_times_the_algorithm(generated, rows_m):
-    # Forward and backward of CLIP's symmetric loss at d = 128: at most 1.5x 6 M^2 d.
+def test_info_nce_designs_keep_their_promises(generated, rows_m):
+    # CLIP's symmetric loss at d = 128, forward and backward: the stored-G backward multiplies
+    # at most 1.5x the algorithmic 6 M^2 d; the recompute one at most 10/6 of it (logits twice
+    # more) but moves under 5% of the stored one's unique bytes in two kernel launches; the
+    # launcher's choice on an H100 is the design of the smaller bound.
     rows = generated[0]["rows"]
-    both = [_row(rows, op=op, size=rows_m, dim=128)
-            for op in ("info_nce forward", "info_nce backward")]
+    forward = _row(rows, op="info_nce forward", size=rows_m, dim=128)
+    stored, recompute = (_row(rows, op="info_nce backward", design=design, size=rows_m, dim=128)
+                         for design in ("stored", "recompute"))
     algorithmic = 6 * rows_m**2 * 128
-    assert sum(r["algorithmic_flops"] for r in both) == algorithmic
-    assert sum(r["total"]["mma_flops"] for r in both) <= 1.5 * algorithmic
+    assert forward["algorithmic_flops"] + stored["algorithmic_flops"] == algorithmic
+    assert forward["total"]["mma_flops"] + stored["total"]["mma_flops"] <= 1.5 * algorithmic
+    assert 6 * (forward["total"]["mma_flops"] + recompute["total"]["mma_flops"]) <= (
+        10 * algorithmic)
+
+    def unique(row):
+        return row["total"]["read_unique"] + row["total"]["written_unique"]
+
+    assert unique(recompute) <= 0.05 * unique(stored)
+    assert [x["name"] for x in recompute["launches"] if not x["name"].startswith("torch ")] == [
+        "info_nce._bwd_rows_kernel", "info_nce._bwd_cols_kernel"]
+    chosen = min((stored, recompute), key=lambda r: r["bounds"]["H100"]["bound_s"])
+    assert chosen["chosen"] and not (stored if chosen is recompute else recompute)["chosen"]
+
+
+def test_info_nce_backward_choice_has_one_boundary_per_machine(generated):
+    # The committed choice table: on each machine and M, the launcher takes the design with the
+    # smaller counted bound; as d grows past the point where the extra logits matmuls outweigh
+    # G's traffic it switches from recompute to the stored G once and never back, and rows
+    # beyond the resident widths have the stored G only. Where the switch sits per machine is
+    # what the counts say: an H100 (more FLOPs per byte) keeps recompute over every resident
+    # width of 16-bit rows, an A100 switches inside them.
+    choices = generated[0]["info_nce_bwd_choices"]
+    assert json.loads(SAVED.read_text())["info_nce_bwd_choices"] == choices
+    switches = {}
+    for peak in ("H100", "A100"):
+        for m in {r["M"] for r in choices}:
+            row_of = sorted((r for r in choices if r["M"] == m), key=lambda r: r["d"])
+            taken = []
+            for r in row_of:
+                bounds, design = r["peaks"][peak]["bounds_s"], r["peaks"][peak]["design"]
+                assert design == min(bounds, key=bounds.get), (peak, r)
+                assert ("recompute" in bounds) == (r["d"] <= 128), r
+                taken.append(design)
+            first_stored = taken.index("stored")
+            assert set(taken[first_stored:]) == {"stored"}, (peak, m, taken)
+            switches[peak, m] = row_of[first_stored]["d"]
+    assert all(switches["H100", m] > 128 for m in (16384, 65536)), switches
+    assert all(switches["A100", m] <= 128 for m in (16384, 65536)), switches
+
+
+@needs_kernel
+@pytest.mark.interpret
+def test_info_nce_backward_choice_is_the_smaller_count():
+    # The choice function on host integers: both designs' launches counted at once, the smaller
+    # sum of per-launch bounds taken; the stored G alone where the width admits nothing else.
+    cost = _cost()
+    bounds = cost.info_nce_bwd_bounds(300, 500, 40, torch.float16, True, "A100")
+    assert set(bounds) == {"stored", "recompute"} and min(bounds.values()) > 0
+    assert cost.info_nce_bwd_design(300, 500, 40, torch.float16, True, "A100") == min(
+        bounds, key=bounds.get)
+    assert set(cost.info_nce_bwd_bounds(300, 500, 70, torch.float16, True, "A100")) == {"stored"}
+    # Called inside a recording of the caller (as the launcher is under the cost model): the
+    # caller's recording sees none of the choice's launches.
+    from spcl_fast.kernels import aot
+
+    with aot.recording() as outer:
+        cost.info_nce_bwd_bounds(301, 500, 40, torch.float16, False, "H100")
+    assert outer == []

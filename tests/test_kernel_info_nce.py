@@ -187,37 +187,6 @@ def test_kernel_large_norms_and_strided_rows(dtype):
 
 @pytest.mark.interpret
 @needs_kernel
-@pytest.mark.parametrize("case", ["gathered-cross-col", "gathered-all"])
-def test_kernel_statistics_match_chunked(case):
-    """The launchers beyond what a single-process loss uses: keys of other ranks
-    (``key_offset``), NT-Xent positives in a rank's block, column LSEs of a non-square
-    problem and arbitrary per-row gradient weights, against the chunked PyTorch twin."""
-    from spcl_fast.kernels.info_nce import info_nce_bwd, info_nce_fwd
-
-    g = torch.Generator().manual_seed(5)
-    mq, mk, d, scale = 19, 57, 40, 20.0
-    zq = torch.randn(mq, d, generator=g).to(DEVICE)
-    zk = torch.randn(mk, d, generator=g).to(DEVICE)
-    if case == "gathered-cross-col":
-        args, col = (scale, 19, 0, mq, False), True
-    else:
-        args, col = (scale, 38, 10, 19, True), False
-    got = info_nce_fwd(zq, zk, *args, col_lse=col)
-    want = info_nce_chunked_fwd(zq, zk, *args, col_lse=col, chunk=7)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    row, pos, cl, inv_q, inv_k = want
-    d_row, d_pos = (torch.randn(mq, generator=g).to(DEVICE) for _ in range(2))
-    d_col = torch.randn(cl.shape[0], generator=g).to(DEVICE)
-    got = info_nce_bwd(zq, zk, inv_q, inv_k, row, cl, d_row, d_col, d_pos, *args)
-    want = info_nce_chunked_bwd(zq, zk, inv_q, inv_k, row, cl, d_row, d_col, d_pos, *args,
-                                chunk=7)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.interpret
-@needs_kernel
 def test_kernel_and_chunked_path_agree_in_fp32():
     za, zb = _inputs(37, 70, torch.float32, seed=9)
     for negatives, symmetric in MODES:
@@ -227,6 +196,123 @@ def test_kernel_and_chunked_path_agree_in_fp32():
                                                                     impl="torch"), za, zb)
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the two backward designs (kernels/info_nce.py): each forced where the launcher would choose
+
+
+DESIGNS = ["stored", "recompute"]
+
+
+@pytest.fixture
+def force_design(monkeypatch):
+    """``force(design)``: the launcher takes ``design`` instead of the cost model's choice."""
+    from spcl_fast.kernels import info_nce as kernels
+
+    def force(design):
+        monkeypatch.setattr(kernels, "bwd_design", lambda *args: design)
+
+    return force
+
+
+def _mixed_ids(m):
+    rows = torch.arange(m)
+    return torch.where(rows % 2 == 0, rows % 3, rows + m).to(DEVICE)
+
+
+@pytest.mark.interpret
+@needs_kernel
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("negatives,symmetric", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("dtype,m,d,groups", [(torch.float32, 37, 20, False),
+                                              (torch.float32, 37, 45, True),
+                                              (torch.bfloat16, 13, 33, True),
+                                              (torch.float16, 37, 45, False)],
+                         ids=["fp32", "fp32-groups", "bf16-groups", "fp16"])
+def test_kernel_designs_match_reference(force_design, dtype, m, d, groups, negatives, symmetric,
+                                        design):
+    """Both backward designs at resident widths (odd ones padded to 48 here), every mode
+    (CLIP both ways and one-sided, NT-Xent with its self mask), with and without excluded
+    pairs, over several row and key blocks."""
+    force_design(design)
+    za, zb = _inputs(m, d, dtype, seed=m + d)
+    _check(za, zb, 0.05, symmetric, negatives, dtype, groups=_mixed_ids(m) if groups else None)
+
+
+def _bwd_problem(case, dtype=torch.float32):
+    """Statistics and random weights of a problem beyond what a single-process loss uses: keys
+    of other ranks (``key_offset``) with column statistics of a non-square problem, or NT-Xent
+    positives in a rank's block (``pos_shift``, ``pos_mod``, self mask)."""
+    g = torch.Generator().manual_seed(5)
+    mq, mk, d, scale = 19, 57, 40, 20.0
+    zq = torch.randn(mq, d, generator=g).to(DEVICE, dtype)
+    zk = torch.randn(mk, d, generator=g).to(DEVICE, dtype)
+    if case == "gathered-cross-col":
+        args, col = (scale, 19, 0, mq, False), True
+    else:
+        args, col = (scale, 38, 10, 19, True), False
+    stats = info_nce_chunked_fwd(zq.float(), zk.float(), *args, col_lse=col, chunk=7)
+    d_row, d_pos = (torch.randn(mq, generator=g).to(DEVICE) for _ in range(2))
+    d_col = torch.randn(stats[2].shape[0], generator=g).to(DEVICE)
+    return zq, zk, args, col, stats, (d_row, d_col, d_pos)
+
+
+@pytest.mark.interpret
+@needs_kernel
+@pytest.mark.parametrize("case", ["gathered-cross-col", "gathered-all"])
+def test_kernel_statistics_match_chunked(case):
+    """The launchers beyond what a single-process loss uses (:func:`_bwd_problem`), forward and
+    both backward designs, against the chunked PyTorch twin."""
+    from spcl_fast.kernels.info_nce import info_nce_bwd, info_nce_fwd
+
+    zq, zk, args, col, want, weights = _bwd_problem(case)
+    got = info_nce_fwd(zq, zk, *args, col_lse=col)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    row, _, cl, inv_q, inv_k = want
+    want = info_nce_chunked_bwd(zq, zk, inv_q, inv_k, row, cl, *weights, *args, chunk=7)
+    for design in DESIGNS:
+        got = info_nce_bwd(zq, zk, inv_q, inv_k, row, cl, *weights, *args, design=design)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.interpret
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_recompute_is_deterministic_and_the_launcher_takes_the_cost_models_choice(dtype):
+    """The recompute backward twice gives the same bits; without ``design`` the launcher runs
+    the design :func:`cost.info_nce_bwd_design` names for the problem, bit for bit."""
+    from spcl_fast.kernels import cost
+    from spcl_fast.kernels.info_nce import info_nce_bwd
+
+    zq, zk, args, _, (row, _, cl, inv_q, inv_k), weights = _bwd_problem("gathered-cross-col",
+                                                                        dtype)
+    call = (zq, zk, inv_q, inv_k, row, cl, *weights, *args)
+    first = info_nce_bwd(*call, design="recompute")
+    again = info_nce_bwd(*call, design="recompute")
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    chosen = cost.info_nce_bwd_design(zq.shape[0], zk.shape[0], zq.shape[1], dtype, True, "H100")
+    auto = info_nce_bwd(*call)
+    forced = info_nce_bwd(*call, design=chosen)
+    assert all(torch.equal(a, b) for a, b in zip(auto, forced, strict=True))
+
+
+@pytest.mark.interpret
+@needs_kernel
+def test_recompute_only_at_resident_widths():
+    """Rows too wide to stay in registers take the stored G whatever the cost model says, and
+    forcing the recompute design there is refused, naming the width."""
+    from spcl_fast.kernels.info_nce import bwd_design, bwd_designs, info_nce_bwd
+
+    assert bwd_designs(33, torch.float32) == ("stored", "recompute")  # padded to 48
+    assert bwd_designs(70, torch.float32) == ("stored",)  # 80: beyond the interpreter's 64
+    assert bwd_design(5, 5, 80, torch.float32, True, torch.device(DEVICE)) == "stored"
+    z, vec = torch.randn(5, 70, device=DEVICE), torch.ones(5, device=DEVICE)
+    with pytest.raises(ValueError, match=r"design must be one of \('stored',\) at padded "
+                                         r"width 80 .*got 'recompute'"):
+        info_nce_bwd(z, z, vec, vec, vec, vec, vec, vec, vec, 10.0, design="recompute")
 
 
 # ---------------------------------------------------------------------------------------------
