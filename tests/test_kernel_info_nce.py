@@ -5,7 +5,9 @@ under ``TRITON_INTERPRET=1`` (tests/conftest.py turns it on without CUDA), on CU
 there is a GPU. Interpreter blocks are 32 wide and its backward chunks 64 rows, so M = 37 (74
 rows for NT-Xent) spans several row and column blocks and two chunks of G; rows up to 64 wide
 stay resident, so d = 70 and 1000 take the streamed path (feature chunks of 32, both gradients
-from matmuls over G). Odd widths (1, 7, 33, 1000: padded to a multiple of 16), excluded pairs
+from matmuls over G). At resident widths the backward runs in the design the cost model picks;
+the design tests force each (``stored`` G, ``recompute``) through the public op and the
+launcher. Odd widths (1, 7, 33, 1000: padded to a multiple of 16), excluded pairs
 (``groups``) and two gloo processes of ``gather_distributed``.
 ``gpu`` tier: bf16, large M, all dtypes and feature sizes, groups, determinism, torch.compile,
 memory.
@@ -370,6 +372,23 @@ def test_gpu_deterministic_reruns(negatives, symmetric):
                      za, zb)
         for a, b in zip(first, again, strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("design", DESIGNS)
+def test_gpu_designs_match_and_repeat_bf16(force_design, design):
+    """Each backward design at d = 128 (resident: the launcher may take either), same-patient
+    ids, every mode, against the reference; then 10 reruns of CLIP's loss give the same bits."""
+    force_design(design)
+    m = 4099
+    za, zb = _inputs(m, 128, torch.bfloat16, seed=7)
+    ids = torch.randint(0, m // 3, (m,), generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    for negatives, symmetric in MODES:
+        _check(za, zb, 0.05, symmetric, negatives, torch.bfloat16, groups=ids)
+    first = _run(lambda a, b: info_nce(a, b, 0.05, impl="triton", groups=ids), za, zb)
+    for _ in range(10):
+        again = _run(lambda a, b: info_nce(a, b, 0.05, impl="triton", groups=ids), za, zb)
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
 @pytest.mark.gpu
