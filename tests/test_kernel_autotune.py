@@ -81,17 +81,27 @@ def test_partition_attention_tunes_per_key(monkeypatch):
     torch.testing.assert_close(first[0], gt.float(), atol=1e-5, rtol=1e-5)
 
 
-def test_info_nce_tunes_per_problem(monkeypatch):
+@pytest.mark.parametrize("design", ["stored", "recompute"])
+def test_info_nce_tunes_per_problem(monkeypatch, design):
     from spcl_fast.kernels import info_nce as kn
 
+    # Both backward designs (the cost model picks one per problem): the stored-G one's gemm
+    # kernel and the chunks that accumulate into dzk, or the recompute one's key-side kernel.
+    monkeypatch.setattr(kn, "bwd_design", lambda *args: design)
     tuned = {
         kn._fwd_kernel: _tune(monkeypatch, (kn._fwd_kernel,), [{"BLOCK_N": 16}, {"BLOCK_N": 32}]),
         kn._bwd_rows_kernel: _tune(monkeypatch, (kn._bwd_rows_kernel,),
                                    [{"BLOCK_M": 16, "BLOCK_N": 32},
                                     {"BLOCK_M": 32, "BLOCK_N": 32}]),
-        kn._gemm_kernel: _tune(monkeypatch, (kn._gemm_kernel,),
-                               [{"BLOCK_O": 16, "BLOCK_R": 32}, {"BLOCK_O": 32, "BLOCK_R": 32}]),
     }
+    if design == "stored":
+        tuned[kn._gemm_kernel] = _tune(monkeypatch, (kn._gemm_kernel,),
+                                       [{"BLOCK_O": 16, "BLOCK_R": 32},
+                                        {"BLOCK_O": 32, "BLOCK_R": 32}])
+    else:
+        tuned[kn._bwd_cols_kernel] = _tune(monkeypatch, (kn._bwd_cols_kernel,),
+                                           [{"BLOCK_N": 16, "BLOCK_M": 32},
+                                            {"BLOCK_N": 32, "BLOCK_M": 32}])
     za, zb = torch.randn(2, 45, 40, device=DEVICE)
 
     def loss(a, b, negatives):
