@@ -326,10 +326,22 @@ def test_info_nce_backward_choice_is_the_smaller_count():
     assert cost.info_nce_bwd_design(300, 500, 40, torch.float16, True, "A100") == min(
         bounds, key=bounds.get)
     assert set(cost.info_nce_bwd_bounds(300, 500, 70, torch.float16, True, "A100")) == {"stored"}
-    # Called inside a recording of the caller (as the launcher is under the cost model): the
-    # caller's recording sees none of the choice's launches.
+    # The launcher choosing inside a recording of its caller (aot's, the cost model's): the
+    # caller's recording gets exactly the chosen design's launches, none of the choice's own.
     from spcl_fast.kernels import aot
+    from spcl_fast.kernels.info_nce import info_nce_bwd
 
+    z = torch.empty(301, 40, dtype=torch.float16, device="meta")
+    v = torch.empty(301, device="meta")
+    call = (z, z, v, v, v, v[:0], v, v[:0], v, 10.0)
+    cost.info_nce_bwd_bounds.cache_clear()
     with aot.recording() as outer:
-        cost.info_nce_bwd_bounds(301, 500, 40, torch.float16, False, "H100")
-    assert outer == []
+        info_nce_bwd(*call)
+    chosen = cost.info_nce_bwd_design(301, 301, 48, torch.float16, False, "H100")
+    with aot.recording() as forced:
+        info_nce_bwd(*call, design=chosen)
+
+    def names(launches):
+        return [cost.count_launch(x, [])[0] for x in launches]
+
+    assert names(outer) == names(forced)
