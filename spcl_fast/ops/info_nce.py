@@ -269,9 +269,10 @@ def info_nce(
     The logits are cosine similarities over ``temperature``: ``L[i, j] = <a_i, b_j> / tau`` with
     ``a = z_a / |z_a|``, ``b = z_b / |z_b|`` (``F.normalize``). The Triton path computes them tile
     by tile in fp32 and keeps fp32 log-sum-exps (row and column ones from one pass); its
-    backward recomputes each tile once and keeps ``dloss/dlogits`` for a bounded chunk of rows
-    (``spcl_fast.kernels.info_nce``); the PyTorch path recomputes over column blocks
-    (``O(M * chunk)`` memory).
+    backward either keeps ``dloss/dlogits`` for a bounded chunk of rows or, at widths whose
+    rows fit in registers, recomputes the logits on the query and on the key side, whichever
+    the cost model bounds lower for the call (``spcl_fast.kernels.info_nce``); the PyTorch path
+    recomputes over column blocks (``O(M * chunk)`` memory).
 
     Args:
         z_a, z_b: ``(M, d)`` float16, bfloat16 or float32 (float64 with ``impl="torch"``; the
