@@ -1,0 +1,61 @@
+"""The fold confirmation of the patient screen (studies/patient_folds.py): out-of-fold scores
+pooled into one AUROC per row with paired patient-level differences, and the docs table
+generated from the saved results."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from studies import patient_folds
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _toy(n_patients=40, films=3, n_folds=4, seed=0):
+    rng = np.random.default_rng(seed)
+    groups = np.repeat([f"p{i}" for i in range(n_patients)], films).astype(object)
+    labels = np.repeat(rng.integers(0, 2, n_patients), films).astype(np.float64)
+    from spcl_fast.eval.patient import patient_folds as folds
+
+    return {"labels": labels, "groups": groups, "folds": folds(groups, labels, n_folds, seed)}
+
+
+def test_pooled_out_of_fold_scores_and_paired_differences():
+    data = _toy()
+    rng = np.random.default_rng(1)
+    signal = {"raw_pixels": 0.5, "init": 0.2, "spcl": 1.0}
+    done = {row: [{"scores": data["labels"][t] * w + rng.normal(size=len(t)), "seconds": 1.0}
+                  for _, t in data["folds"]] for row, w in signal.items()}
+    result = patient_folds.summary(done, data, {"spcl": 7}, "spcl", len(data["folds"]))
+    for row, folds in done.items():
+        pooled = np.empty(len(data["labels"]))
+        for (_, t), f in zip(data["folds"], folds, strict=True):
+            pooled[t] = f["scores"]
+        assert result["auroc"][row]["value"] == pytest.approx(roc_auc_score(data["labels"],
+                                                                            pooled))
+        entry = result["auroc"][row]
+        assert entry["low"] <= entry["value"] <= entry["high"]
+    diff = result["difference"]["spcl - init"]
+    assert diff["value"] == pytest.approx(result["auroc"]["spcl"]["value"]
+                                          - result["auroc"]["init"]["value"])
+    assert set(result["difference"]) == {"spcl - raw_pixels", "spcl - init"}
+    assert result["rows"]["spcl"]["steps"] == 7 and len(result["rows"]["spcl"]["fold_auroc"]) == 4
+    assert result["instrument"]["patients"] == 40
+    table = patient_folds.markdown(result)
+    assert "| spcl | 7 | 1 |" in table and "raw pixels" in table
+    # a row without every fold is left out rather than pooled from part of the films
+    partial = {**done, "late": done["spcl"][:2]}
+    assert "late" not in patient_folds.summary(partial, data, {}, "spcl", 4)["auroc"]
+
+
+def test_the_docs_table_is_the_saved_results():
+    results = ROOT / patient_folds.RESULTS
+    if not results.exists():
+        pytest.skip("no saved fold results")
+    import json
+
+    doc = (ROOT / patient_folds.DOC).read_text()
+    assert patient_folds.doc_with_table(doc, json.loads(results.read_text())) == doc, (
+        "docs/patient-eval.md's folds table is stale: python -m studies.patient_folds --tables")
