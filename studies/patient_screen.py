@@ -237,7 +237,10 @@ def evaluate_row(row: str, data: dict, config, out: Path, run_dir: Path | None =
         path = folder / (key.replace("/", "__") + ".npy")
         if not path.exists():
             started = time.perf_counter()
-            np.save(path, task())
+            partial = path.with_name(path.name + ".partial")
+            with partial.open("wb") as f:  # complete or absent, for a screen beside this one
+                np.save(f, task())
+            os.replace(partial, path)
             print(f"{row} {key}: {time.perf_counter() - started:.0f} s", flush=True)
     return {p.stem.replace("__", "/"): np.load(p) for p in sorted(folder.glob("*.npy"))}
 
@@ -295,16 +298,19 @@ def by_source(rows: dict[str, dict], data: dict, reference: str) -> dict:
     return out
 
 
-def results(set_name: str, data: dict, rows: dict, runs: dict, reference: str, stages,
-            budget, started: float) -> dict:
+def results(set_name: str, data: dict, rows: dict, runs: dict, reference: str, budget,
+            started: float) -> dict:
     """The screen's results (what ``studies.patient_tables`` reads); ``reference``: the row
-    every other is paired with besides raw pixels and init (the first recipe)."""
+    every other is paired with besides raw pixels and init (the first recipe); the stages
+    listed are those some row has scores of."""
     tr, te, g = data["train"], data["test"], data["groups"]
     return {
         "instrument": {"set": set_name, "endpoint": data["primary_name"],
                        "films": len(g), "train_films": len(tr), "test_films": len(te),
                        "train_patients": len(set(g[tr])), "test_patients": len(set(g[te])),
-                       "split": data["split"], "stages": list(stages),
+                       "split": data["split"],
+                       "stages": [s for s in STAGES if any(k.startswith(s + "/")
+                                                           for r in rows.values() for k in r)],
                        "resamples": RESAMPLES, "fraction_draws": DRAWS, "threads": 1},
         "budget_seconds": budget, "runs": runs, "reference": reference,
         "tables": tables(rows, data, reference),
@@ -373,10 +379,10 @@ def main(argv: list[str] | None = None) -> dict:
                         "train_seconds": summary["train_seconds"],
                         "final_loss": summary["final_loss"]}
         rows[recipe] = evaluate_row(recipe, data, config, out, out / recipe, stages)
-        write_results(args.results, results(args.set, data, rows, runs, reference, stages,
-                                            budget, started))
+        write_results(args.results, results(args.set, data, rows, runs, reference, budget,
+                                            started))
         print(f"wrote {args.results} ({recipe} done)", flush=True)
-    final = results(args.set, data, rows, runs, reference, stages, budget, started)
+    final = results(args.set, data, rows, runs, reference, budget, started)
     write_results(args.results, final)
     print(f"wrote {args.results}")
     return final

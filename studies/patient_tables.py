@@ -6,7 +6,8 @@
 
 Each generated table sits between ``<!-- table: NAME/TABLE -->`` and ``<!-- end table -->``:
 ``NAME`` picks the results file (``nih-demo-seed0`` reads ``patient-screen-nih-demo-seed0.json``)
-and ``TABLE`` one of :data:`TABLES`. The prose around them quotes no number
+and ``TABLE`` one of :data:`TABLES`; for the tables of :data:`SEED_TABLES` ``NAME`` is a set
+and every seed's file of it is read. The prose around them quotes no number
 (``tests/test_patient_screen.py`` runs the check). Every cell is an AUROC (or a difference)
 with its 95 % cluster-bootstrap interval over the test patients.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 from pathlib import Path
 
 from spcl_fast.eval.patient import fmt_interval
@@ -111,6 +113,36 @@ def _runs(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _seeds(by_seed: dict[int, dict], what: str = "auroc") -> str:
+    """Rows run with more than one seed x each seed's linear probe on mean tokens (``what``:
+    ``auroc``, or ``reference``: minus each seed's reference), then the mean +- std over
+    the seeds that have the row."""
+    seeds = sorted(by_seed)
+    rows = {}
+    for seed in seeds:
+        res = by_seed[seed]
+        for row in _rows(res["tables"], res["runs"]):
+            rhs = res.get("reference", "init") if what == "reference" else what
+            if what != "auroc" and row == rhs:
+                continue
+            rows.setdefault(row, {})[seed] = (
+                res["tables"]["primary/linear"]["auroc"][row] if what == "auroc" else
+                res["tables"]["primary/linear"]["difference"].get(f"{row} - {rhs}"))
+    lines = ["| row | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std (seeds) |",
+             "|---|" + "---:|" * (len(seeds) + 1)]
+    for row, cells in rows.items():
+        got = [e["value"] for e in cells.values() if e]
+        if len(got) < 2:
+            continue
+        text = [fmt_interval(cells[s], signed=what != "auroc") if cells.get(s) else "—"
+                for s in seeds]
+        spread = statistics.stdev(got)
+        lines.append(f"| {NAMES.get(row, row)} | " + " | ".join(text)
+                     + f" | {statistics.fmean(got):{'+' if what != 'auroc' else ''}.3f} ± "
+                       f"{spread:.3f} ({len(got)}) |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else NOT_MEASURED
+
+
 def _leads(results: dict) -> str:
     """Which rows differ from the reference, raw pixels and init with an interval that
     excludes 0, per readout of the primary endpoint (pooled test patients)."""
@@ -150,6 +182,12 @@ TABLES = {
     "secondary": lambda r: _grid(r, _prefixed(r, "secondary/")),
     "shortcuts": lambda r: _grid(r, _prefixed(r, "shortcut/")),
 }
+# Tables over every seed's file of a set: their NAME is the set (``nih-demo/seeds`` reads
+# ``patient-screen-nih-demo-seed<N>.json`` for every N saved).
+SEED_TABLES = {
+    "seeds": _seeds,
+    "seeds-minus-reference": lambda r: _seeds(r, "reference"),
+}
 
 
 def render(text: str, results: dict | None = None) -> tuple[str, list[str]]:
@@ -160,14 +198,25 @@ def render(text: str, results: dict | None = None) -> tuple[str, list[str]]:
 
     def remake(m):
         name, table = m["name"], m["table"]
-        if table not in TABLES:
-            raise ValueError(f"unknown table {table!r}; known: {', '.join(TABLES)}")
-        if name not in loaded:
-            path = results_path(name)
-            if not path.exists():
-                raise ValueError(f"table {name}/{table}: no results file {path}")
-            loaded[name] = json.loads(path.read_text())
-        body = TABLES[table](loaded[name])
+        if table not in TABLES and table not in SEED_TABLES:
+            raise ValueError(f"unknown table {table!r}; known: "
+                             f"{', '.join([*TABLES, *SEED_TABLES])}")
+        if table in SEED_TABLES:
+            if name not in loaded:
+                paths = RESULTS.glob(f"patient-screen-{name}-seed*.json")
+                loaded[name] = {int(q.stem.rsplit("-seed", 1)[1]): json.loads(q.read_text())
+                                for q in paths}
+            if not loaded[name]:
+                raise ValueError(f"table {name}/{table}: no results file "
+                                 f"{results_path(name + '-seed<N>')}")
+            body = SEED_TABLES[table](loaded[name])
+        else:
+            if name not in loaded:
+                path = results_path(name)
+                if not path.exists():
+                    raise ValueError(f"table {name}/{table}: no results file {path}")
+                loaded[name] = json.loads(path.read_text())
+            body = TABLES[table](loaded[name])
         if body != m["body"]:
             changed.append(f"{name}/{table}")
         return f"<!-- table: {name}/{table} -->\n{body}<!-- end table -->\n"

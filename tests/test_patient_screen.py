@@ -65,11 +65,12 @@ def test_by_source_scores_each_source_on_its_own_patients():
     assert patient_screen.by_source(rows, {**data, "sources": None}, "recipe") == {}
 
 
-def _results(rng, data):
+def _results(rng, data, extra=()):
     y = data["primary"]
     rows = {name: {"primary/linear": y + rng.normal(0, s, len(y)),
                    "primary/knn": y + rng.normal(0, s, len(y))}
-            for name, s in (("raw_pixels", 2.0), ("init", 2.0), ("demo", 0.3))}
+            for name, s in (("raw_pixels", 2.0), ("init", 2.0), ("demo", 0.3),
+                            *((name, 1.0) for name in extra))}
     return {"tables": patient_screen.tables(rows, data, "demo"),
             "by_source": patient_screen.by_source(rows, data, "demo"), "reference": "demo",
             "runs": {"demo": {"steps": 180, "seconds_per_step": 1.0, "train_seconds": 61.0,
@@ -93,6 +94,24 @@ def test_generated_tables_render_every_row_and_refuse_unknown_names():
         patient_tables.render("<!-- table: toy/nope -->\n<!-- end table -->\n", results)
     with pytest.raises(ValueError, match="no results file"):
         patient_tables.render("<!-- table: no-such-screen/runs -->\n<!-- end table -->\n")
+
+
+def test_seed_tables_gather_every_seed_and_average_rows_run_more_than_once():
+    rng, data = _data()
+    by_seed = {seed: _results(rng, data, ["other"]) for seed in (0, 1)}
+    del by_seed[1]["runs"]["demo"]  # a row's name comes from either file
+    text = ("<!-- table: toy/seeds -->\n<!-- end table -->\n"
+            "<!-- table: toy/seeds-minus-reference -->\n<!-- end table -->\n")
+    new, changed = patient_tables.render(text, {"toy": by_seed})
+    assert changed == ["toy/seeds", "toy/seeds-minus-reference"]
+    values = [by_seed[s]["tables"]["primary/linear"]["auroc"]["demo"]["value"] for s in (0, 1)]
+    mean = f"{sum(values) / 2:.3f} ± "
+    seeds_table = new.split("<!-- table: toy/seeds-minus-reference -->")[0]
+    assert "| seed 0 | seed 1 | mean ± std (seeds) |" in seeds_table
+    assert any(line.startswith("| demo |") and mean in line and line.endswith("(2) |")
+               for line in seeds_table.splitlines())
+    minus = new.split("<!-- table: toy/seeds-minus-reference -->")[1]
+    assert "| demo |" not in minus and "| other |" in minus  # differences vs the reference
 
 
 def _toy_kermany(root, n_patients=10):
