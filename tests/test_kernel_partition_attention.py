@@ -421,7 +421,7 @@ def _many_segments(device):
 def test_grids_take_any_number_of_segments(max_seqlen):
     # Every launch (forward, one-pass or two-kernel backward) has a flat grid: segments live in
     # axis x (up to 2^31 - 1 programs), not in y or z (65,535). Recorded on meta tensors: the
-    # interpreter would take minutes to run MANY programs (the gpu tier runs them).
+    # interpreter takes minutes to run MANY programs (the slow test below runs them).
     from spcl_fast.kernels.aot import recording
     from spcl_fast.kernels.partition_attention import (
         partition_attention_qkvpacked_bwd,
@@ -452,6 +452,27 @@ def test_many_segments_torch_path():
     want = _reference(q, k, v, dout, cu, None, 8**-0.5, torch.float64, True, chunk_segments=7000)
     torch.testing.assert_close(out, want[0])
     torch.testing.assert_close(dqkv, torch.stack(want[1:], 1))
+
+
+@pytest.mark.slow
+@pytest.mark.interpret
+@needs_kernel
+@pytest.mark.parametrize("max_seqlen", [3, 200])  # one-pass and two-kernel backward
+def test_many_segments_triton_at_one_head(max_seqlen):
+    # The Triton kernels at MANY segments (one head, fp32, in place): every segment's rows and
+    # gradients as the PyTorch path gives them. The interpreter runs each of the MANY programs
+    # (minutes), hence slow: `python -m pytest -m slow -k many_segments_triton`.
+    cu, lengths = _many_segments(DEVICE)
+    total = sum(lengths)
+    qkv = torch.randn(total + 5, 3, 1, 16, device=DEVICE, requires_grad=True)
+    token_index = torch.randperm(total + 5, device=DEVICE)[:total]
+    out = partition_attention_qkvpacked(qkv, cu, max_seqlen, token_index, impl="triton")
+    dout = torch.randn_like(out)
+    (dqkv,) = torch.autograd.grad(out, qkv, dout)
+    want = partition_attention_qkvpacked(qkv, cu, max_seqlen, token_index, impl="torch")
+    (want_dqkv,) = torch.autograd.grad(want, qkv, dout)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dqkv, want_dqkv, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.interpret
