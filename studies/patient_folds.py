@@ -149,17 +149,18 @@ def markdown(result: dict) -> str:
     """The folds table of docs/patient-eval.md."""
     ref = result["reference"]
     lines = ["| row | steps | training s per fold | pooled AUROC [95 % patient interval] | "
-             f"minus init | minus {ref} | AUROC per fold |", "|---|---:|---:|---:|---:|---:|---|"]
+             f"minus raw pixels | minus init | minus {ref} | AUROC per fold |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     diff = result["difference"]
     for row, entry in result["auroc"].items():
         info = result["rows"][row]
         secs = info["train_seconds_per_fold"]
         mean_s = f"{np.mean(secs):.0f}" if any(secs) else "—"
         cells = [fmt_interval(diff[f"{row} - {b}"], signed=True) if f"{row} - {b}" in diff
-                 else "—" for b in ("init", ref)]
+                 else "—" for b in ("raw_pixels", "init", ref)]
         folds = " ".join(f"{v:.3f}" for v in info["fold_auroc"])
         lines.append(f"| {LABELS.get(row, row)} | {info['steps'] or '—'} | {mean_s} | "
-                     f"{fmt_interval(entry)} | {cells[0]} | {cells[1]} | {folds} |")
+                     f"{fmt_interval(entry)} | {' | '.join(cells)} | {folds} |")
     inst = result["instrument"]
     lines.append("")
     lines.append(f"{inst['films']} films of {inst['patients']} patients, each a test patient "
