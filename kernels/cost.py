@@ -49,7 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from .. import flops as algorithmic
 from . import aot
 from . import partition_attention as pa
-from .info_nce import bwd_designs, info_nce_bwd, info_nce_fwd
+from .info_nce import _pad16, bwd_designs, info_nce_bwd, info_nce_fwd, machine_of
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 MARKERS = ("<!-- cost-model:begin -->", "<!-- cost-model:end -->")
@@ -570,7 +570,7 @@ def steps(recorded: list, lengths: list[int], compiles: dict) -> list[Step]:
 
 
 # ---------------------------------------------------------------------------------------------
-# InfoNCE's backward: the design the launcher takes (kernels/info_nce.py's bwd_design)
+# InfoNCE's backward: the design the op passes the launcher (choose_bwd_design below)
 
 
 @functools.lru_cache(maxsize=256)
@@ -602,6 +602,20 @@ def info_nce_bwd_design(mq: int, mk: int, d: int, dtype: torch.dtype, symmetric:
     ``G`` on a tie, and wherever the width admits no other)."""
     bounds = info_nce_bwd_bounds(mq, mk, d, dtype, symmetric, peak)
     return min(bounds, key=bounds.get)
+
+
+def choose_bwd_design(mq: int, mk: int, d: int, dtype: torch.dtype, symmetric: bool,
+                      device: torch.device) -> str:
+    """The backward design the op takes for a call: the one :func:`info_nce_bwd_design` bounds
+    faster on the device's machine (:func:`~spcl_fast.kernels.info_nce.machine_of`) at the
+    launcher's padded width. Recompute pays two more logits matmuls and the exponentials again
+    to save ``G``'s ``Mq x Mk`` write and read: it wins where that traffic takes longer than the
+    extra tensor-core and special-function work, that is at small widths on machines with more
+    FLOPs per byte. Host-side integers only (cached per problem)."""
+    width = _pad16(d)
+    if len(bwd_designs(width, dtype)) == 1:
+        return bwd_designs(width, dtype)[0]
+    return info_nce_bwd_design(mq, mk, width, dtype, symmetric, machine_of(device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -809,7 +823,7 @@ def choice_table(rows: list[dict]) -> str:
     """The markdown table of :func:`choices`' rows: each design's bound per machine, µs."""
     lines = ["InfoNCE backward, CLIP's symmetric loss in bf16: the bound of each design's kernels "
              "(µs; the torch ops around them are the same in both) and the design the launcher "
-             "takes on each machine (`kernels/info_nce.py`'s `bwd_design`); rows wider than "
+             "takes on each machine (`kernels/cost.py`'s `choose_bwd_design`); rows wider than "
              "the resident ones have only the stored G.", "",
              "| M | d | " + " | ".join(f"{k} stored G | {k} recompute | {k} takes" for k in PEAKS)
              + " |", "|---|---|" + "---|---|---|" * len(PEAKS)]

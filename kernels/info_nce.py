@@ -44,13 +44,14 @@ The key side, ``dzk = f(G^T @ n_q)``, in one of two designs (``info_nce_bwd``'s 
   multiply the same values) and writes ``dzk`` once. Fwd + bwd: ``10 Mq Mk d`` FLOPs and the
   exponentials of ``G`` twice, but no ``O(Mq Mk)`` traffic and two backward launches.
 
-The launcher takes, per call, the design that ``spcl_fast.kernels.cost`` bounds faster on the
-device's machine (``bwd_design``: counted bytes, FLOPs and exponentials of each design's
-launches at the call's ``Mq``, ``Mk``, ``d``, dtype and column statistics; host-side integers,
-no device sync). Recompute wins where ``G``'s traffic takes longer than the extra matmuls and
-exponentials: at small widths on a machine with many FLOPs per byte (docs/kernels.md has the
-generated table of the choice). Wide rows stay with the stored ``G``: their gradient rows do
-not fit in registers, and the extra logits cost ``2 Mq Mk d`` against ``G``'s fixed traffic.
+The op (``spcl_fast.ops.info_nce``) passes the launcher, per call, the design that
+``spcl_fast.kernels.cost`` bounds faster on the device's machine (``choose_bwd_design``:
+counted bytes, FLOPs and exponentials of each design's launches at the call's ``Mq``, ``Mk``,
+``d``, dtype and column statistics; host-side integers, no device sync). Recompute wins where
+``G``'s traffic takes longer than the extra matmuls and exponentials: at small widths on a
+machine with many FLOPs per byte (docs/kernels.md has the generated table of the choice).
+Wide rows stay with the stored ``G``: their gradient rows do not fit in registers, and the
+extra logits cost ``2 Mq Mk d`` against ``G``'s fixed traffic.
 
 Every output element is written by one program in a fixed order in both designs: no atomics,
 bitwise deterministic. Extra memory: the column partials ``8 * ceil(Mq / BLOCK_M) * Mk`` bytes
@@ -595,36 +596,20 @@ def machine_of(device: torch.device) -> str:
     return "H100"
 
 
-def bwd_design(mq: int, mk: int, width: int, dtype: torch.dtype, symmetric: bool,
-               device: torch.device) -> str:
-    """The design the launcher takes: the one the cost model bounds faster on the device's
-    machine (``spcl_fast.kernels.cost.info_nce_bwd_design``; host-side integers, cached per
-    problem), where the width admits both. Recompute pays two more logits matmuls and the
-    exponentials again to save ``G``'s ``Mq x Mk`` write and read: it wins where that traffic
-    takes longer than the extra tensor-core and special-function work, that is at small
-    widths on machines with more FLOPs per byte."""
-    designs = bwd_designs(width, dtype)
-    if len(designs) == 1:
-        return designs[0]
-    from .cost import info_nce_bwd_design  # the cost model records these launchers
-
-    return info_nce_bwd_design(mq, mk, width, dtype, symmetric, machine_of(device))
-
-
 def info_nce_bwd(zq, zk, inv_q, inv_k, row_lse, col_lse, d_row, d_col, d_pos, scale,
                  key_offset=0, pos_shift=0, pos_mod=None, self_mask=False, groups_q=None,
-                 groups_k=None, design=None):
+                 groups_k=None, design="stored"):
     """``(dzq, dzk)`` in the input dtype from the statistics' gradients; same contract as
-    ``spcl_fast.reference.info_nce.info_nce_chunked_bwd``. ``design`` (``"stored"`` or
-    ``"recompute"``, tests and benchmarks only) overrides :func:`bwd_design`'s choice."""
+    ``spcl_fast.reference.info_nce.info_nce_chunked_bwd``. ``design``: ``"stored"`` or, where
+    the width admits it (:func:`bwd_designs`), ``"recompute"``; the op
+    (``spcl_fast.ops.info_nce``) passes the one the cost model bounds faster
+    (``spcl_fast.kernels.cost.choose_bwd_design``)."""
     d = zq.shape[1]
     zq, zk = _padded(zq), _padded(zk)
     (mq, width), mk = zq.shape, zk.shape[0]
     pos_mod = mq if pos_mod is None else pos_mod
     has_col = col_lse.numel() > 0 and d_col.numel() > 0
-    if design is None:
-        design = bwd_design(mq, mk, width, zq.dtype, has_col, zq.device)
-    elif design not in bwd_designs(width, zq.dtype):
+    if design not in bwd_designs(width, zq.dtype):
         raise ValueError(f"info_nce_bwd: design must be one of {bwd_designs(width, zq.dtype)} "
                          f"at padded width {width} in {zq.dtype}, got {design!r}")
     d_row, d_pos = d_row.float().contiguous(), d_pos.float().contiguous()

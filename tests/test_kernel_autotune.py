@@ -8,6 +8,7 @@ them two and a CPU stopwatch as the benchmark, so the tuning logic itself runs.
 
 from __future__ import annotations
 
+import importlib
 import time
 
 import pytest
@@ -85,9 +86,11 @@ def test_partition_attention_tunes_per_key(monkeypatch):
 def test_info_nce_tunes_per_problem(monkeypatch, design):
     from spcl_fast.kernels import info_nce as kn
 
+    op = importlib.import_module("spcl_fast.ops.info_nce")  # the module, not the function
+
     # Both backward designs (the cost model picks one per problem): the stored-G one's gemm
     # kernel and the chunks that accumulate into dzk, or the recompute one's key-side kernel.
-    monkeypatch.setattr(kn, "bwd_design", lambda *args: design)
+    monkeypatch.setattr(op, "bwd_design", lambda *args: design)
     tuned = {
         kn._fwd_kernel: _tune(monkeypatch, (kn._fwd_kernel,), [{"BLOCK_N": 16}, {"BLOCK_N": 32}]),
         kn._bwd_rows_kernel: _tune(monkeypatch, (kn._bwd_rows_kernel,),

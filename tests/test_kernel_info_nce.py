@@ -19,6 +19,8 @@ both gradients, where ``gt`` is :func:`info_nce_ref` in fp64 on the same (rounde
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from kernel_helpers import (  # noqa: F401 (poison_outputs, bf16_dot_in_interpreter: fixtures)
@@ -209,11 +211,11 @@ DESIGNS = ["stored", "recompute"]
 
 @pytest.fixture
 def force_design(monkeypatch):
-    """``force(design)``: the launcher takes ``design`` instead of the cost model's choice."""
-    from spcl_fast.kernels import info_nce as kernels
+    """``force(design)``: the op runs ``design`` instead of the cost model's choice."""
+    op = importlib.import_module("spcl_fast.ops.info_nce")  # the module, not the function
 
     def force(design):
-        monkeypatch.setattr(kernels, "bwd_design", lambda *args: design)
+        monkeypatch.setattr(op, "bwd_design", lambda *args: design)
 
     return force
 
@@ -289,6 +291,8 @@ def test_kernel_recompute_is_deterministic_and_the_launcher_takes_the_cost_model
     from spcl_fast.kernels import cost
     from spcl_fast.kernels.info_nce import info_nce_bwd
 
+    from spcl_fast.ops.info_nce import bwd_design
+
     zq, zk, args, _, (row, _, cl, inv_q, inv_k), weights = _bwd_problem("gathered-cross-col",
                                                                         dtype)
     call = (zq, zk, inv_q, inv_k, row, cl, *weights, *args)
@@ -296,7 +300,10 @@ def test_kernel_recompute_is_deterministic_and_the_launcher_takes_the_cost_model
     again = info_nce_bwd(*call, design="recompute")
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     chosen = cost.info_nce_bwd_design(zq.shape[0], zk.shape[0], zq.shape[1], dtype, True, "H100")
-    auto = info_nce_bwd(*call)
+    assert bwd_design(zq.shape[0], zk.shape[0], zq.shape[1], dtype, True,
+                      torch.device("meta")) == chosen  # what the op passes the launcher
+    auto = info_nce_bwd(*call, design=bwd_design(zq.shape[0], zk.shape[0], zq.shape[1], dtype,
+                                                 True, zq.device))
     forced = info_nce_bwd(*call, design=chosen)
     assert all(torch.equal(a, b) for a, b in zip(auto, forced, strict=True))
 
@@ -306,7 +313,9 @@ def test_kernel_recompute_is_deterministic_and_the_launcher_takes_the_cost_model
 def test_recompute_only_at_resident_widths():
     """Rows too wide to stay in registers take the stored G whatever the cost model says, and
     forcing the recompute design there is refused, naming the width."""
-    from spcl_fast.kernels.info_nce import bwd_design, bwd_designs, info_nce_bwd
+    from spcl_fast.kernels.info_nce import bwd_designs, info_nce_bwd
+
+    from spcl_fast.ops.info_nce import bwd_design
 
     assert bwd_designs(33, torch.float32) == ("stored", "recompute")  # padded to 48
     assert bwd_designs(70, torch.float32) == ("stored",)  # 80: beyond the interpreter's 64

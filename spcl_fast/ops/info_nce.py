@@ -73,6 +73,15 @@ def _fwd_fake(zq, zk, scale, key_offset, pos_shift, pos_mod, self_mask, col_lse,
             zq.new_empty(mk, dtype=sd))
 
 
+def bwd_design(mq: int, mk: int, d: int, dtype: torch.dtype, symmetric: bool,
+               device: torch.device) -> str:
+    """Which Triton backward a call runs: the cost model's choice
+    (:func:`spcl_fast.kernels.cost.choose_bwd_design`)."""
+    from ..kernels.cost import choose_bwd_design
+
+    return choose_bwd_design(mq, mk, d, dtype, symmetric, device)
+
+
 @torch.library.custom_op("spcl_fast::info_nce_bwd", mutates_args=())
 def _bwd(
     zq: torch.Tensor,
@@ -95,7 +104,12 @@ def _bwd(
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _, bwd = _launchers(impl)
-    extra = {} if impl == "triton" else {"chunk": chunk or None}
+    if impl == "triton":
+        symmetric = col_lse.numel() > 0 and d_col.numel() > 0
+        extra = {"design": bwd_design(zq.shape[0], zk.shape[0], zq.shape[1], zq.dtype, symmetric,
+                                      zq.device)}
+    else:
+        extra = {"chunk": chunk or None}
     return bwd(zq, zk, inv_q, inv_k, row_lse, col_lse, d_row, d_col, d_pos, scale, key_offset,
                pos_shift, pos_mod, self_mask, groups_q=groups_q, groups_k=groups_k, **extra)
 
