@@ -44,14 +44,13 @@ The key side, ``dzk = f(G^T @ n_q)``, in one of two designs (``info_nce_bwd``'s 
   multiply the same values) and writes ``dzk`` once. Fwd + bwd: ``10 Mq Mk d`` FLOPs and the
   exponentials of ``G`` twice, but no ``O(Mq Mk)`` traffic and two backward launches.
 
-The op (``spcl_fast.ops.info_nce``) passes the launcher, per call, the design that
-``spcl_fast.kernels.cost`` bounds faster on the device's machine (``choose_bwd_design``:
-counted bytes, FLOPs and exponentials of each design's launches at the call's ``Mq``, ``Mk``,
-``d``, dtype and column statistics; host-side integers, no device sync). Recompute wins where
-``G``'s traffic takes longer than the extra matmuls and exponentials: at small widths on a
-machine with many FLOPs per byte (docs/kernels.md has the generated table of the choice).
-Wide rows stay with the stored ``G``: their gradient rows do not fit in registers, and the
-extra logits cost ``2 Mq Mk d`` against ``G``'s fixed traffic.
+The op passes the design ``spcl_fast.kernels.cost.choose_bwd_design`` bounds faster on the
+device's machine (counted bytes, FLOPs and exponentials of each design's launches at the
+call's ``Mq``, ``Mk``, ``d``, dtype and column statistics; host integers, no device sync).
+Recompute wins where ``G``'s traffic takes longer than the extra matmuls and exponentials: at
+small widths on a machine with many FLOPs per byte (docs/kernels.md: the choice's table). Wide
+rows stay with the stored ``G``: their gradient rows do not fit in registers, and the extra
+logits cost ``2 Mq Mk d`` against ``G``'s fixed traffic.
 
 Every output element is written by one program in a fixed order in both designs: no atomics,
 bitwise deterministic. Extra memory: the column partials ``8 * ceil(Mq / BLOCK_M) * Mk`` bytes
