@@ -19,7 +19,8 @@ paired); the per-fold AUROCs are kept beside it.
 
 Scores are kept per fold and row under ``--out`` (a rerun skips what is done); the results file
 is rewritten after every fold and row. ``python -m studies.patient_folds --tables`` rewrites the
-table in docs/patient-eval.md from the results file; ``--check`` says whether it matches.
+table in docs/patient-eval.md and README.md from the results file; ``--check`` says whether
+they match.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from .run import RECIPES, run_config
 SET = {"dataset": "nih-demo", "num_workers": "0", "threads": "1"}
 DEFAULT_RECIPES = "k05_intra_similar_g1:180,simclr:92,k05_intra:219"
 RESULTS = Path("studies/results/patient-folds-nih-demo.json")
-DOC = Path("docs/patient-eval.md")
+DOCS = (Path("docs/patient-eval.md"), Path("README.md"))
 RESAMPLES = 2000
 LABELS = {"raw_pixels": "raw pixels", "init": "init (same ViT, random weights)"}
 
@@ -173,7 +174,7 @@ BLOCK = re.compile(r"(<!-- folds: table -->\n)(.*?)(\n<!-- end folds -->)", re.S
 
 def doc_with_table(doc: str, result: dict) -> str:
     if not BLOCK.search(doc):
-        raise SystemExit(f"error: {DOC} has no '<!-- folds: table -->' block")
+        raise SystemExit("error: a document of DOCS has no '<!-- folds: table -->' block")
     return BLOCK.sub(lambda m: m.group(1) + markdown(result) + m.group(3), doc)
 
 
@@ -191,15 +192,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = p.parse_args(argv)
     if args.tables or args.check:
         result = json.loads(Path(args.results).read_text())
-        doc = DOC.read_text()
-        want = doc_with_table(doc, result)
-        if args.check:
-            if want != doc:
-                print(f"{DOC}'s folds table differs from {args.results}: run "
+        for path in DOCS:
+            doc = path.read_text()
+            want = doc_with_table(doc, result)
+            if args.check and want != doc:
+                print(f"{path}'s folds table differs from {args.results}: run "
                       "python -m studies.patient_folds --tables", file=sys.stderr)
                 raise SystemExit(1)
-            return None
-        DOC.write_text(want)
+            if not args.check:
+                path.write_text(want)
         return None
     steps = {}
     for item in args.recipes.split(","):

@@ -56,6 +56,7 @@ def test_the_docs_table_is_the_saved_results():
         pytest.skip("no saved fold results")
     import json
 
-    doc = (ROOT / patient_folds.DOC).read_text()
-    assert patient_folds.doc_with_table(doc, json.loads(results.read_text())) == doc, (
-        "docs/patient-eval.md's folds table is stale: python -m studies.patient_folds --tables")
+    for path in patient_folds.DOCS:
+        doc = (ROOT / path).read_text()
+        assert patient_folds.doc_with_table(doc, json.loads(results.read_text())) == doc, (
+            f"{path}'s folds table is stale: python -m studies.patient_folds --tables")
