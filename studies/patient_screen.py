@@ -38,8 +38,8 @@ endpoint by three readouts (linear probe on mean-pooled tokens, on the rich read
 cosine; raw pixels: linear and kNN); label fractions 5/10/25/50/100 % of the training
 patients (3 draws, linear on mean tokens); each NIH finding with >= 20 positives in train
 and test; the shortcut audit (brightness, and on NIH sex, age, view; the permuted-label
-negative control). Intervals: the cluster bootstrap over test patients, the same resamples
-for every row, so differences are paired.
+negative control, 5 balanced permutations averaged). Intervals: the cluster bootstrap over
+test patients, the same resamples for every row, so differences are paired.
 
 Scores are kept per row (``<out>/<row>/<key>.npy``): a rerun skips finished rows and stages,
 and the results file is rewritten after every row.
@@ -254,24 +254,30 @@ def tables(rows: dict[str, dict], data: dict, reference: str,
     te = data["test"]
     keep = np.arange(len(te)) if within is None else np.asarray(within)
     g = data["groups"][te][keep]
-    keys = sorted({k.rsplit("/", 1)[0] if k.startswith("fraction/") else k
-                   for scores in rows.values() for k in scores if k.startswith(prefix)})
+    keys = sorted({_drawn_from(k) for scores in rows.values() for k in scores
+                   if k.startswith(prefix)})
     out = {}
     for key in keys:
         values, samples = {}, {}
-        target = _target(key, data)[te][keep]
         for name, scores in rows.items():
-            draws = [k for k in scores if k == key or k.startswith(key + "/")]
+            draws = [k for k in scores if _drawn_from(k) == key]
             if not draws:
                 continue
-            got = [resampled_aurocs({name: scores[k][keep]}, target, g, RESAMPLES)
-                   for k in draws]
+            got = [resampled_aurocs({name: scores[k][keep]}, _target(k, data)[te][keep], g,
+                                    RESAMPLES) for k in draws]
             values[name] = float(np.mean([v[0][name] for v in got]))
             samples[name] = np.mean([v[1][name] for v in got], axis=0)
         pairs = [(a, b) for a in values for b in ("raw_pixels", "init", reference)
                  if b in values and a != b and a not in ("raw_pixels", "init")]
         out[key] = summarise(values, samples, pairs)
     return out
+
+
+def _drawn_from(key: str) -> str:
+    """The key a draw's key averages into (``fraction/0.05/2``, ``shortcut/permuted/4``:
+    a last part that is a draw number); any other key is its own."""
+    parent, _, last = key.rpartition("/")
+    return parent if last.isdigit() else key
 
 
 def _target(key: str, data: dict) -> np.ndarray:
@@ -374,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
         done = out / recipe / "summary.json"
         summary = json.loads(done.read_text()) if done.exists() else _train(config, out / recipe)
         budget = budget or summary["train_seconds"]
-        runs[recipe] = {"description": RECIPES[recipe][0], "steps": steps,
+        runs[recipe] = {"description": RECIPES[recipe][0], "steps": summary["steps"],
                         "seconds_per_step": step_s[recipe],
                         "train_seconds": summary["train_seconds"],
                         "final_loss": summary["final_loss"]}

@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 from spcl_fast.eval.endpoints import kermany_table, nih_endpoints
 from spcl_fast.eval.patient import (
     C_GRID,
+    PERMUTATIONS,
     cluster_bootstrap,
     fit_probe,
     knn_scores,
@@ -162,11 +163,23 @@ def test_shortcut_targets_and_the_permuted_control():
     t = shortcut_targets(images, train, labels, groups, sexes=["M", "F"] * (len(groups) // 2)
                          + ["M"] * (len(groups) % 2), ages=ages,
                          views=["AP"] * len(groups))
-    assert set(t) == {"brightness", "sex", "age", "view", "permuted"}
+    draws = [f"permuted/{d}" for d in range(PERMUTATIONS)]
+    assert set(t) == {"brightness", "sex", "age", "view", *draws}
     assert t["brightness"][train].mean() == pytest.approx(0.5, abs=0.05)
-    np.testing.assert_array_equal(t["permuted"][test], labels[test])
-    for p in set(groups[train]):  # one label per training patient
-        assert len(set(t["permuted"][train][groups[train] == p])) == 1
+    patients = np.unique(groups[train])
+    truth = np.asarray([labels[np.flatnonzero(groups == p)[0]] for p in patients])
+    for key in draws:
+        np.testing.assert_array_equal(t[key][test], labels[test])
+        null = []
+        for p in patients:  # one label per training patient
+            got = set(t[key][train][groups[train] == p])
+            assert len(got) == 1
+            null.append(got.pop())
+        null = np.asarray(null)
+        assert null.sum() == truth.sum()  # a permutation of the patients' labels
+        # as many positives among the truly positive patients as the share says: balanced
+        assert null[truth == 1].sum() == round(truth.mean() * truth.sum())
+    assert len({t[key][train].tobytes() for key in draws}) == PERMUTATIONS
 
 
 def test_patient_probe_reports_every_row_and_difference():

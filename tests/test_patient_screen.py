@@ -20,10 +20,11 @@ def _data(n_patients=40, seed=0):
     test = np.arange(len(groups))
     sources = np.where(np.arange(len(groups)) < len(groups) // 2, "a", "b")
     return rng, {"test": test, "groups": groups, "primary": y, "endpoints": {},
-                 "shortcuts": {"sex": np.arange(len(groups)) % 2}, "sources": sources}
+                 "shortcuts": {"sex": np.arange(len(groups)) % 2, "permuted/0": y,
+                               "permuted/1": 1 - y}, "sources": sources}
 
 
-def test_tables_pair_rows_and_average_fraction_draws():
+def test_tables_pair_rows_and_average_draws():
     rng, data = _data()
     y = data["primary"]
     good = y + rng.normal(0, 0.5, len(y))
@@ -32,10 +33,14 @@ def test_tables_pair_rows_and_average_fraction_draws():
         "init": {"primary/linear": rng.normal(0, 1, len(y))},
         "recipe": {"primary/linear": good, "fraction/0.05/0": good,
                    "fraction/0.05/1": rng.normal(0, 1, len(y)),
-                   "shortcut/sex": rng.normal(0, 1, len(y))},
+                   "shortcut/sex": rng.normal(0, 1, len(y)),
+                   "shortcut/permuted/0": good, "shortcut/permuted/1": good},
     }
     out = patient_screen.tables(rows, data, reference="recipe")
-    assert set(out) == {"primary/linear", "fraction/0.05", "shortcut/sex"}
+    assert set(out) == {"primary/linear", "fraction/0.05", "shortcut/sex", "shortcut/permuted"}
+    # each draw is scored against its own target: here one reads it well, one inverted
+    permuted = out["shortcut/permuted"]["auroc"]["recipe"]["value"]
+    assert permuted == pytest.approx(0.5, abs=1e-9)
     primary = out["primary/linear"]
     assert set(primary["difference"]) == {"recipe - raw_pixels", "recipe - init"}
     assert primary["difference"]["recipe - raw_pixels"]["low"] > 0
@@ -143,7 +148,8 @@ def test_kermany_set_is_decoded_once_split_by_patient_and_pretrains_on_training_
     assert not set(g[data["train"]]) & set(g[data["test"]])
     assert len(set(g[data["test"]])) == 3  # 30 % of 10 patients
     assert [int(p.startswith("PNEUMONIA:")) for p in g] == data["primary"].tolist()
-    assert set(data["shortcuts"]) == {"brightness", "permuted"} and data["sources"] is None
+    assert set(data["shortcuts"]) == {"brightness"} | {f"permuted/{d}" for d in range(5)}
+    assert data["sources"] is None
     folder = out / "kermany-pretrain"
     written = {p.parent.name for p in folder.glob("*/*.png")}
     assert written == {str(p).replace(":", "_") for p in g[data["train"]]}

@@ -25,7 +25,8 @@ instead of patients overstates what a test set can tell. Every piece here works 
   seeded draws (a smaller fraction is a subset of a larger one of the same draw).
 * :func:`shortcut_targets` — what else the features read: mean brightness, sex, age, view
   position, each as a binary target cut at the training median, and a negative control
-  (the primary labels permuted across training patients: a probe must land at chance).
+  (the primary labels permuted across training patients, balanced against the truth, in
+  several draws: a probe must land at chance).
 
 The AUROC of a resample is :func:`~spcl_fast.eval.metrics.bootstrap_mean_auroc`'s weighted
 Mann-Whitney statistic, identical to recomputing the AUROC on the drawn films
@@ -50,6 +51,7 @@ C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # inverse L2 strengths tried (scikit-lea
 FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0)
 KNN_K = 20
 TEST_FRACTION = 0.3
+PERMUTATIONS = 5  # draws of the permuted-label control
 
 
 def _groups(groups) -> np.ndarray:
@@ -312,14 +314,13 @@ def label_fraction_draws(groups: Sequence, fractions: Sequence[float] = FRACTION
 def shortcut_targets(images: np.ndarray | torch.Tensor, train_idx: np.ndarray,
                      labels: np.ndarray, groups: Sequence, sexes: Sequence[str] | None = None,
                      ages: Sequence[float] | None = None,
-                     views: Sequence[str] | None = None, seed: int = 0
-                     ) -> dict[str, np.ndarray]:
+                     views: Sequence[str] | None = None, seed: int = 0,
+                     permutations: int = PERMUTATIONS) -> dict[str, np.ndarray]:
     """Binary targets besides disease, for every film: ``brightness`` (the film's mean pixel
     above the training films' median), ``sex`` (M), ``age`` (above the training median),
-    ``view`` (AP), where given, and ``permuted`` — a negative control: every training film
-    takes the primary label of another training patient's first film (a permutation of the
-    training patients), so no probe can learn it; test films keep their own labels, and a
-    probe trained on it must score them at chance."""
+    ``view`` (AP), where given, and the negative control ``permuted/<d>`` for ``d`` below
+    ``permutations``: the training films carry :func:`balanced_permutation`'s labels, the
+    test films their own, so a probe trained on it must score the test films at chance."""
     images = torch.as_tensor(images)
     brightness = images.flatten(1).float().mean(1).numpy()
     out = {"brightness": (brightness > np.median(brightness[train_idx])).astype(int)}
@@ -330,15 +331,32 @@ def shortcut_targets(images: np.ndarray | torch.Tensor, train_idx: np.ndarray,
         out["age"] = (age > np.median(age[train_idx])).astype(int)
     if views is not None:
         out["view"] = (np.asarray(views) == "AP").astype(int)
+    for d in range(permutations):
+        out[f"permuted/{d}"] = balanced_permutation(labels, groups, train_idx, seed + d)
+    return out
+
+
+def balanced_permutation(labels: np.ndarray, groups: Sequence, train_idx: np.ndarray,
+                         seed: int = 0) -> np.ndarray:
+    """``labels`` with each training patient's films relabelled by a permutation of the
+    training patients' labels (a patient's label: its first film's) that gives the same share
+    of positives among the truly positive and the truly negative patients (to rounding).
+
+    A plain permutation correlates with the truth by chance, and a probe on features that
+    read the disease well turns that small correlation into a test AUROC far from 0.5 (one
+    permutation scored 0.25 to 0.49 on the pediatric films); balanced, the new labels carry
+    no information about the truth. Test films keep their labels."""
     g = _groups(groups)
-    train_patients = np.unique(g[train_idx])
-    first = {p: labels[np.flatnonzero(g == p)[0]] for p in train_patients}
-    shuffled = np.random.default_rng(seed).permutation(train_patients)
-    moved = {p: first[q] for p, q in zip(train_patients, shuffled, strict=True)}
-    permuted = np.asarray(labels).astype(int).copy()
-    for i in train_idx:
-        permuted[i] = moved[g[i]]
-    out["permuted"] = permuted
+    patients = np.unique(g[train_idx])
+    first = np.asarray([labels[np.flatnonzero(g == p)[0]] for p in patients]).astype(int)
+    positive, negative = patients[first == 1], patients[first == 0]
+    rng = np.random.default_rng(seed)
+    share = len(positive) / len(patients)
+    stay = int(round(share * len(positive)))  # positives that stay positive
+    chosen = np.concatenate([rng.choice(positive, stay, replace=False),
+                             rng.choice(negative, len(positive) - stay, replace=False)])
+    out = np.asarray(labels).astype(int).copy()
+    out[train_idx] = np.isin(g[train_idx], chosen).astype(int)
     return out
 
 
