@@ -62,11 +62,12 @@ LABELS = {"raw_pixels": "raw pixels", "init": "init (same ViT, random weights)"}
 
 
 def fold_data(n_folds: int, seed: int = 0) -> dict:
-    """Every film, its normal-vs-abnormal label and patient, and the folds."""
+    """Every film, its normal-vs-abnormal label, patient and NIH sample, and the folds."""
     films = NIHDemo("all")
     labels = films.labels[:, 0].numpy().astype(np.float64)
     groups = np.asarray([str(p) for p in films.patient_ids], dtype=object)
     return {"images": films.images(), "labels": labels, "groups": groups,
+            "sources": np.asarray(films.source, dtype=object),
             "folds": patient_folds(groups, labels, n_folds, seed)}
 
 
@@ -114,7 +115,9 @@ def fold_scores(row: str, steps: int, data: dict, fold: int, out: Path, seed: in
 def summary(done: dict[str, list[dict]], data: dict, steps: dict[str, int], reference: str,
             n_folds: int) -> dict:
     """Pooled out-of-fold AUROCs with patient-level intervals, paired differences against raw
-    pixels, init and ``reference``, and the per-fold AUROCs, of the rows with every fold."""
+    pixels, init and ``reference``, and the per-fold AUROCs, of the rows with every fold;
+    ``by_source``: the same pooled scores read on each NIH sample's films and patients apart
+    (the probes are those trained on both samples)."""
     complete = {row: folds for row, folds in done.items() if len(folds) == n_folds}
     pooled = {}
     for row, folds in complete.items():
@@ -122,16 +125,27 @@ def summary(done: dict[str, list[dict]], data: dict, steps: dict[str, int], refe
         for (_, test_idx), fold in zip(data["folds"], folds, strict=True):
             scores[test_idx] = fold["scores"]
         pooled[row] = scores
-    values, samples, patients = resampled_aurocs(pooled, data["labels"], data["groups"],
-                                                 RESAMPLES)
     pairs = [(a, b) for a in pooled for b in ("raw_pixels", "init", reference)
              if b in pooled and a != b and a not in ("raw_pixels", "init")]
+
+    def scored(films):  # intervals and paired differences on these films' patients
+        values, samples, patients = resampled_aurocs(
+            {row: s[films] for row, s in pooled.items()}, data["labels"][films],
+            data["groups"][films], RESAMPLES)
+        return {"films": int(len(films)), "patients": patients,
+                **summarise(values, samples, pairs)}
+
+    everyone = scored(np.arange(len(data["labels"])))
+    sources = data.get("sources")
+    by_source = ({} if sources is None else
+                 {str(src): scored(np.flatnonzero(sources == src))
+                  for src in sorted(set(sources))})
     per_fold = {row: [auroc(torch.as_tensor(f["scores"]), torch.as_tensor(data["labels"][t]))
                       for f, (_, t) in zip(folds, data["folds"], strict=True)]
                 for row, folds in complete.items()}
     return {
         "instrument": {"set": "nih-demo", "endpoint": "normal vs abnormal", "folds": n_folds,
-                       "films": len(data["labels"]), "patients": patients,
+                       "films": everyone["films"], "patients": everyone["patients"],
                        "probe": "linear on mean-pooled tokens (raw pixels: on the pixels), L2 "
                                 "chosen by grouped CV inside each fold's training patients",
                        "pooling": "out-of-fold scores of every film, one AUROC; cluster "
@@ -140,7 +154,8 @@ def summary(done: dict[str, list[dict]], data: dict, steps: dict[str, int], refe
         "rows": {row: {"steps": steps.get(row, 0),
                        "train_seconds_per_fold": [round(f["seconds"], 1) for f in folds],
                        "fold_auroc": per_fold[row]} for row, folds in complete.items()},
-        **summarise(values, samples, pairs),
+        "auroc": everyone["auroc"], "difference": everyone["difference"],
+        "by_source": by_source,
         "environment": {"torch": torch.__version__, "machine": platform.machine(),
                         "note": "2 CPU cores shared with other jobs; 1 thread per run"},
     }
@@ -169,13 +184,35 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-BLOCK = re.compile(r"(<!-- folds: table -->\n)(.*?)(\n<!-- end folds -->)", re.S)
+def markdown_by_source(result: dict) -> str:
+    """The pooled AUROCs and differences on each NIH sample apart."""
+    ref = result["reference"]
+    lines = [f"| sample | row | pooled AUROC [95 % patient interval] | minus raw pixels | "
+             f"minus init | minus {ref} |", "|---|---|---:|---:|---:|---:|"]
+    notes = []
+    for source, part in result["by_source"].items():
+        diff = part["difference"]
+        for row, entry in part["auroc"].items():
+            cells = [fmt_interval(diff[f"{row} - {b}"], signed=True)
+                     if f"{row} - {b}" in diff else "—" for b in ("raw_pixels", "init", ref)]
+            lines.append(f"| {source} | {LABELS.get(row, row)} | {fmt_interval(entry)} | "
+                         f"{' | '.join(cells)} |")
+        notes.append(f"{source}: {part['films']} films of {part['patients']} patients")
+    return "\n".join([*lines, "", "; ".join(notes) + "."])
+
+
+BLOCKS = {"table": markdown, "by-source": markdown_by_source}  # README carries only "table"
 
 
 def doc_with_table(doc: str, result: dict) -> str:
-    if not BLOCK.search(doc):
+    """``doc`` with every ``<!-- folds: NAME -->`` block it holds regenerated from ``result``
+    (it must hold ``table``)."""
+    if "<!-- folds: table -->" not in doc:
         raise SystemExit("error: a document of DOCS has no '<!-- folds: table -->' block")
-    return BLOCK.sub(lambda m: m.group(1) + markdown(result) + m.group(3), doc)
+    for name, render in BLOCKS.items():
+        block = re.compile(rf"(<!-- folds: {name} -->\n)(.*?)(\n<!-- end folds -->)", re.S)
+        doc = block.sub(lambda m, render=render: m.group(1) + render(result) + m.group(3), doc)
+    return doc
 
 
 def main(argv: list[str] | None = None) -> dict | None:

@@ -19,7 +19,9 @@ def _toy(n_patients=40, films=3, n_folds=4, seed=0):
     labels = np.repeat(rng.integers(0, 2, n_patients), films).astype(np.float64)
     from spcl_fast.eval.patient import patient_folds as folds
 
-    return {"labels": labels, "groups": groups, "folds": folds(groups, labels, n_folds, seed)}
+    sources = np.where(np.arange(len(groups)) < len(groups) // 2, "a", "b").astype(object)
+    return {"labels": labels, "groups": groups, "sources": sources,
+            "folds": folds(groups, labels, n_folds, seed)}
 
 
 def test_pooled_out_of_fold_scores_and_paired_differences():
@@ -45,6 +47,18 @@ def test_pooled_out_of_fold_scores_and_paired_differences():
     assert result["instrument"]["patients"] == 40
     table = patient_folds.markdown(result)
     assert "| spcl | 7 | 1 |" in table and "raw pixels" in table
+    # each sample read apart: its own films and patients, the same pooled scores
+    for source in "ab":
+        part, films = result["by_source"][source], data["sources"] == source
+        assert part["films"] == 60 and part["patients"] == 20
+        for row, folds in done.items():
+            pooled = np.empty(len(data["labels"]))
+            for (_, t), f in zip(data["folds"], folds, strict=True):
+                pooled[t] = f["scores"]
+            assert part["auroc"][row]["value"] == pytest.approx(
+                roc_auc_score(data["labels"][films], pooled[films]))
+        assert set(part["difference"]) == set(result["difference"])
+    assert "| a | spcl |" in patient_folds.markdown_by_source(result)
     # a row without every fold is left out rather than pooled from part of the films
     partial = {**done, "late": done["spcl"][:2]}
     assert "late" not in patient_folds.summary(partial, data, {}, "spcl", 4)["auroc"]
