@@ -115,21 +115,25 @@ def _runs(results: dict) -> str:
 
 def _seeds(by_seed: dict[int, dict], what: str = "auroc") -> str:
     """Rows run with more than one seed x each seed's linear probe on mean tokens (``what``:
-    ``auroc``, or ``reference``: minus each seed's reference), then the mean +- std over
-    the seeds that have the row."""
+    ``auroc``, with the row's mean training seconds first, or ``reference``: minus each
+    seed's reference), then the mean +- std over the seeds that have the row."""
     seeds = sorted(by_seed)
-    rows = {}
+    rows, took = {}, {}
     for seed in seeds:
         res = by_seed[seed]
         for row in _rows(res["tables"], res["runs"]):
+            if row in res["runs"]:
+                took.setdefault(row, []).append(res["runs"][row]["train_seconds"])
             rhs = res.get("reference", "init") if what == "reference" else what
             if what != "auroc" and row == rhs:
                 continue
             rows.setdefault(row, {})[seed] = (
                 res["tables"]["primary/linear"]["auroc"][row] if what == "auroc" else
                 res["tables"]["primary/linear"]["difference"].get(f"{row} - {rhs}"))
-    lines = ["| row | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std (seeds) |",
-             "|---|" + "---:|" * (len(seeds) + 1)]
+    timed = what == "auroc"  # the training seconds column, once, beside the AUROCs
+    lines = ["| row | " + ("training seconds (mean) | " if timed else "")
+             + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std (seeds) |",
+             "|---|" + "---:|" * (len(seeds) + 1 + timed)]
     for row, cells in rows.items():
         got = [e["value"] for e in cells.values() if e]
         if len(got) < 2:
@@ -137,6 +141,8 @@ def _seeds(by_seed: dict[int, dict], what: str = "auroc") -> str:
         text = [fmt_interval(cells[s], signed=what != "auroc") if cells.get(s) else "—"
                 for s in seeds]
         spread = statistics.stdev(got)
+        if timed:
+            text.insert(0, f"{statistics.fmean(took[row]):.0f}" if row in took else "—")
         lines.append(f"| {NAMES.get(row, row)} | " + " | ".join(text)
                      + f" | {statistics.fmean(got):{'+' if what != 'auroc' else ''}.3f} ± "
                        f"{spread:.3f} ({len(got)}) |")
