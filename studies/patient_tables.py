@@ -3,6 +3,7 @@
 
     python -m studies.patient_tables            # rewrite the generated tables
     python -m studies.patient_tables --check    # exit 1 naming each table that differs
+    python -m studies.patient_tables --figure   # and draw docs/patient-fractions.png
 
 Each generated table sits between ``<!-- table: NAME/TABLE -->`` and ``<!-- end table -->``:
 ``NAME`` picks the results file (``nih-demo-seed0`` reads ``patient-screen-nih-demo-seed0.json``)
@@ -230,10 +231,60 @@ def render(text: str, results: dict | None = None) -> tuple[str, list[str]]:
     return BLOCK.sub(remake, text), changed
 
 
+FIGURE = ROOT / "docs" / "patient-fractions.png"
+FIGURE_SETS = ("nih-demo-seed0", "kermany-seed0")
+FIGURE_ROWS = ("k05_intra", "simclr", "mae", "dino", "raw_pixels", "init")  # beside the reference
+
+
+def fraction_curves(results: dict[str, dict], path: Path = FIGURE) -> Path:
+    """Label-fraction curves: for each results file of ``results`` (``{NAME: results}``) a
+    panel of the primary endpoint's AUROC (linear probe on mean tokens, the mean over draws)
+    against the share of training patients labelled, with 95 % patient intervals, for the
+    reference and :data:`FIGURE_ROWS`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
+    for ax, (name, res) in zip(axes[0], results.items(), strict=True):
+        tables, reference = res["tables"], res.get("reference", "init")
+        keys = {float(k[len("fraction/"):]): k for k in tables if k.startswith("fraction/")}
+        keys[1.0] = "primary/linear"
+        fractions = sorted(keys)
+        for i, row in enumerate(r for r in (reference, *FIGURE_ROWS)
+                                if r in tables["primary/linear"]["auroc"]):
+            got = [tables[keys[f]]["auroc"].get(row) for f in fractions]
+            xs = [f for f, e in zip(fractions, got, strict=True) if e]
+            es = [e for e in got if e]
+            value = [e["value"] for e in es]
+            ax.errorbar(xs, value, yerr=[[v - e["low"] for v, e in zip(value, es, strict=True)],
+                                         [e["high"] - v for v, e in zip(value, es, strict=True)]],
+                        marker="o", capsize=2, label=NAMES.get(row, row),
+                        color="0.5" if row in NAMES else f"C{i}",
+                        ls=":" if row == "raw_pixels" else "-", alpha=0.85)
+        ax.set_xscale("log")
+        ax.set_xticks(fractions, [f"{f:.0%}" for f in fractions])
+        ax.set_xlabel("training patients labelled")
+        ax.set_ylabel(f"test AUROC, {res['instrument'].get('endpoint', 'primary endpoint')}")
+        ax.set_title(f"{res['instrument']['set']}: {res['instrument']['test_patients']} test "
+                     "patients")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m studies.patient_tables")
     p.add_argument("--check", action="store_true")
+    p.add_argument("--figure", action="store_true",
+                   help=f"also draw the label-fraction curves ({FIGURE.relative_to(ROOT)})")
     args = p.parse_args(argv)
+    if args.figure:
+        print(fraction_curves({n: json.loads(results_path(n).read_text())
+                               for n in FIGURE_SETS}))
     text = DOC.read_text()
     try:
         new, changed = render(text)

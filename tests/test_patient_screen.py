@@ -184,3 +184,17 @@ def test_unknown_set_is_refused():
 def test_docs_tables_are_the_saved_screen():
     text = patient_tables.DOC.read_text()
     assert patient_tables.render(text) == (text, [])
+
+
+def test_fraction_curves_draw_every_set(tmp_path):
+    rng, data = _data()
+    y = data["primary"]
+    rows = {name: {"primary/linear": y + rng.normal(0, 1, len(y)),
+                   "fraction/0.1/0": y + rng.normal(0, 2, len(y))}
+            for name in ("raw_pixels", "init", "demo")}
+    res = {"tables": patient_screen.tables(rows, data, "demo"), "reference": "demo",
+           "instrument": {"set": "toy", "test_patients": 40}}
+    path = patient_tables.fraction_curves({"a": res, "b": res}, tmp_path / "f.png")
+    from PIL import Image
+
+    assert Image.open(path).size[0] > Image.open(path).size[1]  # two panels side by side
