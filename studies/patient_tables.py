@@ -247,7 +247,7 @@ def fraction_curves(results: dict[str, dict], path: Path = FIGURE) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
-    for ax, (name, res) in zip(axes[0], results.items(), strict=True):
+    for ax, res in zip(axes[0], results.values(), strict=True):
         tables, reference = res["tables"], res.get("reference", "init")
         keys = {float(k[len("fraction/"):]): k for k in tables if k.startswith("fraction/")}
         keys[1.0] = "primary/linear"
