@@ -19,8 +19,7 @@ paired); the per-fold AUROCs are kept beside it.
 
 Scores are kept per fold and row under ``--out`` (a rerun skips what is done); the results file
 is rewritten after every fold and row. ``python -m studies.patient_folds --tables`` rewrites the
-table in docs/patient-eval.md and README.md from the results file; ``--check`` says whether
-they match.
+tables in docs/patient-eval.md from the results file; ``--check`` says whether they match.
 """
 
 from __future__ import annotations
@@ -56,7 +55,7 @@ from .run import RECIPES, run_config
 SET = {"dataset": "nih-demo", "num_workers": "0", "threads": "1"}
 DEFAULT_RECIPES = "k05_intra_similar_g1:180,simclr:92,k05_intra:219"
 RESULTS = Path("studies/results/patient-folds-nih-demo.json")
-DOCS = (Path("docs/patient-eval.md"), Path("README.md"))
+DOCS = (Path("docs/patient-eval.md"),)
 RESAMPLES = 2000
 LABELS = {"raw_pixels": "raw pixels", "init": "init (same ViT, random weights)"}
 
@@ -201,7 +200,7 @@ def markdown_by_source(result: dict) -> str:
     return "\n".join([*lines, "", "; ".join(notes) + "."])
 
 
-BLOCKS = {"table": markdown, "by-source": markdown_by_source}  # README carries only "table"
+BLOCKS = {"table": markdown, "by-source": markdown_by_source}
 
 
 def doc_with_table(doc: str, result: dict) -> str:
