@@ -3,7 +3,7 @@
 ::
 
     python -m studies.patient_folds --out runs/patient-folds \\
-        [--recipes k05_intra_similar_g1:180,simclr:92,k05_intra:219] [--folds 5]
+        [--recipes k05_intra_similar_g1:180,simclr:92,...] [--folds 5]
         [--results studies/results/patient-folds-nih-demo.json]
 
 The screen (:mod:`studies.patient_screen`) scores every row on one fixed cut: 247 test
@@ -53,7 +53,8 @@ from spcl_fast.train.trainer import Trainer
 from .run import RECIPES, run_config
 
 SET = {"dataset": "nih-demo", "num_workers": "0", "threads": "1"}
-DEFAULT_RECIPES = "k05_intra_similar_g1:180,simclr:92,k05_intra:219"
+DEFAULT_RECIPES = ("k05_intra_similar_g1:180,simclr:92,k05_intra:219,mae:278,dino:33,"
+                   "spcl_k1_learned_lr:104")
 RESULTS = Path("studies/results/patient-folds-nih-demo.json")
 DOCS = (Path("docs/patient-eval.md"),)
 RESAMPLES = 2000

@@ -15,7 +15,9 @@ to more recipes):
 * ``nih-demo``: the embedded NIH films (1,785 films of 823 patients, 64 px; the split of
   :class:`spcl_fast.data.NIHDemo`). Pre-training sees its ``train`` split only. Primary
   endpoint normal vs abnormal, pooled and on the test patients of each NIH sample
-  (``NIHDemo.source``) apart, each with its own intervals (``by_source`` in the results).
+  (``NIHDemo.source``) apart, each with its own intervals (``by_source`` in the results),
+  and on the AP and the PA films apart (``by_view``): disease read within one view position
+  cannot be view read as disease.
 * ``kermany``: the pediatric set (``--data-root``, :func:`~spcl_fast.eval.endpoints.
   kermany_table`: one film per distinct file, 5,840 less duplicates), decoded once into
   ``<out>/kermany-64.npz`` at 64 px; patients cut by :func:`~spcl_fast.data.splits.
@@ -95,8 +97,9 @@ def instrument_data(set_name: str = "nih-demo", out: Path | None = None,
                     data_root: str | os.PathLike = KERMANY_ROOT) -> dict:
     """Every film of a set with its split role (``train`` / ``test`` indices), patient ids
     (``groups``), ``primary`` endpoint, secondary ``endpoints``, ``shortcuts`` targets,
-    ``sources`` (the NIH sample of each film; ``None`` on one-source sets), the overrides
-    pre-training takes (``set``) and a description of the ``split``. ``out`` is where the
+    ``sources`` (the NIH sample of each film; ``None`` on one-source sets), ``views`` (AP or
+    PA; absent where unknown), the overrides pre-training takes (``set``) and a description
+    of the ``split``. ``out`` is where the
     pediatric set is decoded and written for pre-training (required for ``kermany``)."""
     if set_name == "nih-demo":
         return _nih_data()
@@ -119,7 +122,8 @@ def _nih_data() -> dict:
                                  everything.ages, everything.view_positions)
     return {"images": images, "train": train, "test": test, "groups": groups,
             "primary": primary, "endpoints": ends, "shortcuts": shortcuts,
-            "sources": np.asarray(everything.source), "set": {"dataset": "nih-demo"},
+            "sources": np.asarray(everything.source),
+            "views": np.asarray(everything.view_positions), "set": {"dataset": "nih-demo"},
             "primary_name": "normal vs abnormal",
             "split": "fixed patient-disjoint (NIHDemo: train+val / test, 30% of patients in "
                      "test); pre-training on train only"}
@@ -289,18 +293,21 @@ def _target(key: str, data: dict) -> np.ndarray:
     return data["primary"]
 
 
-def by_source(rows: dict[str, dict], data: dict, reference: str) -> dict:
-    """The primary endpoint on each source's test patients apart (NIH: the two samples),
-    ``{source: {"test_films", "test_patients", "tables"}}``; empty for a one-source set."""
-    if data["sources"] is None:
+def by_source(rows: dict[str, dict], data: dict, reference: str,
+              column: str = "sources") -> dict:
+    """The primary endpoint on each stratum's test patients apart, the strata being the
+    values of ``data[column]`` (``sources``: the NIH samples; ``views``: AP and PA films),
+    ``{stratum: {"test_films", "test_patients", "tables"}}``; empty where the set has no
+    such column."""
+    if data.get(column) is None:
         return {}
     te = data["test"]
     out = {}
-    for source in sorted(set(data["sources"][te])):
-        within = np.flatnonzero(data["sources"][te] == source)
-        out[str(source)] = {"test_films": len(within),
-                            "test_patients": len(set(data["groups"][te][within])),
-                            "tables": tables(rows, data, reference, within, "primary/")}
+    for stratum in sorted(set(data[column][te])):
+        within = np.flatnonzero(data[column][te] == stratum)
+        out[str(stratum)] = {"test_films": len(within),
+                             "test_patients": len(set(data["groups"][te][within])),
+                             "tables": tables(rows, data, reference, within, "primary/")}
     return out
 
 
@@ -321,6 +328,7 @@ def results(set_name: str, data: dict, rows: dict, runs: dict, reference: str, b
         "budget_seconds": budget, "runs": runs, "reference": reference,
         "tables": tables(rows, data, reference),
         "by_source": by_source(rows, data, reference),
+        "by_view": by_source(rows, data, reference, "views"),
         "seconds": time.time() - started,
         "environment": {"torch": torch.__version__, "machine": platform.machine(),
                         "note": "2 CPU cores shared with other jobs: seconds are noisy"},

@@ -75,12 +75,13 @@ def _grid(results: dict, keys: dict[str, str], what: str = "auroc",
     return "\n".join(lines) + "\n" if len(lines) > 2 else NOT_MEASURED
 
 
-def _by_source(results: dict, what: str = "auroc") -> str:
-    """Rows x (each source's linear probe on mean tokens, then each source's kNN) of
-    ``what``, on each source's test patients apart."""
-    sources = results.get("by_source") or {}
-    if not sources:
-        return "(one source in this set)\n"
+def _by_source(results: dict, what: str = "auroc", strata: str = "by_source") -> str:
+    """Rows x (each stratum's linear probe on mean tokens, then each stratum's kNN) of
+    ``what``, on each stratum's test patients apart (``strata``: ``by_source``, the NIH
+    samples, or ``by_view``, the view positions)."""
+    sources = results.get(strata) or {}
+    if not sources:  # saved empty: the set has no such column; absent: an older screen
+        return f"(no {strata[3:]} strata in this set)\n" if strata in results else NOT_MEASURED
     cols = [(s, k) for k in ("primary/linear", "primary/knn") for s in sources]
     lines = ["| row | " + " | ".join(f"{s}, {READOUTS[k]}" for s, k in cols) + " |",
              "|---|" + "---:|" * len(cols)]
@@ -183,6 +184,9 @@ TABLES = {
     "by-source-minus-reference": lambda r: _by_source(r, r.get("reference", "init")),
     "by-source-minus-raw": lambda r: _by_source(r, "raw_pixels"),
     "by-source-minus-init": lambda r: _by_source(r, "init"),
+    "by-view": lambda r: _by_source(r, strata="by_view"),
+    "by-view-minus-reference": lambda r: _by_source(r, r.get("reference", "init"), "by_view"),
+    "by-view-minus-init": lambda r: _by_source(r, "init", "by_view"),
     "fractions": lambda r: _grid(r, {k: f"{float(v):.0%}" for k, v in
                                      _prefixed(r, "fraction/").items()}
                                  | {"primary/linear": "100%"}),

@@ -68,6 +68,11 @@ def test_by_source_scores_each_source_on_its_own_patients():
     assert a["difference"]["recipe - init"]["low"] > 0
     assert b["difference"]["recipe - init"]["low"] < 0 < b["difference"]["recipe - init"]["high"]
     assert patient_screen.by_source(rows, {**data, "sources": None}, "recipe") == {}
+    # any column of strata: here the same halves named as view positions
+    views = patient_screen.by_source(rows, {**data, "views": np.where(half, "AP", "PA")},
+                                     "recipe", "views")
+    assert views["AP"]["tables"] == out["a"]["tables"]
+    assert patient_screen.by_source(rows, data, "recipe", "views") == {}
 
 
 def _results(rng, data, extra=()):
@@ -77,7 +82,8 @@ def _results(rng, data, extra=()):
             for name, s in (("raw_pixels", 2.0), ("init", 2.0), ("demo", 0.3),
                             *((name, 1.0) for name in extra))}
     return {"tables": patient_screen.tables(rows, data, "demo"),
-            "by_source": patient_screen.by_source(rows, data, "demo"), "reference": "demo",
+            "by_source": patient_screen.by_source(rows, data, "demo"), "by_view": {},
+            "reference": "demo",
             "runs": {"demo": {"steps": 180, "seconds_per_step": 1.0, "train_seconds": 61.0,
                               "final_loss": 3.2}},
             "instrument": {"set": "toy", "test_films": 80, "test_patients": 40,
@@ -91,6 +97,10 @@ def test_generated_tables_render_every_row_and_refuse_unknown_names():
                    for t in ("primary", "runs", "by-source", "leads"))
     new, changed = patient_tables.render(text, results)
     assert changed == ["toy/primary", "toy/runs", "toy/by-source", "toy/leads"]
+    views = "<!-- table: toy/by-view -->\n<!-- end table -->\n"
+    assert "(no view strata in this set)" in patient_tables.render(views, results)[0]
+    del results["toy"]["by_view"]  # a screen saved before views were read
+    assert patient_tables.NOT_MEASURED in patient_tables.render(views, results)[0]
     assert "| demo |" in new and "| raw pixels |" in new and "kNN k=20 cosine" in new
     assert "a, linear, mean tokens" in new and "b: 40 test films of 20 patients" in new
     assert "against raw pixels, linear, mean tokens (1 compared): above: demo +" in new
