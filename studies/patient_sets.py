@@ -59,7 +59,7 @@ def markdown(folds: dict, pediatric: dict) -> str:
     for name, s in table.items():
         diff = s["difference"]
 
-        def cell(pair):
+        def cell(pair, diff=diff):
             return fmt_interval(diff[pair], signed=True) if pair in diff else "—"
 
         lines.append(f"| {name} | {s['patients']} | {s['endpoint']} | "
