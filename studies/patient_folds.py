@@ -18,8 +18,10 @@ cluster bootstrap over all 823 patients (the same resamples for every row, so di
 paired); the per-fold AUROCs are kept beside it.
 
 Scores are kept per fold and row under ``--out`` (a rerun skips what is done); the results file
-is rewritten after every fold and row. ``python -m studies.patient_folds --tables`` rewrites the
-tables in docs/patient-eval.md from the results file; ``--check`` says whether they match.
+is rewritten after every fold and row. ``--fractions`` also probes each fold on 5 / 10 / 25 /
+50 % of its training patients (3 draws; the features are kept, so adding them later costs no
+pre-training). ``python -m studies.patient_folds --tables`` rewrites the tables in
+docs/patient-eval.md and README.md from the results file; ``--check`` says whether they match.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ import torch
 from spcl_fast.data import NIHDemo, TensorImages
 from spcl_fast.eval.metrics import auroc
 from spcl_fast.eval.patient import (
+    FRACTIONS,
     fmt_interval,
+    label_fraction_draws,
     patient_folds,
     pixel_features,
     probe_scores,
@@ -56,8 +60,9 @@ SET = {"dataset": "nih-demo", "num_workers": "0", "threads": "1"}
 DEFAULT_RECIPES = ("k05_intra_similar_g1:180,simclr:92,k05_intra:219,mae:278,dino:33,"
                    "spcl_k1_learned_lr:104")
 RESULTS = Path("studies/results/patient-folds-nih-demo.json")
-DOCS = (Path("docs/patient-eval.md"),)
+DOCS = (Path("docs/patient-eval.md"), Path("README.md"))
 RESAMPLES = 2000
+DRAWS = 3  # label-fraction draws per fold
 LABELS = {"raw_pixels": "raw pixels", "init": "init (same ViT, random weights)"}
 
 
@@ -85,31 +90,62 @@ def pretrain(recipe: str, steps: int, train_set: TensorImages, seed: int):
             seconds)
 
 
-def fold_scores(row: str, steps: int, data: dict, fold: int, out: Path, seed: int) -> dict:
-    """The row's test scores on ``fold`` (kept as ``out/<row>/fold<k>.npz``)."""
-    path = out / row / f"fold{fold}.npz"
-    if path.exists():
-        with np.load(path) as z:
-            return {"scores": z["scores"], "seconds": float(z["seconds"])}
-    train_idx, test_idx = data["folds"][fold]
+def _features(row: str, steps: int, data: dict, fold: int, seed: int
+              ) -> tuple[np.ndarray, float]:
+    """Mean-token features of every film by the row's encoder of ``fold`` (raw pixels: the
+    normalised pixels) and its pre-training seconds."""
+    train_idx, _ = data["folds"][fold]
     images, groups = data["images"], data["groups"]
     train_set = TensorImages(images[train_idx], patient_ids=list(groups[train_idx]))
-    seconds = 0.0
     if row in ("raw_pixels", "init"):
         config = run_config(SET, "k05_intra_similar_g1", seed, 1)  # the encoder and its input
         transform = normalizer(config.data.normalize, intensity_stats("nih-demo", train_set))
         if row == "raw_pixels":
-            feats = pixel_features(images, transform)
+            return pixel_features(images, transform), 0.0
+        return readout_features(build_model(config).encoder.eval(), images,
+                                transform)["mean"], 0.0
+    encoder, transform, seconds = pretrain(row, steps, train_set, seed)
+    return readout_features(encoder, images, transform)["mean"], seconds
+
+
+def fold_scores(row: str, steps: int, data: dict, fold: int, out: Path, seed: int,
+                fractions: bool = False) -> dict:
+    """The row's test scores on ``fold``: ``scores`` (the probe on all training patients) and,
+    with ``fractions``, ``fraction/<f>/<draw>`` (on :func:`label_fraction_draws` of them),
+    and ``seconds``. Kept as ``out/<row>/fold<k>.npz`` with the features beside it
+    (``fold<k>-features.npy``), so that adding fractions later needs no pre-training."""
+    path = out / row / f"fold{fold}.npz"
+    kept = dict(np.load(path)) if path.exists() else {}
+    train_idx, test_idx = data["folds"][fold]
+    groups, labels = data["groups"], data["labels"]
+    tasks = {"scores": train_idx}
+    if fractions:
+        for (fraction, draw), sub in label_fraction_draws(groups[train_idx], FRACTIONS, DRAWS,
+                                                          seed).items():
+            if fraction < 1:
+                tasks[f"fraction/{fraction}/{draw}"] = train_idx[sub]
+    missing = [k for k in tasks if k not in kept]
+    if missing:
+        cached = out / row / f"fold{fold}-features.npy"
+        if cached.exists():
+            feats = np.load(cached)
         else:
-            feats = readout_features(build_model(config).encoder.eval(), images, transform)["mean"]
-    else:
-        encoder, transform, seconds = pretrain(row, steps, train_set, seed)
-        feats = readout_features(encoder, images, transform)["mean"]
-    scores, _ = probe_scores(feats[train_idx], data["labels"][train_idx], groups[train_idx],
-                             feats[test_idx], seed=seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, scores=scores, seconds=seconds)
-    return {"scores": scores, "seconds": seconds}
+            feats, seconds = _features(row, steps, data, fold, seed)
+            if "seconds" in kept and seconds:
+                seconds = float(kept["seconds"])  # the first training's seconds stay
+            kept["seconds"] = np.asarray(seconds)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            np.save(cached, feats)
+        for key in missing:
+            idx = tasks[key]
+            kept[key], _ = probe_scores(feats[idx], labels[idx], groups[idx], feats[test_idx],
+                                        seed=seed)
+        partial = path.with_name(path.name + ".partial")
+        with partial.open("wb") as f:
+            np.savez(f, **kept)
+        partial.replace(path)
+    return {"scores": kept["scores"], "seconds": float(kept["seconds"]),
+            "fractions": {k: v for k, v in kept.items() if k.startswith("fraction/")}}
 
 
 def summary(done: dict[str, list[dict]], data: dict, steps: dict[str, int], reference: str,
@@ -117,7 +153,10 @@ def summary(done: dict[str, list[dict]], data: dict, steps: dict[str, int], refe
     """Pooled out-of-fold AUROCs with patient-level intervals, paired differences against raw
     pixels, init and ``reference``, and the per-fold AUROCs, of the rows with every fold;
     ``by_source``: the same pooled scores read on each NIH sample's films and patients apart
-    (the probes are those trained on both samples)."""
+    (the probes are those trained on both samples); ``fractions``: per label fraction below
+    1, the same for the probes trained on that share of each fold's training patients (each
+    draw pooled over the folds, the draws averaged on the same resamples), for the rows that
+    have every draw of every fold."""
     complete = {row: folds for row, folds in done.items() if len(folds) == n_folds}
     pooled = {}
     for row, folds in complete.items():
@@ -140,6 +179,29 @@ def summary(done: dict[str, list[dict]], data: dict, steps: dict[str, int], refe
     by_source = ({} if sources is None else
                  {str(src): scored(np.flatnonzero(sources == src))
                   for src in sorted(set(sources))})
+    fractions = {}
+    for fraction in FRACTIONS[:-1]:
+        keys = [f"fraction/{fraction}/{d}" for d in range(DRAWS)]
+        have = [row for row, folds in complete.items()
+                if all(k in f.get("fractions", {}) for f in folds for k in keys)]
+        if not have:
+            continue
+        values, samples = {}, {}
+        for key in keys:  # each draw pooled over the folds, then the draws averaged
+            drawn = {}
+            for row in have:
+                scores = np.empty(len(data["labels"]))
+                for (_, test_idx), fold in zip(data["folds"], complete[row], strict=True):
+                    scores[test_idx] = fold["fractions"][key]
+                drawn[row] = scores
+            v, smp, _ = resampled_aurocs(drawn, data["labels"], data["groups"], RESAMPLES)
+            for row in have:
+                values.setdefault(row, []).append(v[row])
+                samples.setdefault(row, []).append(smp[row])
+        fractions[str(fraction)] = summarise(
+            {r: float(np.mean(v)) for r, v in values.items()},
+            {r: np.mean(v, axis=0) for r, v in samples.items()},
+            [(a, b) for a, b in pairs if a in have and b in have])
     per_fold = {row: [auroc(torch.as_tensor(f["scores"]), torch.as_tensor(data["labels"][t]))
                       for f, (_, t) in zip(folds, data["folds"], strict=True)]
                 for row, folds in complete.items()}
@@ -156,6 +218,7 @@ def summary(done: dict[str, list[dict]], data: dict, steps: dict[str, int], refe
                        "fold_auroc": per_fold[row]} for row, folds in complete.items()},
         "auroc": everyone["auroc"], "difference": everyone["difference"],
         "by_source": by_source,
+        "fractions": fractions,
         "environment": {"torch": torch.__version__, "machine": platform.machine(),
                         "note": "2 CPU cores shared with other jobs; 1 thread per run"},
     }
@@ -201,14 +264,45 @@ def markdown_by_source(result: dict) -> str:
     return "\n".join([*lines, "", "; ".join(notes) + "."])
 
 
-BLOCKS = {"table": markdown, "by-source": markdown_by_source}
+def markdown_fractions(result: dict) -> str:
+    """Each row's pooled AUROC by the share of training patients labelled, then each row
+    minus raw pixels, init and the reference by the same shares."""
+    shares = list(result.get("fractions", {}))
+    if not shares:
+        return "(label fractions not measured)"
+    tables = {**result["fractions"], "1.0": result}
+    cols = [*shares, "1.0"]
+    head = "| {} | " + " | ".join(f"{float(c):.0%} labelled" for c in cols) + " |"
+    rule = "|---|" + "---:|" * len(cols)
+    lines = [head.format("row"), rule]
+    for row in result["auroc"]:
+        cells = [fmt_interval(tables[c]["auroc"][row]) if row in tables[c]["auroc"] else "—"
+                 for c in cols]
+        if any(c != "—" for c in cells[:-1]):
+            lines.append(f"| {LABELS.get(row, row)} | " + " | ".join(cells) + " |")
+    lines += ["", head.format("difference"), rule]
+    for pair in result["difference"]:
+        cells = [fmt_interval(tables[c]["difference"][pair], signed=True)
+                 if pair in tables[c]["difference"] else "—" for c in cols]
+        if any(c != "—" for c in cells[:-1]):
+            a, _, b = pair.partition(" - ")
+            lines.append(f"| {LABELS.get(a, a)} minus {LABELS.get(b, b)} | "
+                         + " | ".join(cells) + " |")
+    inst = result["instrument"]
+    lines += ["", f"Each share: {DRAWS} draws of the training patients in each of the "
+                  f"{inst['folds']} folds (the same draws for every row), each draw's "
+                  "out-of-fold scores pooled, the draws' AUROCs averaged."]
+    return "\n".join(lines)
+
+
+BLOCKS = {"table": markdown, "by-source": markdown_by_source, "fractions": markdown_fractions}
 
 
 def doc_with_table(doc: str, result: dict) -> str:
-    """``doc`` with every ``<!-- folds: NAME -->`` block it holds regenerated from ``result``
-    (it must hold ``table``)."""
-    if "<!-- folds: table -->" not in doc:
-        raise SystemExit("error: a document of DOCS has no '<!-- folds: table -->' block")
+    """``doc`` with every ``<!-- folds: NAME -->`` block it holds (NAME one of
+    :data:`BLOCKS`) regenerated from ``result``."""
+    if "<!-- folds: " not in doc:
+        raise SystemExit("error: a document of DOCS has no '<!-- folds: NAME -->' block")
     for name, render in BLOCKS.items():
         block = re.compile(rf"(<!-- folds: {name} -->\n)(.*?)(\n<!-- end folds -->)", re.S)
         doc = block.sub(lambda m, render=render: m.group(1) + render(result) + m.group(3), doc)
@@ -224,6 +318,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--fractions", default="all",
+                   help="rows also probed on 5/10/25/50 %% of each fold's training patients: "
+                        "'all', 'none' or names (raw_pixels, init, recipes)")
     p.add_argument("--tables", action="store_true", help="rewrite the docs table and stop")
     p.add_argument("--check", action="store_true", help="exit 1 if the docs table is stale")
     args = p.parse_args(argv)
@@ -246,15 +343,21 @@ def main(argv: list[str] | None = None) -> dict | None:
             raise SystemExit(f"error: --recipes takes recipe:steps pairs of known recipes, "
                              f"got {item!r}")
         steps[name] = int(count)
+    rows = ("raw_pixels", "init", *steps)
+    fractions = {"all": set(rows), "none": set()}.get(args.fractions,
+                                                      set(args.fractions.split(",")))
+    if fractions - set(rows):
+        raise SystemExit(f"error: --fractions names rows not run: {sorted(fractions - set(rows))}")
     torch.set_num_threads(1)
     data = fold_data(args.folds, args.seed)
     out, reference = Path(args.out), next(iter(steps))
     done: dict[str, list[dict]] = {}
-    for row in ("raw_pixels", "init", *steps):
+    for row in rows:
         done[row] = []
         for fold in range(args.folds):
             started = time.perf_counter()
-            done[row].append(fold_scores(row, steps.get(row, 0), data, fold, out, args.seed))
+            done[row].append(fold_scores(row, steps.get(row, 0), data, fold, out, args.seed,
+                                         row in fractions))
             print(f"{row} fold {fold}: {time.perf_counter() - started:.0f} s", flush=True)
         result = summary(done, data, steps, reference, args.folds)
         Path(args.results).write_text(json.dumps(result, indent=1) + "\n")

@@ -74,3 +74,46 @@ def test_the_docs_table_is_the_saved_results():
         doc = (ROOT / path).read_text()
         assert patient_folds.doc_with_table(doc, json.loads(results.read_text())) == doc, (
             f"{path}'s folds table is stale: python -m studies.patient_folds --tables")
+
+
+def test_fractions_are_pooled_per_draw_and_probed_from_kept_features(tmp_path):
+    import torch
+
+    data = _toy(n_patients=200, films=1, n_folds=4)
+    rng = np.random.default_rng(2)
+    data["images"] = (torch.as_tensor(data["labels"])[:, None, None, None] * 0.3
+                      + torch.rand(len(data["labels"]), 1, 8, 8))
+    first = [patient_folds.fold_scores("raw_pixels", 0, data, k, tmp_path, 0)
+             for k in range(4)]
+    assert all(f["fractions"] == {} for f in first)
+    assert (tmp_path / "raw_pixels" / "fold0-features.npy").exists()
+    # fractions added later: from the kept features; the full probe's scores stay
+    np.save(tmp_path / "raw_pixels" / "fold0-features.npy",
+            np.zeros((len(data["labels"]), 64)))  # tampered: proves the cache is what is read
+    again = patient_folds.fold_scores("raw_pixels", 0, data, 0, tmp_path, 0, fractions=True)
+    np.testing.assert_array_equal(again["scores"], first[0]["scores"])
+    assert set(again["fractions"]) == {f"fraction/{f}/{d}" for f in (0.05, 0.1, 0.25, 0.5)
+                                       for d in range(patient_folds.DRAWS)}
+    assert np.ptp(again["fractions"]["fraction/0.5/0"]) < 1e-9  # zero features: one score
+
+    done = {row: [{"scores": data["labels"][t] * w + rng.normal(size=len(t)), "seconds": 1.0,
+                   "fractions": {f"fraction/{f}/{d}": data["labels"][t] * w * f
+                                 + rng.normal(size=len(t))
+                                 for f in (0.05, 0.1, 0.25, 0.5)
+                                 for d in range(patient_folds.DRAWS)}}
+                  for _, t in data["folds"]] for row, w in (("init", 0.2), ("spcl", 2.0))}
+    done["raw_pixels"] = [{**f, "fractions": {}} for f in done["init"]]  # no fractions run
+    result = patient_folds.summary(done, data, {"spcl": 7}, "spcl", 4)
+    assert set(result["fractions"]) == {"0.05", "0.1", "0.25", "0.5"}
+    half = result["fractions"]["0.5"]
+    assert set(half["auroc"]) == {"init", "spcl"}  # raw pixels has no fractions
+    want = []
+    for d in range(patient_folds.DRAWS):
+        pooled = np.empty(len(data["labels"]))
+        for (_, t), f in zip(data["folds"], done["spcl"], strict=True):
+            pooled[t] = f["fractions"][f"fraction/0.5/{d}"]
+        want.append(roc_auc_score(data["labels"], pooled))
+    assert half["auroc"]["spcl"]["value"] == pytest.approx(np.mean(want))
+    assert set(half["difference"]) == {"spcl - init"}
+    table = patient_folds.markdown_fractions(result)
+    assert "| spcl | " in table and "| spcl minus init | " in table and "50% labelled" in table
