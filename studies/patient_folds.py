@@ -286,7 +286,7 @@ def markdown_fractions(result: dict) -> str:
                  if pair in tables[c]["difference"] else "—" for c in cols]
         if any(c != "—" for c in cells[:-1]):
             a, _, b = pair.partition(" - ")
-            lines.append(f"| {LABELS.get(a, a)} minus {LABELS.get(b, b)} | "
+            lines.append(f"| {a} minus {b.replace('_', ' ')} | "
                          + " | ".join(cells) + " |")
     inst = result["instrument"]
     lines += ["", f"Each share: {DRAWS} draws of the training patients in each of the "
