@@ -262,18 +262,21 @@ def tables(rows: dict[str, dict], data: dict, reference: str,
                    if k.startswith(prefix)})
     out = {}
     for key in keys:
-        values, samples = {}, {}
+        values, samples, each = {}, {}, {}
         for name, scores in rows.items():
             draws = [k for k in scores if _drawn_from(k) == key]
             if not draws:
                 continue
             got = [resampled_aurocs({name: scores[k][keep]}, _target(k, data)[te][keep], g,
                                     RESAMPLES) for k in draws]
-            values[name] = float(np.mean([v[0][name] for v in got]))
+            each[name] = [v[0][name] for v in got]
+            values[name] = float(np.mean(each[name]))
             samples[name] = np.mean([v[1][name] for v in got], axis=0)
         pairs = [(a, b) for a in values for b in ("raw_pixels", "init", reference)
                  if b in values and a != b and a not in ("raw_pixels", "init")]
         out[key] = summarise(values, samples, pairs)
+        if any(len(v) > 1 for v in each.values()):  # the draws' own AUROCs: their spread
+            out[key]["draws"] = each
     return out
 
 

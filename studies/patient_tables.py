@@ -45,20 +45,23 @@ def _rows(tables: dict, runs: dict) -> list[str]:
     return [r for r in order if r not in NAMES] + [r for r in NAMES if r in rows]
 
 
-def _cell(tables: dict, key: str, row: str, what: str) -> str:
+def _cell(tables: dict, key: str, row: str, what: str, spread: bool = False) -> str:
     if key not in tables:
         return "—"
     if what == "auroc":
         entry = tables[key]["auroc"].get(row)
-        return fmt_interval(entry) if entry else "—"
+        drawn = tables[key].get("draws", {}).get(row, []) if spread else []
+        text = fmt_interval(entry) if entry else "—"
+        return text + (f" (draws {min(drawn):.2f} to {max(drawn):.2f})" if drawn else "")
     entry = tables[key]["difference"].get(f"{row} - {what}")
     return fmt_interval(entry, signed=True) if entry else "—"
 
 
 def _grid(results: dict, keys: dict[str, str], what: str = "auroc",
-          seconds: bool = False) -> str:
+          seconds: bool = False, spread: tuple[str, ...] = ()) -> str:
     """Rows x ``keys`` (column titles) of ``what`` (``auroc``, or a difference's right-hand
-    name); ``seconds``: a first column with each row's training seconds."""
+    name); ``seconds``: a first column with each row's training seconds; ``spread``: keys
+    whose cells also give the range of their draws' AUROCs."""
     tables, runs = results["tables"], results["runs"]
     keys = {k: v for k, v in keys.items() if k in tables}
     if not keys:
@@ -67,7 +70,7 @@ def _grid(results: dict, keys: dict[str, str], what: str = "auroc",
              + " | ".join(keys.values()) + " |",
              "|---|" + "---:|" * (len(keys) + seconds)]
     for row in _rows(tables, runs):
-        cells = [_cell(tables, key, row, what) for key in keys]
+        cells = [_cell(tables, key, row, what, key in spread) for key in keys]
         if any(c != "—" for c in cells):
             took = ([f"{runs[row]['train_seconds']:.0f}" if row in runs else "—"]
                     if seconds else [])
@@ -191,7 +194,7 @@ TABLES = {
                                      _prefixed(r, "fraction/").items()}
                                  | {"primary/linear": "100%"}),
     "secondary": lambda r: _grid(r, _prefixed(r, "secondary/")),
-    "shortcuts": lambda r: _grid(r, _prefixed(r, "shortcut/")),
+    "shortcuts": lambda r: _grid(r, _prefixed(r, "shortcut/"), spread=("shortcut/permuted",)),
 }
 # Tables over every seed's file of a set: their NAME is the set (``nih-demo/seeds`` reads
 # ``patient-screen-nih-demo-seed<N>.json`` for every N saved).

@@ -41,6 +41,12 @@ def test_tables_pair_rows_and_average_draws():
     # each draw is scored against its own target: here one reads it well, one inverted
     permuted = out["shortcut/permuted"]["auroc"]["recipe"]["value"]
     assert permuted == pytest.approx(0.5, abs=1e-9)
+    low, high = sorted(out["shortcut/permuted"]["draws"]["recipe"])
+    assert low == pytest.approx(1 - high) and high > 0.7  # the draws' spread is kept
+    assert "draws" not in out["shortcut/sex"]  # one draw: nothing to spread
+    shown = patient_tables.render("<!-- table: toy/shortcuts -->\n<!-- end table -->\n",
+                                  {"toy": {"tables": out, "runs": {}}})[0]
+    assert f"(draws {low:.2f} to {high:.2f})" in shown
     primary = out["primary/linear"]
     assert set(primary["difference"]) == {"recipe - raw_pixels", "recipe - init"}
     assert primary["difference"]["recipe - raw_pixels"]["low"] > 0
