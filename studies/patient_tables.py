@@ -3,7 +3,8 @@
 
     python -m studies.patient_tables            # rewrite the generated tables
     python -m studies.patient_tables --check    # exit 1 naming each table that differs
-    python -m studies.patient_tables --figure   # and draw docs/patient-fractions.png
+    python -m studies.patient_tables --figure   # and draw docs/patient-fractions.png (the
+                                                # NIH folds' and the pediatric screen's shares)
 
 Each generated table sits between ``<!-- table: NAME/TABLE -->`` and ``<!-- end table -->``:
 ``NAME`` picks the results file (``nih-demo-seed0`` reads ``patient-screen-nih-demo-seed0.json``)
@@ -239,8 +240,21 @@ def render(text: str, results: dict | None = None) -> tuple[str, list[str]]:
 
 
 FIGURE = ROOT / "docs" / "patient-fractions.png"
-FIGURE_SETS = ("nih-demo-seed0", "kermany-seed0")
+FOLDS = RESULTS / "patient-folds-nih-demo.json"
+FIGURE_SETS = ("kermany-seed0",)  # beside the NIH folds
 FIGURE_ROWS = ("k05_intra", "simclr", "mae", "dino", "raw_pixels", "init")  # beside the reference
+
+
+def folds_as_screen(result: dict) -> dict:
+    """The fold confirmation's results (``studies.patient_folds``) in a screen's shape, for
+    :func:`fraction_curves`: pooled AUROCs as the ``primary/linear`` table, each label share
+    as ``fraction/<share>``."""
+    inst = result["instrument"]
+    tables = {f"fraction/{share}": table for share, table in result["fractions"].items()}
+    tables["primary/linear"] = {"auroc": result["auroc"], "difference": result["difference"]}
+    return {"tables": tables, "reference": result["reference"],
+            "instrument": {"set": f"{inst['set']}, {inst['folds']} folds",
+                           "endpoint": inst["endpoint"], "test_patients": inst["patients"]}}
 
 
 def fraction_curves(results: dict[str, dict], path: Path = FIGURE) -> Path:
@@ -290,8 +304,9 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"also draw the label-fraction curves ({FIGURE.relative_to(ROOT)})")
     args = p.parse_args(argv)
     if args.figure:
-        print(fraction_curves({n: json.loads(results_path(n).read_text())
-                               for n in FIGURE_SETS}))
+        print(fraction_curves({"folds": folds_as_screen(json.loads(FOLDS.read_text())),
+                               **{n: json.loads(results_path(n).read_text())
+                                  for n in FIGURE_SETS}}))
     text = DOC.read_text()
     try:
         new, changed = render(text)

@@ -210,7 +210,14 @@ def test_fraction_curves_draw_every_set(tmp_path):
             for name in ("raw_pixels", "init", "demo")}
     res = {"tables": patient_screen.tables(rows, data, "demo"), "reference": "demo",
            "instrument": {"set": "toy", "test_patients": 40}}
-    path = patient_tables.fraction_curves({"a": res, "b": res}, tmp_path / "f.png")
+    folds = {"fractions": {"0.1": res["tables"]["fraction/0.1"]},
+             "auroc": res["tables"]["primary/linear"]["auroc"],
+             "difference": res["tables"]["primary/linear"]["difference"], "reference": "demo",
+             "instrument": {"set": "toy", "folds": 5, "endpoint": "x", "patients": 40}}
+    as_screen = patient_tables.folds_as_screen(folds)
+    assert as_screen["tables"]["fraction/0.1"] == res["tables"]["fraction/0.1"]
+    assert as_screen["instrument"]["set"] == "toy, 5 folds"
+    path = patient_tables.fraction_curves({"a": as_screen, "b": res}, tmp_path / "f.png")
     from PIL import Image
 
     assert Image.open(path).size[0] > Image.open(path).size[1]  # two panels side by side
