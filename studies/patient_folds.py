@@ -264,9 +264,10 @@ def markdown_by_source(result: dict) -> str:
     return "\n".join([*lines, "", "; ".join(notes) + "."])
 
 
-def markdown_fractions(result: dict) -> str:
-    """Each row's pooled AUROC by the share of training patients labelled, then each row
-    minus raw pixels, init and the reference by the same shares."""
+def markdown_fractions(result: dict, aurocs: bool = True) -> str:
+    """Each row's pooled AUROC by the share of training patients labelled (unless not
+    ``aurocs``), then each row minus raw pixels, init and the reference by the same
+    shares."""
     shares = list(result.get("fractions", {}))
     if not shares:
         return "(label fractions not measured)"
@@ -280,7 +281,8 @@ def markdown_fractions(result: dict) -> str:
                  for c in cols]
         if any(c != "—" for c in cells[:-1]):
             lines.append(f"| {LABELS.get(row, row)} | " + " | ".join(cells) + " |")
-    lines += ["", head.format("difference"), rule]
+    lines = [*lines, ""] if aurocs else []
+    lines += [head.format("difference"), rule]
     for pair in result["difference"]:
         cells = [fmt_interval(tables[c]["difference"][pair], signed=True)
                  if pair in tables[c]["difference"] else "—" for c in cols]
@@ -295,7 +297,8 @@ def markdown_fractions(result: dict) -> str:
     return "\n".join(lines)
 
 
-BLOCKS = {"table": markdown, "by-source": markdown_by_source, "fractions": markdown_fractions}
+BLOCKS = {"table": markdown, "by-source": markdown_by_source, "fractions": markdown_fractions,
+          "fraction-differences": lambda r: markdown_fractions(r, aurocs=False)}
 
 
 def doc_with_table(doc: str, result: dict) -> str:

@@ -117,3 +117,5 @@ def test_fractions_are_pooled_per_draw_and_probed_from_kept_features(tmp_path):
     assert set(half["difference"]) == {"spcl - init"}
     table = patient_folds.markdown_fractions(result)
     assert "| spcl | " in table and "| spcl minus init | " in table and "50% labelled" in table
+    short = patient_folds.markdown_fractions(result, aurocs=False)
+    assert "| spcl | " not in short and "| spcl minus init | " in short
