@@ -4,7 +4,7 @@ is for the films nobody labelled)::
 
     python -m studies.patient_pool --out runs/patient-pool [--steps 180,720] [--seed 0] \\
         [--screen runs/ps-nih-s0] [--kermany runs/ps-kermany-s0] \\
-        [--runs nih_720=runs/ps-nih-long/k05_intra_similar_g1] \\
+        [--runs nih_720=runs/ps-nih-long/k05_intra_similar_g1] [--stages primary,fraction] \\
         [--results studies/results/patient-screen-nih-demo-pool.json]
 
 The pool (``<out>/pool``, a ``folder`` dataset of one folder per patient) holds the films of
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--kermany", default="runs/ps-kermany-s0",
                    help="the pediatric screen's --out (its training films join the pool)")
     p.add_argument("--runs", default="", help="more finished runs to add as rows, name=dir,...")
+    p.add_argument("--stages", default="primary,fraction",
+                   help="the screen's stages to score the rows by")
     p.add_argument("--results", default="studies/results/patient-screen-nih-demo-pool.json")
     args = p.parse_args(argv)
     try:
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs += [r for r in args.runs.split(",") if r]
     return patient_screen.main(["--out", args.screen, "--set", "nih-demo",
                                 "--seed", str(args.seed), "--recipes", RECIPE,
-                                "--runs", ",".join(runs), "--stages", "primary",
+                                "--runs", ",".join(runs), "--stages", args.stages,
                                 "--results", args.results])
 
 
