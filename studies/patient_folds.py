@@ -288,7 +288,7 @@ def markdown_fractions(result: dict, aurocs: bool = True) -> str:
                  if pair in tables[c]["difference"] else "—" for c in cols]
         if any(c != "—" for c in cells[:-1]):
             a, _, b = pair.partition(" - ")
-            lines.append(f"| {a} minus {b.replace('_', ' ')} | "
+            lines.append(f"| {a} minus {'raw pixels' if b == 'raw_pixels' else b} | "
                          + " | ".join(cells) + " |")
     inst = result["instrument"]
     lines += ["", f"Each share: {DRAWS} draws of the training patients in each of the "
