@@ -59,7 +59,10 @@ def write_pool(out: Path, kermany_out: Path,
             target = pool / f"kermany_{patient.name}"
             target.mkdir(parents=True, exist_ok=True)
             for png in patient.glob("*.png"):
-                os.link(png, target / png.name)  # the same bytes, no copy
+                try:
+                    os.link(png, target / png.name)  # the same bytes, no copy
+                except OSError:  # another file system (or no hard links): copy
+                    shutil.copyfile(png, target / png.name)
     done.touch()
     return pool
 

@@ -119,3 +119,14 @@ def test_fractions_are_pooled_per_draw_and_probed_from_kept_features(tmp_path):
     assert "| spcl | " in table and "| spcl minus init | " in table and "50% labelled" in table
     short = patient_folds.markdown_fractions(result, aurocs=False)
     assert "| spcl | " not in short and "| spcl minus init | " in short
+
+
+def test_fraction_rows_default_to_the_saved_ones_that_run_and_refuse_unknown_rows():
+    rows = ("raw_pixels", "init", "k05_intra_similar_g1", "k05_intra")
+    assert patient_folds.fraction_rows(None, rows) == {"raw_pixels", "init",
+                                                       "k05_intra_similar_g1"}
+    assert patient_folds.fraction_rows("all", rows) == set(rows)
+    assert patient_folds.fraction_rows("none", rows) == set()
+    assert patient_folds.fraction_rows("init,k05_intra", rows) == {"init", "k05_intra"}
+    with pytest.raises(SystemExit, match="not run: \\['mae'\\]"):
+        patient_folds.fraction_rows("init,mae", rows)

@@ -25,6 +25,18 @@ def test_pool_holds_the_training_patients_of_both_sets_and_no_test_patient(tmp_p
     assert patient_pool.write_pool(tmp_path / "out", tmp_path / "k-out") == pool  # once
 
 
+def test_pool_copies_where_hard_links_fail(tmp_path, monkeypatch):
+    _toy_kermany(tmp_path / "kermany")
+
+    def refuse(*args):
+        raise OSError("cross-device link")
+
+    monkeypatch.setattr(patient_pool.os, "link", refuse)
+    pool = patient_pool.write_pool(tmp_path / "out", tmp_path / "k-out", tmp_path / "kermany")
+    copied = list(pool.glob("kermany_*/*.png"))
+    assert copied and all(p.stat().st_nlink == 1 for p in copied)
+
+
 @pytest.mark.parametrize("steps", ["", "0", "a,180"])
 def test_bad_steps_are_refused(steps, capsys):
     with pytest.raises(SystemExit, match="--steps"):
